@@ -1,0 +1,413 @@
+"""The geodiff engine: single-step E2E-FT depth and normals (spec A.1), and the legacy multi-step path (A.2).
+
+One forward path, shapes in comments:
+
+    rgb uint8 [B,H,W,3] -> resize longest edge to R (AA)            [B,3,h,w] in [-1, 1]
+    z_img = 0.18215 * mean(VAE.enc(x))                               [B,4,h/8,w/8]
+    v     = UNet(cat[z_img, 0], t=999, ctx=CLIP("") [1,2,C])         [B,4,h/8,w/8]   (one call per task)
+    z0    = -sqrt(1 - abar_999) * v        (v-prediction)            [B,4,h/8,w/8]
+    y     = VAE.dec(z0 / 0.18215)                                    [B,3,h',w']
+    depth   = minmax01((clip(mean_c(y), -1, 1) + 1) / 2) -> resize   [B,H,W]
+    normals = y / (|y| + 1e-5) -> resize -> clip -> optical frame    [B,H,W,3]
+
+With both tasks loaded the VAE and the empty-prompt embedding are shared: each frame is encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..geometry.normal_frames import TO_OPTICAL_SIGNS
+from .checkpoint import DEPTH_HUB_ID, ModelComponents, checkpoint_task, load_components, normals_frame_of
+from .ensemble import ensemble_depths, ensemble_normals
+from .errors import DeviceError, ImageFormatError, ModelLoadError
+from .preprocess import processing_size, resize_output, resize_uint8_batch, to_rgb_uint8
+
+LOG = logging.getLogger(__name__)
+
+LATENT_SCALE = 0.18215  # rgb_latent_scale_factor, spec A.1-7
+NORMAL_EPS = 1e-5  # spec A.1-12 / A.1-14
+TASKS = ("depth", "normals")
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class EngineConfig:
+    """What to load and how to run it. A task whose model is None (or "") is not loaded."""
+
+    depth_model: str | None = DEPTH_HUB_ID
+    normals_model: str | None = None
+    device: str = "cuda"
+    dtype: str = "fp16"
+    processing_res: int = 768  # longest edge at inference, 0 = native size (spec A.1-2)
+    resample: str = "bilinear"  # bilinear | bicubic | nearest (spec A.1-2)
+    match_input_res: bool = True  # resize outputs back to the input size (spec A.1-15)
+    allow_cpu_fallback: bool = False
+    local_files_only: bool = False
+    batch_size: int = 4
+    normals_frame: str | None = None  # checkpoint frame override: "LUB" (E2E-FT) or "RUB" (Marigold)
+
+
+@dataclass
+class Prediction:
+    """Engine output for B frames. depth: [B,H,W] in [0,1], 0 near; normals: [B,H,W,3] optical frame."""
+
+    depth: np.ndarray | None = None
+    normals: np.ndarray | None = None
+    timesteps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TaskModel:
+    """The per-task parts: UNet and the scheduler constants for the x0 conversion."""
+
+    name: str
+    unet: Any
+    scheduler: Any
+    source: str
+    normals_frame: str = "LUB"
+
+
+def resolve_device(device: str, allow_cpu_fallback: bool) -> torch.device:
+    """torch.device for ``device``; a missing GPU is an error naming the fix unless CPU fallback is allowed."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
+    if dev.type != "cuda":
+        return dev
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = dev.index or 0
+    if index < count:
+        return dev
+    if allow_cpu_fallback:
+        LOG.warning("device %s requested but only %d CUDA device(s) visible: falling back to the CPU "
+                    "(slow: expect seconds per frame at processing_res 768)", device, count)
+        return torch.device("cpu")
+    raise DeviceError(f"device {device} requested but {count} CUDA device(s) are visible "
+                      f"(torch.cuda.is_available() = {torch.cuda.is_available()}); set device to cpu, "
+                      "or allow CPU fallback (node parameter allow_cpu_fallback, CLI --allow-cpu-fallback)")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """torch dtype for fp32 / fp16 / bf16; fp16 on the CPU runs in fp32 (CPU half convolutions are unsupported)."""
+    try:
+        torch_dtype = DTYPES[dtype.lower()]
+    except KeyError as exc:
+        raise DeviceError(f"unknown dtype {dtype!r}: use fp32, fp16 or bf16") from exc
+    if device.type == "cpu" and torch_dtype == torch.float16:
+        LOG.warning("fp16 is not supported for CPU inference: using fp32")
+        return torch.float32
+    return torch_dtype
+
+
+def encode_empty_prompt(tokenizer: Any, text_encoder: Any, *, pad_to_max_length: bool = False) -> torch.Tensor:
+    """CLIP embedding of the empty prompt, [1, 2, C] (spec A.1-9; max-length padding gives [1, 77, C], B.3-4)."""
+    padding = "max_length" if pad_to_max_length else "do_not_pad"
+    tokens = tokenizer([""], padding=padding, max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    ids = tokens.input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def x0_from_prediction(pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor | float,
+                       prediction_type: str) -> torch.Tensor:
+    """Clean latent from the UNet output at noise level alpha_bar (spec A.1-11, B.3-6)."""
+    a = torch.as_tensor(alpha_bar, dtype=torch.float32)
+    sqrt_a, sqrt_1ma = float(a.sqrt()), float((1.0 - a).sqrt())
+    if prediction_type == "v_prediction":
+        return sqrt_a * z_t - sqrt_1ma * pred
+    if prediction_type == "epsilon":
+        return (z_t - sqrt_1ma * pred) / sqrt_a
+    if prediction_type == "sample":
+        return pred
+    raise ModelLoadError(f"scheduler prediction_type {prediction_type!r} is not supported "
+                         "(expected v_prediction, epsilon or sample); fix scheduler/scheduler_config.json")
+
+
+def _vae_fingerprint(folder: Path) -> str:
+    """Cheap identity of a checkpoint's VAE: config plus size and head/tail bytes of its weight files."""
+    digest = hashlib.sha1()
+    vae_dir = folder / "vae"
+    config = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+    for key in ("_diffusers_version", "_name_or_path", "_class_name"):
+        config.pop(key, None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(vae_dir.glob("*.safetensors")) + sorted(vae_dir.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(str(size).encode())
+        with weights.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
+class GeoDiffEngine:
+    """Loads one or two E2E-FT checkpoints and turns RGB frames into relative depth and optical-frame normals."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.resample not in ("bilinear", "bicubic", "nearest"):
+            raise ImageFormatError(f"unknown resample method {config.resample!r}: use bilinear, bicubic or nearest")
+        if config.processing_res < 0:
+            raise ValueError(f"processing_res must be >= 0 (0 = native size), got {config.processing_res}")
+        self.device = resolve_device(config.device, config.allow_cpu_fallback)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        sources = {"depth": config.depth_model or "", "normals": config.normals_model or ""}
+        wanted = [task for task in TASKS if sources[task]]
+        if not wanted:
+            raise ModelLoadError("no model given: set a depth model, a normals model or both "
+                                 f"(e.g. {DEPTH_HUB_ID}, GonzaloMG/marigold-e2e-ft-normals)")
+        self.models: dict[str, TaskModel] = {}
+        self.vae: Any = None
+        self.empty_embedding: torch.Tensor | None = None
+        self._extra_vaes: dict[str, Any] = {}
+        first_folder: Path | None = None
+        for task in wanted:
+            parts = load_components(sources[task], torch_dtype=self.dtype,
+                                    local_files_only=config.local_files_only,
+                                    load_text_encoder=self.empty_embedding is None)
+            self._check_task(task, sources[task], parts)
+            if self.vae is None:
+                first_folder = parts.folder
+                self.vae = parts.vae.to(self.device, self.dtype).eval()
+                # The text encoder only serves the empty-prompt embedding; it is released right after.
+                embedding = encode_empty_prompt(parts.tokenizer, parts.text_encoder)
+                self.empty_embedding = embedding.to(self.device, self.dtype)
+                parts.text_encoder = None
+            elif _vae_fingerprint(parts.folder) != _vae_fingerprint(first_folder):
+                LOG.warning("the %s checkpoint %s has a different VAE than %s: encoding each frame twice",
+                            task, parts.folder, first_folder)
+                self._extra_vaes[task] = parts.vae.to(self.device, self.dtype).eval()
+            width = self.empty_embedding.shape[-1]
+            if parts.unet.config.cross_attention_dim != width:
+                raise ModelLoadError(f"the {task} checkpoint {parts.folder} expects text width "
+                                     f"{parts.unet.config.cross_attention_dim} but the shared text encoder gives "
+                                     f"{width}: load the two tasks from matching checkpoints")
+            frame = config.normals_frame or normals_frame_of(sources[task], parts.model_index)
+            self.models[task] = TaskModel(task, parts.unet.to(self.device, self.dtype).eval(), parts.scheduler,
+                                          sources[task], frame)
+        LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d", self.tasks, self.device,
+                 str(self.dtype).replace("torch.", ""), config.processing_res)
+
+    @staticmethod
+    def _check_task(task: str, source: str, parts: ModelComponents) -> None:
+        declared = checkpoint_task(source, parts.model_index)
+        if declared is not None and declared != task:
+            raise ModelLoadError(f"checkpoint {source} is a {declared} model but was given as the {task} model; "
+                                 f"swap the depth and normals model settings")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.models)
+
+    # ---------------------------------------------------------------- building blocks (spec A.1 steps 7-12)
+
+    def preprocess(self, batch_u8: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] uint8 on device -> [B,3,h,w] in [-1,1] at the processing size (spec A.1-2, A.1-4)."""
+        h, w = processing_size(batch_u8.shape[-2], batch_u8.shape[-1], self.config.processing_res)
+        x = resize_uint8_batch(batch_u8, (h, w), self.config.resample)
+        return (x / 255.0 * 2.0 - 1.0).to(self.dtype)
+
+    def encode(self, x: torch.Tensor, vae: Any = None) -> torch.Tensor:
+        """Image latent: mean of the VAE posterior x 0.18215, [B,4,h/8,w/8] (spec A.1-7)."""
+        return (vae or self.vae).encode(x).latent_dist.mean * LATENT_SCALE
+
+    def denoise_single_step(self, task: str, z_img: torch.Tensor) -> torch.Tensor:
+        """One UNet call at t = T-1 on a zero target latent, returning x0 (spec A.1-8..11)."""
+        model = self.models[task]
+        t = model.scheduler.config.num_train_timesteps - 1  # 999
+        z_t = torch.zeros_like(z_img)
+        context = self.empty_embedding.expand(z_img.shape[0], -1, -1)
+        pred = model.unet(torch.cat([z_img, z_t], dim=1), t, encoder_hidden_states=context).sample
+        return x0_from_prediction(pred, z_t, model.scheduler.alphas_cumprod[t],
+                                  model.scheduler.config.prediction_type)
+
+    def decode(self, z0: torch.Tensor, vae: Any = None) -> torch.Tensor:
+        """[B,4,h/8,w/8] latent -> [B,3,h',w'] decoder output (spec A.1-12)."""
+        return (vae or self.vae).decode(z0 / LATENT_SCALE).sample
+
+    def postprocess_depth(self, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Decoder output [B,3,h',w'] -> [B,H,W] depth in [0,1] (spec A.1-12, 14, 15, 16)."""
+        return self.finish_depth(decoder_to_depth(y), size)
+
+    def finish_depth(self, d: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B,1,h',w'] depth -> min-max to [0,1], resize back, clip: [B,H,W] (spec A.1-14..16)."""
+        d = minmax_per_image(d)
+        if self.config.match_input_res:
+            d = resize_output(d, size, self.config.resample)
+        return d.clamp(0.0, 1.0)[:, 0]
+
+    def postprocess_normals(self, y: torch.Tensor, size: tuple[int, int], frame: str) -> torch.Tensor:
+        """Decoder output [B,3,h',w'] -> [B,H,W,3] unit normals in the ROS optical frame (spec A.1-12..18)."""
+        n = y.float()
+        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)
+        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # A.1-14 re-normalisation
+        if self.config.match_input_res:
+            n = resize_output(n, size, self.config.resample)  # A.1-15: not re-normalised after resizing
+        n = n.clamp(-1.0, 1.0)
+        signs = torch.tensor(TO_OPTICAL_SIGNS[frame], device=n.device, dtype=n.dtype)
+        return (n * signs[None, :, None, None]).permute(0, 2, 3, 1)
+
+    # ---------------------------------------------------------------- public API
+
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] | None = None) -> Prediction:
+        """Single-step E2E-FT inference on one frame [H,W,3] or many ([B,H,W,3] or a list; sizes may differ)."""
+        frames = self._as_frame_list(images)
+        tasks = self._select_tasks(tasks)
+        depth: list[np.ndarray | None] = [None] * len(frames)
+        normals: list[np.ndarray | None] = [None] * len(frames)
+        for indices in self._batches(frames):
+            batch = np.stack([frames[i] for i in indices])
+            out = self._forward(batch, tasks)
+            for j, i in enumerate(indices):
+                if out.depth is not None:
+                    depth[i] = out.depth[j]
+                if out.normals is not None:
+                    normals[i] = out.normals[j]
+        return Prediction(
+            depth=_stack_or_list(depth) if "depth" in tasks else None,
+            normals=_stack_or_list(normals) if "normals" in tasks else None,
+            timesteps=[self.models[tasks[0]].scheduler.config.num_train_timesteps - 1],
+        )
+
+    @torch.inference_mode()
+    def _forward(self, batch: np.ndarray, tasks: Sequence[str]) -> Prediction:
+        size = (batch.shape[1], batch.shape[2])
+        u8 = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B,3,H,W]
+        x = self.preprocess(u8)
+        z_img = self.encode(x)
+        out = Prediction()
+        for task in tasks:
+            vae = self._extra_vaes.get(task)
+            z = self.encode(x, vae) if vae is not None else z_img
+            y = self.decode(self.denoise_single_step(task, z), vae)
+            if task == "depth":
+                out.depth = self.postprocess_depth(y, size).cpu().numpy()
+            else:
+                out.normals = self.postprocess_normals(y, size, self.models[task].normals_frame).cpu().numpy()
+        return out
+
+    def scheduler_timesteps(self, num_steps: int, timestep_spacing: str, task: str | None = None) -> list[int]:
+        """Timesteps DDIM runs for ``num_steps`` with the given spacing (the paper's finding, spec A.2)."""
+        from diffusers import DDIMScheduler
+
+        model = self.models[task or self.tasks[0]]
+        scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing=timestep_spacing)
+        scheduler.set_timesteps(num_steps)
+        return [int(t) for t in scheduler.timesteps]
+
+    @torch.inference_mode()
+    def predict_multistep(
+        self,
+        image: np.ndarray,
+        *,
+        task: str = "depth",
+        num_steps: int = 10,
+        ensemble_size: int = 1,
+        timestep_spacing: str = "leading",
+        noise: str = "gaussian",
+        seed: int | None = 0,
+    ) -> Prediction:
+        """Legacy Marigold inference on one frame: DDIM, N steps, noise, ensemble (spec A.1-6..14, A.2).
+
+        With ``leading`` spacing and one step DDIM runs at t=1 (the bug the paper found); ``trailing`` runs t=999.
+        The last step returns x0 (pred_original_sample) as the E2E-FT pipeline does (spec A.1-11).
+        """
+        from diffusers import DDIMScheduler
+
+        if noise not in ("gaussian", "zeros"):
+            raise ValueError(f"noise must be gaussian or zeros, got {noise!r}")
+        model = self.models[self._select_tasks([task])[0]]
+        frame = to_rgb_uint8(image)
+        size = frame.shape[:2]
+        scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing=timestep_spacing)
+        scheduler.set_timesteps(num_steps, device=self.device)
+        u8 = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None]
+        z_img = self.encode(self.preprocess(u8)).repeat(ensemble_size, 1, 1, 1)  # [E,4,h,w]
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        if noise == "gaussian":
+            latent = torch.randn(z_img.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        else:
+            latent = torch.zeros_like(z_img)
+        context = self.empty_embedding.expand(ensemble_size, -1, -1)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        for i, t in enumerate(scheduler.timesteps):
+            pred = model.unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
+            step = scheduler.step(pred, t, latent)
+            latent = step.pred_original_sample if i == len(timesteps) - 1 else step.prev_sample
+        y = self.decode(latent.to(self.dtype))
+        if task == "depth":
+            members = decoder_to_depth(y)[:, 0]  # [E,h,w]
+            agg = ensemble_depths(members)[0] if ensemble_size > 1 else members[0]
+            depth = self.finish_depth(agg[None, None], size)
+            return Prediction(depth=depth[0].cpu().numpy(), timesteps=timesteps)
+        member = ensemble_normals(y.float()) if ensemble_size > 1 else y[0].float()
+        normals = self.postprocess_normals(member[None], size, model.normals_frame)
+        return Prediction(normals=normals[0].cpu().numpy(), timesteps=timesteps)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _select_tasks(self, tasks: Sequence[str] | None) -> list[str]:
+        if tasks is None:
+            return list(self.models)
+        missing = [t for t in tasks if t not in self.models]
+        if missing:
+            raise ModelLoadError(f"task(s) {missing} requested but not loaded (loaded: {list(self.models)}); "
+                                 "give a model for them in the configuration")
+        return list(tasks)
+
+    @staticmethod
+    def _as_frame_list(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        if isinstance(images, np.ndarray):
+            if images.ndim == 4:
+                return [to_rgb_uint8(im) for im in images]
+            return [to_rgb_uint8(images)]
+        if len(images) == 0:
+            raise ImageFormatError("no images given")
+        return [to_rgb_uint8(im) for im in images]
+
+    def _batches(self, frames: list[np.ndarray]) -> list[list[int]]:
+        """Indices grouped by frame size, in order, at most batch_size per group."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, frame in enumerate(frames):
+            groups.setdefault(frame.shape[:2], []).append(i)
+        size = max(1, self.config.batch_size)
+        return [idx[k:k + size] for idx in groups.values() for k in range(0, len(idx), size)]
+
+
+def decoder_to_depth(y: torch.Tensor) -> torch.Tensor:
+    """[B,3,h,w] decoder output -> [B,1,h,w] depth in [0,1]: channel mean, clip, (d+1)/2 (spec A.1-12)."""
+    return (y.float().mean(dim=1, keepdim=True).clamp(-1.0, 1.0) + 1.0) / 2.0
+
+
+def minmax_per_image(d: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each [1,h,w] map of a [B,1,h,w] batch to [0,1]; constant maps become 0 (spec A.1-14)."""
+    lo = d.amin(dim=(1, 2, 3), keepdim=True)
+    hi = d.amax(dim=(1, 2, 3), keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (d - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(d))
+
+
+def _stack_or_list(items: list[np.ndarray | None]) -> np.ndarray | list[np.ndarray]:
+    """One array when all frames share a size, else a list (mixed sizes in one call)."""
+    shapes = {item.shape for item in items if item is not None}
+    if len(shapes) == 1:
+        return np.stack(items)
+    return items
