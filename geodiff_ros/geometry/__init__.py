@@ -16,6 +16,7 @@ from geodiff_ros.geometry.camera import (
     intrinsics_from_camera_info,
     scale_intrinsics,
 )
+from geodiff_ros.geometry.normals import normals_from_points
 
 __all__ = [
     "AlignmentResult",
@@ -28,6 +29,7 @@ __all__ = [
     "fit_scale_shift",
     "fit_scale_shift_points",
     "intrinsics_from_camera_info",
+    "normals_from_points",
     "ray_grid",
     "scale_intrinsics",
     "sparse_to_image_grid",

@@ -211,7 +211,8 @@ def fit_scale_shift_points(
     if spread < min_depth_spread:
         return _fail(
             f"sparse depths span too narrow a range ({100 * spread:.1f}% of the median, need "
-            f"{100 * min_depth_spread:.0f}%) to separate scale from shift; set a fixed scale or wait for more varied depth",
+            f"{100 * min_depth_spread:.0f}%) to separate scale from shift; set a fixed scale or wait for more "
+            "varied depth",
             n, method,
         )
     if float(np.ptp(r)) <= 1e-9 * max(float(np.abs(r).max()), 1.0):
@@ -234,7 +235,8 @@ def fit_scale_shift_points(
     inl = res < thr
     n_inl = int(inl.sum())
     if s <= 0:
-        return _fail(f"fitted scale {s:.4g} <= 0: the relative depth is not ordered like the sparse depth", n, method, n_inl)
+        reason = f"fitted scale {s:.4g} <= 0: the relative depth is not ordered like the sparse depth"
+        return _fail(reason, n, method, n_inl)
     ratio = n_inl / n
     if n_inl < need or ratio < min_inlier_ratio:
         return _fail(

@@ -102,10 +102,11 @@ def intrinsics_from_camera_info(
     point by the binning (0 means 1). The image the numbers refer to is the binned ROI: ``roi_width // binning_x``
     by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height`` (ros-anchors 2.3).
 
-    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once. image_geometry would return
-    fx = 0 and depth_image_proc would then emit inf/NaN clouds; many simulators and hand-written CameraInfos fill
-    only K, and for a monocular camera without rectification P[:3,:3] equals K anyway. K describes the *raw*
-    (distorted) image, so the cloud carries the lens distortion error; rectify upstream (image_proc) to avoid it.
+    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once.
+    image_geometry would return fx = 0 and depth_image_proc would then emit inf/NaN clouds; many simulators and
+    hand-written CameraInfos fill only K, and for a monocular camera without rectification P[:3,:3] equals K
+    anyway. K describes the *raw* (distorted) image, so the cloud then carries the lens distortion error; rectify
+    upstream (image_proc) to avoid it.
 
     Raises:
         InvalidCameraInfo: uncalibrated (``P[0] == 0`` and ``K[0] == 0``), non-finite entries, non-positive
