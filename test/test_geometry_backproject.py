@@ -100,6 +100,7 @@ def test_kitti_road_plane_at_camera_height() -> None:
 
     entries = [e for e in json.loads(manifest.read_text()) if e["set"] == "kitti_object_lidar"]
     assert entries
+    heights = []
     for e in entries:
         depth = np.asarray(Image.open(data / e["depth"]), dtype=np.float32) / e["depth_scale"]
         depth[depth == 0] = np.nan
@@ -113,4 +114,7 @@ def test_kitti_road_plane_at_camera_height() -> None:
         patch = patch[np.isfinite(patch).all(axis=1)]
         road = patch[(patch[:, 1] > 1.0) & (patch[:, 1] < 2.5) & (patch[:, 2] < 20.0)]
         assert len(road) > 200, e["depth"]
-        assert np.median(road[:, 1]) == pytest.approx(1.65, abs=0.15), e["depth"]
+        heights.append(float(np.median(road[:, 1])))
+    # Per frame the road tilts a little (frame 000000 gives 1.51 m, 000002 1.73 m); the mean is tighter.
+    assert heights == pytest.approx([1.65] * len(heights), abs=0.15), heights
+    assert np.mean(heights) == pytest.approx(1.65, abs=0.05), heights
