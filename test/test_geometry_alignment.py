@@ -245,6 +245,14 @@ def test_temporal_fallback_then_expiry() -> None:
     assert s is not None and s.scale == pytest.approx(5.0)
 
 
+def test_temporal_zero_fallback_still_smooths() -> None:
+    ta = TemporalAligner(ema_alpha=0.5, max_fallback_age_s=0.0)
+    ta.update(_ok(2.0), 0.0)
+    s = ta.update(_ok(2.4), 0.1)
+    assert s is not None and s.scale == pytest.approx(math.sqrt(2.0 * 2.4))
+    assert ta.update(FAILED, 0.15) is None  # no fallback at all
+
+
 def test_temporal_time_backwards_resets() -> None:
     ta = TemporalAligner(ema_alpha=0.5)
     ta.update(_ok(2.0), 100.0)

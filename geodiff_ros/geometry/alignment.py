@@ -412,7 +412,9 @@ class TemporalAligner:
 
         if result is not None and result.ok and result.scale > 0 and math.isfinite(result.shift):
             log_s = math.log(result.scale)
-            stale = self._log_scale is not None and stamp_s - self._fit_stamp > self.max_fallback_age_s
+            # History older than the fallback window (at least 1 s, so max_fallback_age_s=0 still smooths a
+            # 10 Hz LiDAR) is not blended in: after a long gap the scene may be a different one.
+            stale = self._log_scale is not None and stamp_s - self._fit_stamp > max(self.max_fallback_age_s, 1.0)
             if self._log_scale is None or stale or abs(log_s - self._log_scale) > math.log(self.reset_ratio):
                 if self._log_scale is not None:
                     self.n_resets += 1
