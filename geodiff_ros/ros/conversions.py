@@ -1,0 +1,267 @@
+"""sensor_msgs Image / CompressedImage / CameraInfo <-> numpy, without cv_bridge.
+
+The PyPI cv_bridge is a broken ROS 1 port (ros2-from-pypi.md), so the node converts with numpy at the edge. The
+semantics follow ROS 2 cv_bridge's ``imgmsg_to_cv2(msg, 'passthrough')`` / ``cv2_to_imgmsg``:
+
+* rows are ``step`` bytes long and may carry padding after ``width * channels * itemsize`` bytes;
+* multi-byte encodings honour ``is_bigendian`` (values come back in native byte order);
+* one-channel encodings give ``[H,W]``, multi-channel ones ``[H,W,C]``.
+
+Every reader is duck-typed on the message attributes (``encoding``, ``width``, ``height``, ``step``,
+``is_bigendian``, ``data``), so the same functions work on rclpy messages and on messages deserialised by
+``rosbags`` (whose ``data`` is a numpy ``uint8`` array). Only the ``*_msg`` builders import ``sensor_msgs``.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sensor_msgs.msg import CameraInfo, Image
+
+__all__ = [
+    'ENCODINGS',
+    'ImageConversionError',
+    'camera_info_with_size',
+    'compressed_to_rgb8',
+    'depth_to_metres',
+    'image_to_numpy',
+    'image_to_rgb8',
+    'numpy_to_image',
+    'numpy_to_image_fields',
+    'to_uint8_array',
+]
+
+
+class ImageConversionError(ValueError):
+    """An image message cannot be converted (unsupported encoding, truncated data, bad step)."""
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    dtype: str  # numpy dtype in little-endian form; byte order is fixed up per message
+    channels: int
+
+
+# The encodings the node reads and writes (issue 3). Names as in sensor_msgs/image_encodings.hpp.
+ENCODINGS: dict[str, _Encoding] = {
+    'rgb8': _Encoding('u1', 3),
+    'bgr8': _Encoding('u1', 3),
+    'rgba8': _Encoding('u1', 4),
+    'bgra8': _Encoding('u1', 4),
+    'mono8': _Encoding('u1', 1),
+    '8UC1': _Encoding('u1', 1),
+    '8UC3': _Encoding('u1', 3),
+    'mono16': _Encoding('<u2', 1),
+    '16UC1': _Encoding('<u2', 1),
+    '32FC1': _Encoding('<f4', 1),
+    '32FC3': _Encoding('<f4', 3),
+}
+
+_COLOUR_INPUTS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')
+
+
+def _encoding_of(name: str) -> _Encoding:
+    try:
+        return ENCODINGS[name]
+    except KeyError:
+        msg = (f'unsupported image encoding {name!r}; supported: {", ".join(ENCODINGS)} '
+               '(convert upstream, e.g. with image_proc, or publish one of these)')
+        raise ImageConversionError(msg) from None
+
+
+def to_uint8_array(data: Any) -> np.ndarray:
+    """View message ``data`` (array.array('B'), bytes, list or numpy uint8) as a flat uint8 array, no copy."""
+    if isinstance(data, np.ndarray):
+        return data.reshape(-1).view(np.uint8)
+    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.asarray(data, dtype=np.uint8)  # plain list: slow, but only hand-built test messages use it
+
+
+def image_to_numpy(msg: Any) -> np.ndarray:
+    """Decode an Image-like message to numpy like cv_bridge 'passthrough'.
+
+    Returns ``[H,W]`` for one channel, ``[H,W,C]`` otherwise, in native byte order. The result may share memory
+    with ``msg.data``; copy it before writing.
+
+    Raises:
+        ImageConversionError: unsupported encoding, zero size, ``step`` shorter than a row, or data shorter than
+            ``step * height``.
+    """
+    enc = _encoding_of(str(msg.encoding))
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    dtype = np.dtype(enc.dtype)
+    if height <= 0 or width <= 0:
+        msg_ = f'image has zero size ({width}x{height}); the publisher sent an empty image'
+        raise ImageConversionError(msg_)
+    row_bytes = width * enc.channels * dtype.itemsize
+    if step < row_bytes:
+        msg_ = (f'image step {step} is shorter than one row ({width} px x {enc.channels} ch x {dtype.itemsize} B'
+                f' = {row_bytes} B) for encoding {msg.encoding!r}; fix the publisher\'s step')
+        raise ImageConversionError(msg_)
+    buf = to_uint8_array(msg.data)
+    if buf.size < step * height:
+        msg_ = (f'image data has {buf.size} B but step x height = {step} x {height} = {step * height} B '
+                f'({msg.encoding} {width}x{height}); the message is truncated')
+        raise ImageConversionError(msg_)
+    rows = buf[: step * height].reshape(height, step)[:, :row_bytes]  # [H,row_bytes], drops step padding
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder('>' if msg.is_bigendian else '<')
+        rows = np.ascontiguousarray(rows)  # padding makes rows non-contiguous; .view needs a contiguous last axis
+    out = rows.view(dtype)
+    if not dtype.isnative:
+        out = out.astype(dtype.newbyteorder('='))  # native order, like cv_bridge's byteswap
+    if enc.channels == 1:
+        return out.reshape(height, width)  # [H,W]
+    return out.reshape(height, width, enc.channels)  # [H,W,C]
+
+
+def image_to_rgb8(msg: Any) -> np.ndarray:
+    """Decode a colour or mono Image-like message to contiguous ``[H,W,3]`` uint8 RGB (the engine's input)."""
+    encoding = str(msg.encoding)
+    if encoding not in _COLOUR_INPUTS:
+        msg_ = (f'input image encoding {encoding!r} is not a colour encoding; publish one of '
+                f'{", ".join(_COLOUR_INPUTS)} on the image topic')
+        raise ImageConversionError(msg_)
+    arr = image_to_numpy(msg)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)  # mono -> grey RGB
+    elif encoding in ('bgr8', 'bgra8'):
+        arr = arr[:, :, 2::-1]  # BGR(A) -> RGB, drops alpha
+    else:
+        arr = arr[:, :, :3]  # rgb8/8UC3 as is, rgba8 drops alpha
+    return np.ascontiguousarray(arr)
+
+
+def compressed_to_rgb8(msg: Any) -> np.ndarray:
+    """Decode a CompressedImage-like message (JPEG or PNG) to ``[H,W,3]`` uint8 RGB with Pillow."""
+    from PIL import Image as PILImage
+
+    buf = to_uint8_array(msg.data)
+    if buf.size == 0:
+        raise ImageConversionError('compressed image has no data; the publisher sent an empty message')
+    fmt = str(getattr(msg, 'format', '')).lower()
+    if 'compresseddepth' in fmt:
+        msg_ = (f'compressed format {fmt!r} is a depth transport; subscribe to a colour image '
+                '(input_transport: raw, or a jpeg/png compressed colour topic)')
+        raise ImageConversionError(msg_)
+    try:
+        with PILImage.open(io.BytesIO(buf.tobytes())) as im:
+            if im.format not in ('JPEG', 'PNG'):
+                msg_ = f'compressed image is {im.format}, expected JPEG or PNG (format field {fmt!r})'
+                raise ImageConversionError(msg_)
+            rgb = np.asarray(im.convert('RGB'))  # [H,W,3]
+    except ImageConversionError:
+        raise
+    except Exception as err:  # PIL raises several types for corrupt data
+        msg_ = f'cannot decode compressed image (format field {fmt!r}, {buf.size} B): {err}'
+        raise ImageConversionError(msg_) from err
+    return np.ascontiguousarray(rgb)
+
+
+def depth_to_metres(msg: Any) -> np.ndarray:
+    """Decode a depth Image-like message to float32 metres ``[H,W]``, NaN where there is no measurement.
+
+    REP 118: 32FC1 is metres (non-finite = invalid, and a sparse map's 0 means "no measurement" here too);
+    16UC1 / mono16 is millimetres with 0 = invalid (what depth_image_proc's convert_metric does).
+    """
+    encoding = str(msg.encoding)
+    arr = image_to_numpy(msg)
+    if encoding == '32FC1':
+        depth = arr.astype(np.float32, copy=True)
+        depth[~np.isfinite(depth) | (depth <= 0.0)] = np.nan
+    elif encoding in ('16UC1', 'mono16'):
+        depth = arr.astype(np.float32) * np.float32(1e-3)
+        depth[arr == 0] = np.nan
+    else:
+        msg_ = f'depth encoding {encoding!r} not supported; publish 32FC1 metres or 16UC1 millimetres (REP 118)'
+        raise ImageConversionError(msg_)
+    return depth
+
+
+def numpy_to_image_fields(array_: np.ndarray, encoding: str) -> dict[str, Any]:
+    """Image fields (height, width, encoding, is_bigendian, step, data) for a numpy array, little endian, no padding.
+
+    ``data`` is an ``array.array('B')`` filled through a memoryview (one copy, no per-element work; rclpy's
+    setter stores such an array as is, common_interfaces#177). A rosbags Image wants numpy: use
+    ``np.frombuffer(fields['data'], np.uint8)``.
+    """
+    enc = _encoding_of(encoding)
+    arr = np.asarray(array_)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] != enc.channels:
+        msg = f'array of shape {np.shape(array_)} does not fit encoding {encoding!r} ({enc.channels} channel(s))'
+        raise ImageConversionError(msg)
+    height, width = arr.shape[:2]
+    if height == 0 or width == 0:
+        raise ImageConversionError(f'cannot build an image of zero size {width}x{height}')
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(enc.dtype))  # casts to little-endian when needed
+    data = array.array('B')
+    data.frombytes(memoryview(arr).cast('B'))
+    return {
+        'height': height,
+        'width': width,
+        'encoding': encoding,
+        'is_bigendian': 0,
+        'step': width * enc.channels * arr.dtype.itemsize,
+        'data': data,
+    }
+
+
+def numpy_to_image(array_: np.ndarray, encoding: str, header: Any = None) -> Image:
+    """Build a ``sensor_msgs/Image`` from numpy (``[H,W]`` or ``[H,W,C]``); header is copied when given."""
+    from sensor_msgs.msg import Image
+
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    for key, value in numpy_to_image_fields(array_, encoding).items():
+        setattr(msg, key, value)
+    return msg
+
+
+def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int) -> CameraInfo:
+    """Copy a CameraInfo with a new header, rescaled to ``width x height`` when the size differs.
+
+    Binning and ROI are folded in first (image_geometry semantics) so the copy describes the published image
+    directly: binning 0, ROI all zero. K and P scale per axis, D and R are kept (spec: ros-anchors 2.3).
+    """
+    from sensor_msgs.msg import CameraInfo
+
+    bx = int(info.binning_x) or 1
+    by = int(info.binning_y) or 1
+    roi = info.roi
+    full_roi = int(roi.width) == 0 or int(roi.height) == 0
+    src_w = (int(info.width) if full_roi else int(roi.width)) // bx
+    src_h = (int(info.height) if full_roi else int(roi.height)) // by
+    x0 = 0 if full_roi else int(roi.x_offset)
+    y0 = 0 if full_roi else int(roi.y_offset)
+    sx = width / src_w if src_w else 1.0
+    sy = height / src_h if src_h else 1.0
+
+    k = np.array(info.k, dtype=np.float64).reshape(3, 3)
+    p = np.array(info.p, dtype=np.float64).reshape(3, 4)
+    for mat in (k, p):
+        mat[0, 2] -= x0
+        mat[1, 2] -= y0
+        mat[0, :] /= bx
+        mat[1, :] /= by
+        mat[0, :] *= sx
+        mat[1, :] *= sy
+    out = CameraInfo()
+    out.header = header
+    out.width = int(width)
+    out.height = int(height)
+    out.distortion_model = info.distortion_model
+    out.d = array.array('d', info.d)
+    out.k = k.reshape(-1)
+    out.r = np.array(info.r, dtype=np.float64)
+    out.p = p.reshape(-1)
+    return out

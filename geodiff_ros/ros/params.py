@@ -1,0 +1,221 @@
+"""Every parameter of the ``geodiff`` node, declared in one place.
+
+``PARAMS`` is the single source of truth: name, default, description, numeric range or allowed strings, and
+whether the value is fixed once the node is configured (model, device, dtype, QoS...). ``config/geodiff.yaml``
+mirrors these defaults (a test compares them). ``validate_changes`` is pure Python so it can be tested without
+rclpy; the node calls it from its on-set-parameters callback and returns its reason to the caller of
+``ros2 param set``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rclpy.node import Node
+
+__all__ = [
+    'PARAMS',
+    'ParamSpec',
+    'Settings',
+    'declare_all',
+    'engine_config_kwargs',
+    'read_settings',
+    'validate_changes',
+]
+
+_DEVICE_RE = re.compile(r'^(cpu|cuda(:\d+)?)$')
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: the default fixes its ROS type; ``lo/hi`` give an inclusive numeric range."""
+
+    name: str
+    default: Any
+    description: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    configure_time: bool = False  # only settable while the node is unconfigured (engine / endpoints built from it)
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    # --- engine (read when configuring) ---
+    ParamSpec('model_depth', 'GonzaloMG/marigold-e2e-ft-depth',
+              'Depth model: Hugging Face hub id or local folder in hub layout; "" disables depth.',
+              configure_time=True),
+    ParamSpec('model_normals', 'GonzaloMG/marigold-e2e-ft-normals',
+              'Normals model: Hugging Face hub id or local folder; "" disables normals.', configure_time=True),
+    ParamSpec('tasks', ['depth', 'normals'],
+              'Which of the configured models to run (subset of depth, normals).',
+              choices=('depth', 'normals'), configure_time=True),
+    ParamSpec('device', 'cuda', 'Torch device: cpu, cuda or cuda:N.', configure_time=True),
+    ParamSpec('dtype', 'bf16', 'Inference precision (bf16 avoids the fp16 NaNs reported in Marigold-DC#6).',
+              choices=('fp32', 'fp16', 'bf16'), configure_time=True),
+    ParamSpec('allow_cpu_fallback', False,
+              'If the device is unavailable, run on CPU (slow) instead of failing to configure.',
+              configure_time=True),
+    ParamSpec('local_files_only', False, 'Never download: load hub ids from the local cache only.',
+              configure_time=True),
+    ParamSpec('processing_res', 768,
+              'Longest image edge fed to the network, multiple of 8 (0 = native size). Outputs match the input size.',
+              lo=0, hi=4096, configure_time=True),
+    # --- topics ---
+    ParamSpec('input_transport', 'raw', 'raw: sensor_msgs/Image on image; compressed: CompressedImage (JPEG/PNG)'
+              ' on image/compressed.', choices=('raw', 'compressed'), configure_time=True),
+    ParamSpec('qos.input.reliability', 'best_effort',
+              'Reliability of the input subscriptions (best_effort = SensorDataQoS, REP 2003).',
+              choices=('best_effort', 'reliable'), configure_time=True),
+    ParamSpec('qos.input.depth', 5, 'History depth of the input subscriptions.', lo=1, hi=1000,
+              configure_time=True),
+    ParamSpec('qos.output.reliability', 'reliable',
+              'Reliability of the outputs (reliable reaches depth_image_proc and RViz defaults).',
+              choices=('best_effort', 'reliable'), configure_time=True),
+    ParamSpec('qos.output.depth', 2, 'History depth of the output publishers.', lo=1, hi=1000,
+              configure_time=True),
+    # --- point cloud (runtime) ---
+    ParamSpec('publish_cloud', True, 'Publish the points cloud (built only while someone subscribes).'),
+    ParamSpec('cloud_stride', 1, 'Keep every n-th pixel in x and y for the organized cloud.', lo=1, hi=64),
+    ParamSpec('cloud_color', True, 'Add the packed rgb field from the input image.'),
+    ParamSpec('cloud_normals', True, 'Add normal_x/y/z fields when normals are predicted.'),
+    # --- metric alignment (runtime) ---
+    ParamSpec('alignment.method', 'ransac', 'Robust scale-and-shift fit to the sparse depth.',
+              choices=('ransac', 'irls', 'lsq')),
+    ParamSpec('alignment.min_points', 20, 'Fewest valid sparse points for a fit.', lo=3, hi=10_000_000),
+    ParamSpec('alignment.min_inlier_ratio', 0.3, 'Fewest inliers (fraction of valid points) for a fit.',
+              lo=0.0, hi=1.0),
+    ParamSpec('alignment.inlier_threshold_rel', 0.1, 'Inlier when |aligned - sparse| / sparse is below this.',
+              lo=0.001, hi=10.0),
+    ParamSpec('alignment.ema_alpha', 0.3, 'Temporal smoothing weight of a new fit (1 = no smoothing).',
+              lo=0.0, hi=1.0),
+    ParamSpec('alignment.max_fallback_age_s', 2.0,
+              'Reuse the last good fit for at most this long without a new one; then no metric output.',
+              lo=0.0, hi=3600.0),
+    ParamSpec('alignment.reset_ratio', 1.5,
+              'A new fit whose scale differs from the smoothed one by more than this factor restarts smoothing.',
+              lo=1.01, hi=100.0),
+    ParamSpec('alignment.sparse_max_dt', 0.1,
+              'Largest stamp difference in seconds between an image and the sparse depth matched to it.',
+              lo=0.0, hi=10.0),
+    ParamSpec('alignment.fixed_scale', 0.0,
+              'If > 0, metric depth = fixed_scale * relative with no sparse input (you vouch for the scale).',
+              lo=0.0, hi=100000.0),
+    ParamSpec('min_depth', 0.1, 'Metric depth below this is published as NaN (metres).', lo=0.0, hi=100000.0),
+    ParamSpec('max_depth', 100.0, 'Metric depth above this is published as NaN (metres).', lo=0.0, hi=100000.0),
+    # --- node ---
+    ParamSpec('autostart', True, 'Configure and activate at start-up (off: drive it with ros2 lifecycle).',
+              configure_time=True),
+    ParamSpec('diagnostics_period', 1.0, 'Seconds between /diagnostics messages.', lo=0.05, hi=3600.0,
+              configure_time=True),
+)
+
+_BY_NAME = {p.name: p for p in PARAMS}
+
+
+def declare_all(node: Node) -> None:
+    """Declare every parameter on ``node`` with a descriptor (description, range, allowed values)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    for spec in PARAMS:
+        constraints = []
+        if spec.choices:
+            constraints.append('one of: ' + ', '.join(spec.choices))
+        if spec.configure_time:
+            constraints.append('fixed while configured (cleanup the node to change it)')
+        desc = ParameterDescriptor(description=spec.description, additional_constraints='; '.join(constraints))
+        if spec.lo is not None and spec.hi is not None:
+            if isinstance(spec.default, bool):
+                pass
+            elif isinstance(spec.default, int):
+                desc.integer_range = [IntegerRange(from_value=int(spec.lo), to_value=int(spec.hi), step=0)]
+            else:
+                desc.floating_point_range = [
+                    FloatingPointRange(from_value=float(spec.lo), to_value=float(spec.hi), step=0.0)]
+        node.declare_parameter(spec.name, spec.default, desc)
+
+
+def _check_one(spec: ParamSpec, value: Any) -> str | None:
+    """Reason ``value`` is invalid for ``spec``, or None. Ranges are also enforced by rclpy; kept for tests."""
+    if spec.lo is not None and spec.hi is not None and not isinstance(value, bool):
+        if not spec.lo <= value <= spec.hi:
+            return f'{spec.name}={value!r} is outside [{spec.lo:g}, {spec.hi:g}]'
+    if spec.choices:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if v not in spec.choices]
+        if bad:
+            return f'{spec.name}={value!r}: {bad[0]!r} is not one of {", ".join(spec.choices)}'
+    if spec.name == 'device' and not _DEVICE_RE.match(str(value)):
+        return f'device={value!r} must be cpu, cuda or cuda:N'
+    if spec.name == 'processing_res' and int(value) % 8 != 0:
+        return f'processing_res={value} must be a multiple of 8 (the VAE downsamples by 8), or 0 for native size'
+    if spec.name == 'alignment.ema_alpha' and float(value) <= 0.0:
+        return 'alignment.ema_alpha must be > 0 (0 would never take a new fit); use 1 for no smoothing'
+    return None
+
+
+def validate_changes(changes: dict[str, Any], current: dict[str, Any], configured: bool) -> str | None:
+    """Reason to reject a set of parameter changes, or None to accept them.
+
+    Args:
+        changes: names -> new values (one atomic ``set_parameters`` request).
+        current: names -> current values (to check cross-parameter constraints).
+        configured: whether the engine/endpoints exist (configure-time parameters are then fixed).
+    """
+    merged = {**current, **changes}
+    for name, value in changes.items():
+        spec = _BY_NAME.get(name)
+        if spec is None:
+            continue  # use_sim_time, qos_overrides..., handled by rclpy
+        if configured and spec.configure_time and value != current.get(name):
+            return (f'{name} is fixed while the node is configured; run `ros2 lifecycle set <node> deactivate` '
+                    f'and `cleanup`, set it, then `configure` and `activate` again')
+        reason = _check_one(spec, value)
+        if reason:
+            return reason
+    if float(merged.get('min_depth', 0.0)) >= float(merged.get('max_depth', float('inf'))):
+        return f'min_depth ({merged["min_depth"]}) must be smaller than max_depth ({merged["max_depth"]})'
+    tasks = list(merged.get('tasks', []))
+    if changes.keys() & {'tasks', 'model_depth', 'model_normals'}:
+        runnable = [t for t in tasks if merged.get(f'model_{t}', '')]
+        if not runnable:
+            return ('no task left to run: tasks must include depth or normals with a non-empty model_depth / '
+                    'model_normals')
+    return None
+
+
+@dataclass
+class Settings:
+    """A snapshot of the parameters with python names, read once per configure / after each accepted set."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def active_tasks(self) -> tuple[str, ...]:
+        """Tasks that are requested and have a model."""
+        return tuple(t for t in ('depth', 'normals') if t in self['tasks'] and self[f'model_{t}'])
+
+
+def read_settings(node: Node) -> Settings:
+    """Read every declared parameter from ``node`` into a Settings snapshot."""
+    return Settings({spec.name: node.get_parameter(spec.name).value for spec in PARAMS})
+
+
+def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``geodiff_ros.engine.EngineConfig`` from the node settings."""
+    tasks = settings.active_tasks()
+    return {
+        'depth_model': settings['model_depth'] if 'depth' in tasks else None,
+        'normals_model': settings['model_normals'] if 'normals' in tasks else None,
+        'device': settings['device'],
+        'dtype': settings['dtype'],
+        'processing_res': int(settings['processing_res']),
+        'match_input_res': True,  # outputs share the input's pixel grid, so CameraInfo is reused as is
+        'allow_cpu_fallback': bool(settings['allow_cpu_fallback']),
+        'local_files_only': bool(settings['local_files_only']),
+        'batch_size': 1,
+    }

@@ -1,0 +1,270 @@
+"""Shared helpers for the DDS tests of the ROS layer: environment, the node as a subprocess, a collector node.
+
+Every process that calls ``rclpy.init()`` runs on loopback only with the project's Fast DDS profile (COMMON.md,
+ros2-from-pypi.md); each test module passes its own ``ROS_DOMAIN_ID`` so modules never see each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FASTDDS_PROFILE = REPO / 'config' / 'fastdds_localhost.xml'
+PARAMS_FILE = REPO / 'config' / 'geodiff.yaml'
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout (or ``$GEODIFF_SHARED_DATA``), None if absent."""
+    env = os.environ.get('GEODIFF_SHARED_DATA')
+    path = Path(env) if env else REPO.parent / 'shared' / 'data'
+    return path if (path / 'manifest.json').is_file() else None
+
+
+def ros_env(domain_id: int) -> dict[str, str]:
+    """Environment for a ROS subprocess: loopback discovery, big SHM segment, own domain, logs in /tmp."""
+    env = dict(os.environ)
+    env.update({
+        'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
+        'ROS_LOCALHOST_ONLY': '1',
+        'FASTDDS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),
+        'ROS_DOMAIN_ID': str(domain_id),
+        'PYTHONPATH': os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH', '')) if p),
+        'PYTHONUNBUFFERED': '1',
+        'RCUTILS_COLORIZED_OUTPUT': '0',
+    })
+    env.setdefault('ROS_LOG_DIR', str(Path(tempfile.gettempdir()) / 'geodiff_ros_test_logs'))
+    env.setdefault('HOME', tempfile.gettempdir())
+    return env
+
+
+def apply_ros_env(domain_id: int) -> None:
+    """Set the same variables in this process (before ``rclpy.init``), so the test's own node matches."""
+    for key, value in ros_env(domain_id).items():
+        if key.startswith(('ROS_', 'FASTDDS_', 'RCUTILS_')) or key == 'HOME':
+            os.environ[key] = value
+
+
+def _param_arg(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        text = 'true' if value else 'false'
+    elif isinstance(value, (list, tuple)):
+        text = json.dumps(list(value))
+    else:
+        text = str(value)
+    return f'{name}:={text}'
+
+
+class NodeProcess:
+    """The geodiff node started as ``python -m geodiff_ros.ros.node`` with the config file and overrides."""
+
+    def __init__(self, domain_id: int, params: dict[str, Any], log_path: Path,
+                 remaps: dict[str, str] | None = None, params_file: Path | None = PARAMS_FILE) -> None:
+        cmd = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args']
+        if params_file is not None:
+            cmd += ['--params-file', str(params_file)]
+        for name, value in params.items():
+            cmd += ['-p', _param_arg(name, value)]
+        for src, dst in (remaps or {}).items():
+            cmd += ['-r', f'{src}:={dst}']
+        self.log_path = log_path
+        self._log = open(log_path, 'wb')  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=ros_env(domain_id), stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors='replace')
+
+    def wait_for_log(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            if self.proc.poll() is not None:
+                return text in self.log()
+            time.sleep(0.1)
+        return False
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 5.0) -> tuple[int | None, float]:
+        """Send ``sig`` and wait; returns (exit code or None if it had to be killed, seconds to exit)."""
+        if self.proc.poll() is not None:
+            self._log.close()
+            return self.proc.returncode, 0.0
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        elapsed = time.monotonic() - t0
+        self._log.close()
+        return code, elapsed
+
+
+class Collector:
+    """A test-side rclpy node: publishers for the node's inputs, subscriptions that record its outputs.
+
+    Spun by a SingleThreadedExecutor in a background thread; messages land in ``self.msgs[topic]``.
+    """
+
+    def __init__(self, domain_id: int, name: str = 'geodiff_test') -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.signals import SignalHandlerOptions
+
+        apply_ros_env(domain_id)
+        self.context = rclpy.context.Context()
+        rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.msgs: dict[str, list[Any]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._executor = SingleThreadedExecutor(context=self.context)
+        self._executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self._executor.spin()
+        except (ExternalShutdownException, Exception):  # noqa: BLE001 - context shut down by close()
+            pass
+
+    def subscribe(self, msg_type: Any, topic: str, reliable: bool = True, depth: int = 50) -> None:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT)
+
+        def store(msg: Any, topic: str = topic) -> None:
+            with self._lock:
+                self.msgs[topic].append(msg)
+
+        self.node.create_subscription(msg_type, topic, store, qos)
+
+    def publisher(self, msg_type: Any, topic: str, reliable: bool = True, depth: int = 10) -> Any:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE if reliable
+                         else ReliabilityPolicy.BEST_EFFORT)
+        return self.node.create_publisher(msg_type, topic, qos)
+
+    def get(self, topic: str) -> list[Any]:
+        with self._lock:
+            return list(self.msgs[topic])
+
+    def clear(self) -> None:
+        with self._lock:
+            self.msgs.clear()
+
+    def wait_for(self, topic: str, count: int = 1, timeout: float = 20.0,
+                 where: Callable[[Any], bool] | None = None) -> list[Any]:
+        """Messages on ``topic`` (those passing ``where``) once ``count`` arrived, or what came before timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.get(topic) if where is None or where(m)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    @staticmethod
+    def wait_matched(publishers: Iterable[Any], timeout: float = 30.0) -> bool:
+        """Wait until every publisher has a subscriber (DDS drops messages sent before matching)."""
+        pubs = list(publishers)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p.get_subscription_count() > 0 for p in pubs):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        import rclpy
+
+        self._executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- test scenes
+
+def test_scene(width: int = 160, height: int = 120) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
+    """(rgb [H,W,3] uint8, depth [H,W] metres with 0 = none, (fx, fy, cx, cy)) at the requested size.
+
+    A TUM RGB-D frame from ``../shared/data`` when present (resized, intrinsics scaled per axis), else a synthetic
+    room: a floor plane and a back wall, textured so the model sees structure.
+    """
+    data = shared_data_dir()
+    if data is not None:
+        from PIL import Image as PILImage
+
+        folder = data / 'indoor' / 'tum_fr2_desk_slambook2'
+        intr = json.loads((folder / 'intrinsics.json').read_text())
+        rgb_im = PILImage.open(folder / '1.png').convert('RGB')
+        dep_im = PILImage.open(folder / '1_depth.png')
+        w0, h0 = rgb_im.size
+        rgb = np.asarray(rgb_im.resize((width, height), PILImage.BILINEAR))
+        depth = np.asarray(dep_im.resize((width, height), PILImage.NEAREST)).astype(np.float32) / 5000.0
+        sx, sy = width / w0, height / h0
+        fx, fy, cx, cy = (float(intr[k]) for k in ('fx', 'fy', 'cx', 'cy'))
+        return rgb, depth, (fx * sx, fy * sy, cx * sx, cy * sy)
+    fx = fy = 0.8 * width
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    v, u = np.mgrid[0:height, 0:width].astype(np.float32)
+    wall = np.full((height, width), 4.0, np.float32)
+    with np.errstate(divide='ignore'):
+        floor = np.where(v > cy, 1.2 * fy / np.maximum(v - cy, 1e-3), np.inf).astype(np.float32)  # camera 1.2 m up
+    depth = np.minimum(wall, floor)
+    check = ((u // 8 + v // 8) % 2).astype(np.float32)
+    shade = np.clip(1.0 - depth / 5.0, 0.1, 1.0)
+    rgb = np.stack([200 * shade * (0.5 + 0.5 * check), 120 * shade, 90 + 100 * check], axis=-1)
+    return rgb.astype(np.uint8), depth, (fx, fy, cx, cy)
+
+
+test_scene.__test__ = False  # not a pytest test despite the name
+
+
+def camera_info_msg(header: Any, width: int, height: int, fx: float, fy: float, cx: float, cy: float) -> Any:
+    """A plumb_bob CameraInfo with K = P[:3,:3] (rectified monocular camera)."""
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo()
+    info.header = header
+    info.width, info.height = width, height
+    info.distortion_model = 'plumb_bob'
+    info.d = [0.0] * 5
+    info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
+    info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    info.p = [fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+    return info
+
+
+def header(stamp_ns: int, frame_id: str = 'camera_color_optical_frame') -> Any:
+    from std_msgs.msg import Header
+
+    h = Header()
+    h.stamp.sec, h.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    h.frame_id = frame_id
+    return h
+
+
+def stamp_of(msg: Any) -> int:
+    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
