@@ -108,11 +108,7 @@ def check_folder(folder: Path) -> Path:
 
 def read_model_index(folder: Path) -> dict:
     """model_index.json as a dict (a broken file is a clear error)."""
-    try:
-        return json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"model folder {folder} has an unreadable model_index.json ({exc}); "
-                             "re-download the checkpoint") from exc
+    return _read_json(folder / "model_index.json")
 
 
 def load_components(
@@ -133,6 +129,7 @@ def load_components(
     folder = resolve_checkpoint(source, local_files_only=local_files_only)
     model_index = read_model_index(folder)
     sched_kwargs = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+    check_unet_config(_read_json(folder / "unet" / "config.json"), folder)  # before reading GBs of weights
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
@@ -143,13 +140,19 @@ def load_components(
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load the checkpoint in {folder} ({type(exc).__name__}: {exc}); the "
                              "download may be incomplete or corrupt: delete it and download again") from exc
-    check_unet(unet, folder)
     return ModelComponents(unet, vae, scheduler, text_encoder, tokenizer, folder, model_index)
 
 
-def check_unet(unet: Any, folder: Path) -> None:
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is missing or unreadable ({exc}); re-download the checkpoint") from exc
+
+
+def check_unet_config(config: dict, folder: Path) -> None:
     """Refuse checkpoints that are not image-conditional (8-channel) latent predictors."""
-    in_ch, out_ch = unet.config.in_channels, unet.config.out_channels
+    in_ch, out_ch = config.get("in_channels"), config.get("out_channels")
     if in_ch != 8 or out_ch != 4:
         hint = (" This looks like plain Stable Diffusion: fine-tune it first with geodiff_train "
                 "(spec B.2 doubles conv_in)." if in_ch == 4 else "")

@@ -59,6 +59,9 @@ class EngineConfig:
     local_files_only: bool = False
     batch_size: int = 4
     normals_frame: str | None = None  # checkpoint frame override: "LUB" (E2E-FT) or "RUB" (Marigold)
+    # Optimised path (engine/accel.py): "none" = official eager computation; "channels_last", "graph",
+    # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md).
+    optimize: str = "none"
 
 
 @dataclass
@@ -174,6 +177,8 @@ class GeoDiffEngine:
             raise ModelLoadError("no model given: set a depth model, a normals model or both "
                                  f"(e.g. {DEPTH_HUB_ID}, GonzaloMG/marigold-e2e-ft-normals)")
         self.models: dict[str, TaskModel] = {}
+        self.accelerator: Any = None
+        self._sign_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
         self.vae: Any = None
         self.empty_embedding: torch.Tensor | None = None
         self._extra_vaes: dict[str, Any] = {}
@@ -202,8 +207,12 @@ class GeoDiffEngine:
             frame = config.normals_frame or normals_frame_of(sources[task], parts.model_index)
             self.models[task] = TaskModel(task, parts.unet.to(self.device, self.dtype).eval(), parts.scheduler,
                                           sources[task], frame)
-        LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d", self.tasks, self.device,
-                 str(self.dtype).replace("torch.", ""), config.processing_res)
+        if config.optimize not in ("none", ""):
+            from .accel import Accelerator
+
+            self.accelerator = Accelerator(self, config.optimize)
+        LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d, optimize %s", self.tasks,
+                 self.device, str(self.dtype).replace("torch.", ""), config.processing_res, config.optimize or "none")
 
     @staticmethod
     def _check_task(task: str, source: str, parts: ModelComponents) -> None:
@@ -261,8 +270,14 @@ class GeoDiffEngine:
         if self.config.match_input_res:
             n = resize_output(n, size, self.config.resample)  # A.1-15: not re-normalised after resizing
         n = n.clamp(-1.0, 1.0)
-        signs = torch.tensor(TO_OPTICAL_SIGNS[frame], device=n.device, dtype=n.dtype)
-        return (n * signs[None, :, None, None]).permute(0, 2, 3, 1)
+        return (n * self._optical_signs(frame, n.device, n.dtype)[None, :, None, None]).permute(0, 2, 3, 1)
+
+    def _optical_signs(self, frame: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Per-axis signs to the optical frame, cached on the device: no host copy per frame (CUDA-graph safe)."""
+        key = (frame, device, dtype)
+        if key not in self._sign_cache:
+            self._sign_cache[key] = torch.tensor(TO_OPTICAL_SIGNS[frame], device=device, dtype=dtype)
+        return self._sign_cache[key]
 
     # ---------------------------------------------------------------- public API
 
@@ -286,8 +301,20 @@ class GeoDiffEngine:
             timesteps=[self.models[tasks[0]].scheduler.config.num_train_timesteps - 1],
         )
 
+    def warmup(self, height: int = 480, width: int = 640, tasks: Sequence[str] | None = None) -> float:
+        """Run one dummy frame of this size so kernels load (and, when optimised, compile / capture) now, not on
+        the first real frame; returns the seconds it took. Compiled artefacts are cached on disk (accel.py)."""
+        import time
+
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        self.predict(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), tasks)
+        return time.perf_counter() - start
+
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray, tasks: Sequence[str]) -> Prediction:
+        if self.accelerator is not None:
+            return self.accelerator.forward(batch, tasks)
         size = (batch.shape[1], batch.shape[2])
         u8 = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B,3,H,W]
         x = self.preprocess(u8)
