@@ -1,0 +1,110 @@
+"""E2E fine-tuning end to end on CPU with a tiny checkpoint and a tiny synthetic RGB-D manifest (spec B)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geodiff_ros.training.data import ManifestRGBDDataset
+from geodiff_ros.training.losses import affine_invariant_l1_loss
+from geodiff_ros.training.model import TIMESTEP, e2e_forward, encode_text_context, load_train_components
+from geodiff_ros.training.train import build_parser, train
+
+
+def _write_rgbd_set(folder: Path, n: int = 2, h: int = 32, w: int = 48) -> Path:
+    """Colour encodes depth (a learnable mapping): slanted planes with different slopes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        d = 1.0 + 0.04 * xx + 0.03 * (i + 1) * yy
+        rgb = np.stack([(d * 60) % 255, 255 - (d * 45) % 255, np.full_like(d, 90.0)], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"rgb{i}.png")
+        Image.fromarray((d * 1000).astype(np.uint16)).save(folder / f"depth{i}.png")
+        entries.append({"rgb": f"rgb{i}.png", "depth": f"depth{i}.png", "depth_scale": 1000.0,
+                        "intrinsics": {"fx": 40.0, "fy": 40.0, "cx": w / 2, "cy": h / 2}})
+    (folder / "manifest.json").write_text(json.dumps(entries))
+    return folder / "manifest.json"
+
+
+def _dataset_loss(source: Path, manifest: Path) -> float:
+    """Mean training loss of a checkpoint over the whole (unflipped) set, text context as in training."""
+    comps = load_train_components(source)
+    ctx = encode_text_context(comps.tokenizer, comps.text_encoder, "max_length")
+    ds = ManifestRGBDDataset(manifest, size_hw=(32, 48), flip_p=0.0)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        pred = e2e_forward(comps.unet.eval(), comps.vae, batch["rgb"], ctx,
+                           float(comps.alphas_cumprod[TIMESTEP]), comps.prediction_type, "depth")
+    return affine_invariant_l1_loss(pred, batch["depth"], batch["valid_mask"]).item()
+
+
+def test_gradients_reach_only_the_unet(tiny_depth_ckpt: Path) -> None:
+    comps = load_train_components(tiny_depth_ckpt)
+    ctx = encode_text_context(comps.tokenizer, comps.text_encoder)
+    assert ctx.shape[1] == 77  # spec B.3-4: training context padded to max_length
+    rgb = torch.rand(2, 3, 32, 32) * 2 - 1
+    comps.unet.train()
+    pred = e2e_forward(comps.unet, comps.vae, rgb, ctx, float(comps.alphas_cumprod[TIMESTEP]),
+                       comps.prediction_type, "normals")
+    assert pred.shape == (2, 3, 32, 32)
+    target = torch.nn.functional.normalize(torch.randn(2, 3, 32, 32), dim=1)
+    from geodiff_ros.training.losses import angular_loss
+
+    angular_loss(pred, target, torch.ones(2, 1, 32, 32, dtype=torch.bool)).backward()
+    unet_grads = [p.grad for p in comps.unet.parameters()]
+    assert all(g is not None for g in unet_grads)
+    assert sum(float(g.abs().sum()) for g in unet_grads) > 0
+    assert all(p.grad is None for p in comps.vae.parameters())
+    assert all(p.grad is None for p in comps.text_encoder.parameters())
+
+
+def test_training_lowers_loss_saves_engine_loadable_checkpoint_and_resumes(
+    tiny_depth_ckpt: Path, tmp_path: Path
+) -> None:
+    manifest = _write_rgbd_set(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--init", str(tiny_depth_ckpt), "--manifest", str(manifest), "--manifest_size", "32x48",
+              "--output_dir", str(out), "--cpu", "--dataloader_num_workers", "0", "--train_batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "2",
+              "--checkpointing_steps", "10", "--log_every", "5", "--flip_p", "0", "--local_files_only"]
+    args = build_parser().parse_args([*common, "--max_train_steps", "20"])
+    result = train(args)
+    assert result["global_step"] == 20 and result["nan_skips"] == 0
+    assert len(result["losses"]) == 20
+
+    before = _dataset_loss(tiny_depth_ckpt, manifest)
+    after = _dataset_loss(result["final"], manifest)
+    assert after < 0.8 * before, (before, after)
+
+    # Hub layout that the engine loads unchanged (spec E.3), trailing DDIM with the init's v-prediction.
+    final = Path(result["final"])
+    index = json.loads((final / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["geodiff_task"] == "depth"
+    sched = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["timestep_spacing"] == "trailing"
+    assert sched["prediction_type"] == "v_prediction"
+    from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+
+    engine = GeoDiffEngine(EngineConfig(depth_model=str(final), normals_model=None, device="cpu", dtype="fp32",
+                                        processing_res=0))
+    depth = engine.predict(np.zeros((32, 48, 3), np.uint8)).depth
+    assert depth.shape == (1, 32, 48) and np.isfinite(depth).all()
+
+    # Resume from the latest complete checkpoint (step 20) and continue to step 22.
+    assert (out / "checkpoint-20" / "trainer_state.json").exists()
+    resumed = train(build_parser().parse_args([*common, "--max_train_steps", "22",
+                                               "--resume_from_checkpoint", "latest"]))
+    assert resumed["global_step"] == 22 and len(resumed["losses"]) == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-22"]
+
+
+def test_cli_rejects_missing_data(tiny_depth_ckpt: Path, tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--init", str(tiny_depth_ckpt), "--output_dir", str(tmp_path), "--cpu"])
+    with pytest.raises(SystemExit, match="no training data"):
+        train(args)
