@@ -268,3 +268,37 @@ def header(stamp_ns: int, frame_id: str = 'camera_color_optical_frame') -> Any:
 
 def stamp_of(msg: Any) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+def module_domain_id(offset: int) -> int:
+    """A ROS domain for one test module: distinct per module (offset) and, via the pid-based base that
+    conftest sets, between concurrent test runs. Range 1..100."""
+    base = int(os.environ.get('ROS_DOMAIN_ID', '0') or 0)
+    return (base + offset) % 100 + 1
+
+
+def set_parameters(collector: Collector, node_name: str, values: dict[str, Any], timeout: float = 10.0) -> list[Any]:
+    """Call ``<node>/set_parameters`` (what ``ros2 param set`` does); one SetParametersResult per value."""
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    client = collector.node.create_client(SetParameters, f'{node_name}/set_parameters')
+    try:
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError(f'{node_name}/set_parameters not available')
+        req = SetParameters.Request()
+        req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
+        future = client.call_async(req)
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not future.done():
+            raise TimeoutError(f'{node_name}/set_parameters did not answer')
+        return list(future.result().results)
+    finally:
+        collector.node.destroy_client(client)
+
+
+def diagnostics_values(msg: Any) -> dict[str, str]:
+    """key -> value of the first status in a DiagnosticArray."""
+    return {kv.key: kv.value for kv in msg.status[0].values}
