@@ -98,7 +98,7 @@ def test_training_lowers_loss_saves_engine_loadable_checkpoint_and_resumes(
 
     # Resume from the latest complete checkpoint (step 20) and continue to step 22.
     assert (out / "checkpoint-20" / "trainer_state.json").exists()
-    resumed = train(build_parser().parse_args([*common, "--max_train_steps", "22",
+    resumed = train(build_parser().parse_args([*common, "--max_train_steps", "22", "--gradient_checkpointing",
                                                "--resume_from_checkpoint", "latest"]))
     assert resumed["global_step"] == 22 and len(resumed["losses"]) == 2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-22"]
@@ -108,3 +108,24 @@ def test_cli_rejects_missing_data(tiny_depth_ckpt: Path, tmp_path: Path) -> None
     args = build_parser().parse_args(["--init", str(tiny_depth_ckpt), "--output_dir", str(tmp_path), "--cpu"])
     with pytest.raises(SystemExit, match="no training data"):
         train(args)
+
+
+def test_sd2_style_4_channel_init_is_expanded_and_text_padding_flag(tiny_depth_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    sd = tmp_path / "tiny-sd2"
+    shutil.copytree(tiny_depth_ckpt, sd)
+    cfg = dict(UNet2DConditionModel.load_config(sd / "unet"))
+    cfg["in_channels"] = 4
+    four = UNet2DConditionModel.from_config(cfg)
+    four.save_pretrained(sd / "unet")
+    comps = load_train_components(sd)
+    assert comps.unet.config.in_channels == 8  # spec B.2
+    w4 = four.conv_in.weight.detach()
+    assert torch.allclose(comps.unet.conv_in.weight[:, :4], w4 / 2) and torch.allclose(
+        comps.unet.conv_in.weight[:, 4:], w4 / 2)
+    assert torch.allclose(comps.unet.conv_in.bias, four.conv_in.bias / 2)
+    # Inference-style 2-token context (spec A.1-9) is available as --text_padding do_not_pad.
+    assert encode_text_context(comps.tokenizer, comps.text_encoder, "do_not_pad").shape[1] == 2

@@ -185,7 +185,8 @@ def train(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     # 1. Model: UNet trainable, VAE + text encoder frozen in fp32 (spec B.1).
-    comps = load_train_components(args.init, local_files_only=args.local_files_only)
+    with accelerator.main_process_first():  # one hub download, the other processes read the cache
+        comps = load_train_components(args.init, local_files_only=args.local_files_only)
     unet = comps.unet
     unet.requires_grad_(True)
     unet.train()
@@ -240,6 +241,8 @@ def train(args: argparse.Namespace) -> dict:
             global_step, epoch = int(state["global_step"]), int(state["epoch"])
             logger.info("Resumed from %s at step %d (epoch %d).", ckpt, global_step, epoch)
 
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)  # one log stream, from the main process
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
         "E2E fine-tuning %s from %s: %d steps, batch %d x %d processes x %d accumulation = %d, "
