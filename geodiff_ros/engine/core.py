@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,10 @@ class GeoDiffEngine:
             raise ImageFormatError(f"unknown resample method {config.resample!r}: use bilinear, bicubic or nearest")
         if config.processing_res < 0:
             raise ValueError(f"processing_res must be >= 0 (0 = native size), got {config.processing_res}")
+        if config.optimize not in ("none", ""):
+            from .accel import parse_optimize
+
+            parse_optimize(config.optimize)  # an unknown mode fails before the weights load
         self.device = resolve_device(config.device, config.allow_cpu_fallback)
         self.dtype = resolve_dtype(config.dtype, self.device)
         sources = {"depth": config.depth_model or "", "normals": config.normals_model or ""}
@@ -304,8 +309,6 @@ class GeoDiffEngine:
     def warmup(self, height: int = 480, width: int = 640, tasks: Sequence[str] | None = None) -> float:
         """Run one dummy frame of this size so kernels load (and, when optimised, compile / capture) now, not on
         the first real frame; returns the seconds it took. Compiled artefacts are cached on disk (accel.py)."""
-        import time
-
         start = time.perf_counter()
         rng = np.random.default_rng(0)
         self.predict(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), tasks)
