@@ -1,0 +1,300 @@
+"""Optimised forward path for GeoDiffEngine (issue 5): the same computation with fewer host round trips.
+
+Chosen with ``EngineConfig.optimize``; "none" keeps the official eager path in core.py. Each mode adds:
+
+    channels_last   NHWC weights and activations, cudnn.benchmark (static shapes: the algorithm search runs once
+                    per shape), the VAE called as encoder -> quant_conv -> first half of the moments (the posterior
+                    mean that spec A.1-7 uses, without building the distribution), pinned host buffers and one
+                    asynchronous device-to-host copy per output
+    graph           channels_last + the whole frame (upload .. resize back) captured once per input shape and task
+                    set in one CUDA graph and replayed: no Python or kernel-launch cost per frame
+    compile         channels_last + torch.compile (inductor, static shapes) of VAE encoder, UNet(s) and VAE decoder:
+                    GroupNorm+SiLU and element-wise chains fused into single kernels
+    compile+graph   both
+
+Numerics: the same operations in the same order and dtype as core.py; results differ only through kernel choice
+(cuDNN algorithms, inductor's fused reductions). benchmarks/bench_engine.py reports the difference to fp32 eager.
+
+Start-up: the first frame of a new input size compiles (minutes for the full-size model) and/or captures (seconds).
+Call ``GeoDiffEngine.warmup`` before serving. Inductor keeps its compiled kernels on disk: set
+``TORCHINDUCTOR_CACHE_DIR`` to a persistent folder so a restart re-uses them (default /tmp/torchinductor_$USER,
+lost on reboot); dynamo still re-traces the model on each start (tens of seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .core import LATENT_SCALE, Prediction, x0_from_prediction
+
+LOG = logging.getLogger(__name__)
+
+OPTIMIZE_MODES = ("none", "channels_last", "graph", "compile", "compile+graph")
+MAX_GRAPHS = 4  # captured (shape, tasks) combinations kept; each holds its own activation memory
+
+
+@dataclass(frozen=True)
+class AccelSettings:
+    """What an optimize mode switches on."""
+
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graph: bool = False
+
+
+def parse_optimize(mode: str) -> AccelSettings:
+    """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices."""
+    key = (mode or "none").strip().lower()
+    if key not in OPTIMIZE_MODES:
+        raise ValueError(f"unknown optimize mode {mode!r}: use one of {', '.join(OPTIMIZE_MODES)} "
+                         "(node parameter optimize, EngineConfig.optimize)")
+    return AccelSettings(channels_last=key != "none", compile="compile" in key, cuda_graph="graph" in key)
+
+
+class _Stage:
+    """A network stage with an eager and an optional compiled form; a compiler failure falls back to eager once."""
+
+    def __init__(self, name: str, eager: Callable[..., torch.Tensor], compiled: bool) -> None:
+        self.name = name
+        self.eager = eager
+        self.fn = torch.compile(eager, dynamic=False) if compiled else eager
+        self.compiled = compiled
+        self.error: str | None = None
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if self.fn is self.eager:
+            return self.eager(*args)
+        try:
+            return self.fn(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: keep serving frames eagerly
+            self.error = f"{type(exc).__name__}: {exc}"
+            LOG.warning("torch.compile failed for the %s stage (%s); running it eagerly", self.name,
+                        self.error.splitlines()[0][:300])
+            self.fn = self.eager
+            return self.eager(*args)
+
+
+@dataclass
+class _CapturedFrame:
+    """One CUDA graph for a fixed input shape and task set, with its static input and outputs on the device."""
+
+    graph: torch.cuda.CUDAGraph
+    static_in: torch.Tensor
+    static_out: dict[str, torch.Tensor]
+
+
+class Accelerator:
+    """Runs ``GeoDiffEngine``'s single-step forward (spec A.1) faster; built by the engine when optimize != none.
+
+    ``use_cuda_graph`` may be switched at run time (e.g. off when input sizes change every frame).
+    """
+
+    def __init__(self, engine: Any, mode: str) -> None:
+        self.engine = engine
+        self.mode = mode
+        self.settings = parse_optimize(mode)
+        self.device: torch.device = engine.device
+        is_cuda = self.device.type == "cuda"
+        if self.settings.cuda_graph and not is_cuda:
+            LOG.warning("optimize=%s: CUDA graphs need a CUDA device, running %s without them", mode, self.device)
+        self.use_cuda_graph = self.settings.cuda_graph and is_cuda
+        self.graph_error: str | None = None
+        self._graphs: OrderedDict[tuple, _CapturedFrame] = OrderedDict()
+        self._host: dict[tuple, torch.Tensor] = {}
+        self._timesteps: dict[tuple[int, int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+        if is_cuda and self.settings.channels_last:
+            # Static shapes: cuDNN tries its algorithms once per convolution shape and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
+        memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
+        self._memory_format = memory_format
+        vaes: dict[str | None, Any] = {None: engine.vae, **engine._extra_vaes}
+        for vae in vaes.values():
+            vae.to(memory_format=memory_format)
+        for model in engine.models.values():
+            model.unet.to(memory_format=memory_format)
+        compiled = self.settings.compile
+        self.encoders = {key: _Stage(f"vae-encoder[{key or 'shared'}]", _encoder_fn(vae), compiled)
+                         for key, vae in vaes.items()}
+        self.decoders = {key: _Stage(f"vae-decoder[{key or 'shared'}]", _decoder_fn(vae), compiled)
+                         for key, vae in vaes.items()}
+        self.unets = {task: _Stage(f"unet[{task}]", _unet_fn(model.unet), compiled)
+                      for task, model in engine.models.items()}
+
+    # ---------------------------------------------------------------- stages (spec A.1 steps 2-16)
+
+    def preprocess(self, u8_nhwc: torch.Tensor) -> torch.Tensor:
+        """[B,H,W,3] uint8 on device -> [B,3,h,w] in [-1,1], engine dtype and memory format (spec A.1-2, A.1-4)."""
+        x = self.engine.preprocess(u8_nhwc.permute(0, 3, 1, 2))
+        return x.contiguous(memory_format=self._memory_format)
+
+    def encode(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """Image latent [B,4,h/8,w/8] (spec A.1-7), with the task's own VAE when it has one."""
+        return self.encoders[self._vae_key(task)](x)
+
+    def denoise(self, task: str, z_img: torch.Tensor) -> torch.Tensor:
+        """x0 from one UNet call at t = T-1 on a zero target latent (spec A.1-8..11), as core.denoise_single_step."""
+        model = self.engine.models[task]
+        t = model.scheduler.config.num_train_timesteps - 1  # 999
+        z_t = torch.zeros_like(z_img)
+        x = torch.cat([z_img, z_t], dim=1).contiguous(memory_format=self._memory_format)  # [B,8,h,w]
+        context = self.engine.empty_embedding.expand(z_img.shape[0], -1, -1)  # [B,2,C]
+        pred = self.unets[task](x, self._timestep(t, z_img.shape[0]), context)  # [B,4,h,w]
+        return x0_from_prediction(pred, z_t, model.scheduler.alphas_cumprod[t], model.scheduler.config.prediction_type)
+
+    def decode(self, z0: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """[B,4,h/8,w/8] -> [B,3,h',w'] decoder output (spec A.1-12)."""
+        return self.decoders[self._vae_key(task)](z0)
+
+    def postprocess(self, task: str, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Decoder output -> contiguous depth [B,H,W] or normals [B,H,W,3] (core's post-processing, A.1-12..18)."""
+        if task == "depth":
+            return self.engine.postprocess_depth(y, size).contiguous()
+        frame = self.engine.models[task].normals_frame
+        return self.engine.postprocess_normals(y, size, frame).contiguous()
+
+    def compute(self, u8_nhwc: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The whole frame on the device: uint8 [B,H,W,3] -> {task: float32 output}; each frame encoded once."""
+        size = (u8_nhwc.shape[1], u8_nhwc.shape[2])
+        x = self.preprocess(u8_nhwc)
+        latents: dict[str | None, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        for task in tasks:
+            key = self._vae_key(task)
+            if key not in latents:
+                latents[key] = self.encoders[key](x)
+            y = self.decoders[key](self.denoise(task, latents[key]))
+            out[task] = self.postprocess(task, y, size)
+        return out
+
+    # ---------------------------------------------------------------- host interface
+
+    def forward(self, batch: np.ndarray, tasks: Sequence[str]) -> Prediction:
+        """[B,H,W,3] uint8 frames -> Prediction with host float32 arrays (called by GeoDiffEngine._forward)."""
+        tasks = tuple(tasks)
+        with self._lock, torch.inference_mode():
+            if self.device.type != "cuda":
+                out = self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
+                return Prediction(**{task: value.numpy().copy() for task, value in out.items()})
+            host_in = self._host_buffer(("in",), batch.shape, torch.uint8)
+            np.copyto(host_in.numpy(), batch)
+            device_out = None
+            if self.use_cuda_graph:
+                frame = self._captured(host_in, tasks)
+                if frame is not None:
+                    frame.static_in.copy_(host_in, non_blocking=True)
+                    frame.graph.replay()
+                    device_out = frame.static_out
+            if device_out is None:
+                device_out = self.compute(host_in.to(self.device, non_blocking=True), tasks)
+            host_out = {}
+            for task, value in device_out.items():  # one device-to-host copy per output
+                host_out[task] = self._host_buffer(("out", task), value.shape, value.dtype)
+                host_out[task].copy_(value, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return Prediction(**{task: value.numpy().copy() for task, value in host_out.items()})
+
+    def stage_errors(self) -> dict[str, str]:
+        """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""
+        errors = {s.name: s.error for s in (*self.encoders.values(), *self.unets.values(),
+                                            *self.decoders.values()) if s.error}
+        if self.graph_error:
+            errors["cuda-graph"] = self.graph_error
+        return errors
+
+    # ---------------------------------------------------------------- helpers
+
+    def _vae_key(self, task: str | None) -> str | None:
+        return task if task in self.encoders else None
+
+    def _timestep(self, t: int, batch: int) -> torch.Tensor:
+        """t as a device tensor [B] (int64, as the UNet builds it from an int) so no host copy runs per call."""
+        key = (t, batch)
+        if key not in self._timesteps:
+            self._timesteps[key] = torch.full((batch,), t, dtype=torch.int64, device=self.device)
+        return self._timesteps[key]
+
+    def _host_buffer(self, key: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host buffer reused across frames of the same shape (page-locked: asynchronous DMA)."""
+        full_key = (*key, tuple(shape), dtype)
+        if full_key not in self._host:
+            self._host[full_key] = torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+        return self._host[full_key]
+
+    def _captured(self, host_in: torch.Tensor, tasks: tuple[str, ...]) -> _CapturedFrame | None:
+        """The CUDA graph for this input shape and task set, captured on first use (None if capture failed)."""
+        key = (tuple(host_in.shape), tasks)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        try:
+            frame = self._capture(host_in, tasks)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - capture is an optimisation: fall back to plain launches
+            torch.cuda.synchronize(self.device)
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            self.use_cuda_graph = False
+            LOG.warning("CUDA graph capture failed (%s); running without graphs", self.graph_error[:300])
+            return None
+        self._graphs[key] = frame
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return frame
+
+    def _capture(self, host_in: torch.Tensor, tasks: tuple[str, ...]) -> _CapturedFrame:
+        static_in = host_in.to(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: compile, cuDNN algorithm search and lazy init happen here
+            for _ in range(2):
+                self.compute(static_in, tasks)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.compute(static_in, tasks)
+        LOG.info("captured a CUDA graph for input %s, tasks %s", tuple(host_in.shape), tasks)
+        return _CapturedFrame(graph, static_in, static_out)
+
+
+def _encoder_fn(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """encoder -> quant_conv -> posterior mean (first half of the moments) x 0.18215, as AutoencoderKL.encode."""
+    channels = vae.config.latent_channels
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        moments = vae.encoder(x)  # [B,2*4,h/8,w/8]
+        if vae.quant_conv is not None:
+            moments = vae.quant_conv(moments)
+        return moments[:, :channels] * LATENT_SCALE  # [B,4,h/8,w/8]
+
+    return encode
+
+
+def _decoder_fn(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """latent / 0.18215 -> post_quant_conv -> decoder, as AutoencoderKL.decode without tiling or slicing."""
+
+    def decode(z0: torch.Tensor) -> torch.Tensor:
+        z = z0 / LATENT_SCALE
+        if vae.post_quant_conv is not None:
+            z = vae.post_quant_conv(z)
+        return vae.decoder(z)  # [B,3,8h,8w]
+
+    return decode
+
+
+def _unet_fn(unet: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # [B,4,h,w]
+
+    return run
