@@ -22,11 +22,6 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
-
-from geodiff_ros.geometry import PinholeIntrinsics, backproject  # noqa: E402
-from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
-from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_msg, read_cloud  # noqa: E402
 from ros_helpers import (  # noqa: E402
     Collector,
     NodeProcess,
@@ -38,6 +33,11 @@ from ros_helpers import (  # noqa: E402
     stamp_of,
     test_scene,
 )
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+
+from geodiff_ros.geometry import PinholeIntrinsics, backproject  # noqa: E402
+from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
+from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_msg, read_cloud  # noqa: E402
 
 W, H = 160, 120
 FRAME = 'camera_color_optical_frame'
@@ -64,8 +64,12 @@ class Scenario:
         return self.stamp_ns
 
     def frame(self, stamp: int, *, sparse: Any = None, info: Any = 'default', image: Any = None,
-              wait_points: bool = False) -> dict[str, Any]:
-        """Publish (camera_info, sparse, image) with ``stamp``; return {topic: message with that stamp}."""
+              expect: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Publish (camera_info, sparse, image) with ``stamp``; return {topic: message with that stamp or None}.
+
+        Waits for the always-published outputs plus ``expect``; other topics get a grace period, so an
+        absent output means the node did not publish it for this frame.
+        """
         hdr = header(stamp, FRAME)
         if info == 'default':
             info = camera_info_msg(hdr, W, H, self.intr.fx, self.intr.fy, self.intr.cx, self.intr.cy)
@@ -76,16 +80,19 @@ class Scenario:
             sparse.header = header(stamp, FRAME)
             topic = 'sparse_points' if isinstance(sparse, PointCloud2) else 'sparse_depth'
             self.pubs[topic].publish(sparse)
-        time.sleep(0.05)  # inputs arrive before the image that needs them
+        time.sleep(0.1)  # inputs of other topics arrive before the image that needs them
         self.pubs['image'].publish(image if image is not None else numpy_to_image(self.rgb, 'rgb8', hdr))
-        got = self.col.wait_for('normals/image_vis', 1, timeout=30.0, where=lambda m: stamp_of(m) == stamp)
-        assert got, f'no output for stamp {stamp}; node log:\n{self.node.log()[-3000:]}'
-        if wait_points:
-            self.col.wait_for('points', 1, timeout=5.0, where=lambda m: stamp_of(m) == stamp)
-        else:
-            time.sleep(0.15)  # anything else of this frame was published before normals/image_vis
-        return {t: next((m for m in self.col.get(t) if hasattr(m, 'header') and stamp_of(m) == stamp), None)
-                for t in OUTPUTS}
+        out: dict[str, Any] = {}
+        for topic in ('depth/relative', 'normals/image', 'normals/image_vis', 'depth/image_vis', *expect):
+            got = self.col.wait_for(topic, 1, timeout=30.0, where=lambda m: stamp_of(m) == stamp)
+            assert got, f'no {topic} for stamp {stamp}; node log:\n{self.node.log()[-3000:]}'
+            out[topic] = got[0]
+        time.sleep(0.3)  # grace period for outputs that are not expected
+        for topic in OUTPUTS:
+            if topic not in out:
+                out[topic] = next((m for m in self.col.get(topic) if hasattr(m, 'header') and stamp_of(m) == stamp),
+                                  None)
+        return out
 
     def relative(self) -> np.ndarray:
         """The node's relative depth for the scene image (one frame without sparse depth)."""
@@ -126,7 +133,7 @@ def scn(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_no
 
 def test_relative_outputs_without_sparse_depth(scn: Scenario) -> None:
     stamp = scn.next_stamp()
-    out = scn.frame(stamp)
+    out = scn.frame(stamp, expect=('depth/camera_info',))
     rel, nrm = out['depth/relative'], out['normals/image']
     for msg, enc in ((rel, '32FC1'), (nrm, '32FC3'), (out['depth/image_vis'], 'rgb8'),
                      (out['normals/image_vis'], 'rgb8')):
@@ -147,7 +154,7 @@ def test_metric_depth_aligned_to_sparse_32fc1(scn: Scenario) -> None:
     rel = scn.relative()
     s, t = 3.0, 0.5
     sparse = np.where(_sparse_mask(), s * rel + t, np.nan).astype(np.float32)
-    out = scn.frame(scn.next_stamp(), sparse=numpy_to_image(sparse, '32FC1'))
+    out = scn.frame(scn.next_stamp(), sparse=numpy_to_image(sparse, '32FC1'), expect=('depth/image',))
     assert out['depth/image'] is not None, scn.node.log()[-2000:]
     depth = image_to_numpy(out['depth/image'])
     assert out['depth/image'].encoding == '32FC1' and out['depth/image'].header.frame_id == FRAME
@@ -159,7 +166,7 @@ def test_sparse_16uc1_mm_at_half_resolution(scn: Scenario) -> None:
     s, t = 2.0, 0.8
     half = np.zeros((H // 2, W // 2), np.uint16)  # a depth sensor at half the camera resolution, 0 = none
     half[::3, ::3] = np.rint((s * rel[::2, ::2] + t) * 1000.0)[::3, ::3]
-    out = scn.frame(scn.next_stamp(), sparse=numpy_to_image(half, '16UC1'))
+    out = scn.frame(scn.next_stamp(), sparse=numpy_to_image(half, '16UC1'), expect=('depth/image',))
     assert out['depth/image'] is not None, scn.node.log()[-2000:]
     np.testing.assert_allclose(image_to_numpy(out['depth/image']), s * rel + t, rtol=2e-3, atol=2e-3)
 
@@ -170,7 +177,7 @@ def test_sparse_points_projected_with_camera_info(scn: Scenario) -> None:
     xyz = backproject(np.where(_sparse_mask(4), s * rel + t, np.nan).astype(np.float32), scn.intr)
     pts = xyz.reshape(-1, 3)
     cloud = cloud_to_msg(cloud_array(pts[np.isfinite(pts).all(axis=1)][None]))  # unorganized, optical frame
-    out = scn.frame(scn.next_stamp(), sparse=cloud)
+    out = scn.frame(scn.next_stamp(), sparse=cloud, expect=('depth/image',))
     assert out['depth/image'] is not None, scn.node.log()[-2000:]
     np.testing.assert_allclose(image_to_numpy(out['depth/image']), s * rel + t, rtol=1e-3, atol=1e-3)
 
@@ -179,8 +186,9 @@ def test_fallback_to_last_fit_then_no_metric_after_max_age(scn: Scenario) -> Non
     rel = scn.relative()
     s, t = 3.0, 0.5
     sparse = numpy_to_image(np.where(_sparse_mask(), s * rel + t, np.nan).astype(np.float32), '32FC1')
-    assert scn.frame(scn.next_stamp(), sparse=sparse)['depth/image'] is not None
-    held = scn.frame(scn.next_stamp(0.5))  # no sparse: last fit reused (max_fallback_age_s 2.0)
+    assert scn.frame(scn.next_stamp(), sparse=sparse, expect=('depth/image',))['depth/image'] is not None
+    # No sparse depth: the last fit is reused (max_fallback_age_s 2.0).
+    held = scn.frame(scn.next_stamp(0.5), expect=('depth/image',))
     assert held['depth/image'] is not None
     np.testing.assert_allclose(image_to_numpy(held['depth/image']), s * rel + t, rtol=1e-3, atol=1e-3)
     expired = scn.frame(scn.next_stamp(3.0))
@@ -194,7 +202,7 @@ def test_cloud_equals_depth_image_proc_formula_with_nan(scn: Scenario) -> None:
     assert all(r.successful for r in set_parameters(scn.col, '/geodiff', {'max_depth': cut}))
     try:
         sparse = numpy_to_image(np.where(_sparse_mask(), s * rel + t, np.nan).astype(np.float32), '32FC1')
-        out = scn.frame(scn.next_stamp(), sparse=sparse, wait_points=True)
+        out = scn.frame(scn.next_stamp(), sparse=sparse, expect=('depth/image', 'points'))
     finally:
         set_parameters(scn.col, '/geodiff', {'max_depth': 100.0})
     depth = image_to_numpy(out['depth/image'])
@@ -225,7 +233,7 @@ def test_runtime_parameters_stride_and_rejections(scn: Scenario) -> None:
     try:
         rel = scn.relative()
         sparse = numpy_to_image(np.where(_sparse_mask(), 3.0 * rel + 0.5, np.nan).astype(np.float32), '32FC1')
-        out = scn.frame(scn.next_stamp(), sparse=sparse, wait_points=True)
+        out = scn.frame(scn.next_stamp(), sparse=sparse, expect=('depth/image', 'points'))
         cloud = out['points']
         assert cloud is not None and (cloud.height, cloud.width) == (H // 2, W // 2)
         np.testing.assert_allclose(read_cloud(cloud)['z'], image_to_numpy(out['depth/image'])[::2, ::2])
@@ -257,7 +265,7 @@ def test_camera_info_of_another_size_gives_depth_but_no_cloud(scn: Scenario) -> 
     wrong = camera_info_msg(header(0), 2 * W, 2 * H, 2 * scn.intr.fx, 2 * scn.intr.fy, 2 * scn.intr.cx,
                             2 * scn.intr.cy)
     sparse = numpy_to_image(np.where(_sparse_mask(), 3.0 * rel + 0.5, np.nan).astype(np.float32), '32FC1')
-    out = scn.frame(scn.next_stamp(), sparse=sparse, info=wrong)
+    out = scn.frame(scn.next_stamp(), sparse=sparse, info=wrong, expect=('depth/image',))
     time.sleep(0.5)
     assert out['depth/image'] is not None and out['depth/relative'] is not None
     assert out['points'] is None and out['depth/camera_info'] is None
@@ -268,7 +276,7 @@ def test_diagnostics_report_rates_latency_and_alignment(scn: Scenario) -> None:
     rel = scn.relative()
     sparse = numpy_to_image(np.where(_sparse_mask(), 3.0 * rel + 0.5, np.nan).astype(np.float32), '32FC1')
     stamp = scn.next_stamp()
-    scn.frame(stamp, sparse=sparse)
+    scn.frame(stamp, sparse=sparse, expect=('depth/image',))
     time.sleep(0.8)  # diagnostics_period 0.3 s
     msgs = scn.col.get('/diagnostics')
     assert msgs, 'no /diagnostics'
