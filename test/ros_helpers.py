@@ -62,6 +62,8 @@ def _param_arg(name: str, value: Any) -> str:
         text = 'true' if value else 'false'
     elif isinstance(value, (list, tuple)):
         text = json.dumps(list(value))
+    elif value == '':
+        text = "''"  # rcl cannot parse an empty override; YAML's empty string
     else:
         text = str(value)
     return f'{name}:={text}'
@@ -277,26 +279,31 @@ def module_domain_id(offset: int) -> int:
     return (base + offset) % 100 + 1
 
 
+def call_service(collector: Collector, srv_type: Any, name: str, request: Any, timeout: float = 10.0) -> Any:
+    """Call a service from the collector node and return the response (its executor completes the future)."""
+    client = collector.node.create_client(srv_type, name)
+    try:
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError(f'service {name} not available')
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not future.done():
+            raise TimeoutError(f'service {name} did not answer within {timeout} s')
+        return future.result()
+    finally:
+        collector.node.destroy_client(client)
+
+
 def set_parameters(collector: Collector, node_name: str, values: dict[str, Any], timeout: float = 10.0) -> list[Any]:
     """Call ``<node>/set_parameters`` (what ``ros2 param set`` does); one SetParametersResult per value."""
     from rcl_interfaces.srv import SetParameters
     from rclpy.parameter import Parameter
 
-    client = collector.node.create_client(SetParameters, f'{node_name}/set_parameters')
-    try:
-        if not client.wait_for_service(timeout_sec=timeout):
-            raise TimeoutError(f'{node_name}/set_parameters not available')
-        req = SetParameters.Request()
-        req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
-        future = client.call_async(req)
-        deadline = time.monotonic() + timeout
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not future.done():
-            raise TimeoutError(f'{node_name}/set_parameters did not answer')
-        return list(future.result().results)
-    finally:
-        collector.node.destroy_client(client)
+    req = SetParameters.Request()
+    req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
+    return list(call_service(collector, SetParameters, f'{node_name}/set_parameters', req, timeout).results)
 
 
 def diagnostics_values(msg: Any) -> dict[str, str]:
