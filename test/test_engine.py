@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geodiff_ros.engine import EngineConfig, GeoDiffEngine, x0_from_prediction
+from geodiff_ros.engine import EngineConfig, GeoDiffEngine, ModelLoadError, x0_from_prediction
 from geodiff_ros.engine.core import minmax_per_image
 from geodiff_ros.engine.preprocess import processing_size
 
@@ -109,6 +109,8 @@ def test_x0_for_v_prediction_matches_spec_constant() -> None:
     eps = x0_from_prediction(v, torch.ones_like(v), abar, "epsilon")
     torch.testing.assert_close(eps, (1 - math.sqrt(1 - float(abar)) * v) / math.sqrt(float(abar)))
     assert x0_from_prediction(v, torch.zeros_like(v), abar, "sample") is v
+    with pytest.raises(ModelLoadError, match="prediction_type 'velocity'"):
+        x0_from_prediction(v, v, abar, "velocity")
 
 
 def test_scheduler_finding_leading_runs_t1_trailing_t999(tiny_depth_ckpt: Path) -> None:

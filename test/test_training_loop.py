@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from geodiff_ros.engine.core import encode_empty_prompt
 from geodiff_ros.training.data import ManifestRGBDDataset
 from geodiff_ros.training.losses import affine_invariant_l1_loss
-from geodiff_ros.training.model import TIMESTEP, e2e_forward, encode_text_context, load_train_components
+from geodiff_ros.training.model import TIMESTEP, e2e_forward, load_train_components
 from geodiff_ros.training.train import build_parser, train
 
 
@@ -35,7 +36,7 @@ def _write_rgbd_set(folder: Path, n: int = 2, h: int = 32, w: int = 48) -> Path:
 def _dataset_loss(source: Path, manifest: Path) -> float:
     """Mean training loss of a checkpoint over the whole (unflipped) set, text context as in training."""
     comps = load_train_components(source)
-    ctx = encode_text_context(comps.tokenizer, comps.text_encoder, "max_length")
+    ctx = encode_empty_prompt(comps.tokenizer, comps.text_encoder, padding="max_length")
     ds = ManifestRGBDDataset(manifest, size_hw=(32, 48), flip_p=0.0)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     with torch.no_grad():
@@ -46,7 +47,7 @@ def _dataset_loss(source: Path, manifest: Path) -> float:
 
 def test_gradients_reach_only_the_unet(tiny_depth_ckpt: Path) -> None:
     comps = load_train_components(tiny_depth_ckpt)
-    ctx = encode_text_context(comps.tokenizer, comps.text_encoder)
+    ctx = encode_empty_prompt(comps.tokenizer, comps.text_encoder, padding="max_length")
     assert ctx.shape[1] == 77  # spec B.3-4: training context padded to max_length
     rgb = torch.rand(2, 3, 32, 32) * 2 - 1
     comps.unet.train()
@@ -128,4 +129,4 @@ def test_sd2_style_4_channel_init_is_expanded_and_text_padding_flag(tiny_depth_c
         comps.unet.conv_in.weight[:, 4:], w4 / 2)
     assert torch.allclose(comps.unet.conv_in.bias, four.conv_in.bias / 2)
     # Inference-style 2-token context (spec A.1-9) is available as --text_padding do_not_pad.
-    assert encode_text_context(comps.tokenizer, comps.text_encoder, "do_not_pad").shape[1] == 2
+    assert encode_empty_prompt(comps.tokenizer, comps.text_encoder, padding="do_not_pad").shape[1] == 2

@@ -13,7 +13,6 @@ from geodiff_ros.training import (
     affine_invariant_l1_loss,
     angular_loss,
     expand_conv_in,
-    predict_x0,
     solve_scale_shift,
 )
 
@@ -89,24 +88,6 @@ def test_angular_loss_averages_only_valid_pixels() -> None:
     mask = torch.zeros(1, 1, 4, 5, dtype=torch.bool)
     mask[..., 0, :2] = True  # the orthogonal pixel and one identical pixel
     assert angular_loss(pred, target, mask).item() == pytest.approx(math.pi / 4, rel=1e-4)
-
-
-def test_predict_x0_matches_spec_constants_at_t999() -> None:
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          prediction_type="v_prediction")
-    a = sched.alphas_cumprod[999].item()
-    assert a == pytest.approx(0.0046601, rel=1e-4)  # spec A.1-11
-    v = torch.randn(1, 4, 3, 3)
-    zero = torch.zeros_like(v)
-    x0 = predict_x0(v, zero, a, "v_prediction")
-    assert torch.allclose(x0, -0.997667 * v, atol=1e-5)  # x0 = -sqrt(1 - a) v for a zero latent
-    eps = predict_x0(v, zero, a, "epsilon")
-    assert torch.allclose(eps, -math.sqrt(1 - a) / math.sqrt(a) * v, rtol=1e-5)
-    assert torch.equal(predict_x0(v, zero, a, "sample"), v)
-    with pytest.raises(ValueError, match="prediction_type"):
-        predict_x0(v, zero, a, "velocity")
 
 
 def test_expand_conv_in_tiles_weights_and_halves_weight_and_bias() -> None:

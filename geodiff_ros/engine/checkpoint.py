@@ -118,10 +118,12 @@ def load_components(
     local_files_only: bool = False,
     load_text_encoder: bool = True,
     timestep_spacing: str | None = None,
+    require_image_conditional: bool = True,
 ) -> ModelComponents:
     """Load UNet, VAE, scheduler, text encoder and tokenizer of one checkpoint on the CPU.
 
     ``timestep_spacing`` overrides the scheduler config at load time, as the official run.py does (spec A.1).
+    ``require_image_conditional=False`` admits a plain 4-channel Stable Diffusion UNet (fine-tuning, spec B.2).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -129,7 +131,8 @@ def load_components(
     folder = resolve_checkpoint(source, local_files_only=local_files_only)
     model_index = read_model_index(folder)
     sched_kwargs = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
-    check_unet_config(_read_json(folder / "unet" / "config.json"), folder)  # before reading GBs of weights
+    if require_image_conditional:
+        check_unet_config(_read_json(folder / "unet" / "config.json"), folder)  # before reading GBs of weights
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)

@@ -118,9 +118,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch_dtype
 
 
-def encode_empty_prompt(tokenizer: Any, text_encoder: Any, *, pad_to_max_length: bool = False) -> torch.Tensor:
-    """CLIP embedding of the empty prompt, [1, 2, C] (spec A.1-9; max-length padding gives [1, 77, C], B.3-4)."""
-    padding = "max_length" if pad_to_max_length else "do_not_pad"
+def encode_empty_prompt(tokenizer: Any, text_encoder: Any, padding: str = "do_not_pad") -> torch.Tensor:
+    """CLIP embedding of the empty prompt: [1, 2, C] as at inference (spec A.1-9); ``padding="max_length"`` gives
+    the [1, 77, C] context the paper's training code used (spec B.3-4, mismatch noted in F.5)."""
     tokens = tokenizer([""], padding=padding, max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt")
     ids = tokens.input_ids.to(text_encoder.device)
@@ -131,7 +131,7 @@ def encode_empty_prompt(tokenizer: Any, text_encoder: Any, *, pad_to_max_length:
 def x0_from_prediction(pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor | float,
                        prediction_type: str) -> torch.Tensor:
     """Clean latent from the UNet output at noise level alpha_bar (spec A.1-11, B.3-6)."""
-    a = torch.as_tensor(alpha_bar, dtype=torch.float32)
+    a = torch.as_tensor(alpha_bar, dtype=torch.float64)
     sqrt_a, sqrt_1ma = float(a.sqrt()), float((1.0 - a).sqrt())
     if prediction_type == "v_prediction":
         return sqrt_a * z_t - sqrt_1ma * pred

@@ -6,7 +6,7 @@ Heavy dependencies (accelerate) are imported only by :mod:`geodiff_ros.training.
 from __future__ import annotations
 
 from .losses import affine_invariant_l1_loss, angular_loss, solve_scale_shift
-from .model import TIMESTEP, e2e_forward, encode_text_context, expand_conv_in, predict_x0
+from .model import TIMESTEP, e2e_forward, expand_conv_in
 from .schedule import IterExponential
 
 __all__ = [
@@ -15,8 +15,6 @@ __all__ = [
     "affine_invariant_l1_loss",
     "angular_loss",
     "e2e_forward",
-    "encode_text_context",
     "expand_conv_in",
-    "predict_x0",
     "solve_scale_shift",
 ]

@@ -14,6 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..engine.checkpoint import load_components
+from ..engine.core import x0_from_prediction
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -21,10 +24,8 @@ __all__ = [
     "TrainComponents",
     "decode_prediction",
     "e2e_forward",
-    "encode_text_context",
     "expand_conv_in",
     "load_train_components",
-    "predict_x0",
 ]
 
 #: spec B.3-2: every training sample uses the last timestep of a 1000-step schedule.
@@ -80,63 +81,6 @@ def expand_conv_in(unet: nn.Module) -> bool:
     return True
 
 
-def predict_x0(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    alpha_prod_t: torch.Tensor | float,
-    prediction_type: str,
-) -> torch.Tensor:
-    """Clean latent from the UNet output at one timestep (spec A.1-11, B.3-6).
-
-    v: ``sqrt(a)*z - sqrt(1-a)*v``; epsilon: ``(z - sqrt(1-a)*eps)/sqrt(a)``; sample: identity.
-    """
-    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
-    sqrt_a = float(a.sqrt())
-    sqrt_1ma = float((1 - a).sqrt())
-    if prediction_type == "v_prediction":
-        return sqrt_a * sample - sqrt_1ma * model_output
-    if prediction_type == "epsilon":
-        return (sample - sqrt_1ma * model_output) / sqrt_a
-    if prediction_type == "sample":
-        return model_output
-    msg = (
-        f"Unknown scheduler `prediction_type` {prediction_type!r}; expected 'v_prediction', "
-        "'epsilon' or 'sample'. Fix scheduler/scheduler_config.json of the init checkpoint."
-    )
-    raise ValueError(msg)
-
-
-@torch.no_grad()
-def encode_text_context(
-    tokenizer: object, text_encoder: nn.Module, padding: TextPadding = "max_length"
-) -> torch.Tensor:
-    """Empty-prompt text context ``[1,L,C]`` for the UNet cross-attention.
-
-    ``max_length`` (L=77) is what the paper's training code used (spec B.3-4); ``do_not_pad`` (L=2)
-    is what every inference path uses (spec A.1-9). The mismatch is documented in spec F.5.
-    """
-    kwargs: dict = {"return_tensors": "pt", "truncation": True}
-    kwargs["padding"] = padding
-    kwargs["max_length"] = tokenizer.model_max_length
-    ids = tokenizer([""], **kwargs).input_ids  # [1,L]
-    device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0]  # [1,L,C]
-
-
-def _load_scheduler_config(source: str, local_files_only: bool) -> dict:
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    try:
-        sched = DDPMScheduler.from_pretrained(
-            source, subfolder="scheduler", local_files_only=local_files_only
-        )
-    except Exception:  # noqa: BLE001 - some hub repos ship DDIM-only configs
-        sched = DDIMScheduler.from_pretrained(
-            source, subfolder="scheduler", local_files_only=local_files_only
-        )
-    return dict(sched.config)
-
-
 def load_train_components(
     source: str | Path, *, local_files_only: bool = False, expand_sd_conv_in: bool = True
 ) -> TrainComponents:
@@ -145,35 +89,14 @@ def load_train_components(
     Works for E2E-FT / Marigold (8-channel UNet) and Stable Diffusion 2 (4-channel UNet, expanded
     per spec B.2 when ``expand_sd_conv_in``). Everything is loaded in fp32 (spec B.1 "precision").
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from diffusers import DDPMScheduler
 
     src = str(source)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(
-            src, subfolder="unet", torch_dtype=torch.float32, local_files_only=local_files_only
-        )
-        vae = AutoencoderKL.from_pretrained(
-            src, subfolder="vae", torch_dtype=torch.float32, local_files_only=local_files_only
-        )
-        text_encoder = CLIPTextModel.from_pretrained(
-            src,
-            subfolder="text_encoder",
-            torch_dtype=torch.float32,
-            local_files_only=local_files_only,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            src, subfolder="tokenizer", local_files_only=local_files_only
-        )
-        sched_cfg = _load_scheduler_config(src, local_files_only)
-    except OSError as err:
-        msg = (
-            f"Cannot load the init checkpoint {src!r} ({err}). Pass a hub id such as "
-            "'GonzaloMG/marigold-e2e-ft-depth', 'prs-eth/marigold-depth-v1-0' or "
-            "'stabilityai/stable-diffusion-2', or a local folder with unet/, vae/, text_encoder/, "
-            "tokenizer/ and scheduler/ (add --local_files_only when offline)."
-        )
-        raise RuntimeError(msg) from err
+    # The engine's loader (hub id or folder, clear errors), admitting plain 4-channel SD2 UNets (spec B.2).
+    parts = load_components(src, torch_dtype=torch.float32, local_files_only=local_files_only,
+                            require_image_conditional=False)
+    unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
+    sched_cfg = dict(parts.scheduler.config)
     if expand_sd_conv_in and expand_conv_in(unet):
         logger.info("Expanded the SD UNet conv_in from 4 to 8 channels (spec B.2).")
     # alphas_cumprod from the init scheduler's betas (spec B.3-6), computed like diffusers does.
@@ -241,7 +164,7 @@ def e2e_forward(
     # 3. Model invocation: unet (trainable).
     out = unet(unet_in, timesteps, encoder_hidden_states=ctx).sample  # [B,4,h,w]
     # 4. x0 from the prediction type (spec B.3-6).
-    x0 = predict_x0(out, target_latent, alpha_prod_t, prediction_type)  # [B,4,h,w]
+    x0 = x0_from_prediction(out, target_latent, alpha_prod_t, prediction_type)  # [B,4,h,w]
     # 5. Model invocation: vae.decoder (frozen weights, gradients flow through, spec B.3-7).
     decoded = vae.decode(x0 / scale).sample  # [B,3,H,W]
     return decode_prediction(decoded, modality)

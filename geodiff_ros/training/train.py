@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..engine.core import encode_empty_prompt
 from .data import HypersimDataset, ManifestRGBDDataset, MixedDataLoader, VirtualKITTI2Dataset
 from .export import save_hub_checkpoint
 from .losses import affine_invariant_l1_loss, angular_loss
-from .model import TIMESTEP, e2e_forward, encode_text_context, load_train_components
+from .model import TIMESTEP, e2e_forward, load_train_components
 from .schedule import IterExponential
 
 logger = logging.getLogger("geodiff_ros.training")
@@ -194,7 +195,7 @@ def train(args: argparse.Namespace) -> dict:
         unet.enable_gradient_checkpointing()
     vae = comps.vae.to(device)
     text_encoder = comps.text_encoder.to(device)
-    text_context = encode_text_context(comps.tokenizer, text_encoder, args.text_padding)  # [1,L,C]
+    text_context = encode_empty_prompt(comps.tokenizer, text_encoder, padding=args.text_padding)  # [1,L,C]
     text_encoder.to("cpu")  # only needed once; frees GPU memory
     alpha_t = float(comps.alphas_cumprod[TIMESTEP])
 
