@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,40 @@ def test_vga_cloud_builds_fast() -> None:
     elapsed = time.perf_counter() - t0
     assert len(msg.data) == 480 * 640 * 28
     assert elapsed < 0.5, f'building a VGA cloud took {elapsed:.2f} s'
+
+
+def test_kitti_cloud_through_messages_puts_the_road_at_camera_height() -> None:
+    """The node's message path on real data: CameraInfo (KITTI P2, with its Tx) + a 32FC1 LiDAR depth Image ->
+    intrinsics -> back-projection -> PointCloud2 -> read back. The road lies ~1.65 m below the camera."""
+    import json
+
+    from PIL import Image as PILImage
+    from ros_helpers import shared_data_dir
+    from sensor_msgs.msg import CameraInfo
+
+    from geodiff_ros.ros.conversions import depth_to_metres, intrinsics_from_msg, numpy_to_image
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip('../shared/data is absent (set GEODIFF_SHARED_DATA to run this)')
+    entries = [e for e in json.loads((data / 'manifest.json').read_text()) if e['set'] == 'kitti_object_lidar']
+    heights = []
+    for e in entries:
+        calib = (data / e['rgb']).parent.parent / 'calib' / (Path(e['rgb']).stem + '.txt')
+        p2 = next(line for line in calib.read_text().splitlines() if line.startswith('P2:')).split()[1:]
+        info = CameraInfo(width=e['width'], height=e['height'], distortion_model='plumb_bob')
+        info.p = [float(v) for v in p2]
+        info.k = [info.p[0], 0.0, info.p[2], 0.0, info.p[5], info.p[6], 0.0, 0.0, 1.0]
+        raw = np.asarray(PILImage.open(data / e['depth']), dtype=np.float32) / e['depth_scale']  # 0 = none
+        depth = depth_to_metres(numpy_to_image(raw, '32FC1'))
+        intr = intrinsics_from_msg(info)
+        pts = read_cloud(cloud_to_msg(cloud_array(backproject(depth, intr))))  # [H,W] organized, NaN invalid
+        assert pts.shape == depth.shape
+        h, w = depth.shape
+        patch = pts[3 * h // 4:, w // 3:2 * w // 3].reshape(-1)
+        xyz = np.stack([patch['x'], patch['y'], patch['z']], -1)
+        xyz = xyz[np.isfinite(xyz).all(axis=1)]
+        road = xyz[(xyz[:, 1] > 1.0) & (xyz[:, 1] < 2.5) & (xyz[:, 2] < 20.0)]
+        assert len(road) > 200
+        heights.append(float(np.median(road[:, 1])))
+    assert np.mean(heights) == pytest.approx(1.65, abs=0.05), heights

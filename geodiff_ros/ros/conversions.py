@@ -24,6 +24,8 @@ import numpy as np
 if TYPE_CHECKING:
     from sensor_msgs.msg import CameraInfo, Image
 
+    from geodiff_ros.geometry import PinholeIntrinsics
+
 __all__ = [
     'ENCODINGS',
     'ImageConversionError',
@@ -32,6 +34,7 @@ __all__ = [
     'depth_to_metres',
     'image_to_numpy',
     'image_to_rgb8',
+    'intrinsics_from_msg',
     'numpy_to_image',
     'numpy_to_image_fields',
     'to_uint8_array',
@@ -225,6 +228,20 @@ def numpy_to_image(array_: np.ndarray, encoding: str, header: Any = None) -> Ima
     for key, value in numpy_to_image_fields(array_, encoding).items():
         setattr(msg, key, value)
     return msg
+
+
+def intrinsics_from_msg(info: Any) -> PinholeIntrinsics:
+    """PinholeIntrinsics of the image a CameraInfo-like message describes (P-based, binning and ROI applied).
+
+    Raises:
+        InvalidCameraInfo: uncalibrated or malformed CameraInfo (the message names the fix).
+    """
+    from geodiff_ros.geometry import intrinsics_from_camera_info
+
+    roi = info.roi
+    return intrinsics_from_camera_info(
+        list(info.k), list(info.p), int(info.width), int(info.height), int(info.binning_x), int(info.binning_y),
+        int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height))
 
 
 def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int) -> CameraInfo:

@@ -41,7 +41,6 @@ from geodiff_ros.geometry import (
     apply_alignment,
     backproject,
     fit_scale_shift,
-    intrinsics_from_camera_info,
     sparse_to_image_grid,
 )
 from geodiff_ros.ros.conversions import (
@@ -49,6 +48,7 @@ from geodiff_ros.ros.conversions import (
     compressed_to_rgb8,
     depth_to_metres,
     image_to_rgb8,
+    intrinsics_from_msg,
     numpy_to_image,
 )
 from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats, build_status
@@ -361,9 +361,7 @@ class GeoDiffNode(LifecycleNode):
         if info is None:
             return None, None
         try:
-            intr = intrinsics_from_camera_info(
-                info.k, info.p, int(info.width), int(info.height), int(info.binning_x), int(info.binning_y),
-                int(info.roi.x_offset), int(info.roi.y_offset), int(info.roi.width), int(info.roi.height))
+            intr = intrinsics_from_msg(info)
         except InvalidCameraInfo as err:
             self.get_logger().warning(f'CameraInfo unusable, no cloud: {err}', throttle_duration_sec=_THROTTLE_S)
             return None, None
