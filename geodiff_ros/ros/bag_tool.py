@@ -1,0 +1,353 @@
+"""``geodiff_bag``: play, record, inspect and process ROS 2 bags without rosbag2 (``ros2 bag`` is not on PyPI).
+
+  geodiff_bag info BAG
+  geodiff_bag play BAG [--rate F] [--loop] [--topics T ...] [--remap FROM:=TO ...] [--qos reliable|best_effort]
+                       [--wait-subscribers N --wait-timeout S]
+  geodiff_bag record OUT --topics T ... [--storage mcap|sqlite3] [--qos ...] [--duration S] [--count N]
+  geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--depth-model M]
+                       [--normals-model M] [--tiny] [--device D] [--dtype D] [--processing-res N]
+
+Exit codes: 0 done; 1 runtime failure (model not loadable, DDS error); 2 bad arguments or unusable input (missing
+bag or topic, unknown type, output exists); 3 the input bag is damaged: everything before the damage was
+played / processed and the message says where reading stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from geodiff_ros.ros.bag_io import Bag, BagError, BagWriter, open_bag
+
+__all__ = ['main']
+
+LOG = logging.getLogger('geodiff_bag')
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
+
+
+def _out(text: str = '') -> None:
+    """Command output (tables, summaries) goes to stdout; logs go to stderr."""
+    sys.stdout.write(text + '\n')
+    sys.stdout.flush()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ['  '.join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip(),
+             '  '.join('-' * w for w in widths)]
+    lines += ['  '.join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return '\n'.join(lines)
+
+
+def _remaps(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition(':=')
+        if not sep or not src or not dst:
+            msg = f'--remap {item!r} must look like /from:=/to'
+            raise BagError(msg)
+        out[src] = dst
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Topics, types, counts and QoS of a bag (reads the whole bag when it is damaged)."""
+    with open_bag(args.bag) as bag:
+        rows = []
+        for meta in bag.topics.values():
+            rel = ','.join(sorted({q.reliability.name.lower() for q in meta.qos})) or '-'
+            problem = bag.type_problem(meta.msgtype)
+            rows.append([meta.name, meta.msgtype, str(meta.count) if meta.count >= 0 else '?', rel,
+                         'ok' if problem is None else f'unknown type: {problem}'])
+        _out(f'bag: {bag.path}  storage: {bag.storage}')
+        if bag.salvaged:
+            n = sum(1 for _ in bag.messages())
+            _out(f'DAMAGED: {bag.salvaged}\n  readable messages: {n}; {bag.damage or "no further damage found"}')
+        _out(_table(rows, ['topic', 'type', 'count', 'offered QoS', 'decode']))
+        return EXIT_DAMAGED if bag.salvaged else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ ROS set-up
+
+
+def _init_ros(name: str) -> tuple[Any, Any, threading.Event]:
+    """rclpy context + node with our own SIGINT/SIGTERM handling (a stop event), so files are always closed."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    from geodiff_ros.ros.demo import ensure_ros_env
+
+    ensure_ros_env()
+    stop = threading.Event()
+
+    def on_signal(_sig: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    context = rclpy.context.Context()
+    rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node(name, context=context)
+    return context, node, stop
+
+
+def _shutdown_ros(context: Any, node: Any) -> None:
+    import rclpy
+
+    node.destroy_node()
+    rclpy.try_shutdown(context=context)
+
+
+# ------------------------------------------------------------------------------------------------ play
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    """Publish a bag's messages (raw CDR) with their recorded timing."""
+    from geodiff_ros.ros.bag_live import Player, PlayOptions
+
+    opts = PlayOptions(rate=args.rate, loop=args.loop, topics=args.topics, remaps=_remaps(args.remap or []),
+                       qos=args.qos, wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout)
+    with open_bag(args.bag) as bag:
+        context, node, stop = _init_ros('geodiff_bag_player')
+        try:
+            player = Player(node, bag, opts)
+            LOG.info('playing %s: %s', bag.path, ', '.join(player.out_topic(n) for n in player.pubs))
+            stats = player.play(stop)
+            player.close()
+        finally:
+            _shutdown_ros(context, node)
+    rows = [[topic, str(n)] for topic, n in stats.published.items()]
+    _out(_table(rows, ['topic', 'published']))
+    _out(f'{sum(stats.published.values())} messages in {stats.seconds:.2f} s'
+         f'{", interrupted" if stats.stopped else ""}; loops: {stats.loops}')
+    for topic, why in stats.skipped_topics.items():
+        _out(f'skipped {topic}: {why}')
+    if stats.damage:
+        _out(f'bag damaged: {stats.damage}')
+        return EXIT_DAMAGED
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ record
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Subscribe raw to topics and write them to a new bag until Ctrl-C / SIGTERM, --duration or --count."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    from geodiff_ros.ros.bag_live import Recorder
+
+    writer = BagWriter(args.out, storage=args.storage)
+    context, node, stop = _init_ros('geodiff_bag_recorder')
+    recorder = None
+    try:
+        recorder = Recorder(node, writer, args.topics, qos=args.qos)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        LOG.info('recording to %s (%s); Ctrl-C to stop', writer.path, args.storage)
+        deadline = time.monotonic() + args.duration if args.duration > 0 else None
+        warned = False
+        t0 = time.monotonic()
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            counts = recorder.counts
+            if args.count > 0 and not recorder.pending and all(counts.get(t, 0) >= args.count
+                                                               for t in recorder.subscribed):
+                break
+            if recorder.pending and not warned and time.monotonic() - t0 > 5.0:
+                LOG.warning('no publisher yet on: %s (still waiting)', ', '.join(recorder.pending))
+                warned = True
+        executor.shutdown(timeout_sec=1.0)
+    finally:
+        if recorder is not None:
+            recorder.close()
+        else:
+            writer.close()
+        _shutdown_ros(context, node)
+    rows = [[t, writer.types.get(t, '?'), str(n)] for t, n in writer.counts.items()]
+    _out(_table(rows, ['topic', 'type', 'recorded']))
+    _out(f'bag: {writer.path}')
+    if recorder is not None:
+        for topic in recorder.pending:
+            _out(f'never published: {topic}')
+        for topic, why in recorder.errors.items():
+            _out(f'not recorded {topic}: {why}')
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ process
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    """GeoDiffEngine from the CLI flags; ``--tiny`` writes tiny checkpoints to a temporary folder (CPU plumbing)."""
+    from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+
+    depth, normals = args.depth_model, args.normals_model
+    device, dtype = args.device, args.dtype
+    if args.tiny:
+        from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
+
+        root = Path(tempfile.mkdtemp(prefix='geodiff_tiny_'))
+        depth = str(write_tiny_checkpoint(root / 'tiny-depth', 'depth')) if depth else None
+        normals = str(write_tiny_checkpoint(root / 'tiny-normals', 'normals')) if normals else None
+        device = device or 'cpu'
+        dtype = dtype or 'fp32'
+        LOG.info('--tiny: random tiny checkpoints in %s (plumbing only, the outputs are meaningless)', root)
+    cfg = EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or 'cuda',
+                       dtype=dtype or 'fp16', processing_res=args.processing_res,
+                       allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
+                       batch_size=args.batch_size)
+    return GeoDiffEngine(cfg)
+
+
+def _median(values: list[float]) -> str:
+    if not values:
+        return '-'
+    s = sorted(values)
+    return f'{s[len(s) // 2]:.4g}'
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    """Offline inference over a bag's image topic into a new bag (originals + depth, normals, points)."""
+    from tqdm import tqdm
+
+    from geodiff_ros.engine import GeoDiffError
+    from geodiff_ros.ros.bag_process import ProcessOptions, process_bag
+
+    opts = ProcessOptions(
+        image_topic=args.image_topic, camera_info_topic=args.camera_info_topic, sparse_topic=args.sparse_topic,
+        sparse_fraction=args.sparse_fraction, output_namespace=args.output_namespace, visualize=args.vis,
+        cloud=not args.no_cloud, cloud_stride=args.cloud_stride, batch_size=args.batch_size)
+    if args.fixed_scale is not None:
+        opts.fixed_scale = args.fixed_scale
+    if Path(args.out).exists():
+        msg = f'output bag {args.out} exists; choose a new path or delete it first (bags are never overwritten)'
+        raise BagError(msg)
+    bag: Bag = open_bag(args.bag)
+    try:
+        try:
+            engine = build_engine(args)
+        except GeoDiffError as err:
+            LOG.error('cannot load the model: %s', err)
+            return EXIT_FAILED
+        total = bag.topics[args.image_topic].count if args.image_topic in bag.topics else 0
+        with BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
+                tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+            summary = process_bag(bag, writer, engine, opts, progress=bar.update)
+    finally:
+        bag.close()
+    rows = [[t, str(n), 'copied'] for t, n in summary.passthrough.items()]
+    rows += [[t, str(n), 'new'] for t, n in summary.outputs.items()]
+    _out(_table(rows, ['topic', 'messages', '']))
+    per_frame = summary.infer_seconds / summary.frames_out if summary.frames_out else float('nan')
+    _out(f'frames: {summary.frames_in} in, {summary.frames_out} out, {summary.frames_metric} metric, '
+         f'{summary.frames_failed} failed; {summary.seconds:.1f} s ({per_frame:.3f} s/frame inference)')
+    _out(f'camera_info: {summary.camera_info_topic or "none (no cloud)"}; metric scale (median): '
+         f'{_median(summary.scales)}; fit residual (median, relative): {_median(summary.residuals)}')
+    if summary.absrel_heldout:
+        _out(f'AbsRel of metric depth vs held-out sparse pixels (median over frames): '
+             f'{_median(summary.absrel_heldout)}')
+    for topic, why in summary.skipped_topics.items():
+        _out(f'not copied {topic}: {why}')
+    _out(f'bag: {args.out}')
+    if summary.damage:
+        _out(f'input bag damaged, processed up to there: {summary.damage}')
+        return EXIT_DAMAGED
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='geodiff_bag', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Play, record, inspect and process ROS 2 bags (mcap, sqlite3) without rosbag2.',
+        epilog='Exit codes: 0 ok, 1 runtime failure, 2 bad arguments or input, 3 damaged bag (partly used).')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('info', help='list topics, types, counts and offered QoS')
+    p.add_argument('bag', help='bag directory or .mcap / .db3 file')
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser('play', help='publish a bag with its recorded timing')
+    p.add_argument('bag', help='bag directory or .mcap / .db3 file')
+    p.add_argument('--rate', type=float, default=1.0, help='time scale (2 = twice as fast); default 1')
+    p.add_argument('--loop', action='store_true', help='start over at the end until stopped')
+    p.add_argument('--topics', nargs='+', metavar='T', help='play only these bag topics (default: all)')
+    p.add_argument('--remap', nargs='+', metavar='FROM:=TO', help='publish bag topic FROM on TO')
+    p.add_argument('--qos', choices=('reliable', 'best_effort'),
+                   help='reliability of every publisher (default: as recorded, reliable if unknown)')
+    p.add_argument('--wait-subscribers', type=int, default=0, metavar='N',
+                   help='before the first message wait until each played topic has N subscribers (so best-effort '
+                        'replay loses nothing)')
+    p.add_argument('--wait-timeout', type=float, default=10.0, metavar='S',
+                   help='give up waiting for subscribers after S seconds and play anyway (default 10)')
+    p.set_defaults(func=cmd_play)
+
+    p = sub.add_parser('record', help='record topics to a new bag')
+    p.add_argument('out', help='new bag directory (must not exist)')
+    p.add_argument('--topics', nargs='+', required=True, metavar='T', help='topics to record')
+    p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    p.add_argument('--qos', choices=('reliable', 'best_effort'),
+                   help='subscription reliability (default: reliable only if every publisher is reliable)')
+    p.add_argument('--duration', type=float, default=0.0, metavar='S', help='stop after S seconds (0 = Ctrl-C)')
+    p.add_argument('--count', type=int, default=0, metavar='N',
+                   help='stop once every topic has N messages (0 = Ctrl-C)')
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser('process', help='run the model over a bag offline and write a new bag')
+    p.add_argument('bag', help='input bag directory or .mcap / .db3 file')
+    p.add_argument('out', help='new output bag directory (must not exist)')
+    p.add_argument('--image-topic', required=True, help='colour Image or CompressedImage topic')
+    p.add_argument('--camera-info-topic', default=None,
+                   help='CameraInfo of the image (default: <image namespace>/camera_info if present; "" = none)')
+    p.add_argument('--sparse-topic', default=None, help='sparse metric depth Image (32FC1 m / 16UC1 mm)')
+    p.add_argument('--sparse-fraction', type=float, default=1.0, metavar='F',
+                   help='use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera '
+                        'into LiDAR-like input); the rest measures the metric error')
+    p.add_argument('--fixed-scale', type=float, default=None, help='metric = scale x relative, no sparse input')
+    p.add_argument('--depth-model', default='GonzaloMG/marigold-e2e-ft-depth', help='hub id or folder; "" = off')
+    p.add_argument('--normals-model', default='GonzaloMG/marigold-e2e-ft-normals', help='hub id or folder; "" = off')
+    p.add_argument('--tiny', action='store_true', help='generated tiny random checkpoints on the CPU (plumbing test)')
+    p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default cuda; cpu with --tiny)')
+    p.add_argument('--dtype', default=None, choices=('fp32', 'fp16', 'bf16'), help='default fp16 (fp32 with --tiny)')
+    p.add_argument('--processing-res', type=int, default=768, help='longest edge at inference, 0 = native')
+    p.add_argument('--batch-size', type=int, default=4)
+    p.add_argument('--allow-cpu-fallback', action='store_true', help='run on the CPU if the GPU is missing')
+    p.add_argument('--local-files-only', action='store_true', help='never download weights')
+    p.add_argument('--output-namespace', default='', help='prefix of the output topics (default: none)')
+    p.add_argument('--vis', action='store_true', help='also write depth/image_vis and normals/image_vis (rgb8)')
+    p.add_argument('--no-cloud', action='store_true', help='do not write the points topic')
+    p.add_argument('--cloud-stride', type=int, default=1)
+    p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    p.set_defaults(func=cmd_process)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry ``geodiff_bag``; returns the exit code (see the module docstring)."""
+    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s', stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BagError as err:
+        LOG.error('%s', err)
+        return EXIT_USAGE
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""``geodiff_demo``: the geodiff node end to end on a recorded bag (or a live camera), with a summary.
+
+Steps:
+  1. Loopback DDS settings for this process and its children, unless the user set them.
+  2. Input: ``--bag`` (default: the shared TUM RGB-D bag beside the checkout, else a small synthetic bag written
+     into the output folder) or ``--live`` topics.
+  3. The real node (``python -m geodiff_ros.ros.node`` with ``config/geodiff.yaml``) starts as a subprocess; if its
+     model cannot be loaded the demo prints the engine's message (how to supply the weights) and exits 1.
+  4. A recorder subscribes to the node's outputs; the player publishes the bag, turning the depth camera into
+     sparse metric depth (``--sparse-fraction``, 2 % by default) so the metric alignment has something to fit.
+  5. Once every played frame came back (or the node went quiet), the node gets SIGINT; the outputs are in an mcap
+     bag and a table shows topics, counts, encodings, metric scale, accuracy on the held-out depth and latency.
+
+``--tiny`` runs the same path on generated tiny checkpoints on the CPU: the plumbing, not the model quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ['ensure_ros_env', 'fastdds_profile', 'main', 'write_synthetic_bag']
+
+LOG = logging.getLogger('geodiff_demo')
+
+PACKAGE = 'geodiff_ros'
+_PKG_ROOT = Path(__file__).resolve().parents[2]  # folder holding the geodiff_ros package (repo root in a checkout)
+DEPTH_HUB_ID = 'GonzaloMG/marigold-e2e-ft-depth'
+NORMALS_HUB_ID = 'GonzaloMG/marigold-e2e-ft-normals'
+# Topics of the shared TUM bag (RealSense-style names); the synthetic bag uses the same ones.
+IMAGE_TOPIC = '/camera/color/image_raw'
+INFO_TOPIC = '/camera/color/camera_info'
+DEPTH_TOPIC = '/camera/aligned_depth_to_color/image_raw'
+SPARSE_TOPIC = '/geodiff_demo/sparse_depth'
+OUTPUTS = ('/depth/relative', '/depth/image', '/depth/camera_info', '/normals/image', '/points')
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+def _share_file(*parts: str) -> Path | None:
+    """A file installed in the package's share folder (ament index), else the one in the source checkout."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        path = Path(get_package_share_directory(PACKAGE), *parts)
+        if path.is_file():
+            return path
+    except Exception:  # noqa: BLE001 - no AMENT_PREFIX_PATH or package not installed
+        pass
+    for base in (_PKG_ROOT, Path(sys.prefix) / 'share' / PACKAGE):
+        path = base.joinpath(*parts)
+        if path.is_file():
+            return path
+    return None
+
+
+def fastdds_profile() -> Path | None:
+    """The project's loopback Fast DDS profile (installed share dir or checkout)."""
+    return _share_file('config', 'fastdds_localhost.xml')
+
+
+def ensure_ros_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Keep DDS traffic on this machine unless the user chose otherwise; returns the variables it set.
+
+    Sets (only where unset) ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, ROS_LOCALHOST_ONLY=1, the Fast DDS profile
+    with a 16 MB shared-memory segment (big images under best effort, ros2-from-pypi.md), a ROS_DOMAIN_ID and a
+    log folder. Must run before ``rclpy.init``; child processes inherit it.
+    """
+    env = os.environ if env is None else env
+    wanted = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOCALHOST_ONLY': '1', 'ROS_DOMAIN_ID': '42'}
+    profile = env.get('FASTDDS_DEFAULT_PROFILES_FILE') or env.get('FASTRTPS_DEFAULT_PROFILES_FILE') or fastdds_profile()
+    if profile:
+        # Fast DDS 2.14 (Jazzy's rmw_fastrtps) reads only FASTRTPS_DEFAULT_PROFILES_FILE; Fast DDS 3 (kilted) reads
+        # FASTDDS_DEFAULT_PROFILES_FILE. Without the first, Jazzy keeps the 512 KB shared-memory segment and loses
+        # 640x480 images under best effort (checked here: the 16 MB segment appears only with FASTRTPS_...).
+        wanted['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
+        wanted['FASTRTPS_DEFAULT_PROFILES_FILE'] = str(profile)
+    if not (env.get('HOME') or env.get('ROS_LOG_DIR') or env.get('ROS_HOME')):
+        wanted['ROS_LOG_DIR'] = str(Path(tempfile.gettempdir()) / 'geodiff_ros_logs')
+    changed = {k: v for k, v in wanted.items() if not env.get(k)}
+    env.update(changed)
+    return changed
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (str(_PKG_ROOT), env.get('PYTHONPATH', '')) if p)
+    env['PYTHONUNBUFFERED'] = '1'
+    env['RCUTILS_COLORIZED_OUTPUT'] = '0'
+    return env
+
+
+def _shared_bag() -> Path | None:
+    env = os.environ.get('GEODIFF_SHARED_DATA')
+    data = Path(env) if env else _PKG_ROOT.parent / 'shared' / 'data'
+    bag = data / 'bags' / 'tum_fr2_desk_rgbd_mcap'
+    return bag if (bag / 'metadata.yaml').is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------ synthetic bag
+
+
+def write_synthetic_bag(path: Path, frames: int = 4, width: int = 160, height: int = 120,
+                        storage: str = 'mcap', period_s: float = 0.1) -> Path:
+    """A small RGB-D bag (colour rgb8, 16UC1 mm depth, CameraInfo) of a textured room, topic names as the TUM bag.
+
+    Floor plane 1.2 m below the camera, a back wall at 4 m and a box at 2 m; the camera moves sideways 2 cm a
+    frame so frames differ. Used when the shared data is absent, and by the tests.
+    """
+    from geodiff_ros.ros.bag_io import BagWriter
+
+    fx = fy = 0.8 * width
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    v, u = np.mgrid[0:height, 0:width].astype(np.float32)
+    with BagWriter(path, storage=storage) as writer:
+        types = writer.typestore.types
+        header_t, time_t = types['std_msgs/msg/Header'], types['builtin_interfaces/msg/Time']
+        image_t, info_t = types['sensor_msgs/msg/Image'], types['sensor_msgs/msg/CameraInfo']
+        roi_t = types['sensor_msgs/msg/RegionOfInterest']
+        for i in range(frames):
+            shift = 0.02 * i
+            with np.errstate(divide='ignore'):
+                floor = np.where(v > cy, 1.2 * fy / np.maximum(v - cy, 1e-3), np.inf)
+            depth = np.minimum(np.full((height, width), 4.0, np.float32), floor)  # [H,W] metres
+            x_at_2m = (u - cx) * 2.0 / fx + shift
+            y_at_2m = (v - cy) * 2.0 / fy
+            box = (np.abs(x_at_2m - 0.3) < 0.35) & (y_at_2m > 0.2) & (y_at_2m < 1.2)
+            depth = np.where(box, np.minimum(depth, 2.0), depth).astype(np.float32)
+            check = (((u + 40 * shift * fx) // 8 + v // 8) % 2).astype(np.float32)
+            shade = np.clip(1.0 - depth / 5.0, 0.1, 1.0)
+            rgb = np.stack([200 * shade * (0.5 + 0.5 * check), 120 * shade + 80 * box, 90 + 100 * check], axis=-1)
+            mm = np.clip(np.rint(depth * 1000.0), 0, 65535).astype(np.uint16)
+            mm[(u.astype(int) * 7 + v.astype(int) * 3) % 29 == 0] = 0  # dropouts, like a real depth camera
+            stamp_ns = 1_700_000_000_000_000_000 + int(i * period_s * 1e9)
+            sec, nsec = divmod(stamp_ns, 1_000_000_000)
+            header = header_t(stamp=time_t(sec=sec, nanosec=nsec), frame_id='camera_color_optical_frame')
+            img = image_t(header=header, height=height, width=width, encoding='rgb8', is_bigendian=0,
+                          step=width * 3, data=rgb.astype(np.uint8).reshape(-1))
+            dep = image_t(header=header, height=height, width=width, encoding='16UC1', is_bigendian=0,
+                          step=width * 2, data=mm.reshape(-1).view(np.uint8))
+            info = info_t(header=header, height=height, width=width, distortion_model='plumb_bob',
+                          d=np.zeros(5), k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1], float),
+                          r=np.eye(3).reshape(-1), p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1, 0], float),
+                          binning_x=0, binning_y=0,
+                          roi=roi_t(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+            writer.write_msg(IMAGE_TOPIC, stamp_ns, img)
+            writer.write_msg(INFO_TOPIC, stamp_ns, info)
+            writer.write_msg(DEPTH_TOPIC, stamp_ns, dep)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ node process
+
+
+def _cdr_stamp(data: bytes) -> int:
+    """Header stamp (ns) of a serialized message that starts with std_msgs/Header (CDR little endian)."""
+    sec, nsec = struct.unpack_from('<iI', data, 4)
+    return sec * 1_000_000_000 + nsec
+
+
+class _NodeProcess:
+    def __init__(self, cmd: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open('wb')
+        self.proc = subprocess.Popen(cmd, env=_child_env(), stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors='replace')
+
+    def wait_active(self, timeout: float) -> str:
+        """'active', 'exited' or 'timeout'."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if 'active: listening on' in self.log():
+                return 'active'
+            if self.proc.poll() is not None:
+                return 'exited'
+            time.sleep(0.2)
+        return 'timeout'
+
+    def stop(self, timeout: float = 10.0) -> tuple[int | None, float]:
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self._log.close()
+                return None, time.monotonic() - t0
+        self._log.close()
+        return self.proc.returncode, time.monotonic() - t0
+
+
+def _configure_error(log: str) -> str:
+    for line in log.splitlines():
+        if 'configure failed' in line or 'cannot start' in line:
+            return line.split(']: ', 1)[-1]
+    return '\n'.join(log.splitlines()[-15:])
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float('nan')
+
+
+def _summarise(out_bag: Path, dense: dict[int, np.ndarray], sent: dict[int, float],
+               received: dict[int, float], kept_masks: dict[int, np.ndarray]) -> dict[str, Any]:
+    """Read the recorded outputs back: per-topic table, metric scale, accuracy on held-out depth, latency."""
+    from geodiff_ros.ros.bag_io import open_bag
+    from geodiff_ros.ros.conversions import image_to_numpy
+
+    topics: dict[str, dict[str, Any]] = {}
+    relative: dict[int, np.ndarray] = {}
+    metric: dict[int, np.ndarray] = {}
+    with open_bag(out_bag) as bag:
+        for raw in bag.messages():
+            msg = bag.deserialize(raw)
+            row = topics.setdefault(raw.topic, {'type': raw.msgtype, 'count': 0, 'encodings': set(), 'size': ''})
+            row['count'] += 1
+            stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+            if raw.msgtype == 'sensor_msgs/msg/Image':
+                row['encodings'].add(msg.encoding)
+                row['size'] = f'{msg.width}x{msg.height}'
+                if raw.topic == '/depth/relative':
+                    relative[stamp] = image_to_numpy(msg)
+                elif raw.topic == '/depth/image':
+                    metric[stamp] = image_to_numpy(msg)
+            elif raw.msgtype == 'sensor_msgs/msg/PointCloud2':
+                row['encodings'].add(','.join(f.name for f in msg.fields))
+                row['size'] = f'{msg.width}x{msg.height} pts'
+            elif raw.msgtype == 'sensor_msgs/msg/CameraInfo':
+                row['size'] = f'{msg.width}x{msg.height}'
+    scales, absrel, delta1 = [], [], []
+    for stamp, depth in metric.items():
+        rel = relative.get(stamp)
+        ok = np.isfinite(depth)
+        if rel is not None and ok.sum() > 10:
+            a = np.stack([rel[ok], np.ones(int(ok.sum()))], axis=1)
+            scales.append(float(np.linalg.lstsq(a, depth[ok], rcond=None)[0][0]))  # depth = s * relative + t
+        gt = dense.get(stamp)
+        if gt is not None:
+            held = np.isfinite(gt) & (gt > 0) & ok & ~kept_masks.get(stamp, np.zeros_like(ok))
+            if held.any():
+                ratio = depth[held] / gt[held]
+                absrel.append(float(np.mean(np.abs(depth[held] - gt[held]) / gt[held])))
+                delta1.append(float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25)))
+    latency = [received[s] - sent[s] for s in received if s in sent]
+    for row in topics.values():
+        row['encodings'] = ' '.join(sorted(row['encodings']))
+    return {
+        'topics': topics,
+        'frames_sent': len(sent),
+        'frames_out': len(relative),
+        'frames_metric': len(metric),
+        'scale_median': float(np.median(scales)) if scales else None,
+        'absrel_heldout': float(np.mean(absrel)) if absrel else None,
+        'delta1_heldout': float(np.mean(delta1)) if delta1 else None,
+        'latency_p50_s': _percentile(latency, 50),
+        'latency_p95_s': _percentile(latency, 95),
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from geodiff_ros.ros.bag_tool import _out, _table
+
+    rows = [[t, r['type'].split('/')[-1], str(r['count']), r['encodings'], r['size']]
+            for t, r in sorted(summary['topics'].items())]
+    _out('\n' + _table(rows, ['topic', 'type', 'count', 'encoding / fields', 'size']))
+
+    def fmt(value: Any, spec: str) -> str:
+        return '-' if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
+
+    _out(f'frames: {summary["frames_sent"]} played, {summary["frames_out"]} processed, '
+         f'{summary["frames_metric"]} metric')
+    _out(f'metric scale s (median; depth in m = s * relative + t): {fmt(summary["scale_median"], ".3f")}')
+    _out(f'held-out depth camera pixels: AbsRel {fmt(summary["absrel_heldout"], ".3f")}, '
+         f'delta1 {fmt(summary["delta1_heldout"], ".3f")}')
+    _out(f'latency image -> depth/relative: p50 {fmt(summary["latency_p50_s"], ".3f")} s, '
+         f'p95 {fmt(summary["latency_p95_s"], ".3f")} s')
+    _out(f'node exit code {summary.get("node_exit")} after SIGINT ({fmt(summary.get("node_stop_s"), ".2f")} s)')
+    _out(f'outputs: {summary["bag"]}')
+    if summary.get('tiny'):
+        _out('(--tiny: random tiny weights, so depth values and accuracy are meaningless; the plumbing is real)')
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='geodiff_demo', description=__doc__.split('\n')[0],
+        epilog='Default input: ../shared/data/bags/tum_fr2_desk_rgbd_mcap beside the checkout (or '
+               '$GEODIFF_SHARED_DATA), else a synthetic bag. Exit 0 when frames came back and the node exited 0.')
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument('--bag', type=Path, help='recorded bag to play (directory or .mcap / .db3)')
+    src.add_argument('--live', action='store_true', help='use live topics instead of a bag')
+    parser.add_argument('--image-topic', default=IMAGE_TOPIC)
+    parser.add_argument('--camera-info-topic', default=INFO_TOPIC)
+    parser.add_argument('--depth-topic', default=DEPTH_TOPIC,
+                        help='depth image turned into sparse depth for the metric fit ("" = relative only)')
+    parser.add_argument('--sparse-fraction', type=float, default=0.02,
+                        help='fraction of depth pixels kept as sparse input (default 0.02, LiDAR-like)')
+    parser.add_argument('--depth-model', default=None, help=f'hub id or folder (default {DEPTH_HUB_ID})')
+    parser.add_argument('--normals-model', default=None, help=f'hub id or folder (default {NORMALS_HUB_ID})')
+    parser.add_argument('--device', default=None, help='cuda (default), cuda:N or cpu')
+    parser.add_argument('--dtype', default=None, choices=('fp32', 'fp16', 'bf16'), help='default fp16')
+    parser.add_argument('--processing-res', type=int, default=None, help='default 768 (256 with --tiny)')
+    parser.add_argument('--allow-cpu-fallback', action='store_true')
+    parser.add_argument('--local-files-only', action='store_true', help='never download weights')
+    parser.add_argument('--tiny', action='store_true',
+                        help='generated tiny checkpoints on the CPU: shows the plumbing in seconds')
+    parser.add_argument('--rate', type=float, default=1.0, help='bag playback rate')
+    parser.add_argument('--loops', type=int, default=1, help='play the bag this many times')
+    parser.add_argument('--duration', type=float, default=20.0, help='--live: seconds to record')
+    parser.add_argument('--out', type=Path, default=None, help='output folder (default ./geodiff_demo_<time>)')
+    parser.add_argument('--startup-timeout', type=float, default=None,
+                        help='seconds to wait for the model to load (default 120, 600 for hub weights)')
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry ``geodiff_demo``; 0 on success, 1 if the node failed or nothing came back, 2 bad input."""
+    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s', stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    from geodiff_ros.ros.bag_io import BagError
+
+    try:
+        return _run(args)
+    except BagError as err:
+        LOG.error('%s', err)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, steps numbered
+    # 1. Environment: loopback DDS for us and the node.
+    changed = ensure_ros_env()
+    if changed:
+        LOG.info('DDS kept on this machine: %s', ' '.join(f'{k}={v}' for k, v in changed.items()))
+    out_dir = args.out or Path.cwd() / time.strftime('geodiff_demo_%Y%m%d_%H%M%S')
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_bag = out_dir / 'outputs'
+    if out_bag.exists():
+        from geodiff_ros.ros.bag_io import BagError
+
+        msg = f'{out_bag} exists; pass a new --out folder'
+        raise BagError(msg)
+
+    # 2. Input.
+    bag_path = None
+    if not args.live:
+        bag_path = args.bag or _shared_bag()
+        if bag_path is None:
+            bag_path = out_dir / 'synthetic_input'
+            if not bag_path.exists():
+                LOG.info('shared TUM bag not found: writing a synthetic RGB-D bag to %s', bag_path)
+                write_synthetic_bag(bag_path)
+        LOG.info('input bag: %s', bag_path)
+
+    # 3. Model settings and the node.
+    depth_model = args.depth_model or DEPTH_HUB_ID
+    normals_model = args.normals_model or NORMALS_HUB_ID
+    device, dtype = args.device or 'cuda', args.dtype or 'fp16'
+    processing_res = args.processing_res if args.processing_res is not None else 768
+    if args.tiny:
+        from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
+
+        ckpt = out_dir / 'tiny_checkpoints'
+        if args.depth_model is None:
+            depth_model = str(ckpt / 'depth') if (ckpt / 'depth' / 'model_index.json').is_file() else str(
+                write_tiny_checkpoint(ckpt / 'depth', 'depth'))
+        if args.normals_model is None:
+            normals_model = str(ckpt / 'normals') if (ckpt / 'normals' / 'model_index.json').is_file() else str(
+                write_tiny_checkpoint(ckpt / 'normals', 'normals'))
+        device, dtype = args.device or 'cpu', args.dtype or 'fp32'
+        processing_res = args.processing_res if args.processing_res is not None else 256
+    params_file = _share_file('config', 'geodiff.yaml')
+    cmd = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args']
+    if params_file is not None:
+        cmd += ['--params-file', str(params_file)]
+    for name, value in (('model_depth', depth_model), ('model_normals', normals_model), ('device', device),
+                        ('dtype', dtype), ('processing_res', processing_res),
+                        ('allow_cpu_fallback', str(args.allow_cpu_fallback).lower()),
+                        ('local_files_only', str(args.local_files_only).lower())):
+        cmd += ['-p', f'{name}:={value}']
+    cmd += ['-r', f'image:={args.image_topic}', '-r', f'camera_info:={args.camera_info_topic}']
+    use_depth = bool(args.depth_topic)
+    if use_depth:
+        cmd += ['-r', f'sparse_depth:={SPARSE_TOPIC if bag_path is not None else args.depth_topic}']
+    LOG.info('starting the node: depth=%s normals=%s device=%s dtype=%s processing_res=%s', depth_model,
+             normals_model, device, dtype, processing_res)
+    node_proc = _NodeProcess(cmd, out_dir / 'node.log')
+    timeout = args.startup_timeout or (120.0 if args.tiny or Path(depth_model).exists() else 600.0)
+    state = node_proc.wait_active(timeout)
+    if state != 'active':
+        code, _ = node_proc.stop()
+        reason = _configure_error(node_proc.log()) if state == 'exited' else f'not active after {timeout:.0f} s'
+        LOG.error('the node did not start (exit code %s): %s', code, reason)
+        if state == 'exited':
+            sys.stderr.write(
+                '\nTo supply the weights: run once with network access (they download to the Hugging Face cache, '
+                '~/.cache/huggingface), or pass local folders in hub layout with --depth-model / --normals-model; '
+                'without a GPU add --device cpu (slow). Try the plumbing with --tiny.\n'
+                f'Node log: {node_proc.log_path}\n')
+        return 1
+
+    # 4. Recorder (outputs) and player (inputs) in this process, over real DDS.
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    from geodiff_ros.ros.bag_io import BagWriter, open_bag
+    from geodiff_ros.ros.bag_live import Player, PlayOptions, Recorder
+    from geodiff_ros.ros.bag_process import sparse_depth_image
+    from geodiff_ros.ros.conversions import depth_to_metres, numpy_to_image_fields
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    context = rclpy.context.Context()
+    rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    node = rclpy.create_node('geodiff_demo', context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    received: dict[int, float] = {}
+    sent: dict[int, float] = {}
+    dense: dict[int, np.ndarray] = {}
+    kept_masks: dict[int, np.ndarray] = {}
+    writer = BagWriter(out_bag, storage='mcap')
+
+    def on_output(topic: str, data: bytes) -> None:  # latency probe on the raw bytes
+        if topic == '/depth/relative':
+            received.setdefault(_cdr_stamp(data), time.monotonic())
+
+    recorder = Recorder(node, writer, list(OUTPUTS) + ['/diagnostics'], on_message=on_output)
+    spinner.start()
+    play_stats = None
+    try:
+        if not recorder.wait_subscribed(15.0):
+            LOG.warning('no publisher seen for %s yet (depth/image appears with the first metric frame)',
+                        ', '.join(recorder.pending))
+        if bag_path is not None:
+            with open_bag(bag_path) as bag:
+                topics = [args.image_topic, args.camera_info_topic] + ([args.depth_topic] if use_depth else [])
+                bag.select(topics)
+
+                def sparsify(raw: Any) -> bytes:
+                    msg = bag.deserialize(raw)
+                    stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+                    mm = sparse_depth_image(msg, args.sparse_fraction, seed=stamp % (2**32))  # [H,W] uint16
+                    dense[stamp] = depth_to_metres(msg)
+                    kept_masks[stamp] = mm > 0
+                    fields = numpy_to_image_fields(mm, '16UC1')
+                    fields['data'] = np.frombuffer(fields['data'], np.uint8)
+                    out = bag.typestore.types['sensor_msgs/msg/Image'](header=msg.header, **fields)
+                    return bytes(bag.typestore.serialize_cdr(out, 'sensor_msgs/msg/Image'))
+
+                def on_publish(topic: str, raw: Any) -> None:
+                    if topic == args.image_topic:
+                        sent.setdefault(_cdr_stamp(bytes(raw.data[:12])), time.monotonic())
+
+                opts = PlayOptions(rate=args.rate, loop=args.loops > 1, max_loops=max(1, args.loops), topics=topics,
+                                   remaps={args.depth_topic: SPARSE_TOPIC} if use_depth else {},
+                                   wait_subscribers=1, wait_timeout=15.0,
+                                   transforms={args.depth_topic: sparsify} if use_depth else {},
+                                   on_publish=on_publish)
+                player = Player(node, bag, opts)
+                play_stats = player.play(stop)
+                player.close()
+            # 5. Wait for the node to catch up: every frame back, or no new output for a while.
+            last_n, last_change = -1, time.monotonic()
+            while not stop.is_set():
+                n = len(received)
+                if n >= len(sent):
+                    break
+                if n != last_n:
+                    last_n, last_change = n, time.monotonic()
+                if time.monotonic() - last_change > (30.0 if not args.tiny else 15.0):
+                    LOG.warning('%d of %d frames came back; the node dropped the rest (newest-frame policy)',
+                                n, len(sent))
+                    break
+                time.sleep(0.1)
+            time.sleep(0.5)  # the last frame's other topics
+        else:
+            LOG.info('recording the node outputs for %.0f s (live topics %s)', args.duration, args.image_topic)
+            stop.wait(args.duration)
+    finally:
+        recorder.close()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        node_code, node_stop_s = node_proc.stop()
+
+    summary = _summarise(out_bag, dense, sent, received, kept_masks)
+    summary.update({'node_exit': node_code, 'node_stop_s': node_stop_s, 'bag': str(out_bag),
+                    'input': str(bag_path) if bag_path else f'live {args.image_topic}', 'tiny': args.tiny,
+                    'node_log': str(node_proc.log_path),
+                    'play_damage': play_stats.damage if play_stats else None})
+    (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary)
+    if play_stats is not None and play_stats.damage:
+        LOG.warning('input bag damaged: %s', play_stats.damage)
+    if bag_path is None and summary['frames_out'] == 0:
+        LOG.error('no output recorded: is a camera publishing %s?', args.image_topic)
+        return 1
+    if summary['frames_out'] == 0 or node_code != 0:
+        LOG.error('the demo failed: %d frames processed, node exit code %s (log: %s)', summary['frames_out'],
+                  node_code, node_proc.log_path)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
