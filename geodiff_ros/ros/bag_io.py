@@ -228,19 +228,21 @@ class _McapSalvage:
             return ('msg', cid, log_time, bytes(content[22:]) if keep_data else None)
         return None
 
-    def _inner(self, data: memoryview, keep_data: bool, chunk_at: int) -> Iterator[tuple]:
-        """Records inside a chunk; stops at a record the (possibly cut) chunk does not fully hold."""
+    def _inner(self, data: memoryview, keep_data: bool, chunk_at: int, cut: bool) -> Iterator[tuple]:
+        """Records inside a chunk; in a ``cut`` chunk (truncated file) it ends quietly at the first partial one."""
         pos = 0
         while pos + 9 <= len(data):
             op, length = struct.unpack_from('<BQ', data, pos)
             if pos + 9 + length > len(data):
-                msg = f'record 0x{op:02x} at chunk offset {pos} is cut off'
+                if cut:
+                    return
+                msg = f'record 0x{op:02x} at chunk offset {pos} runs past the end of its chunk'
                 raise _Damage(msg)
             item = self._record(op, data[pos + 9:pos + 9 + length], keep_data)
             if item is not None:
                 yield item
             pos += 9 + length
-        if pos != len(data):
+        if pos != len(data) and not cut:
             msg = f'{len(data) - pos} stray bytes at the end of the chunk at byte {chunk_at}'
             raise _Damage(msg)
 
@@ -315,7 +317,7 @@ class _McapSalvage:
                                     f'{n_msgs} messages; a compressed chunk cannot be read in part')
                     return
                 try:
-                    for item in self._inner(data, keep_data, pos):
+                    for item in self._inner(data, keep_data, pos, cut=not complete):
                         n_msgs += 1
                         yield item
                 except (_Damage, struct.error, UnicodeDecodeError) as err:

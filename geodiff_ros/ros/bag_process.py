@@ -149,6 +149,7 @@ class _Processor:
         self.summary = ProcessSummary()
         self.ts = writer.typestore
         self.pending: collections.deque[_Frame] = collections.deque()
+        self.batch: list[_Frame] = []  # frames with complete inputs, waiting for a full engine batch
         self.infos: collections.deque[tuple[int, Any]] = collections.deque()
         self.sparse: collections.deque[tuple[int, Any]] = collections.deque()
         self.last_seen = {'info': -math.inf, 'sparse': -math.inf}
@@ -261,19 +262,21 @@ class _Processor:
         return info_ok and sparse_ok
 
     def _drain(self, now: int | None, final: bool) -> None:
-        ready: list[_Frame] = []
+        """Move frames whose inputs are complete to the batch; run the engine on full batches (all when final)."""
         while self.pending and self._ready(self.pending[0], now):
-            ready.append(self.pending.popleft())
-            if len(ready) >= max(1, self.opts.batch_size):
-                self._process(ready)
-                ready = []
-        if ready:
-            self._process(ready)
+            self.batch.append(self.pending.popleft())
+            if len(self.batch) >= max(1, self.opts.batch_size):
+                self._process(self.batch)
+                self.batch = []
+        if final and self.batch:
+            self._process(self.batch)
+            self.batch = []
         self._prune()
 
     def _prune(self) -> None:
         """Drop camera_info / sparse messages too old for any image still to come (keep the latest info)."""
-        oldest = self.pending[0].stamp if self.pending else max(self.last_seen.values())
+        waiting = [*self.batch, *self.pending]
+        oldest = min(f.stamp for f in waiting) if waiting else max(self.last_seen.values())
         horizon = oldest - int((self.opts.sparse_max_dt + 2.0) * 1e9)
         for ring in (self.infos, self.sparse):
             while len(ring) > 1 and ring[0][0] < horizon:

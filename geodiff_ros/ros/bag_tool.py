@@ -238,6 +238,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         raise BagError(msg)
     bag: Bag = open_bag(args.bag)
     try:
+        bag.select([t for t in (args.image_topic, args.camera_info_topic, args.sparse_topic) if t])  # before loading
         try:
             engine = build_engine(args)
         except GeoDiffError as err:
