@@ -1,137 +1,60 @@
-"""The ``geodiff`` lifecycle node: camera image in; depth, normals, metric point cloud and diagnostics out.
+"""The ``geodiff`` lifecycle node: camera images in; depth, normals, metric point clouds and diagnostics out.
 
-Topics (relative, so namespaces and remaps work; ros-anchors 5):
+Topics of one camera (relative, so namespaces and remaps work; ros-anchors 5):
   in   image (Image) or image/compressed (CompressedImage, by ``input_transport``), camera_info,
        sparse_depth (Image 32FC1 m / 16UC1 mm), sparse_points (PointCloud2 in the camera optical frame)
   out  depth/relative (32FC1 affine-invariant), depth/image (32FC1 metres, NaN invalid; only with a metric
        scale), depth/camera_info, depth/image_vis (rgb8), normals/image (32FC3 optical frame),
        normals/image_vis (rgb8), points (PointCloud2, only while subscribed), /diagnostics
 
-Threading: subscription callbacks only store messages (newest image in a one-slot mailbox, latest CameraInfo,
-a small ring buffer of sparse depth); ONE worker thread runs the engine, the alignment and publishes. The
-executor threads therefore stay free for parameter and lifecycle services during inference (ros-anchors 0.3).
-Every output header is the input image's header (same stamp and optical frame_id; REP 118, ros-anchors 2.2).
+Several cameras, one model (issue 7): with ``cameras: [front, left]`` every topic above moves under the camera's
+prefix (front/image, front/depth/image, front/points, ...); each camera has its own CameraInfo, sparse depth,
+aligner, counters and /diagnostics status (camera.py). With ``cameras: []`` the node is the single-camera node.
 
-Shapes: ``H,W`` input image; ``H',W'`` after ``cloud_stride``.
+Threading: subscription callbacks only store messages (newest image in a per-camera one-slot mailbox, latest
+CameraInfo, a small ring buffer of sparse depth); ONE worker thread takes the frames that are ready (fairly, the
+longest-waiting camera first; scheduler.py), runs them through the engine in one call (same-size frames share a
+network pass), then aligns and publishes per camera. The executor threads therefore stay free for parameter
+and lifecycle services during inference (ros-anchors 0.3). Every output header is the input image's header
+(same stamp and optical frame_id; REP 118, ros-anchors 2.2), so outputs of different cameras never mix.
 """
 
 from __future__ import annotations
 
-import collections
-import math
 import os
 import sys
 import threading
 import time
 from typing import Any
 
-import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from geodiff_ros.geometry import (
-    InvalidCameraInfo,
-    PinholeIntrinsics,
-    TemporalAligner,
-    apply_alignment,
-    backproject,
-    fit_scale_shift,
-    sparse_to_image_grid,
-)
-from geodiff_ros.ros.conversions import (
-    ImageConversionError,
-    compressed_to_rgb8,
-    depth_to_metres,
-    image_to_rgb8,
-    intrinsics_from_msg,
-    numpy_to_image,
-)
-from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats, build_status
+from geodiff_ros.ros.camera import CameraChannel
+from geodiff_ros.ros.conversions import ImageConversionError
+from geodiff_ros.ros.diagnostics import PipelineStats, build_status
 from geodiff_ros.ros.params import (
     Settings,
+    camera_override_key,
+    camera_overrides,
     declare_all,
+    declare_camera_overrides,
     engine_config_kwargs,
     read_settings,
     validate_changes,
 )
-from geodiff_ros.ros.pointcloud import PointCloudError, cloud_array, cloud_to_msg, cloud_xyz, project_points_to_depth
 from geodiff_ros.ros.qos import DIAGNOSTICS_QOS, make_qos
+from geodiff_ros.ros.scheduler import BatchStats, FrameScheduler
 
 __all__ = ['GeoDiffNode', 'main']
 
 NODE_NAME = 'geodiff'
 _THROTTLE_S = 5.0  # per-frame warnings at most this often
-_SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
 _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
-
-
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-
-
-class _Mailbox:
-    """One-slot mailbox: ``put`` overwrites (latest-frame semantics), ``get`` blocks until a frame or close."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-
-    def put(self, item: Any) -> bool:
-        """Store ``item``; True if it replaced a frame the worker never took (a drop)."""
-        with self._cond:
-            dropped = self._item is not None
-            self._item = item
-            self._cond.notify()
-            return dropped
-
-    def get(self, timeout: float) -> Any:
-        with self._cond:
-            if self._item is None and not self._closed:
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-            return item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._item = None
-            self._cond.notify_all()
-
-    def reopen(self) -> None:
-        with self._cond:
-            self._closed = False
-            self._item = None
-
-
-class _SparseRing:
-    """Recent sparse messages keyed by stamp; the worker picks the one nearest to the image stamp."""
-
-    def __init__(self, size: int = _SPARSE_RING) -> None:
-        self._lock = threading.Lock()
-        self._items: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=size)
-
-    def add(self, kind: str, msg: Any) -> None:
-        with self._lock:
-            self._items.append((_stamp_ns(msg.header), kind, msg))
-
-    def nearest(self, stamp_ns: int, max_dt_s: float) -> tuple[str, Any] | None:
-        with self._lock:
-            if not self._items:
-                return None
-            best = min(self._items, key=lambda it: abs(it[0] - stamp_ns))
-        if abs(best[0] - stamp_ns) > max_dt_s * 1e9:
-            return None
-        return best[1], best[2]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
 
 
 class GeoDiffNode(LifecycleNode):
@@ -146,19 +69,13 @@ class GeoDiffNode(LifecycleNode):
             msg = f'invalid parameter: {reason}'
             raise ValueError(msg)
         self._settings: Settings = initial
+        self._cams: list[CameraChannel] = []
+        self._build_cameras(initial.cameras())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
-        self._stats = PipelineStats()
         self._engine: Any = None
-        self._aligner: TemporalAligner | None = None
-        self._aligner_dirty = False
-        self._pubs: dict[str, Any] = {}
-        self._subs: list[Any] = []
-        self._mailbox = _Mailbox()
-        self._sparse = _SparseRing()
-        self._info_lock = threading.Lock()
-        self._latest_info: CameraInfo | None = None
+        self._batch_stats = BatchStats()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._state_label = 'unconfigured'
@@ -169,12 +86,36 @@ class GeoDiffNode(LifecycleNode):
         self._diag_timer = self.create_timer(float(initial['diagnostics_period']), self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup())
 
+    def _build_cameras(self, names: list[str]) -> None:
+        """One channel per camera (one unnamed channel for ``cameras: []``) and their per-camera parameters."""
+        declare_camera_overrides(self, names)
+        overrides = camera_overrides(self, names)
+        self._cams = [CameraChannel(self, name, i) for i, name in enumerate(names or [''])]
+        for cam in self._cams:
+            cam.overrides = overrides.get(cam.name, {})
+        self._sched = FrameScheduler(len(self._cams))
+
+    @property
+    def _stats(self) -> PipelineStats:
+        """The first camera's counters (the only ones of a single-camera node)."""
+        return self._cams[0].stats
+
+    @property
+    def _multi(self) -> bool:
+        return bool(self._cams[0].name)
+
     # ------------------------------------------------------------------ parameters
+
+    def _current_values(self) -> dict[str, Any]:
+        values = dict(self._settings.values)
+        for cam in self._cams:
+            values.update({f'camera.{cam.name}.{k}': v for k, v in cam.overrides.items()})
+        return values
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
         """Validate a set request (ranges were already checked by rclpy); the reason goes back to the caller."""
         changes = {p.name: p.value for p in params}
-        reason = validate_changes(changes, self._settings.values, configured=self._engine is not None)
+        reason = validate_changes(changes, self._current_values(), configured=self._engine is not None)
         if reason:
             self.get_logger().warning(f'rejected parameter change: {reason}')
         return SetParametersResult(successful=reason is None, reason=reason or '')
@@ -183,16 +124,21 @@ class GeoDiffNode(LifecycleNode):
         values = dict(self._settings.values)
         values.update({p.name: p.value for p in params if p.name in values})
         self._settings = Settings(values)
+        by_name = {cam.name: cam for cam in self._cams}
+        for p in params:
+            key = camera_override_key(p.name)
+            if key is None or key[0] not in by_name:
+                continue
+            cam = by_name[key[0]]
+            overrides = {k: v for k, v in cam.overrides.items() if k != key[1]}
+            if p.value is not None:
+                overrides[key[1]] = p.value
+            cam.overrides = overrides  # replaced whole: the worker reads it without a lock
+            if key[1].startswith('alignment.') and key[1] != 'alignment.sparse_max_dt':
+                cam.aligner_dirty = True
         if any(p.name.startswith('alignment.') and p.name != 'alignment.sparse_max_dt' for p in params):
-            self._aligner_dirty = True  # rebuilt by the worker, which owns the aligner
-
-    def _make_aligner(self) -> TemporalAligner:
-        s = self._settings
-        fixed = float(s['alignment.fixed_scale'])
-        return TemporalAligner(ema_alpha=float(s['alignment.ema_alpha']),
-                               max_fallback_age_s=float(s['alignment.max_fallback_age_s']),
-                               reset_ratio=float(s['alignment.reset_ratio']),
-                               fixed_scale=fixed if fixed > 0 else None)
+            for cam in self._cams:
+                cam.aligner_dirty = True  # rebuilt by the worker, which owns the aligners
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -201,6 +147,8 @@ class GeoDiffNode(LifecycleNode):
         from geodiff_ros.engine import EngineConfig, GeoDiffEngine, GeoDiffError
 
         settings = self._settings
+        if settings.cameras() != [cam.name for cam in self._cams if cam.name]:
+            self._build_cameras(settings.cameras())  # `cameras` was changed while unconfigured
         kwargs = engine_config_kwargs(settings)
         self.get_logger().info(
             f'loading engine: depth={kwargs["depth_model"]!r} normals={kwargs["normals_model"]!r} '
@@ -208,63 +156,49 @@ class GeoDiffNode(LifecycleNode):
         try:
             self._engine = GeoDiffEngine(EngineConfig(**kwargs))
         except GeoDiffError as err:
-            self._stats.last_error = str(err)
+            self._set_error(str(err))
             self.get_logger().error(f'configure failed: {err}')
             return TransitionCallbackReturn.FAILURE
         except Exception as err:  # noqa: BLE001 - any loader failure must leave the node alive and unconfigured
-            self._stats.last_error = f'{type(err).__name__}: {err}'
+            self._set_error(f'{type(err).__name__}: {err}')
             self.get_logger().error(
                 f'configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / '
                 'model_normals (hub id or folder in hub layout), device and dtype')
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device}')
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
-        topics = {
-            'relative': (Image, 'depth/relative'),
-            'depth': (Image, 'depth/image'),
-            'depth_info': (CameraInfo, 'depth/camera_info'),
-            'depth_vis': (Image, 'depth/image_vis'),
-            'normals': (Image, 'normals/image'),
-            'normals_vis': (Image, 'normals/image_vis'),
-            'points': (PointCloud2, 'points'),
-        }
-        for key, (msg_type, topic) in topics.items():
-            self._pubs[key] = self.create_lifecycle_publisher(msg_type, topic, out_qos)
-        self._aligner = self._make_aligner()
+        for cam in self._cams:
+            cam.create_publishers(out_qos)
+            cam.aligner = cam.make_aligner(settings.for_camera(cam.overrides))
+        if self._multi:
+            self.get_logger().info(
+                f'serving {len(self._cams)} cameras ({", ".join(c.name for c in self._cams)}) with one model, '
+                f'up to {settings["batch_size"]} frames per engine call')
         self._state_label = 'inactive'
         return super().on_configure(state)
+
+    def _set_error(self, text: str) -> None:
+        for cam in self._cams:
+            cam.stats.last_error = text
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Subscribe to the inputs and start the worker thread."""
         s = self._settings
         in_qos = make_qos(s['qos.input.reliability'], s['qos.input.depth'])
-        grp = self._input_group
-        if s['input_transport'] == 'compressed':
-            # image_transport naming: <resolved image topic>/compressed, so remapping `image` is enough.
-            topic = self.resolve_topic_name('image') + '/compressed'
-            self._subs.append(self.create_subscription(
-                CompressedImage, topic, self._on_compressed, in_qos, callback_group=grp))
-        else:
-            self._subs.append(self.create_subscription(Image, 'image', self._on_image, in_qos, callback_group=grp))
-        self._subs += [
-            self.create_subscription(CameraInfo, 'camera_info', self._on_camera_info, in_qos, callback_group=grp),
-            self.create_subscription(Image, 'sparse_depth', self._on_sparse_depth, in_qos, callback_group=grp),
-            self.create_subscription(PointCloud2, 'sparse_points', self._on_sparse_points, in_qos,
-                                     callback_group=grp),
-        ]
+        for cam in self._cams:
+            cam.subscribe(s['input_transport'], in_qos, self._input_group, self._sched.put)
         self._start_worker()
         self._state_label = 'active'
         self.get_logger().info(
-            f'active: listening on {self._subs[0].topic_name} ({s["input_transport"]}, '
-            f'{s["qos.input.reliability"]}); outputs {s["qos.output.reliability"]}')
+            f'active: listening on {", ".join(cam.subs[0].topic_name for cam in self._cams)} '
+            f'({s["input_transport"]}, {s["qos.input.reliability"]}); outputs {s["qos.output.reliability"]}')
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop the worker and unsubscribe."""
         self._stop_worker()
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+        for cam in self._cams:
+            cam.unsubscribe()
         self._state_label = 'inactive'
         return super().on_deactivate(state)
 
@@ -280,14 +214,11 @@ class GeoDiffNode(LifecycleNode):
         return super().on_shutdown(state)
 
     def _release(self) -> None:
-        for pub in self._pubs.values():
-            self.destroy_lifecycle_publisher(pub)
-        self._pubs = {}
+        for cam in self._cams:
+            cam.destroy_publishers()
+            cam.aligner = None
+            cam.reset_inputs()
         self._engine = None
-        self._aligner = None
-        with self._info_lock:
-            self._latest_info = None
-        self._sparse.clear()
         try:
             import torch
 
@@ -299,194 +230,116 @@ class GeoDiffNode(LifecycleNode):
     def stop(self) -> None:
         """Stop the worker and drop subscriptions (process exit); safe to call twice."""
         self._stop_worker()
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+        for cam in self._cams:
+            cam.unsubscribe()
 
     def _start_worker(self) -> None:
         self._stop.clear()
-        self._mailbox.reopen()
+        self._sched.reopen()
         self._worker = threading.Thread(target=self._run_worker, name='geodiff-worker', daemon=True)
         self._worker.start()
 
     def _stop_worker(self) -> None:
         self._stop.set()
-        self._mailbox.close()
+        self._sched.close()
         if self._worker is not None:
             self._worker.join(_JOIN_TIMEOUT_S)
             if not self._worker.is_alive():
                 self._worker = None
 
-    # ------------------------------------------------------------------ callbacks (store only)
-
-    def _on_image(self, msg: Image) -> None:
-        self._stats.on_input(self._mailbox.put((msg, time.monotonic(), False)))
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._stats.on_input(self._mailbox.put((msg, time.monotonic(), True)))
-
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        with self._info_lock:
-            self._latest_info = msg
-
-    def _on_sparse_depth(self, msg: Image) -> None:
-        self._sparse.add('depth', msg)
-
-    def _on_sparse_points(self, msg: PointCloud2) -> None:
-        self._sparse.add('points', msg)
-
     # ------------------------------------------------------------------ worker
 
     def _run_worker(self) -> None:
-        log = self.get_logger()
         while not self._stop.is_set():
-            frame = self._mailbox.get(timeout=0.2)
-            if frame is None or self._stop.is_set():
+            s = self._settings
+            window = float(s['batch_window_s']) if self._multi else 0.0
+            picked = self._sched.take(int(s['batch_size']), window, timeout=0.2)
+            if not picked or self._stop.is_set():
                 continue
+            # Settings as of now, not of before the wait: a parameter set just before the frame applies to it.
+            if not self._process_batch(self._settings, picked):
+                break  # shutting down: publishers may be gone
+
+    def _drop(self, cam: CameraChannel, err: Exception) -> bool:
+        """Count and log a frame that could not be processed; False if this happened because we are stopping."""
+        if isinstance(err, ImageConversionError):
+            cam.stats.on_bad_input(str(err))
+            cam.log.warning(f'dropped a frame: {err}', throttle_duration_sec=_THROTTLE_S)
+            return True
+        if self._stop.is_set() or not rclpy.ok(context=self.context):
+            return False
+        cam.stats.on_bad_input(f'{type(err).__name__}: {err}')
+        cam.log.error(f'dropped a frame: {type(err).__name__}: {err}', throttle_duration_sec=_THROTTLE_S)
+        return True
+
+    def _process_batch(self, s: Settings, picked: list[tuple[int, Any]]) -> bool:
+        """Steps: decode each frame -> ONE engine call for all of them -> align and publish per camera.
+
+        Runs on the worker thread only. Bad input drops only its own frame (never the others of the batch).
+        Returns False when the node is shutting down.
+        """
+        # 1. Decode the inputs (ImageConversionError: logged, that camera's frame dropped).
+        frames: list[tuple[CameraChannel, Any, float, Any]] = []
+        for index, (msg, t_recv, compressed) in picked:
+            cam = self._cams[index]
             try:
-                self._process(*frame)
-            except ImageConversionError as err:
-                self._stats.on_bad_input(str(err))
-                log.warning(f'dropped a frame: {err}', throttle_duration_sec=_THROTTLE_S)
+                frames.append((cam, msg, t_recv, cam.decode(msg, compressed)))  # rgb [H,W,3] uint8
             except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
-                if self._stop.is_set() or not rclpy.ok(context=self.context):
-                    break  # shutting down: publishers may be gone
-                self._stats.on_bad_input(f'{type(err).__name__}: {err}')
-                log.error(f'dropped a frame: {type(err).__name__}: {err}', throttle_duration_sec=_THROTTLE_S)
-
-    def _camera_model(self, width: int, height: int) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
-        """Latest CameraInfo and its intrinsics if it describes a ``width x height`` image, else (None, None)."""
-        with self._info_lock:
-            info = self._latest_info
-        if info is None:
-            return None, None
+                if not self._drop(cam, err):
+                    return False
+        if not frames:
+            return True
+        # 2. Model invocation: engine.predict on all frames at once; it groups same-size frames into batches of
+        #    batch_size (VAE encode, one UNet step per task, VAE decode per batch).
         try:
-            intr = intrinsics_from_msg(info)
-        except InvalidCameraInfo as err:
-            self.get_logger().warning(f'CameraInfo unusable, no cloud: {err}', throttle_duration_sec=_THROTTLE_S)
-            return None, None
-        if (intr.width, intr.height) != (width, height):
-            self.get_logger().warning(
-                f'CameraInfo describes a {intr.width}x{intr.height} image but the image is {width}x{height}: no '
-                'cloud and no depth/camera_info; remap camera_info to the image\'s sibling topic',
-                throttle_duration_sec=_THROTTLE_S)
-            return None, None
-        return info, intr
-
-    def _sparse_for(self, header: Any, width: int, height: int,
-                    intr: PinholeIntrinsics | None) -> np.ndarray | None:
-        """Sparse metric depth ``[H,W]`` (NaN empty) matched to this image by stamp, or None."""
-        s = self._settings
-        match = self._sparse.nearest(_stamp_ns(header), float(s['alignment.sparse_max_dt']))
-        if match is None:
-            return None
-        kind, msg = match
-        if kind == 'depth':
-            # Same camera, any resolution: moved onto the image grid through the intrinsics ratio.
-            return sparse_to_image_grid(depth_to_metres(msg), width, height)
-        if intr is None:
-            self.get_logger().warning('sparse_points need a valid camera_info to be projected; skipping the fit',
-                                      throttle_duration_sec=_THROTTLE_S)
-            return None
-        if msg.header.frame_id and header.frame_id and msg.header.frame_id != header.frame_id:
-            self.get_logger().warning(
-                f'sparse_points are in frame {msg.header.frame_id!r}, the image in {header.frame_id!r}; transform '
-                'them into the camera optical frame first (no tf here)', throttle_duration_sec=_THROTTLE_S)
-            return None
-        try:
-            xyz = cloud_xyz(msg)  # [N,3]
-        except PointCloudError as err:
-            raise ImageConversionError(f'sparse_points: {err}') from err
-        return project_points_to_depth(xyz, intr.fx, intr.fy, intr.cx, intr.cy, width, height)
-
-    def _subscribed(self, key: str) -> bool:
-        pub = self._pubs.get(key)
-        return pub is not None and pub.get_subscription_count() > 0
-
-    def _process(self, msg: Any, t_recv: float, compressed: bool) -> None:
-        """Steps: decode -> engine -> align -> publish. Runs on the worker thread only."""
-        from geodiff_ros.visualize import colorize_depth, normals_to_rgb
-
-        s = self._settings
-        pubs = self._pubs
-        header = msg.header
-        # 1. Decode the input (raises ImageConversionError on bad data: logged, frame dropped).
-        rgb = compressed_to_rgb8(msg) if compressed else image_to_rgb8(msg)  # [H,W,3] uint8
-        height, width = rgb.shape[:2]
-        # 2. Model invocation: engine.predict (VAE encode, one UNet step per task, VAE decode).
-        pred = self._engine.predict(rgb)
+            pred = self._engine.predict([rgb for *_, rgb in frames])
+        except Exception as err:  # noqa: BLE001 - e.g. CUDA OOM on one batch: drop it, keep serving
+            return all(self._drop(cam, err) for cam, *_ in frames)
+        self._batch_stats.record([rgb.shape for *_, rgb in frames], int(s['batch_size']))
         if self._stop.is_set():
-            return
-        relative = pred.depth[0] if pred.depth is not None else None  # [H,W] in [0,1], 0 near
-        normals = pred.normals[0] if pred.normals is not None else None  # [H,W,3] optical frame
-        info, intr = self._camera_model(width, height)
-
-        # 3. Metric alignment: robust fit to the sparse depth matched by stamp, smoothed over time (ros-anchors 3.4).
-        if self._aligner_dirty or self._aligner is None:
-            self._aligner = self._make_aligner()
-            self._aligner_dirty = False
-        metric = None
-        align = AlignmentInfo()
-        if relative is not None:
-            sparse = self._sparse_for(header, width, height, intr)
-            result = None
-            if sparse is not None:
-                result = fit_scale_shift(
-                    relative, sparse, method=s['alignment.method'], min_points=int(s['alignment.min_points']),
-                    min_inlier_ratio=float(s['alignment.min_inlier_ratio']),
-                    inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']))
-                if not result.ok:
-                    self.get_logger().warning(f'no metric fit this frame: {result.reason}',
-                                              throttle_duration_sec=_THROTTLE_S)
-            state = self._aligner.update(result, _stamp_ns(header) * 1e-9)
-            if state is not None:
-                metric = apply_alignment(relative, state.scale, state.shift,
-                                         float(s['min_depth']), float(s['max_depth']))  # [H,W] m, NaN invalid
-                align = AlignmentInfo(state.source, state.scale, state.shift,
-                                      result.n_points if result else 0, state.n_inliers, state.residual_rel,
-                                      result.reason if result else 'no sparse depth matched')
-            elif result is not None:
-                align = AlignmentInfo('none', math.nan, math.nan, result.n_points, result.n_inliers,
-                                      result.residual_rel, result.reason)
-            else:
-                align = AlignmentInfo(reason='no sparse depth within alignment.sparse_max_dt')
-
-        # 4. Publish, header copied from the input (same stamp, same optical frame).
-        if relative is not None:
-            pubs['relative'].publish(numpy_to_image(relative, '32FC1', header))
-            if self._subscribed('depth_vis'):
-                vis_src = metric if metric is not None else relative
-                pubs['depth_vis'].publish(numpy_to_image(colorize_depth(vis_src), 'rgb8', header))
-        if metric is not None:
-            pubs['depth'].publish(numpy_to_image(metric, '32FC1', header))
-        if info is not None:
-            out_info = CameraInfo()
-            for field in ('height', 'width', 'distortion_model', 'd', 'k', 'r', 'p', 'binning_x', 'binning_y',
-                          'roi'):
-                setattr(out_info, field, getattr(info, field))
-            out_info.header = header  # identical stamp: image_transport pairs them with an exact sync
-            pubs['depth_info'].publish(out_info)
-        if normals is not None:
-            pubs['normals'].publish(numpy_to_image(normals, '32FC3', header))
-            if self._subscribed('normals_vis'):
-                pubs['normals_vis'].publish(numpy_to_image(normals_to_rgb(normals), 'rgb8', header))
-        if metric is not None and intr is not None and s['publish_cloud'] and self._subscribed('points'):
-            stride = int(s['cloud_stride'])
-            xyz = backproject(metric, intr, stride)  # [H',W',3], NaN invalid: depth_image_proc's formula
-            colours = rgb[::stride, ::stride] if s['cloud_color'] else None
-            nrm = normals[::stride, ::stride] if (normals is not None and s['cloud_normals']) else None
-            pubs['points'].publish(cloud_to_msg(cloud_array(xyz, colours, nrm), header))
-        self._stats.on_output(time.monotonic() - t_recv, metric is not None, align)
+            return True
+        # 3.-4. Per camera: alignment with its own state, publishing with its input header.
+        for j, (cam, msg, t_recv, rgb) in enumerate(frames):
+            relative = pred.depth[j] if pred.depth is not None else None  # [H,W] in [0,1], 0 near
+            normals = pred.normals[j] if pred.normals is not None else None  # [H,W,3] optical frame
+            try:
+                cam.finish(s.for_camera(cam.overrides), msg, rgb, relative, normals, t_recv, time.monotonic)
+            except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
+                if not self._drop(cam, err):
+                    return False
+        return True
 
     # ------------------------------------------------------------------ diagnostics
 
     def _publish_diagnostics(self) -> None:
         hw = str(self._engine.device) if self._engine is not None else str(self._settings['device'])
-        status = build_status(f'{self.get_name()}: pipeline', hw, self._stats.snapshot(), self._state_label)
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [status]
+        if not self._multi:
+            arr.status = [build_status(f'{self.get_name()}: pipeline', hw, self._stats.snapshot(), self._state_label)]
+        else:
+            for cam in self._cams:
+                status = build_status(f'{self.get_name()}: {cam.name}', f'{cam.name}@{hw}', cam.stats.snapshot(),
+                                      self._state_label)
+                status.values.append(KeyValue(key='camera', value=cam.name))
+                status.values.append(KeyValue(key='image_topic', value=self.resolve_topic_name(cam.topic('image'))))
+                arr.status.append(status)
+            arr.status.append(self._scheduler_status(hw))
         self._diag_pub.publish(arr)
+
+    def _scheduler_status(self, hw: str) -> DiagnosticStatus:
+        """How frames of the cameras were batched: frames per network pass > 1 means batching works."""
+        snap = self._batch_stats.snapshot()
+        message = (f'{snap["frames"]} frames of {len(self._cams)} cameras in {snap["network_passes"]} network '
+                   f'passes ({snap["engine_calls"]} engine calls)')
+        level = DiagnosticStatus.OK if self._state_label == 'active' else DiagnosticStatus.WARN
+        values = {**snap, 'cameras': len(self._cams), 'batch_size': self._settings['batch_size'],
+                  'batch_window_s': self._settings['batch_window_s'], 'state': self._state_label}
+        status = DiagnosticStatus(level=level, name=f'{self.get_name()}: scheduler', message=message,
+                                  hardware_id=hw)
+        status.values = [KeyValue(key=k, value=f'{v:.4g}' if isinstance(v, float) else str(v))
+                         for k, v in values.items()]
+        return status
 
 
 def main(args: list[str] | None = None) -> int:

@@ -5,6 +5,10 @@ whether the value is fixed once the node is configured (model, device, dtype, Qo
 mirrors these defaults (a test compares them). ``validate_changes`` is pure Python so it can be tested without
 rclpy; the node calls it from its on-set-parameters callback and returns its reason to the caller of
 ``ros2 param set``.
+
+Multi-camera (issue 7): ``cameras`` names the cameras one node serves; each one may override a few runtime
+parameters as ``camera.<name>.<parameter>`` (``PER_CAMERA``), declared per camera without a default so an unset
+override means "use the node-wide value".
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     'PARAMS',
+    'PER_CAMERA',
     'ParamSpec',
     'Settings',
+    'camera_override_key',
+    'camera_overrides',
     'declare_all',
+    'declare_camera_overrides',
     'engine_config_kwargs',
     'read_settings',
     'validate_changes',
@@ -76,6 +84,17 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=('best_effort', 'reliable'), configure_time=True),
     ParamSpec('qos.output.depth', 2, 'History depth of the output publishers.', lo=1, hi=1000,
               configure_time=True),
+    # --- cameras and batching (issue 7) ---
+    ParamSpec('cameras', [],
+              'Camera names served by this node, e.g. [front, left]: each uses topics under its own prefix '
+              '(front/image, front/camera_info, front/depth/image, ...). [] = one camera on image, camera_info, ...',
+              configure_time=True),
+    ParamSpec('batch_size', 4, 'Most frames (of different cameras) run through the model in one engine call.',
+              lo=1, hi=64, configure_time=True),
+    ParamSpec('batch_window_s', 0.005,
+              'Several cameras only: after a frame arrives, wait at most this long for other cameras\' frames so '
+              'they share one engine call (0 = never wait). Not added when the worker was busy anyway.',
+              lo=0.0, hi=1.0),
     # --- point cloud (runtime) ---
     ParamSpec('publish_cloud', True, 'Publish the points cloud (built only while someone subscribes).'),
     ParamSpec('cloud_stride', 1, 'Keep every n-th pixel in x and y for the organized cloud.', lo=1, hi=64),
@@ -114,12 +133,33 @@ PARAMS: tuple[ParamSpec, ...] = (
 
 _BY_NAME = {p.name: p for p in PARAMS}
 
+# Runtime parameters a camera may override as camera.<name>.<parameter> (scale, range and cloud differ per camera).
+PER_CAMERA: tuple[str, ...] = ('alignment.fixed_scale', 'alignment.sparse_max_dt', 'min_depth', 'max_depth',
+                               'cloud_stride')
+
+
+def camera_override_key(name: str) -> tuple[str, str] | None:
+    """``camera.front.max_depth`` -> ("front", "max_depth"); None for any other parameter name."""
+    if not name.startswith('camera.'):
+        return None
+    camera, _, key = name[len('camera.'):].partition('.')
+    if camera and key in PER_CAMERA:
+        return camera, key
+    return None
+
 
 def declare_all(node: Node) -> None:
     """Declare every parameter on ``node`` with a descriptor (description, range, allowed values)."""
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
     for spec in PARAMS:
+        if spec.name == 'cameras':
+            # rclpy types a declared [] as a byte array and rcl turns a YAML [] into "not set": dynamic typing
+            # accepts both and a string list; read_settings normalises the value (camera_sets.parse_camera_list).
+            node.declare_parameter(spec.name, [], ParameterDescriptor(
+                description=spec.description, dynamic_typing=True,
+                additional_constraints='string array of ROS name tokens; fixed while configured'))
+            continue
         constraints = []
         if spec.choices:
             constraints.append('one of: ' + ', '.join(spec.choices))
@@ -137,6 +177,40 @@ def declare_all(node: Node) -> None:
         node.declare_parameter(spec.name, spec.default, desc)
 
 
+def declare_camera_overrides(node: Node, cameras: list[str]) -> None:
+    """Declare ``camera.<name>.<parameter>`` for each camera and ``PER_CAMERA`` entry, typed but without a value:
+    a value from the params file or ``-p`` overrides the node-wide one for that camera only."""
+    from rcl_interfaces.msg import ParameterDescriptor
+    from rclpy.parameter import Parameter
+
+    kinds = {bool: Parameter.Type.BOOL, int: Parameter.Type.INTEGER, float: Parameter.Type.DOUBLE}
+    for camera in cameras:
+        for key in PER_CAMERA:
+            name = f'camera.{camera}.{key}'
+            if node.has_parameter(name):
+                continue
+            spec = _BY_NAME[key]
+            node.declare_parameter(name, kinds[type(spec.default)], ParameterDescriptor(
+                description=f'Camera {camera} only: {spec.description} (unset = the node-wide {key}).'))
+
+
+def camera_overrides(node: Node, cameras: list[str]) -> dict[str, dict[str, Any]]:
+    """Camera -> {parameter: value} for the per-camera overrides that are set."""
+    from rclpy.exceptions import ParameterUninitializedException
+
+    out: dict[str, dict[str, Any]] = {}
+    for camera in cameras:
+        out[camera] = {}
+        for key in PER_CAMERA:
+            try:
+                value = node.get_parameter(f'camera.{camera}.{key}').value
+            except ParameterUninitializedException:
+                continue
+            if value is not None:
+                out[camera][key] = value
+    return out
+
+
 def _check_one(spec: ParamSpec, value: Any) -> str | None:
     """Reason ``value`` is invalid for ``spec``, or None. Ranges are also enforced by rclpy; kept for tests."""
     if spec.lo is not None and spec.hi is not None and not isinstance(value, bool):
@@ -147,6 +221,14 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
         bad = [v for v in values if v not in spec.choices]
         if bad:
             return f'{spec.name}={value!r}: {bad[0]!r} is not one of {", ".join(spec.choices)}'
+    if spec.name == 'cameras':
+        from geodiff_ros.ros.camera_sets import CameraListError, parse_camera_list
+
+        try:
+            parse_camera_list(value)
+        except CameraListError as err:
+            return str(err)
+        return None
     if spec.name == 'device' and not _DEVICE_RE.match(str(value)):
         return f'device={value!r} must be cpu, cuda or cuda:N'
     if spec.name == 'processing_res' and int(value) % 8 != 0:
@@ -167,6 +249,14 @@ def validate_changes(changes: dict[str, Any], current: dict[str, Any], configure
     merged = {**current, **changes}
     for name, value in changes.items():
         spec = _BY_NAME.get(name)
+        per_camera = camera_override_key(name)
+        if per_camera is not None:
+            if value is None:
+                continue  # unset again: the node-wide value applies
+            reason = _check_one(_BY_NAME[per_camera[1]], value)
+            if reason:
+                return f'{name}: {reason}'
+            continue
         if spec is None:
             continue  # use_sim_time, qos_overrides..., handled by rclpy
         if configured and spec.configure_time and value != current.get(name):
@@ -177,6 +267,11 @@ def validate_changes(changes: dict[str, Any], current: dict[str, Any], configure
             return reason
     if float(merged.get('min_depth', 0.0)) >= float(merged.get('max_depth', float('inf'))):
         return f'min_depth ({merged["min_depth"]}) must be smaller than max_depth ({merged["max_depth"]})'
+    for camera in sorted({key[0] for key in map(camera_override_key, merged) if key is not None}):
+        lo = merged.get(f'camera.{camera}.min_depth', merged.get('min_depth', 0.0))
+        hi = merged.get(f'camera.{camera}.max_depth', merged.get('max_depth', float('inf')))
+        if lo is not None and hi is not None and float(lo) >= float(hi):
+            return f'camera {camera}: min_depth ({lo}) must be smaller than max_depth ({hi})'
     tasks = list(merged.get('tasks', []))
     if changes.keys() & {'tasks', 'model_depth', 'model_normals'}:
         runnable = [t for t in tasks if merged.get(f'model_{t}', '')]
@@ -199,6 +294,16 @@ class Settings:
         """Tasks that are requested and have a model."""
         return tuple(t for t in ('depth', 'normals') if t in self['tasks'] and self[f'model_{t}'])
 
+    def cameras(self) -> list[str]:
+        """Camera names ([] = the single unnamed camera on today's topics)."""
+        from geodiff_ros.ros.camera_sets import parse_camera_list
+
+        return parse_camera_list(self.values.get('cameras'))
+
+    def for_camera(self, overrides: dict[str, Any]) -> Settings:
+        """These settings with one camera's ``camera.<name>.*`` overrides applied."""
+        return Settings({**self.values, **overrides}) if overrides else self
+
 
 def read_settings(node: Node) -> Settings:
     """Read every declared parameter from ``node`` into a Settings snapshot."""
@@ -217,5 +322,5 @@ def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
         'match_input_res': True,  # outputs share the input's pixel grid, so CameraInfo is reused as is
         'allow_cpu_fallback': bool(settings['allow_cpu_fallback']),
         'local_files_only': bool(settings['local_files_only']),
-        'batch_size': 1,
+        'batch_size': int(settings['batch_size']),
     }

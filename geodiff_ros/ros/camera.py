@@ -1,0 +1,300 @@
+"""One camera served by the ``geodiff`` node: its topics, inputs, alignment state, statistics and outputs.
+
+The node owns the engine and the one worker thread; a ``CameraChannel`` owns everything that must never mix
+between cameras: the latest CameraInfo, the sparse-depth ring, the temporal aligner, the publishers and the
+pipeline counters. The single-camera node is one channel with an empty prefix, so its topics stay ``image``,
+``depth/image``, ... exactly; a named camera ``front`` uses ``front/image``, ``front/depth/image``, ...
+
+Shapes: ``H,W`` input image; ``H',W'`` after ``cloud_stride``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+
+from geodiff_ros.geometry import (
+    InvalidCameraInfo,
+    PinholeIntrinsics,
+    TemporalAligner,
+    apply_alignment,
+    backproject,
+    fit_scale_shift,
+    sparse_to_image_grid,
+)
+from geodiff_ros.ros.camera_sets import camera_prefix
+from geodiff_ros.ros.conversions import (
+    ImageConversionError,
+    compressed_to_rgb8,
+    depth_to_metres,
+    image_to_rgb8,
+    intrinsics_from_msg,
+    numpy_to_image,
+)
+from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats
+from geodiff_ros.ros.params import Settings
+from geodiff_ros.ros.pointcloud import PointCloudError, cloud_array, cloud_to_msg, cloud_xyz, project_points_to_depth
+
+__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'SparseRing', 'stamp_ns']
+
+THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
+_SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
+
+# key -> (type, topic relative to the camera prefix); the issue-3 output set, per camera.
+OUTPUT_TOPICS: dict[str, tuple[type, str]] = {
+    'relative': (Image, 'depth/relative'),
+    'depth': (Image, 'depth/image'),
+    'depth_info': (CameraInfo, 'depth/camera_info'),
+    'depth_vis': (Image, 'depth/image_vis'),
+    'normals': (Image, 'normals/image'),
+    'normals_vis': (Image, 'normals/image_vis'),
+    'points': (PointCloud2, 'points'),
+}
+
+
+def stamp_ns(header: Any) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class SparseRing:
+    """Recent sparse messages keyed by stamp; the worker picks the one nearest to the image stamp."""
+
+    def __init__(self, size: int = _SPARSE_RING) -> None:
+        self._lock = threading.Lock()
+        self._items: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=size)
+
+    def add(self, kind: str, msg: Any) -> None:
+        with self._lock:
+            self._items.append((stamp_ns(msg.header), kind, msg))
+
+    def nearest(self, stamp: int, max_dt_s: float) -> tuple[str, Any] | None:
+        with self._lock:
+            if not self._items:
+                return None
+            best = min(self._items, key=lambda it: abs(it[0] - stamp))
+        if abs(best[0] - stamp) > max_dt_s * 1e9:
+            return None
+        return best[1], best[2]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class CameraChannel:
+    """Inputs, per-camera state and outputs of one camera; ``finish`` runs on the worker thread only."""
+
+    def __init__(self, node: Any, name: str, index: int) -> None:
+        self.node = node
+        self.name = name  # '' = the single unnamed camera
+        self.index = index  # slot in the node's FrameScheduler
+        self.prefix = camera_prefix(name)
+        self.log = node.get_logger().get_child(name) if name else node.get_logger()
+        self.stats = PipelineStats()
+        self.sparse = SparseRing()
+        self.overrides: dict[str, Any] = {}  # camera.<name>.<parameter> values that are set
+        self.aligner: TemporalAligner | None = None
+        self.aligner_dirty = False
+        self.pubs: dict[str, Any] = {}
+        self.subs: list[Any] = []
+        self._info_lock = threading.Lock()
+        self._latest_info: CameraInfo | None = None
+
+    def topic(self, base: str) -> str:
+        """``depth/image`` -> ``front/depth/image`` (or unchanged for the unnamed camera)."""
+        return self.prefix + base
+
+    # ------------------------------------------------------------------ endpoints
+
+    def create_publishers(self, qos: Any) -> None:
+        for key, (msg_type, topic) in OUTPUT_TOPICS.items():
+            self.pubs[key] = self.node.create_lifecycle_publisher(msg_type, self.topic(topic), qos)
+
+    def destroy_publishers(self) -> None:
+        for pub in self.pubs.values():
+            self.node.destroy_lifecycle_publisher(pub)
+        self.pubs = {}
+
+    def subscribe(self, transport: str, qos: Any, group: Any, put: Callable[[int, Any], bool]) -> None:
+        """Create the input subscriptions; image callbacks hand ``(msg, t_recv, compressed)`` to ``put``."""
+        import time
+
+        node = self.node
+
+        def on_image(msg: Image) -> None:
+            self.stats.on_input(put(self.index, (msg, time.monotonic(), False)))
+
+        def on_compressed(msg: CompressedImage) -> None:
+            self.stats.on_input(put(self.index, (msg, time.monotonic(), True)))
+
+        if transport == 'compressed':
+            # image_transport naming: <resolved image topic>/compressed, so remapping `image` is enough.
+            topic = node.resolve_topic_name(self.topic('image')) + '/compressed'
+            self.subs.append(node.create_subscription(CompressedImage, topic, on_compressed, qos,
+                                                      callback_group=group))
+        else:
+            self.subs.append(node.create_subscription(Image, self.topic('image'), on_image, qos,
+                                                      callback_group=group))
+        self.subs += [
+            node.create_subscription(CameraInfo, self.topic('camera_info'), self._on_camera_info, qos,
+                                     callback_group=group),
+            node.create_subscription(Image, self.topic('sparse_depth'), lambda m: self.sparse.add('depth', m), qos,
+                                     callback_group=group),
+            node.create_subscription(PointCloud2, self.topic('sparse_points'), lambda m: self.sparse.add('points', m),
+                                     qos, callback_group=group),
+        ]
+
+    def unsubscribe(self) -> None:
+        for sub in self.subs:
+            self.node.destroy_subscription(sub)
+        self.subs = []
+
+    def reset_inputs(self) -> None:
+        """Forget CameraInfo and sparse depth (cleanup), so a reconfigured node never uses stale ones."""
+        with self._info_lock:
+            self._latest_info = None
+        self.sparse.clear()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        with self._info_lock:
+            self._latest_info = msg
+
+    # ------------------------------------------------------------------ worker steps
+
+    @staticmethod
+    def decode(msg: Any, compressed: bool) -> np.ndarray:
+        """Input message -> [H,W,3] uint8 RGB (raises ImageConversionError on bad data)."""
+        return compressed_to_rgb8(msg) if compressed else image_to_rgb8(msg)
+
+    def make_aligner(self, s: Settings) -> TemporalAligner:
+        fixed = float(s['alignment.fixed_scale'])
+        return TemporalAligner(ema_alpha=float(s['alignment.ema_alpha']),
+                               max_fallback_age_s=float(s['alignment.max_fallback_age_s']),
+                               reset_ratio=float(s['alignment.reset_ratio']),
+                               fixed_scale=fixed if fixed > 0 else None)
+
+    def camera_model(self, width: int, height: int) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
+        """Latest CameraInfo and its intrinsics if it describes a ``width x height`` image, else (None, None)."""
+        with self._info_lock:
+            info = self._latest_info
+        if info is None:
+            return None, None
+        try:
+            intr = intrinsics_from_msg(info)
+        except InvalidCameraInfo as err:
+            self.log.warning(f'CameraInfo unusable, no cloud: {err}', throttle_duration_sec=THROTTLE_S)
+            return None, None
+        if (intr.width, intr.height) != (width, height):
+            self.log.warning(
+                f'CameraInfo describes a {intr.width}x{intr.height} image but the image is {width}x{height}: no '
+                'cloud and no depth/camera_info; remap camera_info to the image\'s sibling topic',
+                throttle_duration_sec=THROTTLE_S)
+            return None, None
+        return info, intr
+
+    def sparse_for(self, s: Settings, header: Any, width: int, height: int,
+                   intr: PinholeIntrinsics | None) -> np.ndarray | None:
+        """Sparse metric depth ``[H,W]`` (NaN empty) matched to this image by stamp, or None."""
+        match = self.sparse.nearest(stamp_ns(header), float(s['alignment.sparse_max_dt']))
+        if match is None:
+            return None
+        kind, msg = match
+        if kind == 'depth':
+            # Same camera, any resolution: moved onto the image grid through the intrinsics ratio.
+            return sparse_to_image_grid(depth_to_metres(msg), width, height)
+        if intr is None:
+            self.log.warning('sparse_points need a valid camera_info to be projected; skipping the fit',
+                             throttle_duration_sec=THROTTLE_S)
+            return None
+        if msg.header.frame_id and header.frame_id and msg.header.frame_id != header.frame_id:
+            self.log.warning(
+                f'sparse_points are in frame {msg.header.frame_id!r}, the image in {header.frame_id!r}; transform '
+                'them into the camera optical frame first (no tf here)', throttle_duration_sec=THROTTLE_S)
+            return None
+        try:
+            xyz = cloud_xyz(msg)  # [N,3]
+        except PointCloudError as err:
+            raise ImageConversionError(f'sparse_points: {err}') from err
+        return project_points_to_depth(xyz, intr.fx, intr.fy, intr.cx, intr.cy, width, height)
+
+    def _subscribed(self, key: str) -> bool:
+        pub = self.pubs.get(key)
+        return pub is not None and pub.get_subscription_count() > 0
+
+    def finish(self, s: Settings, msg: Any, rgb: np.ndarray, relative: np.ndarray | None,
+               normals: np.ndarray | None, latency_from: float, now: Callable[[], float]) -> None:
+        """Steps after the engine for this camera's frame: align -> publish. ``s`` has this camera's overrides.
+
+        Args:
+            msg: the input image message (its header is copied to every output).
+            rgb: [H,W,3] uint8 decoded input; relative: [H,W] in [0,1] or None; normals: [H,W,3] or None.
+            latency_from: monotonic receive time of the frame; now: the clock for the latency.
+        """
+        from geodiff_ros.visualize import colorize_depth, normals_to_rgb
+
+        pubs = self.pubs
+        header = msg.header
+        height, width = rgb.shape[:2]
+        info, intr = self.camera_model(width, height)
+
+        # 3. Metric alignment: robust fit to the sparse depth matched by stamp, smoothed over time (ros-anchors 3.4).
+        if self.aligner_dirty or self.aligner is None:
+            self.aligner = self.make_aligner(s)
+            self.aligner_dirty = False
+        metric = None
+        align = AlignmentInfo()
+        if relative is not None:
+            sparse = self.sparse_for(s, header, width, height, intr)
+            result = None
+            if sparse is not None:
+                result = fit_scale_shift(
+                    relative, sparse, method=s['alignment.method'], min_points=int(s['alignment.min_points']),
+                    min_inlier_ratio=float(s['alignment.min_inlier_ratio']),
+                    inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']))
+                if not result.ok:
+                    self.log.warning(f'no metric fit this frame: {result.reason}', throttle_duration_sec=THROTTLE_S)
+            state = self.aligner.update(result, stamp_ns(header) * 1e-9)
+            if state is not None:
+                metric = apply_alignment(relative, state.scale, state.shift,
+                                         float(s['min_depth']), float(s['max_depth']))  # [H,W] m, NaN invalid
+                align = AlignmentInfo(state.source, state.scale, state.shift,
+                                      result.n_points if result else 0, state.n_inliers, state.residual_rel,
+                                      result.reason if result else 'no sparse depth matched')
+            elif result is not None:
+                align = AlignmentInfo('none', math.nan, math.nan, result.n_points, result.n_inliers,
+                                      result.residual_rel, result.reason)
+            else:
+                align = AlignmentInfo(reason='no sparse depth within alignment.sparse_max_dt')
+
+        # 4. Publish, header copied from the input (same stamp, same optical frame).
+        if relative is not None:
+            pubs['relative'].publish(numpy_to_image(relative, '32FC1', header))
+            if self._subscribed('depth_vis'):
+                vis_src = metric if metric is not None else relative
+                pubs['depth_vis'].publish(numpy_to_image(colorize_depth(vis_src), 'rgb8', header))
+        if metric is not None:
+            pubs['depth'].publish(numpy_to_image(metric, '32FC1', header))
+        if info is not None:
+            out_info = CameraInfo()
+            for field in ('height', 'width', 'distortion_model', 'd', 'k', 'r', 'p', 'binning_x', 'binning_y',
+                          'roi'):
+                setattr(out_info, field, getattr(info, field))
+            out_info.header = header  # identical stamp: image_transport pairs them with an exact sync
+            pubs['depth_info'].publish(out_info)
+        if normals is not None:
+            pubs['normals'].publish(numpy_to_image(normals, '32FC3', header))
+            if self._subscribed('normals_vis'):
+                pubs['normals_vis'].publish(numpy_to_image(normals_to_rgb(normals), 'rgb8', header))
+        if metric is not None and intr is not None and s['publish_cloud'] and self._subscribed('points'):
+            stride = int(s['cloud_stride'])
+            xyz = backproject(metric, intr, stride)  # [H',W',3], NaN invalid: depth_image_proc's formula
+            colours = rgb[::stride, ::stride] if s['cloud_color'] else None
+            nrm = normals[::stride, ::stride] if (normals is not None and s['cloud_normals']) else None
+            pubs['points'].publish(cloud_to_msg(cloud_array(xyz, colours, nrm), header))
+        self.stats.on_output(now() - latency_from, metric is not None, align)
