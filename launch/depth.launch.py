@@ -4,13 +4,22 @@ Example:
   ros2 launch geodiff_ros depth.launch.py image:=/camera/color/image_raw \
       camera_info:=/camera/color/camera_info sparse_depth:=/lidar/depth namespace:=front rviz:=true
 
+Several cameras, one model (one GPU):
+  ros2 launch geodiff_ros depth.launch.py cameras:="[front,left]" \
+      image_pattern:=/{camera}/color/image_raw camera_info_pattern:=/{camera}/color/camera_info
+
 The node's topics are relative (image, camera_info, sparse_depth -> depth/image, points, ...); this file remaps
-the inputs and puts the outputs under ``namespace``. ``autostart`` (in the params file, default true) makes the
-lifecycle node configure and activate itself, so no lifecycle manager is needed. Works in a colcon workspace and
-in a pip/venv install where the console script sits in ``<prefix>/lib/geodiff_ros``.
+the inputs and puts the outputs under ``namespace``. With ``cameras`` each camera's topics sit under its name
+(front/image -> front/depth/image, front/points); the ``*_pattern`` arguments remap its inputs, ``{camera}``
+standing for the name (image, camera_info, sparse_depth and sparse_points are then not used).
+``autostart`` (in the params file, default true) makes the lifecycle node configure and activate itself, so no
+lifecycle manager is needed. Works in a colcon workspace and in a pip/venv install where the console script sits
+in ``<prefix>/lib/geodiff_ros``. Several GPUs: launch/multi_gpu.launch.py.
 """
 
 import os  # noqa: I001 - `launch` is the ROS package, not this repo's launch/ folder
+
+import yaml
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
@@ -19,8 +28,13 @@ from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+from geodiff_ros.ros.camera_sets import camera_remappings, parse_camera_list
+
 # Launch arguments that override one node parameter, only when given (the params file holds the defaults).
 _PARAM_OVERRIDES = (('model', 'model_depth'), ('device', 'device'), ('dtype', 'dtype'))
+# Per-camera input patterns (several cameras): launch argument -> node input topic.
+_PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
+             ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
 
 
 def _nodes(context, *_args, **_kwargs):
@@ -32,7 +46,23 @@ def _nodes(context, *_args, **_kwargs):
         value = LaunchConfiguration(arg).perform(context)
         if value:
             overrides[param] = value
+    batch_size = LaunchConfiguration('batch_size').perform(context)
+    if batch_size:
+        overrides['batch_size'] = int(batch_size)
     namespace = LaunchConfiguration('namespace').perform(context)
+    # "[front, left]" (YAML) or "front,left"; [] / "" = one camera on today's topics.
+    cameras = parse_camera_list(yaml.safe_load(LaunchConfiguration('cameras').perform(context) or '[]'))
+    if cameras:
+        overrides['cameras'] = cameras
+        patterns = {topic: LaunchConfiguration(arg).perform(context) for arg, topic in _PATTERNS}
+        remappings = camera_remappings(cameras, patterns)
+    else:
+        remappings = [
+            ('image', LaunchConfiguration('image').perform(context)),
+            ('camera_info', LaunchConfiguration('camera_info').perform(context)),
+            ('sparse_depth', LaunchConfiguration('sparse_depth').perform(context)),
+            ('sparse_points', LaunchConfiguration('sparse_points').perform(context)),
+        ]
 
     geodiff = Node(
         package='geodiff_ros',
@@ -43,12 +73,7 @@ def _nodes(context, *_args, **_kwargs):
         emulate_tty=True,
         parameters=[LaunchConfiguration('params_file').perform(context), overrides],
         arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level').perform(context)],
-        remappings=[
-            ('image', LaunchConfiguration('image').perform(context)),
-            ('camera_info', LaunchConfiguration('camera_info').perform(context)),
-            ('sparse_depth', LaunchConfiguration('sparse_depth').perform(context)),
-            ('sparse_points', LaunchConfiguration('sparse_points').perform(context)),
-        ],
+        remappings=remappings,
     )
     # rviz/geodiff.rviz uses relative topic names, resolved in the same namespace as the node's outputs.
     rviz = Node(
@@ -77,6 +102,20 @@ def generate_launch_description() -> LaunchDescription:
                               description='Sparse metric depth image (32FC1 m or 16UC1 mm) of the same camera.'),
         DeclareLaunchArgument('sparse_points', default_value='sparse_points',
                               description='Sparse PointCloud2 already in the camera optical frame.'),
+        DeclareLaunchArgument('cameras', default_value='[]',
+                              description='Several cameras in one node, e.g. "[front, left]": topics under each '
+                                          'name (front/image, front/depth/image, ...); [] = one camera.'),
+        DeclareLaunchArgument('image_pattern', default_value='',
+                              description='With cameras: image topic of each camera, {camera} = its name, e.g. '
+                                          '/{camera}/color/image_raw; empty = <namespace>/<camera>/image.'),
+        DeclareLaunchArgument('camera_info_pattern', default_value='',
+                              description='With cameras: CameraInfo topic pattern, e.g. /{camera}/color/camera_info.'),
+        DeclareLaunchArgument('sparse_depth_pattern', default_value='',
+                              description='With cameras: sparse depth topic pattern, e.g. /{camera}/lidar_depth.'),
+        DeclareLaunchArgument('sparse_points_pattern', default_value='',
+                              description='With cameras: sparse PointCloud2 topic pattern (camera optical frame).'),
+        DeclareLaunchArgument('batch_size', default_value='',
+                              description='Override batch_size (most frames of different cameras per engine call).'),
         DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config', 'geodiff.yaml'),
                               description='Node parameters (/**: ros__parameters:).'),
         DeclareLaunchArgument('model', default_value='',

@@ -8,16 +8,22 @@ names (``camera.front.max_depth``), so it must be one ROS name token.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
     'CameraListError',
     'assign_cameras',
     'camera_prefix',
+    'camera_remappings',
     'parse_assignment',
     'parse_camera_list',
+    'parse_gpu_list',
+    'visible_gpu_count',
 ]
 
 # One token of a ROS name (REP 144: alphanumerics and underscores, not starting with a digit); no '.' because the
@@ -121,3 +127,54 @@ def assign_cameras(cameras: Sequence[str], gpus: Sequence[int] | int,
         if group:
             out[gpu] = list(group)
     return out
+
+
+def camera_remappings(cameras: Sequence[str], patterns: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Remap rules from per-camera topic patterns: ``{'image': '/{camera}/color/image_raw'}`` gives
+    ``('front/image', '/front/color/image_raw')`` for each camera. Empty patterns leave the node's own topic
+    (``<namespace>/<camera>/image``). Inputs are ``image``, ``camera_info``, ``sparse_depth``, ``sparse_points``.
+    """
+    known = ('image', 'camera_info', 'sparse_depth', 'sparse_points')
+    rules = []
+    for topic, pattern in patterns.items():
+        if topic not in known:
+            raise CameraListError(f'no input topic {topic!r} to remap; use one of {", ".join(known)}')
+        if not pattern:
+            continue
+        if '{camera}' not in pattern:
+            raise CameraListError(f'pattern {pattern!r} for {topic} must contain {{camera}} (else every camera '
+                                  'would read the same topic)')
+        rules += [(f'{name}/{topic}', pattern.replace('{camera}', name)) for name in cameras]
+    return rules
+
+
+def parse_gpu_list(value: Any) -> list[int] | None:
+    """GPU indices from ``"[0, 2]"`` / ``"0,2"`` / a list; None if empty (then use ``num_gpus``)."""
+    if value is None or value == '' or value == []:
+        return None
+    parts = value if isinstance(value, (list, tuple)) else re.split(r'[,\s]+', str(value).strip().strip('[]'))
+    try:
+        gpus = [int(p) for p in parts if str(p).strip() != '']
+    except ValueError:
+        raise CameraListError(f'gpus={value!r} must be GPU indices like [0, 1]') from None
+    if any(g < 0 for g in gpus):
+        raise CameraListError(f'gpus={value!r}: indices must be >= 0')
+    return gpus or None
+
+
+def visible_gpu_count() -> int:
+    """CUDA GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else ``nvidia-smi -L``; 0 if unknown.
+
+    Avoids importing torch (seconds, and a CUDA context) in a launch process.
+    """
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if visible is not None:
+        return len([d for d in visible.split(',') if d.strip() and d.strip() != '-1'])
+    exe = shutil.which('nvidia-smi')
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, '-L'], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith('GPU '))
