@@ -1,0 +1,424 @@
+"""Several cameras, one model (issue 7): one multi-camera geodiff node against N single-camera nodes, over DDS.
+
+For N in --cameras (default 1 2 4) the script streams N cameras at --hz (default 30 Hz, 640x480 rgb8, phases
+spread over the frame period like free-running cameras) into
+  multi:    ONE node with cameras [cam0..camN-1] (one model, frames of the cameras batched per engine call), and
+  separate: N nodes with cameras [] in namespaces cam0..camN-1 (one model copy per camera, no batching),
+on the same topics, and measures per camera: sustained output rate (depth/relative messages per second over the
+measuring window), latency from the image stamp (set to the wall clock at publish) to reception of depth/relative
+(p50 / p95), node drops; per run: GPU memory of the node processes (nvidia-smi) and their resident memory, and
+frames per network pass from the multi node's /diagnostics. Prints a table and writes JSON naming the device.
+
+The default model is the full-size Marigold / SD2 architecture with random weights (benchmarks/bench_engine.py
+writes it once; speed and memory do not depend on the weights); --model-depth uses real ones. --tiny is the CPU
+smoke test: tiny checkpoints, 160x120, processing_res 64, short windows. Every ROS process stays on loopback
+(config/fastdds_localhost.xml) in its own ROS_DOMAIN_ID.
+
+  .venv/bin/python benchmarks/bench_multicam.py                 # GPU, bf16, processing_res 768
+  .venv/bin/python benchmarks/bench_multicam.py --tiny          # CPU smoke test (about 2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / 'benchmarks'):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))  # run from a checkout without installing the package
+
+LOG = logging.getLogger('bench_multicam')
+MODES = ('multi', 'separate')
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--cameras', type=int, nargs='+', default=[1, 2, 4], help='camera counts to run')
+    p.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
+    p.add_argument('--hz', type=float, default=30.0, help='frame rate of every camera')
+    p.add_argument('--width', type=int, default=640)
+    p.add_argument('--height', type=int, default=480)
+    p.add_argument('--seconds', type=float, default=20.0, help='measuring window per run')
+    p.add_argument('--warmup', type=float, default=5.0, help='seconds streamed before measuring (after first output)')
+    p.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu')
+    p.add_argument('--dtype', default='bf16', choices=('fp32', 'fp16', 'bf16'))
+    p.add_argument('--processing-res', type=int, default=768)
+    p.add_argument('--batch-size', type=int, default=4)
+    p.add_argument('--model-depth', default=None, help='depth model (hub id or folder); default random SD2 size')
+    p.add_argument('--ckpt-dir', type=Path, default=REPO / '.cache' / 'bench_ckpt')
+    p.add_argument('--startup-timeout', type=float, default=300.0, help='seconds for the nodes to load and answer')
+    p.add_argument('--domain', type=int, default=60, help='first ROS_DOMAIN_ID (one per run, counting up)')
+    p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/results/multicam_<dev>.json)')
+    p.add_argument('--tiny', action='store_true', help='CPU smoke test: tiny model, 160x120, short windows')
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.device, args.dtype, args.processing_res = 'cpu', 'fp32', 64
+        args.width, args.height = 160, 120
+        args.seconds, args.warmup, args.startup_timeout = min(args.seconds, 6.0), min(args.warmup, 2.0), 120.0
+    return args
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+def ros_env(domain: int) -> dict[str, str]:
+    """Loopback-only DDS with the project's Fast DDS profile, own domain (COMMON.md / ros2-from-pypi.md)."""
+    env = dict(os.environ)
+    env.update({
+        'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOCALHOST_ONLY': '1',
+        'FASTDDS_DEFAULT_PROFILES_FILE': str(REPO / 'config' / 'fastdds_localhost.xml'),
+        'ROS_DOMAIN_ID': str(domain), 'PYTHONUNBUFFERED': '1', 'RCUTILS_COLORIZED_OUTPUT': '0',
+        'HF_HUB_OFFLINE': '1',
+        'PYTHONPATH': os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH', '')) if p),
+    })
+    env.setdefault('ROS_LOG_DIR', str(Path(tempfile.gettempdir()) / 'geodiff_bench_logs'))
+    env.setdefault('HOME', tempfile.gettempdir())
+    return env
+
+
+def device_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {'python': platform.python_version(), 'cpu': platform.processor() or platform.machine(),
+                            'cpu_count': os.cpu_count()}
+    if device.startswith('cuda'):
+        import torch
+
+        index = int(device.split(':')[1]) if ':' in device else 0
+        props = torch.cuda.get_device_properties(index)
+        info.update(card=torch.cuda.get_device_name(index), memory_gib=round(props.total_memory / 2**30, 1),
+                    torch=torch.__version__, cuda=torch.version.cuda)
+    else:
+        info['card'] = f'CPU ({info["cpu"]}, {info["cpu_count"]} cores)'
+    return info
+
+
+def checkpoint(args: argparse.Namespace) -> str:
+    """The depth model the nodes load: given, tiny, or random full-size weights (bench_engine's writer)."""
+    if args.model_depth:
+        return args.model_depth
+    import torch
+    from bench_engine import write_checkpoints
+
+    folders = write_checkpoints(args.ckpt_dir, ['depth'], tiny=args.tiny, device=torch.device(args.device))
+    return str(folders['depth'])
+
+
+def gpu_memory_mib(pids: Sequence[int]) -> float | None:
+    """GPU memory used by these processes (nvidia-smi per-process accounting); None without a GPU tool."""
+    exe = shutil.which('nvidia-smi')
+    if exe is None:
+        return None
+    out = subprocess.run([exe, '--query-compute-apps=pid,used_memory', '--format=csv,noheader,nounits'],
+                         capture_output=True, text=True, check=False).stdout
+    used = {int(a): float(b) for a, b in (line.split(',') for line in out.strip().splitlines() if ',' in line)}
+    return sum(used.get(pid, 0.0) for pid in pids)
+
+
+def rss_mib(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+                if line.startswith('VmRSS:'):
+                    total += float(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+    return total
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+class Harness:
+    """Camera publishers and output subscribers on one rclpy node in its own context (a background executor)."""
+
+    def __init__(self, domain: int, names: list[str], width: int, height: int) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rclpy.signals import SignalHandlerOptions
+        from sensor_msgs.msg import CameraInfo, Image
+
+        from geodiff_ros.ros.conversions import numpy_to_image
+
+        for key, value in ros_env(domain).items():
+            if key.startswith(('ROS_', 'FASTDDS_')):
+                os.environ[key] = value
+        self.context = rclpy.context.Context()
+        rclpy.init(context=self.context, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node('bench_multicam', context=self.context)
+        self.names = names
+        self.lock = threading.Lock()
+        self.recv: dict[str, list[tuple[float, int]]] = {n: [] for n in names}  # (receive wall s, stamp ns)
+        self.sent: dict[str, int] = dict.fromkeys(names, 0)
+        self.diag: dict[str, dict[str, str]] = {}
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        rng = np.random.default_rng(0)
+        self.images, self.infos, self.pubs, self.info_pubs = {}, {}, {}, {}
+        for name in names:
+            # A textured frame per camera (noise + gradient), built once; only the stamp changes per publish.
+            rgb = (rng.integers(0, 64, (height, width, 3)) + np.linspace(0, 190, width)[None, :, None]).astype(np.uint8)
+            self.images[name] = numpy_to_image(rgb, 'rgb8')
+            self.images[name].header.frame_id = f'{name}_optical_frame'
+            info = CameraInfo(width=width, height=height, distortion_model='plumb_bob')
+            f = 0.9 * width
+            info.k = [f, 0.0, width / 2, 0.0, f, height / 2, 0.0, 0.0, 1.0]
+            info.p = [f, 0.0, width / 2, 0.0, 0.0, f, height / 2, 0.0, 0.0, 0.0, 1.0, 0.0]
+            info.header.frame_id = f'{name}_optical_frame'
+            self.infos[name] = info
+            self.pubs[name] = self.node.create_publisher(Image, f'/{name}/image', qos_profile_sensor_data)
+            self.info_pubs[name] = self.node.create_publisher(CameraInfo, f'/{name}/camera_info',
+                                                              qos_profile_sensor_data)
+            self.node.create_subscription(Image, f'/{name}/depth/relative',
+                                          lambda msg, n=name: self._on_output(n, msg), reliable)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, reliable)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._spin = threading.Thread(target=self._spin_forever, daemon=True)
+        self._spin.start()
+        self._stop = threading.Event()
+        self._pub_thread: threading.Thread | None = None
+
+    def _spin_forever(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception:  # noqa: BLE001 - context shut down by close()
+            pass
+
+    def _on_output(self, name: str, msg: Any) -> None:
+        stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+        with self.lock:
+            self.recv[name].append((time.time(), stamp))
+
+    def _on_diag(self, msg: Any) -> None:
+        with self.lock:
+            for status in msg.status:
+                self.diag[status.name] = {kv.key: kv.value for kv in status.values}
+
+    def start_streaming(self, hz: float) -> None:
+        """Publish every camera at ``hz`` with phases spread over the period (free-running cameras)."""
+        period = 1.0 / hz
+        n = len(self.names)
+
+        def run() -> None:
+            t0 = time.monotonic()
+            k = 0
+            while not self._stop.is_set():
+                for i, name in enumerate(self.names):
+                    due = t0 + k * period + i * period / n
+                    delay = due - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return
+                    stamp = time.time_ns()
+                    img, info = self.images[name], self.infos[name]
+                    img.header.stamp.sec, img.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+                    info.header.stamp = img.header.stamp
+                    self.info_pubs[name].publish(info)
+                    self.pubs[name].publish(img)
+                    self.sent[name] += 1
+                k += 1
+
+        self._pub_thread = threading.Thread(target=run, daemon=True)
+        self._pub_thread.start()
+
+    def wait_ready(self, timeout: float, procs: Sequence[subprocess.Popen]) -> bool:
+        """Until every camera produced an output (models loaded, endpoints matched)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(self.recv[n] for n in self.names):
+                    return True
+            if any(p.poll() is not None for p in procs):
+                return False
+            time.sleep(0.1)
+        return False
+
+    def window(self, seconds: float) -> tuple[dict[str, list[tuple[float, int]]], dict[str, int], float]:
+        """Outputs received and frames sent during the next ``seconds``."""
+        with self.lock:
+            start_recv = {n: len(v) for n, v in self.recv.items()}
+            start_sent = dict(self.sent)
+        t0 = time.time()
+        time.sleep(seconds)
+        with self.lock:
+            got = {n: list(v[start_recv[n]:]) for n, v in self.recv.items()}
+            sent = {n: self.sent[n] - start_sent[n] for n in self.names}
+        return got, sent, time.time() - t0
+
+    def close(self) -> None:
+        import rclpy
+
+        self._stop.set()
+        if self._pub_thread is not None:
+            self._pub_thread.join(2.0)
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._spin.join(2.0)
+
+
+def start_nodes(mode: str, names: list[str], args: argparse.Namespace, model: str, domain: int,
+                log_dir: Path) -> list[subprocess.Popen]:
+    common = ['-p', f'model_depth:={model}', '-p', "model_normals:=''", '-p', 'tasks:=[depth]',
+              '-p', f'device:={args.device}', '-p', f'dtype:={args.dtype}',
+              '-p', f'processing_res:={args.processing_res}', '-p', f'batch_size:={args.batch_size}',
+              '-p', 'diagnostics_period:=1.0', '-p', 'local_files_only:=true']
+    base = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args', '--params-file',
+            str(REPO / 'config' / 'geodiff.yaml'), *common]
+    if mode == 'multi':
+        cmds = [(f'multi{len(names)}', [*base, '-p', f'cameras:=[{",".join(names)}]'])]
+    else:
+        cmds = [(f'sep{len(names)}_{n}', [*base, '-r', f'__ns:=/{n}', '-r', f'__node:=geodiff_{n}'])
+                for n in names]
+    procs = []
+    for tag, cmd in cmds:
+        log = open(log_dir / f'{tag}.log', 'wb')  # noqa: SIM115 - kept open for the child's lifetime
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=ros_env(domain), stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop_nodes(procs: Sequence[subprocess.Popen]) -> list[int | None]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(10.0))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            codes.append(None)
+    return codes
+
+
+def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int, log_dir: Path) -> dict[str, Any]:
+    names = [f'cam{i}' for i in range(n)]
+    harness = Harness(domain, names, args.width, args.height)
+    procs = start_nodes(mode, names, args, model, domain, log_dir)
+    row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs)}
+    try:
+        harness.start_streaming(args.hz)
+        t_start = time.monotonic()
+        if not harness.wait_ready(args.startup_timeout, procs):
+            row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+            return row
+        row['startup_s'] = round(time.monotonic() - t_start, 1)
+        time.sleep(args.warmup)
+        got, sent, span = harness.window(args.seconds)
+        pids = [p.pid for p in procs]
+        row['gpu_mem_mib'] = gpu_memory_mib(pids) if args.device.startswith('cuda') else None
+        row['rss_mib'] = round(rss_mib(pids), 1)
+        time.sleep(1.2)  # one more /diagnostics period
+        with harness.lock:
+            diag = dict(harness.diag)
+    finally:
+        harness.close()
+        row['exit_codes'] = stop_nodes(procs)
+    per_cam = {}
+    all_lat = []
+    for name in names:
+        lat_ms = [(t - s * 1e-9) * 1e3 for t, s in got[name]]
+        all_lat += lat_ms
+        per_cam[name] = {'input_hz': sent[name] / span, 'output_hz': len(got[name]) / span,
+                         'latency_p50_ms': float(np.percentile(lat_ms, 50)) if lat_ms else None,
+                         'latency_p95_ms': float(np.percentile(lat_ms, 95)) if lat_ms else None}
+    rates = [c['output_hz'] for c in per_cam.values()]
+    row.update({
+        'per_camera': per_cam,
+        'output_hz_mean': float(np.mean(rates)), 'output_hz_min': float(np.min(rates)),
+        'input_hz_mean': float(np.mean([c['input_hz'] for c in per_cam.values()])),
+        'latency_p50_ms': float(np.percentile(all_lat, 50)) if all_lat else None,
+        'latency_p95_ms': float(np.percentile(all_lat, 95)) if all_lat else None,
+    })
+    for name in names:  # the node's own counters: frames it received, dropped (mailbox overwrite), processed
+        status = next((v for k, v in diag.items() if k.endswith(f': {name}') or k == f'geodiff_{name}: pipeline'),
+                      None)
+        if status:
+            per_cam[name].update({k: int(status[k]) for k in ('received', 'dropped', 'processed')})
+    sched = next((v for k, v in diag.items() if k.endswith(': scheduler')), None)
+    if sched:
+        row['frames_per_pass'] = float(sched['frames_per_pass'])
+        row['max_batch'] = int(sched['max_batch'])
+    return row
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def _f(value: Any, spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def table(result: dict[str, Any]) -> str:
+    head = ['mode', 'cams', 'in Hz/cam', 'out Hz/cam (mean)', 'out Hz/cam (min)', 'p50 ms', 'p95 ms',
+            'GPU MiB', 'RSS MiB', 'frames/pass']
+    rows = [head]
+    for r in result['runs']:
+        if 'error' in r:
+            rows.append([r['mode'], str(r['cameras']), r['error'], *[''] * (len(head) - 3)])
+            continue
+        rows.append([r['mode'], str(r['cameras']), _f(r['input_hz_mean'], '.1f'), _f(r['output_hz_mean'], '.1f'),
+                     _f(r['output_hz_min'], '.1f'), _f(r['latency_p50_ms'], '.0f'), _f(r['latency_p95_ms'], '.0f'),
+                     _f(r['gpu_mem_mib'], '.0f'), _f(r['rss_mib'], '.0f'), _f(r.get('frames_per_pass'), '.2f')])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + ' |' for row in rows]
+    lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    s = result['settings']
+    title = (f"{result['device']['card']}: {s['width']}x{s['height']} @ {s['hz']:g} Hz per camera, "
+             f"processing_res {s['processing_res']}, {s['dtype']}, batch_size {s['batch_size']}, "
+             f"{s['seconds']:g} s window")
+    return title + '\n' + '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    model = checkpoint(args) if not args.tiny else _tiny_model()
+    log_dir = Path(tempfile.mkdtemp(prefix='bench_multicam_'))
+    result: dict[str, Any] = {
+        'device': device_info(args.device),
+        'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        'model_depth': model, 'runs': [],
+    }
+    domain = args.domain
+    for n in args.cameras:
+        for mode in args.modes:
+            LOG.info('run: %s, %d camera(s)', mode, n)
+            row = run_one(mode, n, args, model, domain, log_dir)
+            LOG.info('  %s', {k: v for k, v in row.items() if k != 'per_camera'})
+            result['runs'].append(row)
+            domain = domain + 1 if domain < 100 else 1
+    text = table(result)
+    print(text)  # noqa: T201 - the benchmark's report
+    card = result['device']['card'].split(' (')[0].replace(' ', '_').lower()
+    out = args.out or REPO / 'benchmarks' / 'results' / f'multicam_{card}{"_tiny" if args.tiny else ""}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result['table'] = text
+    out.write_text(json.dumps(result, indent=1, default=str))
+    LOG.info('wrote %s (node logs in %s)', out, log_dir)
+    return 0 if all('error' not in r for r in result['runs']) else 1
+
+
+def _tiny_model() -> str:
+    from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix='bench_multicam_ckpt_')) / 'tiny-e2e-ft-depth'
+    return str(write_tiny_checkpoint(folder, 'depth'))
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
