@@ -73,8 +73,11 @@ class NodeProcess:
     """The geodiff node started as ``python -m geodiff_ros.ros.node`` with the config file and overrides."""
 
     def __init__(self, domain_id: int, params: dict[str, Any], log_path: Path,
-                 remaps: dict[str, str] | None = None, params_file: Path | None = PARAMS_FILE) -> None:
-        cmd = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args']
+                 remaps: dict[str, str] | None = None, params_file: Path | None = PARAMS_FILE,
+                 program: list[str] | None = None, extra_env: dict[str, str] | None = None) -> None:
+        """``program`` replaces ``-m geodiff_ros.ros.node`` (e.g. :func:`wrapped_node_program`); ``extra_env`` is
+        added to the ROS environment of the subprocess."""
+        cmd = [sys.executable, *(program or ['-m', 'geodiff_ros.ros.node']), '--ros-args']
         if params_file is not None:
             cmd += ['--params-file', str(params_file)]
         for name, value in params.items():
@@ -83,13 +86,18 @@ class NodeProcess:
             cmd += ['-r', f'{src}:={dst}']
         self.log_path = log_path
         self._log = open(log_path, 'wb')  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=ros_env(domain_id), stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        env = ros_env(domain_id)
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors='replace')
+
+    def log_since(self, mark: int) -> str:
+        """Log text written after ``mark`` (a previous ``len(self.log())``)."""
+        return self.log()[mark:]
 
     def wait_for_log(self, text: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -135,6 +143,7 @@ class Collector:
         rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(name, context=self.context)
         self.msgs: dict[str, list[Any]] = defaultdict(list)
+        self.arrivals: dict[str, list[float]] = defaultdict(list)  # time.monotonic() of each message in msgs
         self._lock = threading.Lock()
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self.node)
@@ -156,8 +165,10 @@ class Collector:
                          else ReliabilityPolicy.BEST_EFFORT)
 
         def store(msg: Any, topic: str = topic) -> None:
+            now = time.monotonic()
             with self._lock:
                 self.msgs[topic].append(msg)
+                self.arrivals[topic].append(now)
 
         self.node.create_subscription(msg_type, topic, store, qos)
 
@@ -172,9 +183,15 @@ class Collector:
         with self._lock:
             return list(self.msgs[topic])
 
+    def get_timed(self, topic: str) -> list[tuple[float, Any]]:
+        """(arrival time.monotonic(), message) pairs of ``topic`` in arrival order."""
+        with self._lock:
+            return list(zip(self.arrivals[topic], self.msgs[topic], strict=True))
+
     def clear(self) -> None:
         with self._lock:
             self.msgs.clear()
+            self.arrivals.clear()
 
     def wait_for(self, topic: str, count: int = 1, timeout: float = 20.0,
                  where: Callable[[Any], bool] | None = None) -> list[Any]:
@@ -309,3 +326,100 @@ def set_parameters(collector: Collector, node_name: str, values: dict[str, Any],
 def diagnostics_values(msg: Any) -> dict[str, str]:
     """key -> value of the first status in a DiagnosticArray."""
     return {kv.key: kv.value for kv in msg.status[0].values}
+
+
+# ---------------------------------------------------------------------------------------------- reliability
+
+# The node run through a small test-only wrapper (``python -c``), so the reliability tests can inject faults and
+# observe shutdown without any hook in product code. Controlled by environment variables of the subprocess:
+#   GEODIFF_TEST_LOG_THROTTLE_S  shorter throttle for per-frame warnings, so consecutive fault cases each log
+#   GEODIFF_TEST_OOM_EVERY=N     GeoDiffEngine.predict raises torch.cuda.OutOfMemoryError on every N-th call
+# and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
+# exits, so a test can check that no worker thread was left behind.
+_WRAPPER = r'''
+import importlib, json, os, sys, threading
+import geodiff_ros.ros.node as node_mod
+
+throttle = os.environ.get('GEODIFF_TEST_LOG_THROTTLE_S')
+if throttle:
+    patched = []
+    for name in ('geodiff_ros.ros.node', 'geodiff_ros.ros.camera'):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr in ('_THROTTLE_S', 'THROTTLE_S'):
+            if hasattr(mod, attr):
+                setattr(mod, attr, float(throttle))
+                patched.append(f'{name}.{attr}')
+    if not patched:
+        raise SystemExit('test wrapper: no log throttle constant found in geodiff_ros.ros.node/camera; '
+                         'update _WRAPPER in test/ros_helpers.py')
+
+every = int(os.environ.get('GEODIFF_TEST_OOM_EVERY', '0') or 0)
+if every:
+    import torch
+    from geodiff_ros.engine import GeoDiffEngine
+
+    real_predict = GeoDiffEngine.predict
+    calls = [0]
+    lock = threading.Lock()
+
+    def predict(self, *args, **kwargs):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n % every == 0:
+            raise torch.cuda.OutOfMemoryError(
+                f'CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test wrapper, call {n})')
+        return real_predict(self, *args, **kwargs)
+
+    GeoDiffEngine.predict = predict
+
+real_exit = os._exit
+
+
+def report_and_exit(code):
+    alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive())
+    sys.stderr.write(f'GEODIFF_TEST_THREADS_AT_EXIT {json.dumps(alive)}\n')
+    sys.stderr.flush()
+    real_exit(code)
+
+
+os._exit = report_and_exit
+code = node_mod.main()
+report_and_exit(int(code or 0))
+'''
+
+
+def wrapped_node_program() -> list[str]:
+    """``program`` argument of :class:`NodeProcess` that runs ``node.main()`` inside the test wrapper."""
+    return ['-c', _WRAPPER]
+
+
+def threads_at_exit(log: str) -> list[str] | None:
+    """Thread names the wrapper reported alive at exit (main thread excluded), None if it never reported."""
+    for line in reversed(log.splitlines()):
+        if line.startswith('GEODIFF_TEST_THREADS_AT_EXIT '):
+            return list(json.loads(line.split(' ', 1)[1]))
+    return None
+
+
+def process_stats(pid: int) -> dict[str, int]:
+    """Resident memory (kB, VmRSS), thread count and open file descriptors of a live process (Linux /proc)."""
+    status = Path(f'/proc/{pid}/status').read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith('VmRSS:'))
+    return {
+        'rss_kb': rss,
+        'threads': len(os.listdir(f'/proc/{pid}/task')),
+        'fds': len(os.listdir(f'/proc/{pid}/fd')),
+    }
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc), to check that a node leaves no process behind."""
+    children = Path(f'/proc/{pid}/task/{pid}/children')
+    try:
+        return [int(p) for p in children.read_text().split()]
+    except OSError:
+        return []
