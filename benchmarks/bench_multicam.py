@@ -65,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--startup-timeout', type=float, default=300.0, help='seconds for the nodes to load and answer')
     p.add_argument('--domain', type=int, default=60, help='first ROS_DOMAIN_ID (one per run, counting up)')
     p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/results/multicam_<dev>.json)')
+    p.add_argument('--no-camera-info', action='store_true',
+                   help='publish images only (halves the node\'s input callbacks; no depth/camera_info)')
     p.add_argument('--tiny', action='store_true', help='CPU smoke test: tiny model, 160x120, short windows')
     args = p.parse_args(argv)
     if args.tiny:
@@ -209,7 +211,7 @@ class Harness:
             for status in msg.status:
                 self.diag[status.name] = {kv.key: kv.value for kv in status.values}
 
-    def start_streaming(self, hz: float) -> None:
+    def start_streaming(self, hz: float, camera_info: bool = True) -> None:
         """Publish every camera at ``hz`` with phases spread over the period (free-running cameras)."""
         period = 1.0 / hz
         n = len(self.names)
@@ -227,7 +229,8 @@ class Harness:
                     img, info = self.images[name], self.infos[name]
                     img.header.stamp.sec, img.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
                     info.header.stamp = img.header.stamp
-                    self.info_pubs[name].publish(info)
+                    if camera_info:
+                        self.info_pubs[name].publish(info)
                     self.pubs[name].publish(img)
                     self.sent[name] += 1
                 k += 1
@@ -312,7 +315,7 @@ def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int
     procs = start_nodes(mode, names, args, model, domain, log_dir)
     row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs)}
     try:
-        harness.start_streaming(args.hz)
+        harness.start_streaming(args.hz, camera_info=not args.no_camera_info)
         t_start = time.monotonic()
         if not harness.wait_ready(args.startup_timeout, procs):
             row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
