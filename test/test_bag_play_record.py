@@ -28,6 +28,9 @@ from geodiff_ros.ros.conversions import numpy_to_image  # noqa: E402
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 
 DOMAIN = module_domain_id(61)
+# Test runs of other checkouts on this machine may share a domain by chance: keep our topic names our own.
+NS = f'/bagtest_{os.getpid()}'
+CAM, INFO, RATE, LOOP = f'{NS}/cam/image', f'{NS}/cam/camera_info', f'{NS}/rate/image', f'{NS}/loop/image'
 
 
 def _env() -> dict[str, str]:
@@ -68,14 +71,15 @@ def vga_bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_best_effort_play_loses_nothing_and_sends_the_bag_bytes(col: Collector, vga_bag: Path) -> None:
     raw_images: list[bytes] = []
-    col.node.create_subscription(Image, '/cam/image', raw_images.append,
+    col.node.create_subscription(Image, CAM, raw_images.append,
                                  QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT), raw=True)
-    col.subscribe(CameraInfo, INFO_TOPIC, reliable=False)
+    col.subscribe(CameraInfo, INFO, reliable=False)
     proc = _bag_tool('play', str(vga_bag), '--qos', 'best_effort', '--topics', IMAGE_TOPIC, INFO_TOPIC,
-                     '--remap', f'{IMAGE_TOPIC}:=/cam/image', '--wait-subscribers', '1', '--wait-timeout', '20')
+                     '--remap', f'{IMAGE_TOPIC}:={CAM}', f'{INFO_TOPIC}:={INFO}', '--wait-subscribers', '1',
+                     '--wait-timeout', '20')
     code, out, err = _finish(proc)
     assert code == 0, err
-    infos = col.wait_for(INFO_TOPIC, 4, timeout=10.0)
+    infos = col.wait_for(INFO, 4, timeout=10.0)
     deadline = time.monotonic() + 5.0
     while len(raw_images) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -85,24 +89,24 @@ def test_best_effort_play_loses_nothing_and_sends_the_bag_bytes(col: Collector, 
         info0 = bag.deserialize(next(iter(bag.messages([INFO_TOPIC]))))
     assert raw_images == stored  # the bag's CDR went out unchanged (byte for byte, padding included)
     assert list(infos[0].k) == list(info0.k) and infos[0].header.frame_id == info0.header.frame_id
-    assert '/cam/image' in out and 'published' in out
-    assert not col.get(DEPTH_TOPIC)  # --topics left it out
+    assert CAM in out and 'published' in out
+    assert DEPTH_TOPIC not in out  # --topics left it out
 
 
 def test_rate_and_loop(col: Collector, tmp_path: Path) -> None:
     bag = write_synthetic_bag(tmp_path / 'b', frames=4, period_s=0.2)  # 0.6 s of bag time
-    col.subscribe(Image, '/rate/image')
+    col.subscribe(Image, RATE)
     arrivals: list[float] = []
-    proc = _bag_tool('play', str(bag), '--topics', IMAGE_TOPIC, '--remap', f'{IMAGE_TOPIC}:=/rate/image',
+    proc = _bag_tool('play', str(bag), '--topics', IMAGE_TOPIC, '--remap', f'{IMAGE_TOPIC}:={RATE}',
                      '--rate', '0.5', '--wait-subscribers', '1')
     code, _, err = _finish(proc)
     assert code == 0, err
-    msgs = col.wait_for('/rate/image', 4, timeout=5.0)
+    msgs = col.wait_for(RATE, 4, timeout=5.0)
     assert len(msgs) == 4
     # at half speed the 0.6 s of bag time take 1.2 s; receive times are not kept by Collector, so replay again
     # with a probe that timestamps arrivals
-    col.node.create_subscription(Image, '/loop/image', lambda _m: arrivals.append(time.monotonic()), 10)
-    proc = _bag_tool('play', str(bag), '--topics', IMAGE_TOPIC, '--remap', f'{IMAGE_TOPIC}:=/loop/image',
+    col.node.create_subscription(Image, LOOP, lambda _m: arrivals.append(time.monotonic()), 10)
+    proc = _bag_tool('play', str(bag), '--topics', IMAGE_TOPIC, '--remap', f'{IMAGE_TOPIC}:={LOOP}',
                      '--rate', '0.5', '--loop', '--wait-subscribers', '1')
     deadline = time.monotonic() + 40.0
     while len(arrivals) < 6 and time.monotonic() < deadline and proc.poll() is None:
@@ -141,7 +145,7 @@ def test_play_input_errors_exit_2(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(('storage', 'stop'), [('sqlite3', 'count'), ('mcap', 'sigint')])
 def test_record_stores_what_was_published(col: Collector, tmp_path: Path, storage: str, stop: str) -> None:
-    image_topic, info_topic = f'/rec_{storage}/image', f'/rec_{storage}/camera_info'
+    image_topic, info_topic = f'{NS}/rec_{storage}/image', f'{NS}/rec_{storage}/camera_info'
     pub_img = col.publisher(Image, image_topic, reliable=False)  # a best-effort camera
     pub_info = col.publisher(CameraInfo, info_topic)
     out = tmp_path / 'rec'

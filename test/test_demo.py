@@ -21,6 +21,7 @@ from ros_helpers import REPO, module_domain_id  # noqa: E402
 from geodiff_ros.ros.bag_io import open_bag  # noqa: E402
 
 DOMAIN = module_domain_id(73)
+NS = f'/geodiff_demo_test_{os.getpid()}'  # our own topics even if another test run shares the domain
 
 
 def _user_env() -> dict[str, str]:
@@ -41,7 +42,7 @@ def _demo(*args: str, timeout: float = 120.0) -> tuple[subprocess.CompletedProce
 
 def test_demo_tiny_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / 'run'
-    proc, seconds = _demo('--tiny', '--out', str(out))
+    proc, seconds = _demo('--tiny', '--out', str(out), '--namespace', NS)
     assert proc.returncode == 0, f'stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}'
     assert seconds < 60.0
     # loopback DDS set up by the demo itself, for itself and the node
@@ -49,7 +50,7 @@ def test_demo_tiny_end_to_end(tmp_path: Path) -> None:
     assert 'FASTRTPS_DEFAULT_PROFILES_FILE=' in proc.stderr and 'fastdds_localhost.xml' in proc.stderr
 
     summary = json.loads((out / 'summary.json').read_text())
-    topics = summary['topics']
+    topics = {t.removeprefix(NS): row for t, row in summary['topics'].items()}
     assert topics['/depth/relative']['encodings'] == '32FC1' and topics['/normals/image']['encodings'] == '32FC3'
     assert topics['/depth/image']['encodings'] == '32FC1'  # metric depth from the sparsified depth camera
     assert topics['/points']['encodings'].startswith('x,y,z,rgb')
@@ -61,11 +62,11 @@ def test_demo_tiny_end_to_end(tmp_path: Path) -> None:
     assert summary['scale_median'] is not None and summary['latency_p50_s'] > 0
     for topic in ('/depth/relative', '/depth/image', '/depth/camera_info', '/normals/image', '/points'):
         assert topics[topic]['count'] == n_out, topic
-        assert topic in proc.stdout  # the printed table
+        assert NS + topic in proc.stdout  # the printed table
     with open_bag(out / 'outputs') as bag:  # the recorded mcap reads back with the right types
         assert bag.storage == 'mcap'
-        assert bag.topics['/points'].msgtype == 'sensor_msgs/msg/PointCloud2'
-        assert bag.topics['/depth/camera_info'].count == n_out
+        assert bag.topics[f'{NS}/points'].msgtype == 'sensor_msgs/msg/PointCloud2'
+        assert bag.topics[f'{NS}/depth/camera_info'].count == n_out
 
 
 def test_demo_without_weights_says_how_to_get_them(tmp_path: Path) -> None:

@@ -33,12 +33,13 @@ except ImportError as err:
                 'scenario runs as plain pytest in test/test_bag_replay.py', allow_module_level=True)
 
 from ros_helpers import REPO, module_domain_id  # noqa: E402
-from test_bag_replay import NODE_PARAMS, SPARSE, check_two_pass, replay_env  # noqa: E402
+from test_bag_replay import NODE_PARAMS, check_two_pass, inputs_in, replay_env  # noqa: E402
 
-from geodiff_ros.ros.demo import IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
+from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
 DOMAIN = module_domain_id(79)
+NS = f'/geodiff_launch_{os.getpid()}'  # our own topics even if another run shares the domain
 
 
 def _player_cmd(bag: Path, remaps: dict[str, str]) -> list[str] | None:
@@ -46,10 +47,8 @@ def _player_cmd(bag: Path, remaps: dict[str, str]) -> list[str] | None:
     if shutil.which('ros2') is None or importlib.util.find_spec('rosbag2_py') is None:
         return None
     # rosbag2 cannot wait for subscribers: --delay gives discovery time so best-effort inputs are not lost
-    cmd = ['ros2', 'bag', 'play', str(bag), '--delay', '2.0', '--topics', IMAGE_TOPIC, INFO_TOPIC, *remaps]
-    if remaps:
-        cmd += ['--remap', *(f'{a}:={b}' for a, b in remaps.items())]
-    return cmd
+    return ['ros2', 'bag', 'play', str(bag), '--delay', '2.0', '--topics', *remaps,
+            '--remap', *(f'{a}:={b}' for a, b in remaps.items())]
 
 
 @pytest.mark.launch_test
@@ -64,12 +63,13 @@ def generate_test_description() -> tuple[LaunchDescription, dict]:
     lines = ['/**:', '  ros__parameters:', f'    model_depth: "{depth}"', f'    model_normals: "{normals}"']
     lines += [f'    {name}: {value}' for name, value in NODE_PARAMS.items()]
     params.write_text('\n'.join(lines) + '\n')
-    bag = write_synthetic_bag(tmp / 'synth', frames=3, width=160, height=120)
+    bag = write_synthetic_bag(tmp / 'synth', frames=3, width=160, height=120, period_s=1.0)  # see test_bag_replay
     description = LaunchDescription([
         IncludeLaunchDescription(
             PythonLaunchDescriptionSource(str(REPO / 'launch' / 'depth.launch.py')),
-            launch_arguments={'params_file': str(params), 'image': IMAGE_TOPIC, 'camera_info': INFO_TOPIC,
-                              'sparse_depth': SPARSE}.items()),
+            launch_arguments={'params_file': str(params), 'namespace': NS, 'image': inputs_in(NS)[IMAGE_TOPIC],
+                              'camera_info': inputs_in(NS)[INFO_TOPIC],
+                              'sparse_depth': inputs_in(NS)[DEPTH_TOPIC]}.items()),
         launch_testing.actions.ReadyToTest(),
     ])
     return description, {'tmp': tmp, 'bag': bag}
@@ -80,7 +80,7 @@ class TestDepthLaunch(unittest.TestCase):
 
     def test_bag_through_launched_node(self, proc_output: object, tmp: Path, bag: Path) -> None:
         proc_output.assertWaitFor('active: listening on', timeout=120)
-        check_two_pass(DOMAIN, tmp, bag, player_cmd=_player_cmd)  # pass 2 plays DEPTH_TOPIC remapped to SPARSE
+        check_two_pass(DOMAIN, tmp, bag, NS, player_cmd=_player_cmd)
 
 
 @launch_testing.post_shutdown_test()

@@ -237,7 +237,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float('nan')
 
 
-def _summarise(out_bag: Path, dense: dict[int, np.ndarray], sent: dict[int, float],
+def _summarise(out_bag: Path, ns: str, dense: dict[int, np.ndarray], sent: dict[int, float],
                received: dict[int, float], kept_masks: dict[int, np.ndarray]) -> dict[str, Any]:
     """Read the recorded outputs back: per-topic table, metric scale, accuracy on held-out depth, latency."""
     from geodiff_ros.ros.bag_io import open_bag
@@ -255,9 +255,9 @@ def _summarise(out_bag: Path, dense: dict[int, np.ndarray], sent: dict[int, floa
             if raw.msgtype == 'sensor_msgs/msg/Image':
                 row['encodings'].add(msg.encoding)
                 row['size'] = f'{msg.width}x{msg.height}'
-                if raw.topic == '/depth/relative':
+                if raw.topic == f'{ns}/depth/relative':
                     relative[stamp] = image_to_numpy(msg)
-                elif raw.topic == '/depth/image':
+                elif raw.topic == f'{ns}/depth/image':
                     metric[stamp] = image_to_numpy(msg)
             elif raw.msgtype == 'sensor_msgs/msg/PointCloud2':
                 row['encodings'].add(','.join(f.name for f in msg.fields))
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = parser.add_mutually_exclusive_group()
     src.add_argument('--bag', type=Path, help='recorded bag to play (directory or .mcap / .db3)')
     src.add_argument('--live', action='store_true', help='use live topics instead of a bag')
+    parser.add_argument('--namespace', default='',
+                        help='run the node and its topics in this namespace (several demos side by side)')
     parser.add_argument('--image-topic', default=IMAGE_TOPIC)
     parser.add_argument('--camera-info-topic', default=INFO_TOPIC)
     parser.add_argument('--depth-topic', default=DEPTH_TOPIC,
@@ -418,10 +420,20 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
                         ('allow_cpu_fallback', str(args.allow_cpu_fallback).lower()),
                         ('local_files_only', str(args.local_files_only).lower())):
         cmd += ['-p', f'{name}:={value}']
-    cmd += ['-r', f'image:={args.image_topic}', '-r', f'camera_info:={args.camera_info_topic}']
+    # Inputs: live topics as they are; a bag's topics are remapped by the player onto the node's inputs.
+    ns = '/' + args.namespace.strip('/') if args.namespace.strip('/') else ''
     use_depth = bool(args.depth_topic)
+    if bag_path is not None and ns:
+        image_in, info_in, sparse_in = f'{ns}/image', f'{ns}/camera_info', f'{ns}/sparse_depth'
+    elif bag_path is not None:
+        image_in, info_in, sparse_in = args.image_topic, args.camera_info_topic, SPARSE_TOPIC
+    else:
+        image_in, info_in, sparse_in = args.image_topic, args.camera_info_topic, args.depth_topic
+    if ns:
+        cmd += ['-r', f'__ns:={ns}']
+    cmd += ['-r', f'image:={image_in}', '-r', f'camera_info:={info_in}']
     if use_depth:
-        cmd += ['-r', f'sparse_depth:={SPARSE_TOPIC if bag_path is not None else args.depth_topic}']
+        cmd += ['-r', f'sparse_depth:={sparse_in}']
     LOG.info('starting the node: depth=%s normals=%s device=%s dtype=%s processing_res=%s', depth_model,
              normals_model, device, dtype, processing_res)
     node_proc = _NodeProcess(cmd, out_dir / 'node.log')
@@ -466,12 +478,12 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
     node_counts: dict[str, int] = {}
 
     def on_output(topic: str, data: bytes) -> None:
-        if topic == '/depth/relative':  # latency probe on the raw bytes
+        if topic == f'{ns}/depth/relative':  # latency probe on the raw bytes
             received.setdefault(_cdr_stamp(data), time.monotonic())
         elif topic == '/diagnostics':  # the node's own frame counters say when it is done
             node_counts.update(_pipeline_counts(data))
 
-    recorder = Recorder(node, writer, list(OUTPUTS) + ['/diagnostics'], on_message=on_output)
+    recorder = Recorder(node, writer, [ns + o for o in OUTPUTS] + ['/diagnostics'], on_message=on_output)
     spinner.start()
     play_stats = None
     try:
@@ -495,11 +507,12 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
                     return bytes(bag.typestore.serialize_cdr(out, 'sensor_msgs/msg/Image'))
 
                 def on_publish(topic: str, raw: Any) -> None:
-                    if topic == args.image_topic:
+                    if topic == image_in:
                         sent.setdefault(_cdr_stamp(bytes(raw.data[:12])), time.monotonic())
 
                 opts = PlayOptions(rate=args.rate, loop=args.loops > 1, max_loops=max(1, args.loops), topics=topics,
-                                   remaps={args.depth_topic: SPARSE_TOPIC} if use_depth else {},
+                                   remaps={args.image_topic: image_in, args.camera_info_topic: info_in,
+                                           **({args.depth_topic: sparse_in} if use_depth else {})},
                                    wait_subscribers=1, wait_timeout=15.0,
                                    transforms={args.depth_topic: sparsify} if use_depth else {},
                                    on_publish=on_publish)
@@ -532,11 +545,11 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
         rclpy.try_shutdown(context=context)
         node_code, node_stop_s = node_proc.stop()
 
-    summary = _summarise(out_bag, dense, sent, received, kept_masks)
+    summary = _summarise(out_bag, ns, dense, sent, received, kept_masks)
     summary.update({'node_counts': dict(node_counts), 'node_exit': node_code, 'node_stop_s': node_stop_s,
                     'bag': str(out_bag),
                     'input': str(bag_path) if bag_path else f'live {args.image_topic}', 'tiny': args.tiny,
-                    'node_log': str(node_proc.log_path),
+                    'node_log': str(node_proc.log_path), 'namespace': ns,
                     'play_damage': play_stats.damage if play_stats else None})
     (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
