@@ -2,18 +2,20 @@
 
 Chosen with ``EngineConfig.optimize``; "none" keeps the official eager path in core.py. Each mode adds:
 
-    channels_last   NHWC weights and activations, cudnn.benchmark (static shapes: the algorithm search runs once
-                    per shape), the VAE called as encoder -> quant_conv -> first half of the moments (the posterior
-                    mean that spec A.1-7 uses, without building the distribution), pinned host buffers and one
-                    asynchronous device-to-host copy per output
+    channels_last   NHWC weights and activations; cudnn.benchmark over all algorithms (static shapes: the search
+                    runs once per shape; a process-wide setting); the VAE called as encoder -> quant_conv -> first
+                    half of the moments (the posterior mean of spec A.1-7, without building the distribution);
+                    pinned host buffers and one asynchronous device-to-host copy per output
     graph           channels_last + the whole frame (upload .. resize back) captured once per input shape and task
                     set in one CUDA graph and replayed: no Python or kernel-launch cost per frame
     compile         channels_last + torch.compile (inductor, static shapes) of VAE encoder, UNet(s) and VAE decoder:
-                    GroupNorm+SiLU and element-wise chains fused into single kernels
+                    GroupNorm+SiLU and element-wise chains fused into single kernels; the VAE's GroupNorm statistics
+                    from per-channel sums (same maths, reads NHWC memory at full speed)
     compile+graph   both
 
-Numerics: the same operations in the same order and dtype as core.py; results differ only through kernel choice
-(cuDNN algorithms, inductor's fused reductions). benchmarks/bench_engine.py reports the difference to fp32 eager.
+Numerics: the same operations in the same dtype as core.py; results differ only through kernel choice and summation
+order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). benchmarks/bench_engine.py reports the
+difference to fp32 eager (H100 fp16: within the eager fp16 error, see benchmarks/README.md).
 
 Start-up: the first frame of a new input size compiles (minutes for the full-size model) and/or captures (seconds).
 Call ``GeoDiffEngine.warmup`` before serving. Inductor keeps its compiled kernels on disk: set
@@ -39,6 +41,12 @@ LOG = logging.getLogger(__name__)
 
 OPTIMIZE_MODES = ("none", "channels_last", "graph", "compile", "compile+graph")
 MAX_GRAPHS = 4  # captured (shape, tasks) combinations kept; each holds its own activation memory
+# Compiled modes only: VAE GroupNorm statistics from per-channel sums (see _ChannelSumGroupNorm). Read when an
+# Accelerator is built. H100 fp16 compile+graph: depth 30.8 -> 27.0 ms, depth+normals 54.3 -> 47.1 ms, accuracy
+# against fp32 unchanged (benchmarks/README.md, results/engine_h100_fp16_exp_*.json).
+VAE_CHANNEL_SUM_GROUPNORM = True
+# cuDNN algorithms tried per convolution shape when benchmarking (0 = all): 27.0 -> 26.4 ms on the same H100.
+CUDNN_BENCHMARK_LIMIT = 0
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,9 @@ class Accelerator:
         self._lock = threading.Lock()
         if is_cuda and self.settings.channels_last:
             # Static shapes: cuDNN tries its algorithms once per convolution shape and keeps the fastest.
+            # Process-wide settings: other models in this process benchmark their convolutions too.
             torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark_limit = CUDNN_BENCHMARK_LIMIT
         memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         self._memory_format = memory_format
         vaes: dict[str | None, Any] = {None: engine.vae, **engine._extra_vaes}
@@ -124,6 +134,12 @@ class Accelerator:
         for model in engine.models.values():
             model.unet.to(memory_format=memory_format)
         compiled = self.settings.compile
+        self.channel_sum_groupnorm = compiled and VAE_CHANNEL_SUM_GROUPNORM
+        if self.channel_sum_groupnorm:
+            for vae in vaes.values():
+                for module in vae.modules():
+                    if type(module) is torch.nn.GroupNorm:
+                        module.__class__ = _ChannelSumGroupNorm
         self.encoders = {key: _Stage(f"vae-encoder[{key or 'shared'}]", _encoder_fn(vae), compiled)
                          for key, vae in vaes.items()}
         self.decoders = {key: _Stage(f"vae-decoder[{key or 'shared'}]", _decoder_fn(vae), compiled)
@@ -266,6 +282,31 @@ class Accelerator:
             static_out = self.compute(static_in, tasks)
         LOG.info("captured a CUDA graph for input %s, tasks %s", tuple(host_in.shape), tasks)
         return _CapturedFrame(graph, static_in, static_out)
+
+
+class _ChannelSumGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm with statistics from per-channel sums over the image, then summed per group (fp32, two passes).
+
+    The maths of torch's group_norm (fp32 statistics, biased variance), summed in another order. In channels_last a
+    group's 4 channels are 8-byte pieces 256 bytes apart, and inductor's per-group reduction of them ran far below
+    memory bandwidth on the VAE's full-resolution maps (benchmarks/README.md); a per-channel reduction reads whole
+    pixel rows. Meant for compiled graphs (eager it launches more kernels than the fused native op).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        per_group = c // self.num_groups
+        dims = tuple(range(2, x.dim()))
+        view = (b, c) + (1,) * len(dims)
+        count = per_group * x[0, 0].numel()
+        xf = x.float()
+        mean = xf.sum(dim=dims).view(b, self.num_groups, per_group).sum(-1) / count  # [B,G]
+        centred = xf - mean.repeat_interleave(per_group, dim=1).view(view)
+        var = (centred * centred).sum(dim=dims).view(b, self.num_groups, per_group).sum(-1) / count  # [B,G]
+        y = centred * torch.rsqrt(var + self.eps).repeat_interleave(per_group, dim=1).view(view)
+        if self.affine:
+            y = y * self.weight.float().view(1, c, *(1,) * len(dims)) + self.bias.float().view(1, c, *(1,) * len(dims))
+        return y.to(x.dtype)
 
 
 def _encoder_fn(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
