@@ -85,6 +85,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/engine_<card>.json)")
     p.add_argument("--startup-only", default=None, metavar="MODE",
                    help="only load an engine with this optimize mode, warm it up, report the times")
+    p.add_argument("--profile", action="store_true", help="with --startup-only: GPU kernel time by category")
+    p.add_argument("--inductor-cdt", action="store_true",
+                   help="torch._inductor.config.coordinate_descent_tuning = True (try: tunes Triton kernel configs)")
+    p.add_argument("--gn-channel-sum", choices=("on", "off"), default=None,
+                   help="compiled modes: VAE GroupNorm stats from per-channel sums (accel.VAE_CHANNEL_SUM_GROUPNORM)")
+    p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                   help="torch.backends.cudnn.benchmark_limit (algorithms cuDNN tries per shape; 0 = all)")
     p.add_argument("--markdown", nargs="+", type=Path, default=None,
                    help="print the README table for these result JSON files and exit")
     return p.parse_args(argv)
@@ -289,7 +296,10 @@ def count_flops(engine: GeoDiffEngine, frame: np.ndarray) -> dict[str, float]:
 
 def stage_breakdown(engine: GeoDiffEngine, frame: np.ndarray, flops: dict[str, float], rate: float,
                     reps: int = 10) -> dict[str, dict[str, float]]:
-    """Median GPU ms per stage (CUDA events) for one frame of depth, with achieved TFLOP/s and share of the rate."""
+    """Median ms per stage (CUDA events) for one frame of depth, with achieved TFLOP/s and share of the rate.
+
+    Optimised engines replay each stage as its own CUDA graph (GPU time); eager stages are timed as launched, so a
+    stage whose Python launches more slowly than the GPU runs (the eager UNet) shows its launch time."""
     device = engine.device
     if device.type != "cuda":
         return {}
@@ -318,22 +328,58 @@ def stage_breakdown(engine: GeoDiffEngine, frame: np.ndarray, flops: dict[str, f
         result = {}
         for name, fn in stages.items():
             fn()
+            run = fn
+            if acc is not None:  # time the GPU work alone: replay the stage as its own CUDA graph
+                with contextlib.suppress(Exception):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    run = graph.replay
             times = []
             for _ in range(reps):
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
-                fn()
+                run()
                 end.record()
                 end.synchronize()
                 times.append(begin.elapsed_time(end))
             ms = float(np.median(times))
             key = {"unet": "unet_depth"}.get(name, name)
-            entry = {"ms": ms}
+            entry = {"ms": ms, "cuda_graph": run is not fn}
             if key in flops:
                 entry["tflops"] = flops[key] / (ms * 1e-3) / 1e12
                 entry["pct_of_matmul_rate"] = 100 * entry["tflops"] / rate
             result[name] = entry
     return result
+
+
+def kernel_profile(engine: GeoDiffEngine, frame: np.ndarray, tasks: Sequence[str], frames: int = 3,
+                   top: int = 15) -> dict[str, Any]:
+    """GPU kernel time by category and the top kernels (torch.profiler), per frame; graphs off so kernels show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if engine.accelerator is not None:
+        engine.accelerator.use_cuda_graph = False
+    engine.predict(frame, tasks)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(frames):
+            engine.predict(frame, tasks)
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e3 / frames  # ms per frame
+    categories: dict[str, float] = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        cat = ("triton (fused norm / element-wise)" if low.startswith("triton") else
+               "attention" if any(k in low for k in ("flash", "fmha", "attention", "sdpa")) else
+               "conv" if any(k in low for k in ("conv", "implicit", "dgrad", "wgrad", "fprop", "nhwc")) else
+               "gemm" if any(k in low for k in ("gemm", "cutlass", "xmma", "sm90", "cublas", "matmul")) else
+               "memcpy/memset" if "memcpy" in low or "memset" in low else "other")
+        categories[cat] = categories.get(cat, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {"tasks": list(tasks), "ms_per_frame_total": sum(kernels.values()), "by_category_ms": categories,
+            "top_kernels_ms": [[name[:120], ms] for name, ms in ranked]}
 
 
 def diffusers_baseline(folder: Path, dtype: torch.dtype, device: torch.device, processing_res: int,
@@ -412,6 +458,8 @@ class Bench:
                            "normals_mean_deg": TOL_NORMALS_DEG, "optimisation_factor": TOL_OPT_FACTOR,
                            "optimisation_depth_slack": TOL_OPT_DEPTH, "optimisation_deg_slack": TOL_OPT_DEG},
             "matmul_tflops": {}, "flops": {}, "rows": [], "stages": {}, "load_s": {}, "errors": [],
+            "inductor_coordinate_descent_tuning": bool(args.inductor_cdt), "profile": {},
+            "vae_channel_sum_groupnorm": args.gn_channel_sum, "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
         }
         self.frames = make_frames(max(4, args.ref_frames), self.height, self.width)
         self.ref_frames = self.frames[:args.ref_frames]
@@ -438,18 +486,39 @@ class Bench:
         self.folders = folders
 
     def startup_only(self, mode: str) -> None:
-        """Load + warm-up times in a fresh process (with TORCHINDUCTOR_CACHE_DIR kept: the restart cost)."""
+        """One optimize mode in a fresh process: load and warm-up time (with TORCHINDUCTOR_CACHE_DIR kept from an
+        earlier run this is the restart cost), then the timed rows (no accuracy) and optionally a kernel profile."""
+        if not self.args.skip_reference:
+            self.reference()
         for dtype in self.dtypes:
+            self.result["matmul_tflops"][dtype] = matmul_tflops(self.device, DTYPES[dtype])
+            self.diffusers_rows(dtype)  # the same-run baseline for the speed-up column
             start = time.perf_counter()
             engine = GeoDiffEngine(EngineConfig(**self.cfg, dtype=dtype, optimize=mode))
             load = time.perf_counter() - start
+            if not self.result["flops"]:
+                self.result["flops"] = count_flops(engine, self.frames[0])  # eager calls: before the warm-up
             warm = {ts: engine.warmup(self.height, self.width, TASK_SETS[ts]) for ts in self.task_sets}
-            self.result["rows"].append({"dtype": dtype, "impl": "engine", "optimize": mode, "startup_only": True,
-                                        "load_s": load, "warmup_s": warm,
-                                        "errors": engine.accelerator.stage_errors() if engine.accelerator else {}})
+            self.result["startup"] = {"dtype": dtype, "optimize": mode, "load_s": load, "warmup_s": warm,
+                                      "errors": engine.accelerator.stage_errors() if engine.accelerator else {}}
             LOG.info("startup %s %s: load %.1f s, warm-up %s", dtype, mode, load, warm)
+            self.save()
+            graph = bool(GROUPS[mode][1]) if mode in GROUPS else False
+            for ts in self.task_sets:
+                if engine.accelerator is not None:
+                    engine.accelerator.use_cuda_graph = graph
+                self.engine_row(engine, dtype, mode, ts, load)
+            if self.args.profile and self.device.type == "cuda":
+                for ts in ("depth", "depth+normals"):
+                    if ts in self.task_sets:
+                        self.result["profile"][f"{dtype}-{mode}-{ts}"] = prof = kernel_profile(
+                            engine, self.frames[0], TASK_SETS[ts])
+                        LOG.info("profile %s %s: %.2f ms GPU/frame, %s; top %s", mode, ts, prof["ms_per_frame_total"],
+                                 {k: round(v, 2) for k, v in prof["by_category_ms"].items()},
+                                 [(n[:60], round(m, 2)) for n, m in prof["top_kernels_ms"][:8]])
             del engine
             free(self.device)
+        print(text_table(self.result))
         self.save()
 
     def reference(self) -> None:
@@ -578,6 +647,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         print(markdown_tables([json.loads(p.read_text()) for p in args.markdown]))
         return 0
+    if args.inductor_cdt:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
+    if args.gn_channel_sum is not None:
+        from geodiff_ros.engine import accel
+
+        accel.VAE_CHANNEL_SUM_GROUPNORM = args.gn_channel_sum == "on"
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     bench = Bench(args, argv)
     bench.setup()
     if args.startup_only:
