@@ -305,9 +305,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
         return '-' if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
 
     dropped = summary.get('node_counts', {}).get('dropped', 0)
-    _out(f'frames: {summary["frames_sent"]} played, {summary["frames_out"]} processed, '
-         f'{summary["frames_metric"]} metric' + (f', {dropped} dropped by the busy node (newest-frame policy; '
-                                                 'slow the bag with --rate)' if dropped else ''))
+    played = f'{summary["frames_sent"]} played, ' if not summary.get('live') else ''
+    drops = f', {dropped} dropped by the busy node (newest-frame policy; slow the bag with --rate)' if dropped else ''
+    _out(f'frames: {played}{summary["frames_out"]} processed, {summary["frames_metric"]} metric{drops}')
     _out(f'metric scale s (median; depth in m = s * relative + t): {fmt(summary["scale_median"], ".3f")}')
     _out(f'held-out depth camera pixels: AbsRel {fmt(summary["absrel_heldout"], ".3f")}, '
          f'delta1 {fmt(summary["delta1_heldout"], ".3f")}')
@@ -446,8 +446,8 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
         if state == 'exited':
             sys.stderr.write(
                 '\nTo supply the weights: run once with network access (they download to the Hugging Face cache, '
-                '~/.cache/huggingface), or pass local folders in hub layout with --depth-model / --normals-model; '
-                'without a GPU add --device cpu (slow). Try the plumbing with --tiny.\n'
+                '~/.cache/huggingface), or pass local folders in hub layout with --depth-model / --normals-model. '
+                'Without a GPU add --device cpu or --allow-cpu-fallback (slow). Try the plumbing with --tiny.\n'
                 f'Node log: {node_proc.log_path}\n')
         return 1
 
@@ -549,7 +549,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
     summary.update({'node_counts': dict(node_counts), 'node_exit': node_code, 'node_stop_s': node_stop_s,
                     'bag': str(out_bag),
                     'input': str(bag_path) if bag_path else f'live {args.image_topic}', 'tiny': args.tiny,
-                    'node_log': str(node_proc.log_path), 'namespace': ns,
+                    'node_log': str(node_proc.log_path), 'namespace': ns, 'live': bag_path is None,
                     'play_damage': play_stats.damage if play_stats else None})
     (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
