@@ -1,4 +1,4 @@
-"""``geodiff_demo``: the geodiff node end to end on a recorded bag (or a live camera), with a summary.
+"""geodiff_demo: the geodiff node end to end on a recorded bag (or a live camera), with a summary.
 
 Steps:
   1. Loopback DDS settings for this process and its children, unless the user set them.
@@ -393,6 +393,10 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
                 LOG.info('shared TUM bag not found: writing a synthetic RGB-D bag to %s', bag_path)
                 write_synthetic_bag(bag_path)
         LOG.info('input bag: %s', bag_path)
+        from geodiff_ros.ros.bag_io import open_bag
+
+        with open_bag(bag_path) as bag:  # topic names checked before the model loads
+            bag.select([t for t in (args.image_topic, args.camera_info_topic, args.depth_topic) if t])
 
     # 3. Model settings and the node.
     depth_model = args.depth_model or DEPTH_HUB_ID
