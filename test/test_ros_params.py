@@ -73,3 +73,17 @@ def test_engine_config_follows_tasks_and_models() -> None:
     kwargs = engine_config_kwargs(Settings({**DEFAULTS, 'model_normals': ''}))
     assert kwargs['depth_model'] == DEFAULTS['model_depth'] and kwargs['normals_model'] is None
     assert kwargs['match_input_res'] is True  # outputs share the input's pixel grid and CameraInfo
+
+
+def test_optimize_parameter_reaches_the_engine_and_matches_its_modes() -> None:
+    from geodiff_ros.engine import EngineConfig
+    from geodiff_ros.engine.accel import OPTIMIZE_MODES
+
+    spec = next(p for p in PARAMS if p.name == 'optimize')
+    assert spec.default == 'none' and spec.configure_time
+    assert set(spec.choices) == set(OPTIMIZE_MODES)  # params.py mirrors accel.py without importing torch
+    kwargs = engine_config_kwargs(Settings({**DEFAULTS, 'optimize': 'compile+graph'}))
+    assert EngineConfig(**kwargs).optimize == 'compile+graph'
+    assert 'is not one of' in validate_changes({'optimize': 'tensorrt'}, DEFAULTS, configured=False)
+    assert 'fixed while the node is configured' in validate_changes({'optimize': 'compile'}, DEFAULTS,
+                                                                    configured=True)

@@ -152,7 +152,8 @@ class GeoDiffNode(LifecycleNode):
         kwargs = engine_config_kwargs(settings)
         self.get_logger().info(
             f'loading engine: depth={kwargs["depth_model"]!r} normals={kwargs["normals_model"]!r} '
-            f'device={kwargs["device"]} dtype={kwargs["dtype"]} processing_res={kwargs["processing_res"]}')
+            f'device={kwargs["device"]} dtype={kwargs["dtype"]} processing_res={kwargs["processing_res"]} '
+            f'optimize={kwargs["optimize"]}')
         try:
             self._engine = GeoDiffEngine(EngineConfig(**kwargs))
         except GeoDiffError as err:
@@ -166,6 +167,11 @@ class GeoDiffNode(LifecycleNode):
                 'model_normals (hub id or folder in hub layout), device and dtype')
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device}')
+        if kwargs['optimize'] not in ('none', ''):
+            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the worker
+            # compiles on the first frame of each input size instead (parameter `optimize`).
+            self.get_logger().info(f'optimize={kwargs["optimize"]}: the first frame of each input size compiles or '
+                                   'captures (up to ~100 s with a cold TORCHINDUCTOR_CACHE_DIR)')
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
             cam.create_publishers(out_qos)

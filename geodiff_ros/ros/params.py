@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r'^(cpu|cuda(:\d+)?)$')
+# Mirrors geodiff_ros.engine.accel.OPTIMIZE_MODES (not imported: params stay free of torch; a test compares them).
+OPTIMIZE_CHOICES: tuple[str, ...] = ('none', 'channels_last', 'graph', 'compile', 'compile+graph')
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,14 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('processing_res', 768,
               'Longest image edge fed to the network, multiple of 8 (0 = native size). Outputs match the input size.',
               lo=0, hi=4096, configure_time=True),
+    ParamSpec('optimize', 'none',
+              'Engine speed-up (geodiff_ros/engine/accel.py): none = the official eager path; channels_last; graph '
+              '(CUDA graphs); compile (torch.compile); compile+graph (fastest on a CUDA GPU; use none on CPU). '
+              'Compiled modes compile on the first frame of each new input size and batch size, in the worker, '
+              'without blocking configure: with a cold TORCHINDUCTOR_CACHE_DIR that first frame takes ~100 s '
+              '(full-size model, H100) and later frames queue behind it; point TORCHINDUCTOR_CACHE_DIR to a '
+              'persistent folder so restarts re-use the kernels.',
+              choices=OPTIMIZE_CHOICES, configure_time=True),
     # --- topics ---
     ParamSpec('input_transport', 'raw', 'raw: sensor_msgs/Image on image; compressed: CompressedImage (JPEG/PNG)'
               ' on image/compressed.', choices=('raw', 'compressed'), configure_time=True),
@@ -323,4 +333,5 @@ def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
         'allow_cpu_fallback': bool(settings['allow_cpu_fallback']),
         'local_files_only': bool(settings['local_files_only']),
         'batch_size': int(settings['batch_size']),
+        'optimize': str(settings['optimize']),
     }
