@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--dtype', default='bf16', choices=('fp32', 'fp16', 'bf16'))
     p.add_argument('--processing-res', type=int, default=768)
     p.add_argument('--batch-size', type=int, default=4)
+    p.add_argument('--optimize', default='none',
+                   help='node parameter optimize (none, channels_last, graph, compile, compile+graph); compiled\n'
+                        'modes compile on the first frame (~100 s cold): raise --startup-timeout')
+    p.add_argument('--cloud', action='store_true',
+                   help='also subscribe to <cam>/points (raw CDR, no deserialisation) with alignment.fixed_scale\n'
+                        '10 so the node builds the metric cloud; reports its rate and latency too')
     p.add_argument('--model-depth', default=None, help='depth model (hub id or folder); default random SD2 size')
     p.add_argument('--ckpt-dir', type=Path, default=REPO / '.cache' / 'bench_ckpt')
     p.add_argument('--startup-timeout', type=float, default=300.0, help='seconds for the nodes to load and answer')
@@ -147,13 +154,13 @@ def rss_mib(pids: Sequence[int]) -> float:
 class Harness:
     """Camera publishers and output subscribers on one rclpy node in its own context (a background executor)."""
 
-    def __init__(self, domain: int, names: list[str], width: int, height: int) -> None:
+    def __init__(self, domain: int, names: list[str], width: int, height: int, cloud: bool = False) -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
         from rclpy.signals import SignalHandlerOptions
-        from sensor_msgs.msg import CameraInfo, Image
+        from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
         from geodiff_ros.ros.conversions import numpy_to_image
 
@@ -166,6 +173,7 @@ class Harness:
         self.names = names
         self.lock = threading.Lock()
         self.recv: dict[str, list[tuple[float, int]]] = {n: [] for n in names}  # (receive wall s, stamp ns)
+        self.recv_cloud: dict[str, list[tuple[float, int]]] = {n: [] for n in names}
         self.sent: dict[str, int] = dict.fromkeys(names, 0)
         self.diag: dict[str, dict[str, str]] = {}
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -187,6 +195,9 @@ class Harness:
                                                               qos_profile_sensor_data)
             self.node.create_subscription(Image, f'/{name}/depth/relative',
                                           lambda msg, n=name: self._on_output(n, msg), reliable)
+            if cloud:  # raw bytes: a 4.9 MB cloud is not turned into Python objects at 30 Hz
+                self.node.create_subscription(PointCloud2, f'/{name}/points',
+                                              lambda data, n=name: self._on_cloud(n, data), reliable, raw=True)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, reliable)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -205,6 +216,12 @@ class Harness:
         stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
         with self.lock:
             self.recv[name].append((time.time(), stamp))
+
+    def _on_cloud(self, name: str, data: bytes) -> None:
+        # CDR: 4-byte encapsulation header, then header.stamp (int32 sec, uint32 nanosec), little-endian on x86.
+        sec, nanosec = struct.unpack_from('<iI', data, 4)
+        with self.lock:
+            self.recv_cloud[name].append((time.time(), sec * 1_000_000_000 + nanosec))
 
     def _on_diag(self, msg: Any) -> None:
         with self.lock:
@@ -250,17 +267,20 @@ class Harness:
             time.sleep(0.1)
         return False
 
-    def window(self, seconds: float) -> tuple[dict[str, list[tuple[float, int]]], dict[str, int], float]:
-        """Outputs received and frames sent during the next ``seconds``."""
+    def window(self, seconds: float) -> tuple[dict[str, list[tuple[float, int]]], dict[str, int], float,
+                                              dict[str, list[tuple[float, int]]]]:
+        """Outputs (relative depth, clouds) received and frames sent during the next ``seconds``."""
         with self.lock:
             start_recv = {n: len(v) for n, v in self.recv.items()}
+            start_cloud = {n: len(v) for n, v in self.recv_cloud.items()}
             start_sent = dict(self.sent)
         t0 = time.time()
         time.sleep(seconds)
         with self.lock:
             got = {n: list(v[start_recv[n]:]) for n, v in self.recv.items()}
+            clouds = {n: list(v[start_cloud[n]:]) for n, v in self.recv_cloud.items()}
             sent = {n: self.sent[n] - start_sent[n] for n in self.names}
-        return got, sent, time.time() - t0
+        return got, sent, time.time() - t0, clouds
 
     def close(self) -> None:
         import rclpy
@@ -279,7 +299,9 @@ def start_nodes(mode: str, names: list[str], args: argparse.Namespace, model: st
     common = ['-p', f'model_depth:={model}', '-p', "model_normals:=''", '-p', 'tasks:=[depth]',
               '-p', f'device:={args.device}', '-p', f'dtype:={args.dtype}',
               '-p', f'processing_res:={args.processing_res}', '-p', f'batch_size:={args.batch_size}',
-              '-p', 'diagnostics_period:=1.0', '-p', 'local_files_only:=true']
+              '-p', 'diagnostics_period:=1.0', '-p', 'local_files_only:=true', '-p', f'optimize:={args.optimize}']
+    if args.cloud:
+        common += ['-p', 'alignment.fixed_scale:=10.0']  # metric depth (and so the cloud) without sparse input
     base = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args', '--params-file',
             str(REPO / 'config' / 'geodiff.yaml'), *common]
     if mode == 'multi':
@@ -311,7 +333,7 @@ def stop_nodes(procs: Sequence[subprocess.Popen]) -> list[int | None]:
 
 def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int, log_dir: Path) -> dict[str, Any]:
     names = [f'cam{i}' for i in range(n)]
-    harness = Harness(domain, names, args.width, args.height)
+    harness = Harness(domain, names, args.width, args.height, cloud=args.cloud)
     procs = start_nodes(mode, names, args, model, domain, log_dir)
     row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs)}
     try:
@@ -322,7 +344,7 @@ def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int
             return row
         row['startup_s'] = round(time.monotonic() - t_start, 1)
         time.sleep(args.warmup)
-        got, sent, span = harness.window(args.seconds)
+        got, sent, span, clouds = harness.window(args.seconds)
         pids = [p.pid for p in procs]
         row['gpu_mem_mib'] = gpu_memory_mib(pids) if args.device.startswith('cuda') else None
         row['rss_mib'] = round(rss_mib(pids), 1)
@@ -333,13 +355,21 @@ def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int
         harness.close()
         row['exit_codes'] = stop_nodes(procs)
     per_cam = {}
-    all_lat = []
+    all_lat: list[float] = []
+    all_cloud: list[float] = []
     for name in names:
         lat_ms = [(t - s * 1e-9) * 1e3 for t, s in got[name]]
         all_lat += lat_ms
         per_cam[name] = {'input_hz': sent[name] / span, 'output_hz': len(got[name]) / span,
                          'latency_p50_ms': float(np.percentile(lat_ms, 50)) if lat_ms else None,
                          'latency_p95_ms': float(np.percentile(lat_ms, 95)) if lat_ms else None}
+        if args.cloud:
+            cloud_ms = [(t - s * 1e-9) * 1e3 for t, s in clouds[name]]
+            all_cloud += cloud_ms
+            per_cam[name].update({
+                'cloud_hz': len(clouds[name]) / span,
+                'cloud_latency_p50_ms': float(np.percentile(cloud_ms, 50)) if cloud_ms else None,
+                'cloud_latency_p95_ms': float(np.percentile(cloud_ms, 95)) if cloud_ms else None})
     rates = [c['output_hz'] for c in per_cam.values()]
     row.update({
         'per_camera': per_cam,
@@ -348,6 +378,12 @@ def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int
         'latency_p50_ms': float(np.percentile(all_lat, 50)) if all_lat else None,
         'latency_p95_ms': float(np.percentile(all_lat, 95)) if all_lat else None,
     })
+    if args.cloud:
+        row.update({
+            'cloud_hz_min': float(min(c['cloud_hz'] for c in per_cam.values())),
+            'cloud_latency_p50_ms': float(np.percentile(all_cloud, 50)) if all_cloud else None,
+            'cloud_latency_p95_ms': float(np.percentile(all_cloud, 95)) if all_cloud else None,
+        })
     for name in names:  # the node's own counters: frames it received, dropped (mailbox overwrite), processed
         status = next((v for k, v in diag.items() if k.endswith(f': {name}') or k == f'geodiff_{name}: pipeline'),
                       None)
@@ -368,7 +404,7 @@ def _f(value: Any, spec: str) -> str:
 
 def table(result: dict[str, Any]) -> str:
     head = ['mode', 'cams', 'in Hz/cam', 'out Hz/cam (mean)', 'out Hz/cam (min)', 'p50 ms', 'p95 ms',
-            'GPU MiB', 'RSS MiB', 'frames/pass']
+            'GPU MiB', 'RSS MiB', 'frames/pass', 'cloud Hz (min)', 'cloud p95 ms']
     rows = [head]
     for r in result['runs']:
         if 'error' in r:
@@ -376,13 +412,15 @@ def table(result: dict[str, Any]) -> str:
             continue
         rows.append([r['mode'], str(r['cameras']), _f(r['input_hz_mean'], '.1f'), _f(r['output_hz_mean'], '.1f'),
                      _f(r['output_hz_min'], '.1f'), _f(r['latency_p50_ms'], '.0f'), _f(r['latency_p95_ms'], '.0f'),
-                     _f(r['gpu_mem_mib'], '.0f'), _f(r['rss_mib'], '.0f'), _f(r.get('frames_per_pass'), '.2f')])
+                     _f(r['gpu_mem_mib'], '.0f'), _f(r['rss_mib'], '.0f'), _f(r.get('frames_per_pass'), '.2f'),
+                     _f(r.get('cloud_hz_min'), '.1f'), _f(r.get('cloud_latency_p95_ms'), '.0f')])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + ' |' for row in rows]
     lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     s = result['settings']
     title = (f"{result['device']['card']}: {s['width']}x{s['height']} @ {s['hz']:g} Hz per camera, "
-             f"processing_res {s['processing_res']}, {s['dtype']}, batch_size {s['batch_size']}, "
+             f"processing_res {s['processing_res']}, {s['dtype']}, optimize {s.get('optimize', 'none')}, "
+             f"batch_size {s['batch_size']}, "
              f"{s['seconds']:g} s window")
     return title + '\n' + '\n'.join(lines)
 
@@ -397,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         'model_depth': model, 'runs': [],
     }
+    card = result['device']['card'].split(' (')[0].replace(' ', '_').lower()
+    out = args.out or REPO / 'benchmarks' / 'results' / f'multicam_{card}{"_tiny" if args.tiny else ""}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
     domain = args.domain
     for n in args.cameras:
         for mode in args.modes:
@@ -404,12 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = run_one(mode, n, args, model, domain, log_dir)
             LOG.info('  %s', {k: v for k, v in row.items() if k != 'per_camera'})
             result['runs'].append(row)
+            out.write_text(json.dumps(result, indent=1, default=str))  # after every row: a cut-off run keeps it
             domain = domain + 1 if domain < 100 else 1
     text = table(result)
     print(text)  # noqa: T201 - the benchmark's report
-    card = result['device']['card'].split(' (')[0].replace(' ', '_').lower()
-    out = args.out or REPO / 'benchmarks' / 'results' / f'multicam_{card}{"_tiny" if args.tiny else ""}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
     result['table'] = text
     out.write_text(json.dumps(result, indent=1, default=str))
     LOG.info('wrote %s (node logs in %s)', out, log_dir)
