@@ -91,6 +91,7 @@ def ros_env(domain: int) -> dict[str, str]:
     env.update({
         'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOCALHOST_ONLY': '1',
         'FASTDDS_DEFAULT_PROFILES_FILE': str(REPO / 'config' / 'fastdds_localhost.xml'),
+        'FASTRTPS_DEFAULT_PROFILES_FILE': str(REPO / 'config' / 'fastdds_localhost.xml'),  # Jazzy reads this name
         'ROS_DOMAIN_ID': str(domain), 'PYTHONUNBUFFERED': '1', 'RCUTILS_COLORIZED_OUTPUT': '0',
         'HF_HUB_OFFLINE': '1',
         'PYTHONPATH': os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH', '')) if p),
@@ -165,7 +166,7 @@ class Harness:
         from geodiff_ros.ros.conversions import numpy_to_image
 
         for key, value in ros_env(domain).items():
-            if key.startswith(('ROS_', 'FASTDDS_')):
+            if key.startswith(('ROS_', 'FASTDDS_', 'FASTRTPS_')):
                 os.environ[key] = value
         self.context = rclpy.context.Context()
         rclpy.init(context=self.context, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)

@@ -18,7 +18,9 @@ SHARED_DATA = Path(os.environ.get("GEODIFF_SHARED_DATA", REPO.parent / "shared" 
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_LOCALHOST_ONLY"] = "1"
-os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds_localhost.xml")
+# Jazzy's Fast DDS 2.14 reads FASTRTPS_DEFAULT_PROFILES_FILE; FASTDDS_* is the Fast DDS 3 name (set both).
+os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds_localhost.xml")
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"]
 os.environ.setdefault("ROS_DOMAIN_ID", str(10 + os.getpid() % 80))
 os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="geodiff_roslog_"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network

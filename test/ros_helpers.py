@@ -40,6 +40,7 @@ def ros_env(domain_id: int) -> dict[str, str]:
         'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
         'ROS_LOCALHOST_ONLY': '1',
         'FASTDDS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),
+        'FASTRTPS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),  # the name Jazzy's Fast DDS 2.14 reads
         'ROS_DOMAIN_ID': str(domain_id),
         'PYTHONPATH': os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH', '')) if p),
         'PYTHONUNBUFFERED': '1',
@@ -53,7 +54,7 @@ def ros_env(domain_id: int) -> dict[str, str]:
 def apply_ros_env(domain_id: int) -> None:
     """Set the same variables in this process (before ``rclpy.init``), so the test's own node matches."""
     for key, value in ros_env(domain_id).items():
-        if key.startswith(('ROS_', 'FASTDDS_', 'RCUTILS_')) or key == 'HOME':
+        if key.startswith(('ROS_', 'FASTDDS_', 'FASTRTPS_', 'RCUTILS_')) or key == 'HOME':
             os.environ[key] = value
 
 
@@ -133,7 +134,7 @@ class Collector:
     Spun by a SingleThreadedExecutor in a background thread; messages land in ``self.msgs[topic]``.
     """
 
-    def __init__(self, domain_id: int, name: str = 'geodiff_test') -> None:
+    def __init__(self, domain_id: int, name: str = 'geodiff_test', namespace: str = '') -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.signals import SignalHandlerOptions
@@ -141,7 +142,7 @@ class Collector:
         apply_ros_env(domain_id)
         self.context = rclpy.context.Context()
         rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
-        self.node = rclpy.create_node(name, context=self.context)
+        self.node = rclpy.create_node(name, context=self.context, namespace=namespace)  # relative topics in it
         self.msgs: dict[str, list[Any]] = defaultdict(list)
         self.arrivals: dict[str, list[float]] = defaultdict(list)  # time.monotonic() of each message in msgs
         self._lock = threading.Lock()
@@ -323,6 +324,25 @@ def set_parameters(collector: Collector, node_name: str, values: dict[str, Any],
     return list(call_service(collector, SetParameters, f'{node_name}/set_parameters', req, timeout).results)
 
 
+def node_remaps(namespace: str, name: str) -> dict[str, str]:
+    """Remaps that run the node as ``<namespace>/<name>``: its topics, services and /diagnostics status name are
+    then its own even if another test run happens to share the ROS domain."""
+    return {'__ns': namespace, '__node': name}
+
+
+def diagnostics_of(col: Collector, node_name: str, after: float = 0.0) -> list[dict[str, str]]:
+    """Values of the pipeline statuses (those with frame counters) named ``<node_name>: ...`` in the /diagnostics
+    messages that arrived after monotonic ``after``, oldest first."""
+    out = []
+    for t, msg in col.get_timed('/diagnostics'):
+        if t > after:
+            for st in msg.status:
+                values = {kv.key: kv.value for kv in st.values}
+                if st.name.startswith(f'{node_name}:') and 'received' in values:
+                    out.append(values)
+    return out
+
+
 def diagnostics_values(msg: Any) -> dict[str, str]:
     """key -> value of the first status in a DiagnosticArray."""
     return {kv.key: kv.value for kv in msg.status[0].values}
@@ -333,11 +353,14 @@ def diagnostics_values(msg: Any) -> dict[str, str]:
 # The node run through a small test-only wrapper (``python -c``), so the reliability tests can inject faults and
 # observe shutdown without any hook in product code. Controlled by environment variables of the subprocess:
 #   GEODIFF_TEST_LOG_THROTTLE_S  shorter throttle for per-frame warnings, so consecutive fault cases each log
-#   GEODIFF_TEST_OOM_EVERY=N     GeoDiffEngine.predict raises torch.cuda.OutOfMemoryError on every N-th call
+#   GEODIFF_TEST_OOM_ON_MARKER=1 GeoDiffEngine.predict raises torch.cuda.OutOfMemoryError for a frame whose
+#                                top-left pixel is OOM_MARKER (so a test chooses exactly which frames fail)
 # and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
 # exits, so a test can check that no worker thread was left behind.
+OOM_MARKER = (255, 0, 255)
 _WRAPPER = r'''
 import importlib, json, os, sys, threading
+OOM_MARKER = (255, 0, 255)
 import geodiff_ros.ros.node as node_mod
 
 throttle = os.environ.get('GEODIFF_TEST_LOG_THROTTLE_S')
@@ -356,23 +379,19 @@ if throttle:
         raise SystemExit('test wrapper: no log throttle constant found in geodiff_ros.ros.node/camera; '
                          'update _WRAPPER in test/ros_helpers.py')
 
-every = int(os.environ.get('GEODIFF_TEST_OOM_EVERY', '0') or 0)
-if every:
+if os.environ.get('GEODIFF_TEST_OOM_ON_MARKER'):
+    import numpy as np
     import torch
     from geodiff_ros.engine import GeoDiffEngine
 
     real_predict = GeoDiffEngine.predict
-    calls = [0]
-    lock = threading.Lock()
 
-    def predict(self, *args, **kwargs):
-        with lock:
-            calls[0] += 1
-            n = calls[0]
-        if n % every == 0:
+    def predict(self, images, *args, **kwargs):
+        frames = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
+        if any(tuple(np.asarray(f)[0, 0, :3].tolist()) == OOM_MARKER for f in frames):
             raise torch.cuda.OutOfMemoryError(
-                f'CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test wrapper, call {n})')
-        return real_predict(self, *args, **kwargs)
+                'CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test wrapper)')
+        return real_predict(self, images, *args, **kwargs)
 
     GeoDiffEngine.predict = predict
 
