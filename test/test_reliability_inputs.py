@@ -37,9 +37,10 @@ from ros_helpers import (  # noqa: E402
     NodeProcess,
     call_service,
     camera_info_msg,
-    diagnostics_values,
+    diagnostics_of,
     header,
     module_domain_id,
+    node_remaps,
     set_parameters,
     stamp_of,
     test_scene,
@@ -52,6 +53,7 @@ from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: 
 
 W, H = 160, 120
 FRAME = 'camera_color_optical_frame'
+NS, NAME = '/reliability_inputs', 'geodiff_inputs'  # own names: immune to another run sharing the domain
 THROTTLE_S = 1.0  # the wrapper's throttle for per-frame warnings (the node's own is 5 s)
 S, T = 3.0, 0.5  # the affine map sparse = S * relative + T of the alignment cases
 OUTPUTS = {'depth/relative': Image, 'depth/image': Image, 'depth/camera_info': CameraInfo,
@@ -180,9 +182,9 @@ class Scenario:
         """Values of the first /diagnostics that arrived after monotonic time ``t``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            later = [m for a, m in self.col.get_timed('/diagnostics') if a > t]
+            later = diagnostics_of(self.col, NAME, t)
             if later:
-                return diagnostics_values(later[0])
+                return later[0]
             time.sleep(0.05)
         raise AssertionError('no /diagnostics message')
 
@@ -196,8 +198,9 @@ def scn(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_no
         'dtype': 'fp32', 'processing_res': 64, 'qos.input.reliability': 'reliable',
         'alignment.ema_alpha': 1.0, 'alignment.sparse_max_dt': 0.02, 'alignment.max_fallback_age_s': 1.0,
         'diagnostics_period': 0.3,
-    }, log, program=wrapped_node_program(), extra_env={'GEODIFF_TEST_LOG_THROTTLE_S': str(THROTTLE_S)})
-    col = Collector(domain)
+    }, log, remaps=node_remaps(NS, NAME), program=wrapped_node_program(),
+        extra_env={'GEODIFF_TEST_LOG_THROTTLE_S': str(THROTTLE_S)})
+    col = Collector(domain, namespace=NS)
     try:
         for topic, msg_type in OUTPUTS.items():
             col.subscribe(msg_type, topic)
@@ -618,13 +621,13 @@ def _lifecycle(scn: Scenario, *transitions: int) -> None:
     for transition in transitions:
         req = ChangeState.Request()
         req.transition.id = transition
-        res = call_service(scn.col, ChangeState, '/geodiff/change_state', req, timeout=60.0)
+        res = call_service(scn.col, ChangeState, f'{NS}/{NAME}/change_state', req, timeout=60.0)
         assert res.success, f'transition {transition} failed; log:\n{scn.node.log()[-3000:]}'
 
 
 def _set_transport(scn: Scenario, transport: str) -> None:
     _lifecycle(scn, Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP)
-    (res,) = set_parameters(scn.col, '/geodiff', {'input_transport': transport})
+    (res,) = set_parameters(scn.col, f'{NS}/{NAME}', {'input_transport': transport})
     assert res.successful, res.reason
     _lifecycle(scn, Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE)
 
