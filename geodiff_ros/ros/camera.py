@@ -73,18 +73,28 @@ class SparseRing:
         with self._lock:
             self._items.append((stamp_ns(msg.header), kind, msg))
 
-    def nearest(self, stamp: int, max_dt_s: float) -> tuple[str, Any] | None:
+    def nearest(self, stamp: int, max_dt_s: float) -> tuple[tuple[str, Any] | None, float | None]:
+        """(kind, msg) nearest to ``stamp`` within ``max_dt_s`` (newest wins ties) and the nearest offset in
+        seconds (None when the ring is empty), so a caller can say why nothing matched."""
         with self._lock:
             if not self._items:
-                return None
-            best = min(self._items, key=lambda it: abs(it[0] - stamp))
-        if abs(best[0] - stamp) > max_dt_s * 1e9:
-            return None
-        return best[1], best[2]
+                return None, None
+            best = min(reversed(self._items), key=lambda it: abs(it[0] - stamp))
+        offset_s = abs(best[0] - stamp) * 1e-9
+        if offset_s > max_dt_s:
+            return None, offset_s
+        return (best[1], best[2]), offset_s
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+    def drop_after(self, stamp: int) -> None:
+        """Forget messages stamped after ``stamp``: after time went backwards they belong to the old timeline."""
+        with self._lock:
+            kept = [it for it in self._items if it[0] <= stamp]
+            self._items.clear()
+            self._items.extend(kept)
 
 
 class CameraChannel:
@@ -105,6 +115,8 @@ class CameraChannel:
         self.subs: list[Any] = []
         self._info_lock = threading.Lock()
         self._latest_info: CameraInfo | None = None
+        self._last_stamp_ns: int | None = None  # worker only: detects time going backwards
+        self._had_metric = False  # worker only: log once when metric output stops
 
     def topic(self, base: str) -> str:
         """``depth/image`` -> ``front/depth/image`` (or unchanged for the unnamed camera)."""
@@ -200,13 +212,35 @@ class CameraChannel:
 
     def sparse_for(self, s: Settings, header: Any, width: int, height: int,
                    intr: PinholeIntrinsics | None) -> np.ndarray | None:
-        """Sparse metric depth ``[H,W]`` (NaN empty) matched to this image by stamp, or None."""
-        match = self.sparse.nearest(stamp_ns(header), float(s['alignment.sparse_max_dt']))
+        """Sparse metric depth ``[H,W]`` (NaN empty) matched to this image by stamp, or None.
+
+        Unusable sparse input is logged (throttled) and ignored: the frame goes on without metric alignment.
+        """
+        max_dt = float(s['alignment.sparse_max_dt'])
+        match, offset_s = self.sparse.nearest(stamp_ns(header), max_dt)
         if match is None:
+            if offset_s is not None:
+                self.log.warning(f'sparse depth not used: the nearest one is {offset_s:.3f} s from the image stamp '
+                                 f'(> alignment.sparse_max_dt = {max_dt} s); check the clocks / stamps of both '
+                                 'sensors or raise alignment.sparse_max_dt', throttle_duration_sec=THROTTLE_S)
             return None
         kind, msg = match
+        try:
+            return self._sparse_to_grid(kind, msg, header, width, height, intr)
+        except ImageConversionError as err:
+            self.log.warning(f'sparse input ignored: {err}', throttle_duration_sec=THROTTLE_S)
+            return None
+
+    def _sparse_to_grid(self, kind: str, msg: Any, header: Any, width: int, height: int,
+                        intr: PinholeIntrinsics | None) -> np.ndarray | None:
         if kind == 'depth':
-            # Same camera, any resolution: moved onto the image grid through the intrinsics ratio.
+            # Same camera, any resolution: moved onto the image grid through the intrinsics ratio. Another aspect
+            # ratio cannot be the same camera's image (it would pair pixels with the wrong depths).
+            if msg.width and msg.height and abs(msg.width / msg.height - width / height) > 0.01 * width / height:
+                raise ImageConversionError(
+                    f'sparse_depth is {msg.width}x{msg.height} but the image is {width}x{height} (another aspect '
+                    'ratio): it must come from the same camera (register it to the camera first, e.g. '
+                    'depth_image_proc register)')
             return sparse_to_image_grid(depth_to_metres(msg), width, height)
         if intr is None:
             self.log.warning('sparse_points need a valid camera_info to be projected; skipping the fit',
@@ -249,6 +283,14 @@ class CameraChannel:
             self.aligner_dirty = False
         metric = None
         align = AlignmentInfo()
+        stamp = stamp_ns(header)
+        if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
+            # Bag loop or sim-time reset: old sparse depth must not pair with the new run's frames.
+            self.log.warning(f'time went backwards by {(self._last_stamp_ns - stamp) * 1e-9:.3f} s (bag loop or '
+                             'sim time reset): alignment state reset', throttle_duration_sec=THROTTLE_S)
+            self.sparse.drop_after(stamp + int(float(s['alignment.sparse_max_dt']) * 1e9))
+            self.aligner = self.make_aligner(s)
+        self._last_stamp_ns = stamp
         if relative is not None:
             sparse = self.sparse_for(s, header, width, height, intr)
             result = None
@@ -259,7 +301,11 @@ class CameraChannel:
                     inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']))
                 if not result.ok:
                     self.log.warning(f'no metric fit this frame: {result.reason}', throttle_duration_sec=THROTTLE_S)
-            state = self.aligner.update(result, stamp_ns(header) * 1e-9)
+            state = self.aligner.update(result, stamp * 1e-9)
+            if state is None and self._had_metric:
+                self.log.warning('no usable sparse depth for longer than alignment.max_fallback_age_s: publishing '
+                                 'relative depth only (no depth/image, no points)', throttle_duration_sec=THROTTLE_S)
+            self._had_metric = state is not None
             if state is not None:
                 metric = apply_alignment(relative, state.scale, state.shift,
                                          float(s['min_depth']), float(s['max_depth']))  # [H,W] m, NaN invalid

@@ -381,6 +381,11 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:  # noqa: BLE001
+        # A signal can shut the context down while spin() builds its next wait set; rclpy then raises RCLError
+        # ("the given context is not valid"). That is a normal shutdown; anything else is a real error.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.stop()
