@@ -118,24 +118,30 @@ class Scenario:
         self.pubs['image'].publish(self.good_image(stamp) if image is None else image)
 
     def collect(self, stamp: int, expect: tuple[str, ...] = ('depth/relative', 'normals/image'),
-                timeout: float = 30.0) -> dict[str, Any]:
-        """{topic: output with ``stamp`` or None}; waits for ``expect``, then a grace period for the rest."""
+                timeout: float = 30.0, since: float = 0.0) -> dict[str, Any]:
+        """{topic: output with ``stamp`` that arrived after monotonic ``since``, or None}; waits for ``expect``,
+        then a grace period for the rest. ``since`` tells apart two frames with one stamp (sim time reset)."""
+        def find(topic: str) -> Any:
+            return next((m for t, m in self.col.get_timed(topic) if t > since and stamp_of(m) == stamp), None)
+
         out: dict[str, Any] = {}
         deadline = time.monotonic() + timeout  # shared: a frame that is never processed costs one timeout
         for topic in expect:
-            got = self.col.wait_for(topic, 1, timeout=max(deadline - time.monotonic(), 0.0),
-                                    where=lambda m: stamp_of(m) == stamp)
-            out[topic] = got[0] if got else None
+            out[topic] = find(topic)
+            while out[topic] is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                out[topic] = find(topic)
         time.sleep(0.3)
         for topic in PER_FRAME:
             if out.get(topic) is None:
-                out[topic] = next((m for m in self.col.get(topic) if stamp_of(m) == stamp), None)
+                out[topic] = find(topic)
         return out
 
     def frame(self, stamp: int, expect: tuple[str, ...] = ('depth/relative', 'normals/image'),
               **kwargs: Any) -> dict[str, Any]:
+        since = time.monotonic()
         self.publish(stamp, **kwargs)
-        return self.collect(stamp, expect)
+        return self.collect(stamp, expect, since=since)
 
     # ---------------------------------------------------------------- cases
 
@@ -426,20 +432,12 @@ def _sparse_case(kind: str) -> Callable[[Scenario], tuple[dict[int, dict[str, An
     return body
 
 
-_DROPS_IMAGE = ('node bug: an unusable sparse_depth message raises ImageConversionError out of the sparse lookup '
-                '(node.py _sparse_for -> depth_to_metres; camera.py sparse_for after the multi-camera refactor), '
-                'so the worker drops the whole camera frame. Fix: catch ImageConversionError there, log it '
-                'throttled and return None, so the frame is processed like one without sparse depth')
-_SILENT_RESCALE = ('node bug: a sparse depth image of another aspect ratio is stretched per axis onto the image '
-                   'grid by sparse_to_image_grid (node.py _sparse_for) without a check or a log line, so pixels '
-                   'are paired with the wrong depths. Fix: refuse sparse depth whose aspect ratio differs from the '
-                   "image's by more than ~1 %, with a throttled warning naming both sizes")
 
 
 @pytest.mark.parametrize('case', [
-    pytest.param('encoding_rgb8', marks=pytest.mark.xfail(strict=True, reason=_DROPS_IMAGE)),
-    pytest.param('zero_size', marks=pytest.mark.xfail(strict=True, reason=_DROPS_IMAGE)),
-    pytest.param('other_aspect', marks=pytest.mark.xfail(strict=True, reason=_SILENT_RESCALE)),
+    'encoding_rgb8',
+    'zero_size',
+    'other_aspect',
 ])
 def test_unusable_sparse_depth_is_ignored_and_the_image_still_processed(scn: Scenario, case: str) -> None:
     res = scn.run_case(f'sparse:{case}', _sparse_case(case))
@@ -451,7 +449,7 @@ def test_unusable_sparse_depth_is_ignored_and_the_image_still_processed(scn: Sce
 
 @pytest.mark.parametrize('case', [
     'encoding_rgb8', 'zero_size',
-    pytest.param('other_aspect', marks=pytest.mark.xfail(strict=True, reason=_SILENT_RESCALE)),
+    'other_aspect',
 ])
 def test_unusable_sparse_depth_is_logged(scn: Scenario, case: str) -> None:
     res = scn.run_case(f'sparse:{case}', _sparse_case(case))
@@ -506,11 +504,6 @@ def test_sparse_depth_far_from_any_image_is_not_used(scn: Scenario) -> None:
     assert out['depth/image'] is None and out['points'] is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'node bug: sparse depth that never matches an image stamp (clock offset, wrong stamps) is ignored silently; '
-    "only /diagnostics alignment_reason says so (node.py _sparse_for: SparseRing.nearest returns None without a "
-    "log). Fix: when the ring holds sparse messages but none is within alignment.sparse_max_dt, log a throttled "
-    "warning with the nearest offset and the parameter name"))
 def test_sparse_depth_far_from_any_image_is_logged(scn: Scenario) -> None:
     res = scn.run_case('sparse:far_stamp', _far_stamp)
     assert_logged(res.log, r'sparse_max_dt')
@@ -538,10 +531,6 @@ def test_frames_without_sparse_depth_fall_back_then_go_relative_only(scn: Scenar
     assert expired['depth/image'] is None and expired['points'] is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'node bug: when the fallback expires the node silently stops publishing depth/image (TemporalAligner.update '
-    'returns None; node.py _process logs nothing). Fix: log a throttled warning on the transition, e.g. "no '
-    'sparse depth for X s (> alignment.max_fallback_age_s): publishing relative depth only"'))
 def test_frames_without_sparse_depth_are_logged(scn: Scenario) -> None:
     res = scn.run_case('sparse:gap', _gap)
     assert any(re.search(r'sparse', ln, re.IGNORECASE) and re.search(r'relative|metric', ln, re.IGNORECASE)
@@ -572,36 +561,43 @@ def test_time_going_backwards_resets_alignment_and_processing_continues(scn: Sce
     assert_metric(refit, 5.0, 1.0)  # a new fit after the jump is used as is
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'node bug: a backwards jump of the image stamps resets the aligner silently (TemporalAligner.update resets '
-    'and counts n_resets, node.py logs nothing). Fix: the node tracks the last image stamp and logs a throttled '
-    'warning "time went backwards by X s (bag loop or sim time reset): alignment state reset"'))
 def test_time_going_backwards_is_logged(scn: Scenario) -> None:
     res = scn.run_case('time:backwards', _backwards)
     assert_logged(res.log, r'backwards|jump')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'node bug: the sparse ring is not cleared when time goes backwards, and _SparseRing.nearest (node.py; '
-    'camera.py after the refactor) returns the FIRST of equally near entries, i.e. the older one. After a sim '
-    'time reset the old run\'s sparse depth at the same stamp wins over the new one and a wrong metric scale is '
-    'published. Fix: clear the ring (and the latest CameraInfo) when an image stamp goes backwards, and prefer '
-    'the newest entry on ties (iterate reversed(self._items))'))
-def test_sim_time_reset_does_not_reuse_sparse_depth_of_the_previous_run(scn: Scenario) -> None:
-    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
-        t1 = scn.fresh_stamp()
-        first = scn.frame(t1, expect=('depth/relative', 'normals/image', 'depth/image'),
-                          sparse=numpy_to_image(scn.sparse(), '32FC1'))
-        t0 = t1 - 5 * 10**9  # simulator reset: time restarts and runs up to t1 again, the scene changed
-        reset = scn.frame(t0)
-        again = scn.frame(t1, expect=('depth/relative', 'normals/image', 'depth/image'),
-                          sparse=numpy_to_image(scn.sparse(5.0, 1.0), '32FC1'))
-        return {0: first, 1: reset, 2: again}, {}
+def _sim_reset(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    """Run 1 has sparse depth at t0 and t1; the simulator resets to t0 (new scene); run 2 has its own sparse
+    depth only from t1 on."""
+    t0 = scn.fresh_stamp()
+    t1 = t0 + 10**9
+    run1 = [scn.frame(t, expect=('depth/relative', 'normals/image', 'depth/image'),
+                      sparse=numpy_to_image(scn.sparse(), '32FC1')) for t in (t0, t1)]
+    reset = scn.frame(t0)  # no sparse depth of run 2 yet
+    again = scn.frame(t1, expect=('depth/relative', 'normals/image', 'depth/image'),
+                      sparse=numpy_to_image(scn.sparse(5.0, 1.0), '32FC1'))
+    scn.stamp_ns = max(scn.stamp_ns, t1)
+    return {0: run1[0], 1: run1[1], 2: reset, 3: again}, {}
 
-    res = scn.run_case('time:sim_reset', body)
-    assert_metric(res.outputs[0], S, T)
-    assert res.outputs[1]['depth/image'] is None
-    assert_metric(res.outputs[2], 5.0, 1.0)  # this run's sparse depth, not the previous run's
+
+def test_sim_time_reset_prefers_the_new_runs_sparse_depth(scn: Scenario) -> None:
+    res = scn.run_case('time:sim_reset', _sim_reset)
+    assert_metric(res.outputs[1], S, T)
+    assert_metric(res.outputs[3], 5.0, 1.0)  # run 2's sparse depth at t1, not run 1's at the same stamp
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "node bug: after time goes backwards CameraChannel.finish (camera.py) calls sparse.drop_after(stamp + "
+    "sparse_max_dt), which keeps the previous run's sparse messages stamped at or before the new stamp, so the "
+    "first frame after a sim reset pairs with the OLD run's sparse depth at the same stamp and publishes a metric "
+    "depth/image from it. Fix: on a backwards jump drop every ring entry that arrived before the jump (track an "
+    "arrival counter in SparseRing.add and keep only entries newer than the last pre-jump image), or clear the "
+    "ring"))
+def test_sim_time_reset_does_not_reuse_sparse_depth_of_the_previous_run(scn: Scenario) -> None:
+    res = scn.run_case('time:sim_reset', _sim_reset)
+    out = res.outputs[2]
+    assert_good(out, scn)
+    assert out['depth/image'] is None, 'the frame after the reset was scaled with the previous run\'s sparse depth'
 
 
 # -------------------------------------------------------------------------------------------------- compressed

@@ -9,6 +9,7 @@ the sent count (reader history of 1 s, see the fixture). The module ends with SI
 
 from __future__ import annotations
 
+import bisect
 import signal
 import statistics
 import threading
@@ -159,34 +160,33 @@ def test_30hz_on_a_slow_worker_newest_frame_bounded_latency_exact_drops(node: No
     assert delta['dropped'] > len(sent) // 2, 'the worker was not slower than the stream: nothing tested'
 
     # Newest frame: after publishing frame k the worker takes the frame that arrived last. From outside, the
-    # next processed frame was sent just before frame k's output arrived, while a FIFO would take the frame after
-    # frame k, sent about one processing time (gap) earlier; and the last frame sent is the last one processed.
+    # next processed frame is the newest one sent before frame k's output arrived, while a FIFO would take the
+    # frame after frame k, sent about one processing time (gap) earlier; the last frame sent is the last processed.
     gaps = [b[0] - a[0] for a, b in zip(outs, outs[1:], strict=False)]
     gap = statistics.median(gaps)  # ~ processing time per frame
-    offsets = [send_time[s_next] - t_k for (t_k, _), (_, s_next) in zip(outs, outs[1:], strict=False)]
+    send_times = [t for _, t in sent]
+    offsets = []  # send time of the next processed frame - send time of the newest frame sent before output k
+    for (t_k, _), (_, s_next) in zip(outs, outs[1:], strict=False):
+        newest = send_times[bisect.bisect_right(send_times, t_k) - 1]
+        assert send_time[s_next] <= t_k + 0.1, 'a frame sent after the output was taken before it'
+        offsets.append(send_time[s_next] - newest)
     # DDS delivery, the node's executor thread and our own receipt lag on 2 busy cores: allow some of the gap.
-    assert all(-0.7 * gap <= off <= 0.1 for off in offsets), (
-        f'send time of the next processed frame relative to the previous output: {offsets} (processing ~{gap:.3f} '
-        's/frame); a frame sent about one processing time earlier is an old one, not the newest')
+    assert all(off >= -0.7 * gap for off in offsets), (
+        f'send time of the next processed frame relative to the newest one sent before the previous output: '
+        f'{offsets} (processing ~{gap:.3f} s/frame); about one processing time earlier means an old frame')
     assert statistics.median(offsets) >= -0.1, f'the next processed frame is usually not the newest: {offsets}'
     assert outs[-1][1] == sent[-1][0], 'the last frame sent was not the last one processed'
 
     # Bounded latency that does not grow; nothing left queued once the stream stops.
     latency = [t - send_time[s] for t, s in outs]
     assert max(latency) <= 2.5 * gap + 0.3, f'latency {max(latency):.3f} s > 2.5 x {gap:.3f} s + 0.3 s'
-    third = max(len(latency) // 3, 1)
-    assert statistics.mean(latency[-third:]) <= 1.5 * statistics.mean(latency[:third]) + 0.1, latency
+    # No queue: the newest-frame check above bounds each frame's wait by the executor lag; a FIFO's wait grows
+    # with every frame. And once the stream stops at most the frame in progress and the newest one follow.
     late = [t for t, _ in outs if t > t_stop]
     assert len(late) <= 2, f'{len(late)} outputs after the stream stopped: frames were queued'
     assert all(t <= t_stop + 2.5 * gap + 0.3 for t in late)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    'node bug (race): SIGINT/SIGTERM make rclpy shut the context down while MultiThreadedExecutor.spin builds its '
-    'next wait set; spin then raises rclpy._rclpy_pybind11.RCLError ("failed to initialize wait set: the given '
-    'context is not valid"), which node.py main() does not catch, so the process exits 1 with a traceback. Fix: '
-    'treat any exception from executor.spin() as a normal shutdown when not rclpy.ok(). Not strict: it depends on '
-    'where the executor is when the signal lands'))
 def test_sigterm_under_load_exits_0_within_2s_without_threads_left(node: Node) -> None:
     """Runs last (stops the module's node). The signal lands while a frame is being processed."""
     n0 = len(node.col.get('depth/relative'))

@@ -1,10 +1,12 @@
 """Soak (issue 4): 10,000 small frames as fast as the node takes them; no growth in memory, threads or fds.
 
-Every frame comes with a CameraInfo and every 10th with sparse depth, and ``depth/image`` and ``points`` have a
-subscriber, so decode, inference, alignment, the cloud and all publishers run many times. The sender waits for
-DDS acknowledgements every few frames (reliable), so the node receives every frame and only its own latest-frame
-mailbox drops them. Resident memory (VmRSS), threads (/proc/<pid>/task) and file descriptors (/proc/<pid>/fd) of
-the node process are read after a warm-up and at the end. The module ends with SIGINT under load.
+Every 10th frame comes with a CameraInfo and sparse depth, and ``depth/image`` and ``points`` have a subscriber,
+so decode, inference, alignment, the cloud and all publishers run many times. Frames go out in batches as fast
+as the node takes them: before the next batch the sender waits for the node's ``received`` counter (/diagnostics
+at 10 Hz) to catch up, so the reader history (reliable, 50) never overflows, the node gets every frame and only
+its own latest-frame mailbox drops them. Resident memory (VmRSS), threads
+(/proc/<pid>/task) and file descriptors (/proc/<pid>/fd) of the node process are read after a warm-up and at the
+end. The module ends with SIGINT under load.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.duration import Duration  # noqa: E402
 from ros_helpers import (  # noqa: E402
     Collector,
     NodeProcess,
@@ -44,17 +45,11 @@ pytestmark = pytest.mark.soak
 W, H = 32, 24
 N_FRAMES = 10_000
 WARMUP = 1_000
-BATCH = 25  # frames between waits for DDS acknowledgements (reader and writer history hold 50)
+BATCH = 30  # frames per batch; at most BATCH + MAX_BEHIND are queued in the node's reader history of 50
+MAX_BEHIND = 10  # frames sent but not yet taken by the node when the next batch starts
 MAX_RSS_GROWTH_MB = 50.0
 NS, NAME = '/reliability_soak', 'geodiff_soak'
 EXIT_BUDGET_S = 2.0
-_SHUTDOWN_RACE = ('node bug (race): SIGINT/SIGTERM make rclpy shut the context down while MultiThreadedExecutor.spin '
-                  'builds its next wait set; spin then raises rclpy._rclpy_pybind11.RCLError ("failed to initialize '
-                  'wait set: the given context is not valid"), which node.py main() does not catch (only '
-                  'KeyboardInterrupt/ExternalShutdownException), so the process exits 1 with a traceback and skips '
-                  '_exit_now. Fix: in main(), treat any exception from executor.spin() as a normal shutdown when '
-                  'not rclpy.ok(). Not strict: it depends on where the executor is when the signal lands')
-
 
 @pytest.fixture(scope='module')
 def soak(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_normals_ckpt: Path):
@@ -62,7 +57,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_n
     node = NodeProcess(domain, {
         'model_depth': str(tiny_depth_ckpt), 'model_normals': str(tiny_normals_ckpt), 'device': 'cpu',
         'dtype': 'fp32', 'processing_res': 16, 'qos.input.reliability': 'reliable', 'qos.input.depth': 50,
-        'alignment.sparse_max_dt': 0.02, 'diagnostics_period': 0.5,
+        'alignment.sparse_max_dt': 0.02, 'diagnostics_period': 0.1,
     }, tmp_path_factory.mktemp('soak') / 'geodiff.log', remaps=node_remaps(NS, NAME),
         program=wrapped_node_program())
     col = Collector(domain, namespace=NS)
@@ -110,14 +105,16 @@ def test_soak_10k_frames_no_growth_in_memory_threads_or_fds(soak) -> None:
     for i in range(1, N_FRAMES):
         stamp = stamp0 + i * 10_000_000  # 100 Hz stamps
         hdr = header(stamp)
-        pubs['camera_info'].publish(camera_info_msg(hdr, W, H, fx, fy, cx, cy))
         if i % 10 == 0:
+            pubs['camera_info'].publish(camera_info_msg(hdr, W, H, fx, fy, cx, cy))
             sparse.header = hdr
             pubs['sparse_depth'].publish(sparse)
         pubs['image'].publish(numpy_to_image(rgb, 'rgb8', hdr))
-        if i % BATCH == 0:  # as fast as the node takes them
-            for pub in pubs.values():
-                assert pub.wait_for_all_acked(Duration(seconds=30)), f'node stopped taking frames at {i}'
+        if i % BATCH == 0:  # frames 0..i sent: wait until the node has taken all but MAX_BEHIND of them
+            deadline = time.monotonic() + 30.0
+            while int(_diagnostics_after(col, 0.0)['received']) < i + 1 - MAX_BEHIND:
+                assert time.monotonic() < deadline, f'the node stopped taking frames at {i}; {node.log()[-2000:]}'
+                time.sleep(0.01)
         if i == WARMUP or i % 2000 == 0:
             samples.append((i, process_stats(pid)))
     send_s = time.monotonic() - t0
@@ -135,13 +132,12 @@ def test_soak_10k_frames_no_growth_in_memory_threads_or_fds(soak) -> None:
     # Every frame reached the node and is accounted for; the pipeline really ran, with metric output and clouds.
     counts = {k: int(diag[k]) for k in ('received', 'processed', 'dropped', 'bad_input', 'metric_frames')}
     assert counts['received'] == N_FRAMES, (counts, send_s)
-    assert counts['processed'] + counts['dropped'] == N_FRAMES and counts['bad_input'] == 0, counts
+    assert counts['processed'] + counts['dropped'] == counts['received'] and counts['bad_input'] == 0, counts
     assert counts['processed'] >= 100 and counts['metric_frames'] >= 10, counts
     assert col.get('points'), 'no cloud published during the soak'
     assert stamp_of(col.get('depth/relative')[-1]) == stamp0 + (N_FRAMES - 1) * 10_000_000  # the newest, last
 
 
-@pytest.mark.xfail(strict=False, reason=_SHUTDOWN_RACE)
 def test_sigint_under_load_exits_0_within_2s_without_threads_left(soak) -> None:
     """Runs last (stops the module's node): frames keep coming while SIGINT lands during inference."""
     node, col, pubs = soak
