@@ -52,3 +52,7 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "manifest.json").is_file():
         pytest.skip(f"real data folder {SHARED_DATA} not present (set GEODIFF_SHARED_DATA to use it)")
     return SHARED_DATA
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", 'soak: long soak test (runs by default; deselect with -m "not soak")')

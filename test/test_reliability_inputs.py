@@ -586,13 +586,6 @@ def test_sim_time_reset_prefers_the_new_runs_sparse_depth(scn: Scenario) -> None
     assert_metric(res.outputs[3], 5.0, 1.0)  # run 2's sparse depth at t1, not run 1's at the same stamp
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "node bug: after time goes backwards CameraChannel.finish (camera.py) calls sparse.drop_after(stamp + "
-    "sparse_max_dt), which keeps the previous run's sparse messages stamped at or before the new stamp, so the "
-    "first frame after a sim reset pairs with the OLD run's sparse depth at the same stamp and publishes a metric "
-    "depth/image from it. Fix: on a backwards jump drop every ring entry that arrived before the jump (track an "
-    "arrival counter in SparseRing.add and keep only entries newer than the last pre-jump image), or clear the "
-    "ring"))
 def test_sim_time_reset_does_not_reuse_sparse_depth_of_the_previous_run(scn: Scenario) -> None:
     res = scn.run_case('time:sim_reset', _sim_reset)
     out = res.outputs[2]

@@ -67,11 +67,18 @@ class SparseRing:
 
     def __init__(self, size: int = _SPARSE_RING) -> None:
         self._lock = threading.Lock()
-        self._items: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=size)
+        self._items: collections.deque[tuple[int, str, Any, int]] = collections.deque(maxlen=size)
+        self._arrivals = 0  # arrival counter: tells the old timeline's messages from the new one's after a reset
 
     def add(self, kind: str, msg: Any) -> None:
         with self._lock:
-            self._items.append((stamp_ns(msg.header), kind, msg))
+            self._arrivals += 1
+            self._items.append((stamp_ns(msg.header), kind, msg, self._arrivals))
+
+    def mark(self) -> int:
+        """The arrival count now; :meth:`forget_up_to` drops what had arrived by then."""
+        with self._lock:
+            return self._arrivals
 
     def nearest(self, stamp: int, max_dt_s: float) -> tuple[tuple[str, Any] | None, float | None]:
         """(kind, msg) nearest to ``stamp`` within ``max_dt_s`` (newest wins ties) and the nearest offset in
@@ -89,10 +96,10 @@ class SparseRing:
         with self._lock:
             self._items.clear()
 
-    def drop_after(self, stamp: int) -> None:
-        """Forget messages stamped after ``stamp``: after time went backwards they belong to the old timeline."""
+    def forget_up_to(self, mark: int) -> None:
+        """Forget messages that arrived by ``mark``: after time went backwards they belong to the old timeline."""
         with self._lock:
-            kept = [it for it in self._items if it[0] <= stamp]
+            kept = [it for it in self._items if it[3] > mark]
             self._items.clear()
             self._items.extend(kept)
 
@@ -116,6 +123,7 @@ class CameraChannel:
         self._info_lock = threading.Lock()
         self._latest_info: CameraInfo | None = None
         self._last_stamp_ns: int | None = None  # worker only: detects time going backwards
+        self._sparse_mark = 0  # worker only: sparse arrivals before the previous frame was handled
         self._had_metric = False  # worker only: log once when metric output stops
 
     def topic(self, base: str) -> str:
@@ -288,9 +296,10 @@ class CameraChannel:
             # Bag loop or sim-time reset: old sparse depth must not pair with the new run's frames.
             self.log.warning(f'time went backwards by {(self._last_stamp_ns - stamp) * 1e-9:.3f} s (bag loop or '
                              'sim time reset): alignment state reset', throttle_duration_sec=THROTTLE_S)
-            self.sparse.drop_after(stamp + int(float(s['alignment.sparse_max_dt']) * 1e9))
+            self.sparse.forget_up_to(self._sparse_mark)
             self.aligner = self.make_aligner(s)
         self._last_stamp_ns = stamp
+        self._sparse_mark = self.sparse.mark()
         if relative is not None:
             sparse = self.sparse_for(s, header, width, height, intr)
             result = None
