@@ -27,6 +27,21 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_
 HUB_PATTERNS = ["model_index.json", *(f"{sub}/*" for sub in REQUIRED_SUBFOLDERS)]
 HUB_IGNORE = ["*.ckpt", "*.onnx", "*.msgpack", "*.h5", "*.fp16.*", "*.non_ema.*"]
 
+# model_index.json of the GonzaloMG E2E-FT repos: saved as a StableDiffusionPipeline (spec E.3). Our fine-tuned and
+# tiny test checkpoints are written with it too, so every checkpoint loads through one path.
+HUB_MODEL_INDEX: dict = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 DEPTH_HUB_ID = "GonzaloMG/marigold-e2e-ft-depth"
 NORMALS_HUB_ID = "GonzaloMG/marigold-e2e-ft-normals"
 

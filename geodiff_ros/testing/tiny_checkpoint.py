@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..engine.checkpoint import HUB_MODEL_INDEX
+
 TINY_TEXT_WIDTH = 32
 
 # The scheduler configuration stored on the hub for GonzaloMG/marigold-e2e-ft-depth (spec E.3).
@@ -36,20 +38,6 @@ E2E_SCHEDULER_CONFIG: dict = {
     "thresholding": False,
     "timestep_spacing": "trailing",
     "trained_betas": None,
-}
-
-MODEL_INDEX: dict = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.30.0",
-    "feature_extractor": [None, None],
-    "image_encoder": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
 }
 
 
@@ -155,5 +143,5 @@ def write_tiny_checkpoint(folder: str | Path, task: str = "depth", seed: int = 0
     scheduler = DDIMScheduler.from_config(E2E_SCHEDULER_CONFIG)
     scheduler.save_pretrained(str(root / "scheduler"))
 
-    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2), encoding="utf-8")
+    (root / "model_index.json").write_text(json.dumps(HUB_MODEL_INDEX, indent=2), encoding="utf-8")
     return root

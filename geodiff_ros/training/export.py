@@ -12,20 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["save_hub_checkpoint"]
+from ..engine.checkpoint import HUB_MODEL_INDEX
 
-_MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "feature_extractor": [None, None],
-    "image_encoder": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+__all__ = ["save_hub_checkpoint"]
 
 
 def save_hub_checkpoint(
@@ -56,7 +45,7 @@ def save_hub_checkpoint(
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     scheduler = DDIMScheduler.from_config(cfg, timestep_spacing="trailing")
     scheduler.save_pretrained(str(root / "scheduler"))
-    index = dict(_MODEL_INDEX, _diffusers_version=diffusers.__version__, geodiff_task=modality)
+    index = dict(HUB_MODEL_INDEX, _diffusers_version=diffusers.__version__, geodiff_task=modality)
     if modality == "normals":
         index["geodiff_normals_frame"] = "LUB"
     if extra:
