@@ -105,10 +105,15 @@ def _child_env() -> dict[str, str]:
 
 
 def _shared_bag() -> Path | None:
+    """The shared TUM bag: $GEODIFF_SHARED_DATA, else ../shared/data beside the checkout (seen from the working
+    directory, since an installed copy of this module lives inside the venv, or from the source tree)."""
     env = os.environ.get('GEODIFF_SHARED_DATA')
-    data = Path(env) if env else _PKG_ROOT.parent / 'shared' / 'data'
-    bag = data / 'bags' / 'tum_fr2_desk_rgbd_mcap'
-    return bag if (bag / 'metadata.yaml').is_file() else None
+    candidates = [Path(env)] if env else [Path.cwd().parent / 'shared' / 'data', _PKG_ROOT.parent / 'shared' / 'data']
+    for data in candidates:
+        bag = data / 'bags' / 'tum_fr2_desk_rgbd_mcap'
+        if (bag / 'metadata.yaml').is_file():
+            return bag
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ synthetic bag
