@@ -31,7 +31,8 @@ from launch_ros.actions import Node
 from geodiff_ros.ros.camera_sets import camera_remappings, parse_camera_list
 
 # Launch arguments that override one node parameter, only when given (the params file holds the defaults).
-_PARAM_OVERRIDES = (('model', 'model_depth'), ('device', 'device'), ('dtype', 'dtype'))
+_PARAM_OVERRIDES = (('model', 'model_depth'), ('model_normals', 'model_normals'), ('device', 'device'),
+                    ('dtype', 'dtype'))
 # Per-camera input patterns (several cameras): launch argument -> node input topic.
 _PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
              ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
@@ -45,7 +46,7 @@ def _nodes(context, *_args, **_kwargs):
     for arg, param in _PARAM_OVERRIDES:
         value = LaunchConfiguration(arg).perform(context)
         if value:
-            overrides[param] = value
+            overrides[param] = '' if value == 'none' else value  # 'none' disables a model ('' keeps the file's)
     batch_size = LaunchConfiguration('batch_size').perform(context)
     if batch_size:
         overrides['batch_size'] = int(batch_size)
@@ -120,6 +121,8 @@ def generate_launch_description() -> LaunchDescription:
                               description='Node parameters (/**: ros__parameters:).'),
         DeclareLaunchArgument('model', default_value='',
                               description='Override model_depth (hub id or folder); empty keeps the params file.'),
+        DeclareLaunchArgument('model_normals', default_value='',
+                              description='Override model_normals (hub id or folder; none disables normals).'),
         DeclareLaunchArgument('device', default_value='', description='Override device (cpu, cuda, cuda:N).'),
         DeclareLaunchArgument('dtype', default_value='', description='Override dtype (fp32, fp16, bf16).'),
         DeclareLaunchArgument('use_sim_time', default_value='false',
