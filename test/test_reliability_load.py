@@ -179,7 +179,14 @@ def test_30hz_on_a_slow_worker_newest_frame_bounded_latency_exact_drops(node: No
 
     # Bounded latency that does not grow; nothing left queued once the stream stops.
     latency = [t - send_time[s] for t, s in outs]
-    assert max(latency) <= 2.5 * gap + 0.3, f'latency {max(latency):.3f} s > 2.5 x {gap:.3f} s + 0.3 s'
+    # Typical frame: waits at most about one processing time, then is processed. A single frame can be slowed by
+    # the other core's load (seen: 2.3 s at gap 0.8 s once in CI-like runs), so the worst case gets more room;
+    # a FIFO queue fails both the worst case and the trend (its latency grows by ~gap with every frame).
+    assert statistics.median(latency) <= 2.0 * gap + 0.3, f'median latency {statistics.median(latency):.3f} s'
+    assert max(latency) <= 4.0 * gap + 0.5, f'latency {max(latency):.3f} s > 4 x {gap:.3f} s + 0.5 s'
+    third = max(1, len(latency) // 3)
+    assert statistics.median(latency[-third:]) <= statistics.median(latency[:third]) + gap, (
+        f'latency grows over the stream: {latency}')
     # No queue: the newest-frame check above bounds each frame's wait by the executor lag; a FIFO's wait grows
     # with every frame. And once the stream stops at most the frame in progress and the newest one follow.
     late = [t for t, _ in outs if t > t_stop]
