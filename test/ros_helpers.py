@@ -355,6 +355,7 @@ def diagnostics_values(msg: Any) -> dict[str, str]:
 #   GEODIFF_TEST_LOG_THROTTLE_S  shorter throttle for per-frame warnings, so consecutive fault cases each log
 #   GEODIFF_TEST_OOM_ON_MARKER=1 GeoDiffEngine.predict raises torch.cuda.OutOfMemoryError for a frame whose
 #                                top-left pixel is OOM_MARKER (so a test chooses exactly which frames fail)
+#   GEODIFF_TEST_OOM_ON_WIDTH=N  ... and for every frame N pixels wide (e.g. the warm-up frame, warmup_size)
 # and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
 # exits, so a test can check that no worker thread was left behind.
 OOM_MARKER = (255, 0, 255)
@@ -379,7 +380,8 @@ if throttle:
         raise SystemExit('test wrapper: no log throttle constant found in geodiff_ros.ros.node/camera; '
                          'update _WRAPPER in test/ros_helpers.py')
 
-if os.environ.get('GEODIFF_TEST_OOM_ON_MARKER'):
+oom_width = int(os.environ.get('GEODIFF_TEST_OOM_ON_WIDTH') or -1)
+if os.environ.get('GEODIFF_TEST_OOM_ON_MARKER') or oom_width > 0:
     import numpy as np
     import torch
     from geodiff_ros.engine import GeoDiffEngine
@@ -388,7 +390,8 @@ if os.environ.get('GEODIFF_TEST_OOM_ON_MARKER'):
 
     def predict(self, images, *args, **kwargs):
         frames = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
-        if any(tuple(np.asarray(f)[0, 0, :3].tolist()) == OOM_MARKER for f in frames):
+        if any(tuple(np.asarray(f)[0, 0, :3].tolist()) == OOM_MARKER or np.asarray(f).shape[1] == oom_width
+               for f in frames):
             raise torch.cuda.OutOfMemoryError(
                 'CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test wrapper)')
         return real_predict(self, images, *args, **kwargs)

@@ -204,7 +204,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_n
     proc = NodeProcess(DOMAIN, {**NODE_PARAMS, 'model_depth': str(tiny_depth_ckpt),
                                 'model_normals': str(tiny_normals_ckpt)},
                        tmp_path_factory.mktemp('node') / 'geodiff.log', remaps={'__ns': NS})
-    if not proc.wait_for_log('active: listening on', timeout=120.0):
+    if not proc.wait_for_log('processing frames', timeout=120.0):  # active and warmed up
         proc.stop()
         pytest.fail(f'node did not become active; log:\n{proc.log()[-3000:]}')
     yield proc

@@ -79,7 +79,7 @@ class TestDepthLaunch(unittest.TestCase):
     """While the launched node runs: play the bag twice and check the recorded outputs."""
 
     def test_bag_through_launched_node(self, proc_output: object, tmp: Path, bag: Path) -> None:
-        proc_output.assertWaitFor('active: listening on', timeout=120)
+        proc_output.assertWaitFor('processing frames', timeout=120)  # warm-up done
         check_two_pass(DOMAIN, tmp, bag, NS, player_cmd=_player_cmd)
 
 

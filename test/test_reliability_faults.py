@@ -116,6 +116,32 @@ def test_cuda_falls_back_to_cpu_when_allowed(oom_node) -> None:
     assert re.search(r'engine ready: .* on cpu', log), log[-3000:]
 
 
+def test_warm_up_out_of_memory_logs_the_fix_and_serves(tmp_path: Path, domain: int, tiny_depth_ckpt: Path) -> None:
+    """The activation warm-up (warmup_size) fails: error naming warmup_size, then camera frames are processed."""
+    node = NodeProcess(domain, {
+        'model_depth': str(tiny_depth_ckpt), 'model_normals': '', 'device': 'cpu', 'dtype': 'fp32',
+        'processing_res': 64, 'qos.input.reliability': 'reliable', 'warmup_size': [96, 72],
+    }, tmp_path / 'geodiff.log', remaps=node_remaps(NS, NAME), program=wrapped_node_program(),
+        extra_env={**NO_GPU, 'GEODIFF_TEST_OOM_ON_WIDTH': '96'})
+    col = Collector(domain, namespace=NS)
+    try:
+        col.subscribe(Image, 'depth/relative')
+        pub = col.publisher(Image, 'image', depth=5)
+        assert col.wait_matched([pub], timeout=90.0), node.log()[-3000:]
+        assert node.wait_for_log('processing frames', timeout=60.0), node.log()[-3000:]
+        line = next((ln for ln in node.log().splitlines() if 'warm-up' in ln), '')
+        assert line.startswith('[ERROR]') and '96x72' in line and 'out of memory' in line.lower(), line
+        assert 'warmup_size' in line, f'the error does not say how to avoid it: {line}'
+        stamp = 1_600_000_002_000_000_000
+        pub.publish(numpy_to_image(test_scene(W, H)[0], 'rgb8', header(stamp)))
+        assert col.wait_for('depth/relative', 1, timeout=30.0, where=lambda m: stamp_of(m) == stamp), \
+            node.log()[-3000:]
+    finally:
+        col.close()
+        code, _ = node.stop()
+    assert code == 0, node.log()[-3000:]
+
+
 def _bad_input(col: Collector, after: float, at_least: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     value = -1

@@ -51,6 +51,9 @@ def test_every_parameter_is_described_and_numbers_have_ranges() -> None:
     ({'alignment.method': 'svd'}, 'not one of ransac, irls, lsq'),
     ({'alignment.ema_alpha': 0.0}, 'must be > 0'),
     ({'tasks': ['depth'], 'model_depth': ''}, 'no task left to run'),
+    ({'warmup_size': [640]}, r'two integers \[width, height\]'),
+    ({'warmup_size': [0, 480]}, r'within \[8, 8192\], or \[0, 0\] to skip'),
+    ({'warmup_size': [640, 100000]}, r'within \[8, 8192\]'),
 ])
 def test_invalid_changes_are_rejected_with_a_reason(changes: dict, match: str) -> None:
     reason = validate_changes(changes, DEFAULTS, configured=False)

@@ -192,7 +192,7 @@ class _NodeProcess:
         """'active', 'exited' or 'timeout'."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if 'active: listening on' in self.log():
+            if 'processing frames' in self.log():  # logged after the warm-up (warmup_size)
                 return 'active'
             if self.proc.poll() is not None:
                 return 'exited'

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -169,9 +170,9 @@ class GeoDiffNode(LifecycleNode):
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device}')
         if kwargs['optimize'] not in ('none', ''):
             # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the worker
-            # compiles on the first frame of each input size instead (parameter `optimize`).
-            self.get_logger().info(f'optimize={kwargs["optimize"]}: the first frame of each input size compiles or '
-                                   'captures (up to ~100 s with a cold TORCHINDUCTOR_CACHE_DIR)')
+            # warms up on activation (warmup_size) and compiles any other input size on its first frame.
+            self.get_logger().info(f'optimize={kwargs["optimize"]}: each new input size compiles or captures on '
+                                   'its first frame (up to ~100 s with a cold TORCHINDUCTOR_CACHE_DIR)')
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
             cam.create_publishers(out_qos)
@@ -242,7 +243,7 @@ class GeoDiffNode(LifecycleNode):
     def _start_worker(self) -> None:
         self._stop.clear()
         self._sched.reopen()
-        self._worker = threading.Thread(target=self._run_worker, name='geodiff-worker', daemon=True)
+        self._worker = threading.Thread(target=self._worker_main, name='geodiff-worker', daemon=True)
         self._worker.start()
 
     def _stop_worker(self) -> None:
@@ -254,6 +255,45 @@ class GeoDiffNode(LifecycleNode):
                 self._worker = None
 
     # ------------------------------------------------------------------ worker
+
+    def _worker_main(self) -> None:
+        self._warm_up()
+        self._run_worker()
+
+    def _warm_up(self) -> None:
+        """Run dummy frames of ``warmup_size`` through the engine before the first camera frame.
+
+        Lazy CUDA/cuDNN initialisation, torch.compile and CUDA-graph capture then happen here, on the worker
+        thread, while subscriptions already fill the newest-frame mailboxes and services answer (issue 5,
+        start-up). Compiled and captured code is specialised to the batch size, so with ``optimize`` set every
+        batch size the scheduler can form is warmed up too. A failure is logged and serving goes on.
+        """
+        width, height = (int(v) for v in self._settings['warmup_size'])
+        engine = self._engine
+        if engine is None or width <= 0 or height <= 0 or self._stop.is_set():
+            self.get_logger().info('ready: no warm-up (warmup_size [0, 0]); processing frames')
+            return
+        batches = [1]
+        if str(self._settings['optimize']) not in ('none', ''):
+            batches = list(range(1, min(int(self._settings['batch_size']), len(self._cams)) + 1))
+        self._state_label = 'warming up'
+        start = time.monotonic()
+        rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)  # [H,W,3]
+        try:
+            for batch in batches:
+                if self._stop.is_set():
+                    break
+                engine.predict([rgb] * batch)
+        except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: real frames may still fit
+            self.get_logger().error(
+                f'warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, '
+                'the first ones may be slow (set warmup_size to your camera size, or [0, 0] to skip the warm-up)')
+        else:
+            self.get_logger().info(
+                f'ready: warm-up at {width}x{height} (batch {", ".join(map(str, batches))}) took '
+                f'{time.monotonic() - start:.2f} s; processing frames')
+        if self._state_label == 'warming up':
+            self._state_label = 'active'
 
     def _run_worker(self) -> None:
         while not self._stop.is_set():

@@ -78,9 +78,13 @@ PARAMS: tuple[ParamSpec, ...] = (
               '(CUDA graphs); compile (torch.compile); compile+graph (fastest on a CUDA GPU; use none on CPU). '
               'Compiled modes compile on the first frame of each new input size and batch size, in the worker, '
               'without blocking configure: with a cold TORCHINDUCTOR_CACHE_DIR that first frame takes ~100 s '
-              '(full-size model, H100) and later frames queue behind it; point TORCHINDUCTOR_CACHE_DIR to a '
+              '(full-size model, H100; warmup_size does this on activation); point TORCHINDUCTOR_CACHE_DIR to a '
               'persistent folder so restarts re-use the kernels.',
               choices=OPTIMIZE_CHOICES, configure_time=True),
+    ParamSpec('warmup_size', [640, 480],
+              'Width and height of a dummy frame the worker runs when the node activates, before real frames, so '
+              'lazy initialisation, compilation and CUDA-graph capture do not land on the first camera frame '
+              '(the node stays responsive meanwhile; camera frames wait newest-first). [0, 0] skips it.'),
     # --- topics ---
     ParamSpec('input_transport', 'raw', 'raw: sensor_msgs/Image on image; compressed: CompressedImage (JPEG/PNG)'
               ' on image/compressed.', choices=('raw', 'compressed'), configure_time=True),
@@ -238,6 +242,13 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
             parse_camera_list(value)
         except CameraListError as err:
             return str(err)
+        return None
+    if spec.name == 'warmup_size':
+        size = list(value)
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            return f'warmup_size={size!r} must be two integers [width, height] ([0, 0] skips the warm-up)'
+        if size != [0, 0] and not all(8 <= v <= 8192 for v in size):
+            return f'warmup_size={size!r}: width and height must be within [8, 8192], or [0, 0] to skip the warm-up'
         return None
     if spec.name == 'device' and not _DEVICE_RE.match(str(value)):
         return f'device={value!r} must be cpu, cuda or cuda:N'
