@@ -109,7 +109,8 @@ def play_and_record(domain: int, tmp: Path, bag: Path, play_topics: list[str], r
     out = tmp / f'rec_{bag.name}_{len(list(tmp.iterdir()))}'
     rec = BagTool(domain, tmp / f'{out.name}_recorder.log', 'record', str(out), '--topics', *record_topics,
                   '--count', str(count))
-    assert rec.wait_log('recording ', len(record_topics), timeout=30.0), f'recorder not ready:\n{rec.log()}'
+    # 'matched': the recorder's subscriptions have met the node's publishers, so no output is lost to discovery.
+    assert rec.wait_log('matched ', len(record_topics), timeout=30.0), f'recorder not ready:\n{rec.log()}'
     if player_cmd is None:
         args = ['play', str(bag), '--topics', *play_topics, '--wait-subscribers', '1', '--wait-timeout', '30',
                 '--rate', str(rate)]

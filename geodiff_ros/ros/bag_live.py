@@ -279,14 +279,22 @@ class Recorder:
         self.errors: dict[str, str] = {}
         self.subscribed: dict[str, str] = {}  # topic -> type
         self._subs: list[Any] = []
+        self._unmatched: dict[str, Any] = {}  # topic -> subscription not yet matched with a publisher
         self._lock = threading.Lock()
         self._closed = False
         self._timer = node.create_timer(0.2, self.discover)
         self.discover()
 
     def discover(self) -> None:
-        """Subscribe to the pending topics that now have a publisher (called by a timer)."""
-        if not self.pending or self._closed:
+        """Subscribe to the pending topics that now have a publisher (called by a timer); log each subscription
+        once it has matched a publisher (from then on nothing that publisher sends is missed, reliable or not)."""
+        if self._closed:
+            return
+        for topic, sub in list(self._unmatched.items()):
+            if sub.get_publisher_count() > 0:
+                del self._unmatched[topic]
+                LOG.info('matched %s (%d publisher(s))', topic, sub.get_publisher_count())
+        if not self.pending:
             return
         graph = dict(self.node.get_topic_names_and_types())
         for topic in list(self.pending):
@@ -314,7 +322,9 @@ class Recorder:
             def store(data: bytes, topic: str = topic) -> None:
                 self._store(topic, data)
 
-            self._subs.append(self.node.create_subscription(cls, topic, store, qos, raw=True))
+            sub = self.node.create_subscription(cls, topic, store, qos, raw=True)
+            self._subs.append(sub)
+            self._unmatched[topic] = sub
             self.subscribed[topic] = msgtype
             LOG.info('recording %s (%s, %s)', topic, msgtype, 'reliable' if reliable else 'best effort')
 
