@@ -116,7 +116,9 @@ def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) 
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
     al: AlignmentInfo = snap['alignment']
-    if state != 'active':
+    if state == 'warming up':
+        level, message = DiagnosticStatus.WARN, 'warming up (first run, compile or capture): frames wait, newest first'
+    elif state != 'active':
         level, message = DiagnosticStatus.WARN, f'node is {state}, not processing'
     elif snap['received'] == 0:
         level, message = DiagnosticStatus.WARN, 'no input images yet (check the image topic remap and QoS)'

@@ -194,8 +194,8 @@ class GeoDiffNode(LifecycleNode):
         in_qos = make_qos(s['qos.input.reliability'], s['qos.input.depth'])
         for cam in self._cams:
             cam.subscribe(s['input_transport'], in_qos, self._input_group, self._sched.put)
+        self._state_label = 'active'  # before the worker starts: its warm-up shows 'warming up' meanwhile
         self._start_worker()
-        self._state_label = 'active'
         self.get_logger().info(
             f'active: listening on {", ".join(cam.subs[0].topic_name for cam in self._cams)} '
             f'({s["input_transport"]}, {s["qos.input.reliability"]}); outputs {s["qos.output.reliability"]}')
