@@ -9,7 +9,6 @@ the dataset root, exactly as Marigold's ``data_split/*`` files.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..geometry.normal_frames import to_optical
+from ..manifest import ManifestError, read_manifest
 
 __all__ = [
     "DEPTH_DATASETS",
@@ -192,19 +192,15 @@ def iter_depth_manifest(
 
     ``group`` is the entry's ``set`` (so results can be reported per recording); 0 = no depth.
     """
-    path = Path(manifest)
-    if path.is_dir():
-        path = path / "manifest.json"
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        msg = f"Cannot read RGB-D manifest {path} ({err}); see the README for the format."
-        raise EvalDataError(msg) from err
+        base, entries = read_manifest(manifest)
+    except ManifestError as err:
+        raise EvalDataError(str(err)) from err
     for i, e in enumerate(entries):
         if limit is not None and i >= limit:
             return
-        rgb = _read_rgb(path.parent / e["rgb"])
-        dpath = path.parent / e["depth"]
+        rgb = _read_rgb(base / e["rgb"])
+        dpath = base / e["depth"]
         if dpath.suffix == ".npy":
             depth = np.load(dpath).astype(np.float32).squeeze() / float(e["depth_scale"])
         else:
@@ -261,18 +257,16 @@ def iter_normals_manifest(manifest: str | Path, *, limit: int | None = None) -> 
     ``"set"`` groups entries (pixels are pooled per group, spec C.2). Paths are relative to the
     manifest (absolute paths work too).
     """
-    path = Path(manifest)
     try:
-        entries = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        msg = f"Cannot read normals manifest {path} ({err}); see the README for the format."
-        raise EvalDataError(msg) from err
+        base, entries = read_manifest(manifest)
+    except ManifestError as err:
+        raise EvalDataError(str(err)) from err
     for i, e in enumerate(entries):
         if limit is not None and i >= limit:
             return
         if "normals" not in e:
             continue
-        rgb = _read_rgb(path.parent / e["rgb"])
-        normals, mask = decode_normals_png(path.parent / e["normals"], e.get("normals_format", "rgb_lub"))
+        rgb = _read_rgb(base / e["rgb"])
+        normals, mask = decode_normals_png(base / e["normals"], e.get("normals_format", "rgb_lub"))
         yield EvalSample(name=e["rgb"], rgb=rgb, normals=normals, mask=mask,
                          group=str(e.get("set", "normals_manifest")))

@@ -15,7 +15,6 @@ so ``n_model = -n_optical``. A horizontal flip negates x in either frame.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 import re
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from ..manifest import ManifestError, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -388,17 +389,10 @@ class ManifestRGBDDataset(Dataset):
         flip_p: float = 0.5,
     ) -> None:
         _check_modality(modality)
-        path = Path(manifest)
-        if path.is_dir():
-            path = path / "manifest.json"
         try:
-            entries = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            msg = f"Cannot read RGB-D manifest {path}: {err}. Pass a manifest.json (see README)."
-            raise DataError(msg) from err
-        if isinstance(entries, dict):
-            entries = entries.get("frames", [])
-        self.base = path.parent
+            self.base, entries = read_manifest(manifest)
+        except ManifestError as err:
+            raise DataError(str(err)) from err
         self.modality = modality
         self.size_hw = size_hw
         self.near, self.far, self.flip_p = near, far, flip_p
@@ -406,13 +400,13 @@ class ManifestRGBDDataset(Dataset):
         for i, e in enumerate(entries):
             for key in ("rgb", "depth", "depth_scale"):
                 if key not in e:
-                    msg = f"Manifest {path} entry {i} lacks {key!r}; every entry needs rgb, depth, depth_scale."
+                    msg = f"Manifest {manifest} entry {i} lacks {key!r}; every entry needs rgb, depth, depth_scale."
                     raise DataError(msg)
             if modality == "normals" and "normals" not in e:
                 continue
             self.entries.append(e)
         if not self.entries:
-            msg = f"Manifest {path} has no usable entries for modality {modality!r}."
+            msg = f"Manifest {manifest} has no usable entries for modality {modality!r}."
             raise DataError(msg)
 
     def __len__(self) -> int:
