@@ -9,10 +9,12 @@ relative to the manifest's folder, metres = stored value / ``depth_scale``, 0 = 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ManifestError", "read_manifest"]
+__all__ = ["ManifestError", "read_manifest", "write_manifest"]
 
 
 class ManifestError(ValueError):
@@ -36,3 +38,20 @@ def read_manifest(manifest: str | Path) -> tuple[Path, list[dict[str, Any]]]:
         msg = f"RGB-D manifest {path} must hold a list of frame entries (or {{\"frames\": [...]}})"
         raise ManifestError(msg)
     return path.parent, entries
+
+
+def write_manifest(folder: str | Path, entries: Sequence[dict[str, Any]]) -> Path:
+    """Write ``folder/manifest.json`` (a JSON list, the format :func:`read_manifest` reads) and return its path.
+
+    Entry paths should be relative to ``folder`` so the folder can be moved. The file is written to a temporary
+    name and renamed, so a reader never sees half a manifest (an export interrupted mid-write leaves the old file).
+    """
+    items = list(entries)
+    if not all(isinstance(e, dict) and "rgb" in e for e in items):
+        msg = "every manifest entry must be a dict with at least an 'rgb' path (see read_manifest for the format)"
+        raise ManifestError(msg)
+    path = Path(folder) / "manifest.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(items, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,4 +1,4 @@
-"""``geodiff_bag``: play, record, inspect and process ROS 2 bags without rosbag2 (``ros2 bag`` is not on PyPI).
+"""``geodiff_bag``: play, record, inspect, process and export ROS 2 bags without rosbag2 (``ros2 bag`` is not on PyPI).
 
   geodiff_bag info BAG
   geodiff_bag play BAG [--rate F] [--loop] [--topics T ...] [--remap FROM:=TO ...] [--qos reliable|best_effort]
@@ -6,10 +6,12 @@
   geodiff_bag record OUT --topics T ... [--storage mcap|sqlite3] [--qos ...] [--duration S] [--count N]
   geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--depth-model M]
                        [--normals-model M] [--tiny] [--device D] [--dtype D] [--processing-res N]
+  geodiff_bag export BAG OUT_DIR --image-topic T --depth-topic T [--camera-info-topic T] [--max-dt S]
+                       [--every N] [--set NAME]
 
 Exit codes: 0 done; 1 runtime failure (model not loadable, DDS error); 2 bad arguments or unusable input (missing
 bag or topic, unknown type, output exists); 3 the input bag is damaged: everything before the damage was
-played / processed and the message says where reading stopped.
+played / processed / exported and the message says where reading stopped.
 """
 
 from __future__ import annotations
@@ -270,13 +272,49 @@ def cmd_process(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------ export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Colour/depth pairs of a bag -> rgb/ + depth/ PNGs and manifest.json (fine-tuning / evaluation input)."""
+    from tqdm import tqdm
+
+    from geodiff_ros.ros.bag_export import ExportOptions, ExportSummary, export_bag
+
+    opts = ExportOptions(image_topic=args.image_topic, depth_topic=args.depth_topic,
+                         camera_info_topic=args.camera_info_topic, max_dt=args.max_dt, every=args.every,
+                         set_name=args.set or '')
+    with open_bag(args.bag) as bag, tqdm(unit='frame', desc='export', disable=None) as bar:
+        def scanned(summary: ExportSummary) -> None:
+            bar.total = summary.kept
+            bar.refresh()
+
+        summary = export_bag(bag, args.out_dir, opts, progress=bar.update, on_scanned=scanned)
+    _out(f'images: {summary.images}, depth images: {summary.depths}; pairs within {args.max_dt} s: {summary.pairs} '
+         f'(unpaired images skipped: {summary.unpaired_images}, unused depth images: {summary.unused_depths})')
+    _out(f'exported: {summary.exported} of {summary.kept} kept (every {args.every}); failed: {len(summary.failed)}; '
+         f'depth resampled to the image grid: {summary.resampled}; depth pixels beyond 65.535 m written as 0: '
+         f'{summary.beyond_range_px}')
+    checked = summary.depth_camera_info_topic
+    _out(f'intrinsics: {summary.camera_info_topic or "none (no camera_info)"}'
+         f'{f"; depth registration checked with {checked}" if checked else ""}')
+    _out(f'manifest: {summary.manifest or "none written"}')
+    if summary.damage:
+        _out(f'input bag damaged, exported up to there: {summary.damage}')
+        return EXIT_DAMAGED
+    if summary.exported == 0:
+        _out('no frame could be decoded (see the warnings above)')
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='geodiff_bag', formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Play, record, inspect and process ROS 2 bags (mcap, sqlite3) without rosbag2.',
+        description='Play, record, inspect, process and export ROS 2 bags (mcap, sqlite3) without rosbag2.',
         epilog='Exit codes: 0 ok, 1 runtime failure, 2 bad arguments or input, 3 damaged bag (partly used).')
     sub = parser.add_subparsers(dest='command', required=True)
 
@@ -336,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--cloud-stride', type=int, default=1)
     p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
     p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser('export', help='write colour/depth pairs as an RGB-D manifest folder (fine-tuning input)')
+    p.add_argument('bag', help='input bag directory or .mcap / .db3 file')
+    p.add_argument('out_dir', help='new (or empty) folder for rgb/, depth/ and manifest.json')
+    p.add_argument('--image-topic', required=True, help='colour Image or CompressedImage (JPEG/PNG) topic')
+    p.add_argument('--depth-topic', required=True,
+                   help='depth Image registered to the colour camera (32FC1 m / 16UC1 mm; 0/NaN = none)')
+    p.add_argument('--camera-info-topic', default=None,
+                   help='CameraInfo of the image (default: <image namespace>/camera_info if present; "" = none)')
+    p.add_argument('--max-dt', type=float, default=0.02, metavar='S',
+                   help='largest header stamp difference of a colour/depth pair in seconds (default 0.02)')
+    p.add_argument('--every', type=int, default=1, metavar='N', help='keep every N-th pair (default 1: all)')
+    p.add_argument('--set', default=None, metavar='NAME', help='"set" of the manifest entries (default: bag name)')
+    p.set_defaults(func=cmd_export)
     return parser
 
 
