@@ -45,7 +45,7 @@ import numpy as np
 
 from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, scale_intrinsics, sparse_to_image_grid
 from geodiff_ros.manifest import write_manifest
-from geodiff_ros.ros.bag_io import Bag, BagError
+from geodiff_ros.ros.bag_io import Bag, BagError, camera_info_topic_for
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,
@@ -59,7 +59,6 @@ __all__ = [
     'DEPTH_SCALE',
     'ExportOptions',
     'ExportSummary',
-    'camera_info_topic_for',
     'export_bag',
     'metres_to_mm16',
     'pair_by_stamp',
@@ -129,25 +128,6 @@ def _seconds(stamp_ns: int) -> float:
     """ns -> s as sec + nanosec * 1e-9, so 0.1 s shows as .1 in the JSON (not .1000001 from a 1.7e18 product)."""
     sec, nsec = divmod(stamp_ns, 1_000_000_000)
     return sec + nsec * 1e-9
-
-
-def camera_info_topic_for(bag: Bag, image_topic: str, given: str | None) -> str:
-    """The CameraInfo topic of ``image_topic``: ``given`` when set ('' = none), else the sibling
-    ``<image namespace>/camera_info`` if the bag has it (image_transport's camera convention), else ''.
-
-    Raises:
-        BagError: the topic is missing or is not a CameraInfo.
-    """
-    topic = given
-    if topic is None:
-        sibling = image_topic.rsplit('/', 1)[0] + '/camera_info'
-        topic = sibling if sibling in bag.topics else ''
-    if topic:
-        bag.select([topic])
-        if bag.topics[topic].msgtype != _INFO:
-            msg = f'camera_info topic {topic} has type {bag.topics[topic].msgtype}, expected {_INFO}'
-            raise BagError(msg)
-    return topic
 
 
 def pair_by_stamp(image_stamps: Sequence[int], depth_stamps: Sequence[int],

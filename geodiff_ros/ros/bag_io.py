@@ -38,6 +38,7 @@ __all__ = [
     'BagWriter',
     'RawMessage',
     'TopicMeta',
+    'camera_info_topic_for',
     'jazzy_typestore',
     'open_bag',
 ]
@@ -682,3 +683,25 @@ class BagWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+_CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
+
+
+def camera_info_topic_for(bag: Bag, image_topic: str, given: str | None) -> str:
+    """The CameraInfo topic of ``image_topic``: ``given`` when set ('' = none), else the sibling
+    ``<image namespace>/camera_info`` if the bag has it (image_transport's camera convention), else ''.
+
+    Raises:
+        BagError: the topic is missing or is not a CameraInfo.
+    """
+    topic = given
+    if topic is None:
+        sibling = image_topic.rsplit('/', 1)[0] + '/camera_info'
+        topic = sibling if sibling in bag.topics else ''
+    if topic:
+        bag.select([topic])
+        if bag.topics[topic].msgtype != _CAMERA_INFO:
+            msg = f'camera_info topic {topic} has type {bag.topics[topic].msgtype}, expected {_CAMERA_INFO}'
+            raise BagError(msg)
+    return topic

@@ -35,7 +35,7 @@ from geodiff_ros.geometry import (
     intrinsics_from_camera_info,
     sparse_to_image_grid,
 )
-from geodiff_ros.ros.bag_io import Bag, BagError, BagWriter, RawMessage
+from geodiff_ros.ros.bag_io import Bag, BagError, BagWriter, RawMessage, camera_info_topic_for
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,
@@ -169,20 +169,13 @@ class _Processor:
                    '(a colour camera stream)')
             raise BagError(msg)
         self.compressed = image_type == _COMPRESSED
-        info = opts.camera_info_topic
-        if info is None:
-            sibling = opts.image_topic.rsplit('/', 1)[0] + '/camera_info'
-            info = sibling if sibling in bag.topics else ''
+        info = camera_info_topic_for(bag, opts.image_topic, opts.camera_info_topic)
+        if opts.camera_info_topic is None:
             if info:
                 LOG.info('camera_info: using %s (sibling of the image topic)', info)
             else:
-                LOG.warning('no camera_info topic given or found at %s: no point cloud and no depth/camera_info',
-                            sibling)
-        if info:
-            bag.select([info])
-            if bag.topics[info].msgtype != _INFO:
-                msg = f'--camera-info-topic {info} has type {bag.topics[info].msgtype}, expected {_INFO}'
-                raise BagError(msg)
+                LOG.warning('no camera_info topic given or found next to %s: no point cloud and no '
+                            'depth/camera_info', opts.image_topic)
         self.info_topic = info
         self.summary.camera_info_topic = info or None
         if opts.sparse_topic:
