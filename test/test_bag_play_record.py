@@ -120,6 +120,31 @@ def test_rate_and_loop(col: Collector, tmp_path: Path) -> None:
     assert 'interrupted' in out
 
 
+def test_clock_publishes_the_bag_time(col: Collector, tmp_path: Path) -> None:
+    """--clock: /clock runs through the bag's time span (use_sim_time nodes see the recorded stamps as now)."""
+    from rosgraph_msgs.msg import Clock
+
+    bag = write_synthetic_bag(tmp_path / 'c', frames=5, period_s=0.25)  # 1 s of bag time
+    with open_bag(bag) as b:
+        times = [m.timestamp for m in b.messages([IMAGE_TOPIC])]
+    ticks: list[int] = []
+    col.node.create_subscription(
+        Clock, '/clock', lambda m: ticks.append(m.clock.sec * 1_000_000_000 + m.clock.nanosec),
+        QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT))  # as rclpy's TimeSource subscribes
+    col.subscribe(Image, f'{NS}/clock/image')
+    proc = _bag_tool('play', str(bag), '--topics', IMAGE_TOPIC, '--remap', f'{IMAGE_TOPIC}:={NS}/clock/image',
+                     '--clock', '20', '--wait-subscribers', '1', '--wait-timeout', '20')
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    time.sleep(0.3)
+    assert len(ticks) >= 10, f'{len(ticks)} /clock messages for 1 s of bag played at 20 Hz'
+    assert ticks == sorted(ticks), 'bag time went backwards within one pass'
+    assert times[0] <= ticks[0] < times[0] + 200_000_000
+    assert times[-1] - 200_000_000 < ticks[-1] < times[-1] + 500_000_000  # flush: a little past the last message
+    code, _, err = _finish(_bag_tool('play', str(bag), '--clock', '-5'))
+    assert code == 2 and 'clock rate' in err
+
+
 def test_unknown_types_are_skipped_or_refused(col: Collector, tmp_path: Path) -> None:
     store = jazzy_typestore()
     store.register(get_types_from_msg('uint32 a\n', 'geodiff_test_msgs/msg/Blob'))

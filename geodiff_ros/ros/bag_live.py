@@ -131,6 +131,7 @@ class PlayOptions:
     qos: str | None = None  # 'reliable' | 'best_effort' for every publisher; None = as recorded
     wait_subscribers: int = 0  # before the first message, wait until each topic has this many subscribers
     wait_timeout: float = 10.0
+    clock_hz: float = 0.0  # > 0: publish the bag's time on /clock at this rate (for nodes with use_sim_time)
     # Per-topic rewrite of a message before it is sent (bytes out, or None to drop it); the demo sparsifies depth.
     transforms: dict[str, Callable[[RawMessage], bytes | None]] = field(default_factory=dict)
     on_publish: Callable[[str, RawMessage], None] | None = None  # (output topic, message) after each publish
@@ -159,6 +160,9 @@ class Player:
         if not options.rate > 0:
             msg = f'rate must be > 0 (1 = recorded speed), got {options.rate}'
             raise BagError(msg)
+        if not 0 <= options.clock_hz <= 1000:
+            msg = f'clock rate must be within [0, 1000] Hz (0 = no /clock), got {options.clock_hz}'
+            raise BagError(msg)
         explicit = options.topics is not None
         names = bag.select(options.topics)
         for src in options.remaps:
@@ -182,6 +186,7 @@ class Player:
         if not self.pubs:
             msg = f'nothing to play: no topic of {bag.path} has an installed message type'
             raise BagError(msg)
+        self.clock = _BagClock(node, options.clock_hz, options.rate) if options.clock_hz > 0 else None
 
     def out_topic(self, name: str) -> str:
         return self.opts.remaps.get(name, name)
@@ -194,6 +199,8 @@ class Player:
         deadline = time.monotonic() + self.opts.wait_timeout
         while True:
             short = [self.out_topic(n) for n, p in self.pubs.items() if p.get_subscription_count() < need]
+            if self.clock is not None and self.clock.pub.get_subscription_count() < need:
+                short.append('/clock')
             if not short:
                 time.sleep(_SETTLE_S)
                 return []
@@ -208,13 +215,28 @@ class Player:
         stop = stop or threading.Event()
         stats = PlayStats(published={self.out_topic(n): 0 for n in self.pubs}, skipped_topics=dict(self.skipped))
         stats.missing_subscribers = self.wait_for_subscribers(stop)
+        clock = self.clock
+        if clock is not None:
+            clock.start()
         t_begin = time.monotonic()
+        try:
+            self._play_loops(stop, stats, clock)
+        finally:
+            if clock is not None:
+                clock.stop()
+        self.flush()
+        stats.seconds = time.monotonic() - t_begin
+        return stats
+
+    def _play_loops(self, stop: threading.Event, stats: PlayStats, clock: _BagClock | None) -> None:
         while not stop.is_set():
             t0_wall = time.monotonic()
             t0_bag = None
             for msg in self.bag.messages(list(self.pubs)):
                 if t0_bag is None:
                     t0_bag = msg.timestamp
+                    if clock is not None:
+                        clock.start_pass(t0_wall, t0_bag)  # each loop starts the bag's time over, as rosbag2
                 due = t0_wall + (msg.timestamp - t0_bag) * 1e-9 / self.opts.rate
                 wait = due - time.monotonic()
                 if wait > 0 and stop.wait(wait):
@@ -241,9 +263,6 @@ class Player:
                 break
             if t0_bag is None:
                 break  # empty selection: nothing to loop over
-        self.flush()
-        stats.seconds = time.monotonic() - t_begin
-        return stats
 
     def flush(self, timeout: float = 3.0) -> None:
         """Give the last messages time to leave: reliable ones until acknowledged, best-effort ones briefly."""
@@ -256,6 +275,59 @@ class Player:
         for pub in self.pubs.values():
             self.node.destroy_publisher(pub)
         self.pubs = {}
+        if self.clock is not None:
+            self.node.destroy_publisher(self.clock.pub)
+            self.clock = None
+
+
+class _BagClock:
+    """Publishes the bag's current time on /clock from a thread, like ``ros2 bag play --clock``: bag time =
+    first message's time of the pass + elapsed wall time x rate. Nodes started with ``use_sim_time:=true`` then
+    see the recorded stamps as "now" (TF lookups, message filters, latency figures)."""
+
+    def __init__(self, node: Any, hz: float, rate: float) -> None:
+        from rosgraph_msgs.msg import Clock
+
+        self._clock_cls = Clock
+        # Depth 1 as rclcpp's ClockQoS; reliable reaches best-effort subscribers (rclpy's TimeSource) and
+        # reliable ones alike (ros-anchors 2.6).
+        self.pub = node.create_publisher(Clock, '/clock', QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+        self.period = 1.0 / hz
+        self.rate = rate
+        self._origin: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name='geodiff-bag-clock', daemon=True)
+        self._thread.start()
+
+    def start_pass(self, t0_wall: float, t0_bag_ns: int) -> None:
+        with self._lock:
+            self._origin = (t0_wall, t0_bag_ns)
+        self._publish()
+
+    def _publish(self) -> None:
+        with self._lock:
+            if self._origin is None:
+                return
+            t0_wall, t0_bag = self._origin
+        now = t0_bag + int((time.monotonic() - t0_wall) * self.rate * 1e9)
+        msg = self._clock_cls()
+        msg.clock.sec, msg.clock.nanosec = divmod(now, 1_000_000_000)
+        self.pub.publish(msg)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._publish()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None
 
 
 class Recorder:

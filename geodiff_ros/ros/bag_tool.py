@@ -2,7 +2,7 @@
 
   geodiff_bag info BAG
   geodiff_bag play BAG [--rate F] [--loop] [--topics T ...] [--remap FROM:=TO ...] [--qos reliable|best_effort]
-                       [--wait-subscribers N --wait-timeout S]
+                       [--wait-subscribers N --wait-timeout S] [--clock [HZ]]
   geodiff_bag record OUT --topics T ... [--storage mcap|sqlite3] [--qos ...] [--duration S] [--count N]
   geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--depth-model M]
                        [--normals-model M] [--tiny] [--device D] [--dtype D] [--processing-res N]
@@ -119,7 +119,8 @@ def cmd_play(args: argparse.Namespace) -> int:
     from geodiff_ros.ros.bag_live import Player, PlayOptions
 
     opts = PlayOptions(rate=args.rate, loop=args.loop, topics=args.topics, remaps=_remaps(args.remap or []),
-                       qos=args.qos, wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout)
+                       qos=args.qos, wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout,
+                       clock_hz=args.clock)
     with open_bag(args.bag) as bag:
         context, node, stop = _init_ros('geodiff_bag_player')
         try:
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'replay loses nothing)')
     p.add_argument('--wait-timeout', type=float, default=10.0, metavar='S',
                    help='give up waiting for subscribers after S seconds and play anyway (default 10)')
+    p.add_argument('--clock', type=float, nargs='?', const=40.0, default=0.0, metavar='HZ',
+                   help='publish the bag time on /clock at HZ (default 40) for nodes run with use_sim_time:=true '
+                        '(--wait-subscribers then waits for a /clock subscriber too)')
     p.set_defaults(func=cmd_play)
 
     p = sub.add_parser('record', help='record topics to a new bag')
