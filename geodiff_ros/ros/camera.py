@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
+from rclpy.qos import ReliabilityPolicy, qos_policy_name_from_kind
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from geodiff_ros.geometry import (
@@ -132,9 +134,33 @@ class CameraChannel:
 
     # ------------------------------------------------------------------ endpoints
 
+    # QoS event handlers (issue 7): rclpy gives every publisher and subscription two by default (incompatible QoS,
+    # incompatible type), and the Python executor walks every handler in Python on every wake-up, i.e. several
+    # times per received message. With 4 cameras that was 92 handlers x ~240 messages/s: the executor thread held
+    # the GIL 70% of the time and starved the inference worker (benchmarks/README.md, multi-camera). So handlers
+    # exist only where a QoS mismatch silently loses data: the image input, and best-effort outputs (a reliable
+    # subscriber such as RViz's default gets nothing from them).
+
     def create_publishers(self, qos: Any) -> None:
+        watch = qos.reliability == ReliabilityPolicy.BEST_EFFORT
         for key, (msg_type, topic) in OUTPUT_TOPICS.items():
-            self.pubs[key] = self.node.create_lifecycle_publisher(msg_type, self.topic(topic), qos)
+            events = PublisherEventCallbacks(incompatible_qos=self._on_offered_incompatible if watch else None,
+                                             use_default_callbacks=False)
+            self.pubs[key] = self.node.create_lifecycle_publisher(msg_type, self.topic(topic), qos,
+                                                                  event_callbacks=events)
+
+    def _on_offered_incompatible(self, event: Any) -> None:
+        policy = qos_policy_name_from_kind(event.last_policy_kind)
+        self.log.warning(
+            f'a subscriber requests QoS incompatible with our outputs ({policy}); it receives nothing: set '
+            'qos.output.reliability to reliable, or make the subscriber best effort', throttle_duration_sec=THROTTLE_S)
+
+    def _on_requested_incompatible(self, event: Any) -> None:
+        policy = qos_policy_name_from_kind(event.last_policy_kind)
+        self.log.warning(
+            f'a publisher of {self.topic("image")} offers QoS incompatible with ours ({policy}); its images never '
+            'arrive: set qos.input.reliability to best_effort (connects to any camera)',
+            throttle_duration_sec=THROTTLE_S)
 
     def destroy_publishers(self) -> None:
         for pub in self.pubs.values():
@@ -146,6 +172,9 @@ class CameraChannel:
         import time
 
         node = self.node
+        quiet = SubscriptionEventCallbacks(use_default_callbacks=False)  # see create_publishers
+        watched = SubscriptionEventCallbacks(incompatible_qos=self._on_requested_incompatible,
+                                             use_default_callbacks=False)
 
         def on_image(msg: Image) -> None:
             self.stats.on_input(put(self.index, (msg, time.monotonic(), False)))
@@ -157,17 +186,17 @@ class CameraChannel:
             # image_transport naming: <resolved image topic>/compressed, so remapping `image` is enough.
             topic = node.resolve_topic_name(self.topic('image')) + '/compressed'
             self.subs.append(node.create_subscription(CompressedImage, topic, on_compressed, qos,
-                                                      callback_group=group))
+                                                      callback_group=group, event_callbacks=watched))
         else:
             self.subs.append(node.create_subscription(Image, self.topic('image'), on_image, qos,
-                                                      callback_group=group))
+                                                      callback_group=group, event_callbacks=watched))
         self.subs += [
             node.create_subscription(CameraInfo, self.topic('camera_info'), self._on_camera_info, qos,
-                                     callback_group=group),
+                                     callback_group=group, event_callbacks=quiet),
             node.create_subscription(Image, self.topic('sparse_depth'), lambda m: self.sparse.add('depth', m), qos,
-                                     callback_group=group),
+                                     callback_group=group, event_callbacks=quiet),
             node.create_subscription(PointCloud2, self.topic('sparse_points'), lambda m: self.sparse.add('points', m),
-                                     qos, callback_group=group),
+                                     qos, callback_group=group, event_callbacks=quiet),
         ]
 
     def unsubscribe(self) -> None:
