@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/results/multicam_<dev>.json)')
     p.add_argument('--no-camera-info', action='store_true',
                    help='publish images only (halves the node\'s input callbacks; no depth/camera_info)')
+    p.add_argument('--torch-threads', type=int, default=0,
+                   help='OMP_NUM_THREADS / MKL_NUM_THREADS of every node process (torch intra-op threads);\n'
+                        '0 = leave unset (torch uses one per core). On 2 cores the tiny model runs best with 1')
     p.add_argument('--tiny', action='store_true', help='CPU smoke test: tiny model, 160x120, short windows')
     args = p.parse_args(argv)
     if args.tiny:
@@ -310,10 +313,13 @@ def start_nodes(mode: str, names: list[str], args: argparse.Namespace, model: st
     else:
         cmds = [(f'sep{len(names)}_{n}', [*base, '-r', f'__ns:=/{n}', '-r', f'__node:=geodiff_{n}'])
                 for n in names]
+    env = ros_env(domain)
+    if args.torch_threads > 0:  # read when torch loads, so it must be in the child's environment
+        env.update(OMP_NUM_THREADS=str(args.torch_threads), MKL_NUM_THREADS=str(args.torch_threads))
     procs = []
     for tag, cmd in cmds:
         log = open(log_dir / f'{tag}.log', 'wb')  # noqa: SIM115 - kept open for the child's lifetime
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=ros_env(domain), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -421,7 +427,7 @@ def table(result: dict[str, Any]) -> str:
     s = result['settings']
     title = (f"{result['device']['card']}: {s['width']}x{s['height']} @ {s['hz']:g} Hz per camera, "
              f"processing_res {s['processing_res']}, {s['dtype']}, optimize {s.get('optimize', 'none')}, "
-             f"batch_size {s['batch_size']}, "
+             f"batch_size {s['batch_size']}, torch threads {s.get('torch_threads') or 'default'}, "
              f"{s['seconds']:g} s window")
     return title + '\n' + '\n'.join(lines)
 
