@@ -188,3 +188,18 @@ def test_normals_agree_with_diffusers_marigold_pipeline(tiny_normals_ckpt: Path)
     assert same.mean() > 0.5
     # The checkpoint frame is LUB (x left, y up, z to camera); ours is optical: every axis flips (spec A.1-18).
     np.testing.assert_allclose(ours[same], -ref[same], atol=1e-4)
+
+
+def test_cpu_threads_sets_torch_threads_and_keeps_results(tiny_depth_ckpt: Path) -> None:
+    """cpu_threads (node parameter of the same name) sets torch's intra-op threads; outputs do not change."""
+    before = torch.get_num_threads()
+    img = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    try:
+        default = GeoDiffEngine(EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=None, device="cpu",
+                                             dtype="fp32", processing_res=64)).predict(img).depth
+        one = GeoDiffEngine(EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=None, device="cpu",
+                                         dtype="fp32", processing_res=64, cpu_threads=1))
+        assert torch.get_num_threads() == 1
+        np.testing.assert_allclose(one.predict(img).depth, default, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)

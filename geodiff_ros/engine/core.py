@@ -63,6 +63,9 @@ class EngineConfig:
     # Optimised path (engine/accel.py): "none" = official eager computation; "channels_last", "graph",
     # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md).
     optimize: str = "none"
+    # CPU only: torch intra-op threads for this process (0 = torch's default, one per core). 1 avoids barrier
+    # stalls when ROS threads share few cores (benchmarks/README.md, multi-camera); large models want more.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -175,6 +178,8 @@ class GeoDiffEngine:
 
             parse_optimize(config.optimize)  # an unknown mode fails before the weights load
         self.device = resolve_device(config.device, config.allow_cpu_fallback)
+        if self.device.type == "cpu" and config.cpu_threads > 0:
+            torch.set_num_threads(config.cpu_threads)  # process-wide: one engine per process
         self.dtype = resolve_dtype(config.dtype, self.device)
         sources = {"depth": config.depth_model or "", "normals": config.normals_model or ""}
         wanted = [task for task in TASKS if sources[task]]

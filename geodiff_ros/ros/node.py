@@ -14,7 +14,7 @@ aligner, counters and /diagnostics status (camera.py). With ``cameras: []`` the 
 Threading: subscription callbacks only store messages (newest image in a per-camera one-slot mailbox, latest
 CameraInfo, a small ring buffer of sparse depth); ONE worker thread takes the frames that are ready (fairly, the
 longest-waiting camera first; scheduler.py), runs them through the engine in one call (same-size frames share a
-network pass), then aligns and publishes per camera. The executor threads therefore stay free for parameter
+network pass), then aligns and publishes per camera. The executor thread therefore stays free for parameter
 and lifecycle services during inference (ros-anchors 0.3). Every output header is the input image's header
 (same stamp and optical frame_id; REP 118, ros-anchors 2.2), so outputs of different cameras never mix.
 """

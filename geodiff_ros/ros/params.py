@@ -81,6 +81,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               '(full-size model, H100; warmup_size does this on activation); point TORCHINDUCTOR_CACHE_DIR to a '
               'persistent folder so restarts re-use the kernels.',
               choices=OPTIMIZE_CHOICES, configure_time=True),
+    ParamSpec('cpu_threads', 0,
+              'device cpu only: torch intra-op threads (0 = one per core). 1 is faster for small models on 2-4 '
+              'cores shared with ROS (benchmarks/README.md); the full-size model wants every core.',
+              lo=0, hi=256, configure_time=True),
     ParamSpec('warmup_size', [640, 480],
               'Width and height of a dummy frame the worker runs when the node activates, before real frames, so '
               'lazy initialisation, compilation and CUDA-graph capture do not land on the first camera frame '
@@ -345,4 +349,5 @@ def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
         'local_files_only': bool(settings['local_files_only']),
         'batch_size': int(settings['batch_size']),
         'optimize': str(settings['optimize']),
+        'cpu_threads': int(settings['cpu_threads']),
     }
