@@ -311,12 +311,14 @@ class GeoDiffEngine:
             timesteps=[self.models[tasks[0]].scheduler.config.num_train_timesteps - 1],
         )
 
-    def warmup(self, height: int = 480, width: int = 640, tasks: Sequence[str] | None = None) -> float:
-        """Run one dummy frame of this size so kernels load (and, when optimised, compile / capture) now, not on
-        the first real frame; returns the seconds it took. Compiled artefacts are cached on disk (accel.py)."""
+    def warmup(self, height: int = 480, width: int = 640, tasks: Sequence[str] | None = None,
+               batch: int = 1) -> float:
+        """Run ``batch`` dummy frames of this size in one call so kernels load (and, when optimised, compile /
+        capture for that batch size) now, not on the first real frame; returns the seconds it took. Compiled
+        artefacts are cached on disk (accel.py)."""
         start = time.perf_counter()
-        rng = np.random.default_rng(0)
-        self.predict(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), tasks)
+        rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)  # [H,W,3]
+        self.predict([rgb] * batch, tasks)
         return time.perf_counter() - start
 
     @torch.inference_mode()

@@ -45,13 +45,14 @@ import numpy as np
 
 from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, scale_intrinsics, sparse_to_image_grid
 from geodiff_ros.manifest import write_manifest
-from geodiff_ros.ros.bag_io import Bag, BagError, camera_info_topic_for
+from geodiff_ros.ros.bag_io import Bag, BagError, camera_info_topic_for, image_topic_is_compressed
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,
     depth_to_metres,
     image_to_rgb8,
     intrinsics_from_msg,
+    stamp_ns,
     to_uint8_array,
 )
 
@@ -68,7 +69,6 @@ LOG = logging.getLogger(__name__)
 
 DEPTH_SCALE = 1000.0  # stored value / DEPTH_SCALE = metres (16-bit PNG millimetres, like NYUv2 and ScanNet)
 _IMAGE = 'sensor_msgs/msg/Image'
-_COMPRESSED = 'sensor_msgs/msg/CompressedImage'
 _INFO = 'sensor_msgs/msg/CameraInfo'
 _COLOUR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')
 _DEPTH_ENCODINGS = ('32FC1', '16UC1', 'mono16')
@@ -118,10 +118,6 @@ class _Header:
     width: int  # 0 = unknown (compressed data whose header does not parse; decoding will say why)
     height: int
     frame_id: str
-
-
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def _seconds(stamp_ns: int) -> float:
@@ -193,11 +189,7 @@ class _Exporter:
             msg = f'--image-topic and --depth-topic are both {opts.image_topic}; give the colour and the depth topic'
             raise BagError(msg)
         bag.select([opts.image_topic, opts.depth_topic])
-        image_type = bag.topics[opts.image_topic].msgtype
-        if image_type not in (_IMAGE, _COMPRESSED):
-            msg = (f'--image-topic {opts.image_topic} has type {image_type}; it must be {_IMAGE} or {_COMPRESSED} '
-                   '(a colour camera stream)')
-            raise BagError(msg)
+        self.compressed = image_topic_is_compressed(bag, opts.image_topic)
         depth_type = bag.topics[opts.depth_topic].msgtype
         if depth_type != _IMAGE:
             msg = (f'--depth-topic {opts.depth_topic} has type {depth_type}; it must be a depth {_IMAGE} '
@@ -207,7 +199,6 @@ class _Exporter:
             problem = bag.type_problem(bag.topics[topic].msgtype)
             if problem:
                 raise BagError(f'cannot decode {topic}: {problem}')
-        self.compressed = image_type == _COMPRESSED
         self.info_topic = camera_info_topic_for(bag, opts.image_topic, opts.camera_info_topic)
         if self.info_topic:
             LOG.info('intrinsics from %s (P, as depth_image_proc)', self.info_topic)
@@ -246,14 +237,14 @@ class _Exporter:
                     msg_ = (f'--depth-topic {opts.depth_topic} has encoding {msg.encoding!r}; a depth image is '
                             '32FC1 metres or 16UC1 millimetres (REP 118). Is it the right topic?')
                     raise BagError(msg_)
-                depths.append(_Header(ordinal, _stamp_ns(msg.header), int(msg.width), int(msg.height),
+                depths.append(_Header(ordinal, stamp_ns(msg.header), int(msg.width), int(msg.height),
                                       str(msg.header.frame_id)))
             else:
                 try:
                     intr: PinholeIntrinsics | str = intrinsics_from_msg(msg)
                 except InvalidCameraInfo as err:
                     intr = str(err)
-                infos[raw.topic].append((_stamp_ns(msg.header), intr))
+                infos[raw.topic].append((stamp_ns(msg.header), intr))
         for topic, items in infos.items():
             items.sort(key=lambda item: item[0])
             self.infos[topic] = ([s for s, _ in items], [i for _, i in items])
@@ -284,7 +275,7 @@ class _Exporter:
         return kept
 
     def _image_header(self, ordinal: int, msg: Any) -> _Header:
-        stamp, frame = _stamp_ns(msg.header), str(msg.header.frame_id)
+        stamp, frame = stamp_ns(msg.header), str(msg.header.frame_id)
         if not self.compressed:
             if str(msg.encoding) not in _COLOUR_ENCODINGS:
                 msg_ = (f'--image-topic {self.opts.image_topic} has encoding {msg.encoding!r}; a colour image is one '
@@ -326,7 +317,7 @@ class _Exporter:
         colour = self._intrinsics(self.info_topic, img.stamp, iw, ih)  # also refuses an uncalibrated CameraInfo
         if not (iw and ih and dw and dh):
             return
-        if (iw, ih) != (dw, dh) and (abs(dw * ih / dh - iw) > 1.0 or abs(dh * iw / dw - ih) > 1.0):
+        if not self._near_aspect((dh, dw), (ih, iw)):
             msg = (f'depth {self.opts.depth_topic} is {dw}x{dh} but the image {self.opts.image_topic} is {iw}x{ih}, '
                    'a different aspect ratio: the depth is not registered to the colour camera. Export the depth '
                    'aligned to the colour image (e.g. /camera/aligned_depth_to_color/image_raw, or '

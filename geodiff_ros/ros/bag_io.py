@@ -39,6 +39,7 @@ __all__ = [
     'RawMessage',
     'TopicMeta',
     'camera_info_topic_for',
+    'image_topic_is_compressed',
     'jazzy_typestore',
     'open_bag',
 ]
@@ -686,6 +687,22 @@ class BagWriter:
 
 
 _CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
+_IMAGE = 'sensor_msgs/msg/Image'
+_COMPRESSED = 'sensor_msgs/msg/CompressedImage'
+
+
+def image_topic_is_compressed(bag: Bag, topic: str) -> bool:
+    """Whether the colour topic ``topic`` holds CompressedImage (else Image).
+
+    Raises:
+        BagError: the topic is missing or is neither.
+    """
+    bag.select([topic])
+    msgtype = bag.topics[topic].msgtype
+    if msgtype not in (_IMAGE, _COMPRESSED):
+        msg = f'--image-topic {topic} has type {msgtype}; it must be {_IMAGE} or {_COMPRESSED} (a colour camera stream)'
+        raise BagError(msg)
+    return msgtype == _COMPRESSED
 
 
 def camera_info_topic_for(bag: Bag, image_topic: str, given: str | None) -> str:

@@ -35,13 +35,21 @@ from geodiff_ros.geometry import (
     intrinsics_from_camera_info,
     sparse_to_image_grid,
 )
-from geodiff_ros.ros.bag_io import Bag, BagError, BagWriter, RawMessage, camera_info_topic_for
+from geodiff_ros.ros.bag_io import (
+    Bag,
+    BagError,
+    BagWriter,
+    RawMessage,
+    camera_info_topic_for,
+    image_topic_is_compressed,
+)
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,
     depth_to_metres,
     image_to_rgb8,
     numpy_to_image_fields,
+    stamp_ns,
 )
 from geodiff_ros.ros.params import PARAMS
 from geodiff_ros.ros.pointcloud import cloud_array
@@ -52,13 +60,8 @@ LOG = logging.getLogger(__name__)
 
 _DEFAULTS = {p.name: p.default for p in PARAMS}  # the node's parameter defaults: offline = live behaviour
 _IMAGE = 'sensor_msgs/msg/Image'
-_COMPRESSED = 'sensor_msgs/msg/CompressedImage'
 _INFO = 'sensor_msgs/msg/CameraInfo'
 _FLOAT32 = 7  # sensor_msgs/PointField FLOAT32
-
-
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def sparsify(depth_m: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,13 +165,7 @@ class _Processor:
 
     def _check_topics(self) -> None:
         bag, opts = self.bag, self.opts
-        bag.select([opts.image_topic])
-        image_type = bag.topics[opts.image_topic].msgtype
-        if image_type not in (_IMAGE, _COMPRESSED):
-            msg = (f'--image-topic {opts.image_topic} has type {image_type}; it must be {_IMAGE} or {_COMPRESSED} '
-                   '(a colour camera stream)')
-            raise BagError(msg)
-        self.compressed = image_type == _COMPRESSED
+        self.compressed = image_topic_is_compressed(bag, opts.image_topic)
         info = camera_info_topic_for(bag, opts.image_topic, opts.camera_info_topic)
         if opts.camera_info_topic is None:
             if info:
@@ -220,16 +217,16 @@ class _Processor:
             try:
                 if raw.topic == opts.image_topic:
                     msg = self.bag.deserialize(raw)
-                    self.pending.append(_Frame(raw, msg, _stamp_ns(msg.header)))
+                    self.pending.append(_Frame(raw, msg, stamp_ns(msg.header)))
                     self.summary.frames_in += 1
                 elif raw.topic == self.info_topic:
                     msg = self.bag.deserialize(raw)
-                    self.infos.append((_stamp_ns(msg.header), msg))
-                    self.last_seen['info'] = max(self.last_seen['info'], _stamp_ns(msg.header))
+                    self.infos.append((stamp_ns(msg.header), msg))
+                    self.last_seen['info'] = max(self.last_seen['info'], stamp_ns(msg.header))
                 elif raw.topic == opts.sparse_topic:
                     msg = self.bag.deserialize(raw)
-                    self.sparse.append((_stamp_ns(msg.header), msg))
-                    self.last_seen['sparse'] = max(self.last_seen['sparse'], _stamp_ns(msg.header))
+                    self.sparse.append((stamp_ns(msg.header), msg))
+                    self.last_seen['sparse'] = max(self.last_seen['sparse'], stamp_ns(msg.header))
             except Exception as err:  # noqa: BLE001 - a corrupt message must not end the run
                 self._fail(f'{raw.topic} at bag time {raw.timestamp * 1e-9:.3f} s does not deserialize: {err}')
                 continue

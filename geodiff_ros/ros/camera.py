@@ -38,12 +38,13 @@ from geodiff_ros.ros.conversions import (
     image_to_rgb8,
     intrinsics_from_msg,
     numpy_to_image,
+    stamp_ns,
 )
 from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats
 from geodiff_ros.ros.params import Settings
 from geodiff_ros.ros.pointcloud import PointCloudError, cloud_array, cloud_to_msg, cloud_xyz, project_points_to_depth
 
-__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'SparseRing', 'stamp_ns']
+__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'SparseRing']
 
 THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
 _SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
@@ -58,10 +59,6 @@ OUTPUT_TOPICS: dict[str, tuple[type, str]] = {
     'normals_vis': (Image, 'normals/image_vis'),
     'points': (PointCloud2, 'points'),
 }
-
-
-def stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 class SparseRing:

@@ -37,6 +37,7 @@ __all__ = [
     'intrinsics_from_msg',
     'numpy_to_image',
     'numpy_to_image_fields',
+    'stamp_ns',
     'to_uint8_array',
 ]
 
@@ -282,3 +283,8 @@ def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int
     out.r = np.array(info.r, dtype=np.float64)
     out.p = p.reshape(-1)
     return out
+
+
+def stamp_ns(header: Any) -> int:
+    """A std_msgs/Header's stamp in integer nanoseconds (exact, unlike a float of seconds)."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)

@@ -27,7 +27,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
@@ -274,16 +273,15 @@ class GeoDiffNode(LifecycleNode):
             self.get_logger().info('ready: no warm-up (warmup_size [0, 0]); processing frames')
             return
         batches = [1]
-        if str(self._settings['optimize']) not in ('none', ''):
+        if engine.accelerator is not None:  # optimize set: code specialised per batch size
             batches = list(range(1, min(int(self._settings['batch_size']), len(self._cams)) + 1))
         self._state_label = 'warming up'
         start = time.monotonic()
-        rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)  # [H,W,3]
         try:
             for batch in batches:
                 if self._stop.is_set():
                     break
-                engine.predict([rgb] * batch)
+                engine.warmup(height, width, batch=batch)
         except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: real frames may still fit
             self.get_logger().error(
                 f'warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, '
