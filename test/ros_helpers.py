@@ -343,6 +343,18 @@ def diagnostics_of(col: Collector, node_name: str, after: float = 0.0) -> list[d
     return out
 
 
+def latest_diagnostics(col: Collector, node_name: str, after: float, timeout: float) -> dict[str, str]:
+    """The newest pipeline status values of ``node_name`` that arrived after monotonic ``after``, waiting up to
+    ``timeout`` seconds for one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = diagnostics_of(col, node_name, after)
+        if got:
+            return got[-1]
+        time.sleep(0.05)
+    raise AssertionError(f'no /diagnostics from {node_name} within {timeout} s')
+
+
 def diagnostics_values(msg: Any) -> dict[str, str]:
     """key -> value of the first status in a DiagnosticArray."""
     return {kv.key: kv.value for kv in msg.status[0].values}

@@ -26,8 +26,8 @@ from ros_helpers import (  # noqa: E402
     Collector,
     NodeProcess,
     child_pids,
-    diagnostics_of,
     header,
+    latest_diagnostics,
     module_domain_id,
     node_remaps,
     stamp_of,
@@ -108,22 +108,12 @@ class Streamer:
         self._thread.join(2.0)
 
 
-def _last_diagnostics(col: Collector, after: float, timeout: float = 5.0) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        later = diagnostics_of(col, NAME, after)
-        if later:
-            return later[-1]
-        time.sleep(0.05)
-    raise AssertionError('no /diagnostics')
-
-
 def _settled_diagnostics(col: Collector, received: int, timeout: float = 20.0) -> dict[str, str]:
     """/diagnostics once every received frame is accounted for (processed, dropped or bad)."""
     deadline = time.monotonic() + timeout
     values: dict[str, str] = {}
     while time.monotonic() < deadline:
-        values = _last_diagnostics(col, time.monotonic())
+        values = latest_diagnostics(col, NAME, time.monotonic(), timeout=5.0)
         done = sum(int(values[k]) for k in ('processed', 'dropped', 'bad_input'))
         if int(values['received']) >= received and done >= int(values['received']):
             return values

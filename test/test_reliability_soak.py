@@ -26,8 +26,8 @@ from ros_helpers import (  # noqa: E402
     NodeProcess,
     camera_info_msg,
     child_pids,
-    diagnostics_of,
     header,
+    latest_diagnostics,
     module_domain_id,
     node_remaps,
     process_stats,
@@ -75,16 +75,6 @@ def soak(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_n
         node.stop(signal.SIGKILL)
 
 
-def _diagnostics_after(col: Collector, t: float, timeout: float = 10.0) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = diagnostics_of(col, NAME, t)
-        if got:
-            return got[-1]
-        time.sleep(0.05)
-    raise AssertionError('no /diagnostics')
-
-
 def test_soak_10k_frames_no_growth_in_memory_threads_or_fds(soak) -> None:
     node, col, pubs = soak
     rgb, _, (fx, fy, cx, cy) = test_scene(W, H)
@@ -112,7 +102,7 @@ def test_soak_10k_frames_no_growth_in_memory_threads_or_fds(soak) -> None:
         pubs['image'].publish(numpy_to_image(rgb, 'rgb8', hdr))
         if i % BATCH == 0:  # frames 0..i sent: wait until the node has taken all but MAX_BEHIND of them
             deadline = time.monotonic() + 30.0
-            while int(_diagnostics_after(col, 0.0)['received']) < i + 1 - MAX_BEHIND:
+            while int(latest_diagnostics(col, NAME, 0.0, timeout=10.0)['received']) < i + 1 - MAX_BEHIND:
                 assert time.monotonic() < deadline, f'the node stopped taking frames at {i}; {node.log()[-2000:]}'
                 time.sleep(0.01)
         if i == WARMUP or i % 2000 == 0:
@@ -120,7 +110,7 @@ def test_soak_10k_frames_no_growth_in_memory_threads_or_fds(soak) -> None:
     send_s = time.monotonic() - t0
     time.sleep(1.5)  # the last frames are processed; the worker is idle
     samples.append((N_FRAMES, process_stats(pid)))
-    diag = _diagnostics_after(col, time.monotonic())
+    diag = latest_diagnostics(col, NAME, time.monotonic(), timeout=10.0)
 
     warm = dict(samples)[WARMUP]
     end = samples[-1][1]
