@@ -368,6 +368,8 @@ def diagnostics_values(msg: Any) -> dict[str, str]:
 #   GEODIFF_TEST_OOM_ON_MARKER=1 GeoDiffEngine.predict raises torch.cuda.OutOfMemoryError for a frame whose
 #                                top-left pixel is OOM_MARKER (so a test chooses exactly which frames fail)
 #   GEODIFF_TEST_OOM_ON_WIDTH=N  ... and for every frame N pixels wide (e.g. the warm-up frame, warmup_size)
+#   GEODIFF_TEST_LOAD_BUSY_S=N   GeoDiffEngine() first busy-loops N s holding the GIL (weights from a slow disk);
+#                                prints GEODIFF_TEST_LOAD_BUSY when it starts
 # and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
 # exits, so a test can check that no worker thread was left behind.
 OOM_MARKER = (255, 0, 255)
@@ -409,6 +411,23 @@ if os.environ.get('GEODIFF_TEST_OOM_ON_MARKER') or oom_width > 0:
         return real_predict(self, images, *args, **kwargs)
 
     GeoDiffEngine.predict = predict
+
+load_busy_s = float(os.environ.get('GEODIFF_TEST_LOAD_BUSY_S') or 0)
+if load_busy_s > 0:
+    import time
+    from geodiff_ros.engine import GeoDiffEngine
+
+    real_init = GeoDiffEngine.__init__
+
+    def slow_init(self, *args, **kwargs):
+        sys.stderr.write('GEODIFF_TEST_LOAD_BUSY\n')
+        sys.stderr.flush()
+        end = time.monotonic() + load_busy_s
+        while time.monotonic() < end:
+            sum(range(1000))
+        real_init(self, *args, **kwargs)
+
+    GeoDiffEngine.__init__ = slow_init
 
 real_exit = os._exit
 

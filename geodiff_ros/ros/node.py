@@ -33,6 +33,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
 
 from geodiff_ros.ros.camera import CameraChannel
 from geodiff_ros.ros.conversions import ImageConversionError
@@ -49,12 +50,25 @@ from geodiff_ros.ros.params import (
 )
 from geodiff_ros.ros.qos import DIAGNOSTICS_QOS, make_qos
 from geodiff_ros.ros.scheduler import BatchStats, FrameScheduler
+from geodiff_ros.ros.shutdown import ShutdownRequest
 
 __all__ = ['GeoDiffNode', 'main']
 
 NODE_NAME = 'geodiff'
 _THROTTLE_S = 5.0  # per-frame warnings at most this often
 _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
+_POLL_S = 0.05  # main loop / engine-load wait slice: how soon a shutdown request is acted on
+
+
+class _LoadAbandoned(Exception):
+    """The engine load was given up because the process is shutting down."""
+
+
+def _is_engine_error(err: BaseException) -> bool:
+    """Whether ``err`` is a ``geodiff_ros.engine.GeoDiffError`` (its message already names the fix). Checked without
+    importing the engine here: it is imported on the loader thread, so a shutdown never waits for torch."""
+    errors = sys.modules.get('geodiff_ros.engine.errors')
+    return errors is not None and isinstance(err, errors.GeoDiffError)
 
 
 class GeoDiffNode(LifecycleNode):
@@ -78,6 +92,7 @@ class GeoDiffNode(LifecycleNode):
         self._batch_stats = BatchStats()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._shutdown = threading.Event()  # the process is exiting: abandon an engine load in progress
         self._state_label = 'unconfigured'
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
@@ -144,8 +159,6 @@ class GeoDiffNode(LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Load the engine and create publishers; FAILURE (back to unconfigured) with the fix in the log."""
-        from geodiff_ros.engine import EngineConfig, GeoDiffEngine, GeoDiffError
-
         settings = self._settings
         if settings.cameras() != [cam.name for cam in self._cams if cam.name]:
             self._build_cameras(settings.cameras())  # `cameras` was changed while unconfigured
@@ -155,12 +168,15 @@ class GeoDiffNode(LifecycleNode):
             f'device={kwargs["device"]} dtype={kwargs["dtype"]} processing_res={kwargs["processing_res"]} '
             f'optimize={kwargs["optimize"]}')
         try:
-            self._engine = GeoDiffEngine(EngineConfig(**kwargs))
-        except GeoDiffError as err:
-            self._set_error(str(err))
-            self.get_logger().error(f'configure failed: {err}')
+            self._engine = self._load_engine(kwargs)
+        except _LoadAbandoned:
+            self.get_logger().info('configure abandoned: the process is shutting down')
             return TransitionCallbackReturn.FAILURE
         except Exception as err:  # noqa: BLE001 - any loader failure must leave the node alive and unconfigured
+            if _is_engine_error(err):
+                self._set_error(str(err))
+                self.get_logger().error(f'configure failed: {err}')
+                return TransitionCallbackReturn.FAILURE
             self._set_error(f'{type(err).__name__}: {err}')
             self.get_logger().error(
                 f'configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / '
@@ -182,6 +198,38 @@ class GeoDiffNode(LifecycleNode):
                 f'up to {settings["batch_size"]} frames per engine call')
         self._state_label = 'inactive'
         return super().on_configure(state)
+
+    def request_shutdown(self) -> None:
+        """The process is exiting (a signal, see main): an engine load in progress is abandoned at once."""
+        self._shutdown.set()
+
+    def _load_engine(self, kwargs: dict[str, Any]) -> Any:
+        """Import and build the engine on a helper thread, waiting for it in short slices.
+
+        Loading takes seconds (tiny model) to minutes (real weights from a slow disk) and holds the caller (the
+        main thread under autostart, else the executor). SIGTERM meanwhile must still end the process within 2 s
+        (issue 13, bug 7): the wait stops as soon as :meth:`request_shutdown` is called and raises
+        ``_LoadAbandoned``; the daemon helper thread dies with the process. Loader errors are re-raised here.
+        """
+        result: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+
+                result['engine'] = GeoDiffEngine(EngineConfig(**kwargs))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                result['error'] = err
+
+        loader = threading.Thread(target=load, name='geodiff-load', daemon=True)
+        loader.start()
+        while loader.is_alive():
+            if self._shutdown.is_set():
+                raise _LoadAbandoned
+            loader.join(_POLL_S)
+        if 'error' in result:
+            raise result['error']
+        return result['engine']
 
     def _set_error(self, text: str) -> None:
         for cam in self._cams:
@@ -389,57 +437,86 @@ class GeoDiffNode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """Console entry ``geodiff_node``: run the node, autostarting it unless ``autostart:=false``.
 
-    Exit codes: 0 on Ctrl-C / SIGTERM / normal shutdown, 1 when autostart's configure failed (the log says
-    why), 2 for invalid parameters at start-up. Ends the process itself (``os._exit``) once ROS is shut down, so
-    call it as a program, not from code that should keep running.
+    Exit codes: 0 on Ctrl-C / SIGTERM / SIGHUP / normal shutdown (also when the signal arrives during configure),
+    1 when autostart's configure failed (the log says why), 2 for invalid parameters at start-up. Ends the process
+    itself (``os._exit``) once ROS is shut down, so call it as a program, not from code that should keep running.
+
+    Signals (issue 13): our own handlers, not rclpy's, so the first SIGINT/SIGTERM/SIGHUP requests one orderly
+    shutdown and any further one (``ros2 launch`` + Ctrl-C sends SIGINT twice, then maybe SIGTERM) is only
+    noted; see shutdown.py. The executor therefore spins in short slices and checks the request in between.
     """
-    rclpy.init(args=args)
+    shutdown = ShutdownRequest.install()  # before rclpy.init: no signal finds the default handler
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     code = 0
     node: GeoDiffNode | None = None
     executor: SingleThreadedExecutor | None = None
     try:
-        try:
-            node = GeoDiffNode()
-        except Exception as err:  # noqa: BLE001 - parameter errors from rclpy come as several types
-            rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {err}')
+        node = _create_node()
+        if node is None:
             code = 2
-            return code
-        # ONE executor thread for inputs (trivial callbacks), the diagnostics timer and parameter/lifecycle
-        # services; inference runs on the worker thread, so services still answer during it. Not the
-        # MultiThreadedExecutor (issue 7): it re-yields and re-submits every callback its pool has not started yet,
-        # so while the worker holds the GIL its spin loop busy-waits (measured: 64-84% of a core with 4 cameras at
-        # 30 Hz, the worker starved to 2 frames/s per camera) instead of 20% here. Its pool also could not run
-        # services concurrently anyway: they share the node's default mutually exclusive callback group.
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        if node.get_parameter('autostart').value:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal('autostart: configure failed (see the error above); exiting')
-                code = 1
-                return code
-            if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal('autostart: activate failed; exiting')
-                code = 1
-                return code
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        else:
+            shutdown.on_request(node.request_shutdown)
+            # ONE executor thread for inputs (trivial callbacks), the diagnostics timer and parameter/lifecycle
+            # services; inference runs on the worker thread, so services still answer during it. Not the
+            # MultiThreadedExecutor (issue 7): it re-yields and re-submits every callback its pool has not started
+            # yet, so while the worker holds the GIL its spin loop busy-waits (measured: 64-84% of a core with 4
+            # cameras at 30 Hz, the worker starved to 2 frames/s per camera) instead of 20% here. Its pool also
+            # could not run services concurrently anyway: they share the node's default mutually exclusive
+            # callback group.
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            code = _autostart(node, shutdown)
+            while code == 0 and not shutdown.requested and rclpy.ok():
+                executor.spin_once(timeout_sec=_POLL_S)
+    except ExternalShutdownException:
         pass
     except Exception:  # noqa: BLE001
-        # A signal can shut the context down while spin() builds its next wait set; rclpy then raises RCLError
-        # ("the given context is not valid"). That is a normal shutdown; anything else is a real error.
-        if rclpy.ok():
+        # The context can be shut down while spin_once() builds its wait set (RCLError "the given context is
+        # not valid"). That is a normal shutdown; anything else is a real error.
+        if rclpy.ok() and not shutdown.requested:
             raise
     finally:
         if node is not None:
+            if shutdown.requested:
+                node.get_logger().info(f'{shutdown.reason} received: shutting down')
             node.stop()
             if executor is not None:
                 executor.shutdown(timeout_sec=0.5)
+            if len(shutdown.received) > 1:
+                node.get_logger().info(f'also received during the shutdown (noted, no action): '
+                                       f'{", ".join(shutdown.received[1:])}')
             node.destroy_node()
         rclpy.try_shutdown()
     # Everything ROS is closed now. Interpreter teardown of torch/diffusers takes ~1.5 s on 2 cores, and a worker
-    # stuck in a long GPU call would block it further; exit right away so SIGINT/SIGTERM finish within 2 s.
+    # stuck in a long GPU call (or an abandoned model load) would block it further; exit right away so
+    # SIGINT/SIGTERM finish within 2 s.
     _exit_now(code)
     return code  # not reached; keeps the console_scripts contract (main returns the exit code)
+
+
+def _create_node() -> GeoDiffNode | None:
+    """The node, or None (logged) when its start-up parameters are invalid."""
+    try:
+        return GeoDiffNode()
+    except Exception as err:  # noqa: BLE001 - parameter errors from rclpy come as several types
+        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {err}')
+        return None
+
+
+def _autostart(node: GeoDiffNode, shutdown: ShutdownRequest) -> int:
+    """Configure and activate unless ``autostart:=false``; the exit code (1 = failed, 0 = fine or shut down)."""
+    if not node.get_parameter('autostart').value:
+        return 0
+    for name, trigger in (('configure', node.trigger_configure), ('activate', node.trigger_activate)):
+        if shutdown.requested:
+            return 0
+        if trigger() != TransitionCallbackReturn.SUCCESS:
+            if shutdown.requested:
+                return 0  # abandoned because of the signal: a normal shutdown
+            reason = ' (see the error above)' if name == 'configure' else ''
+            node.get_logger().fatal(f'autostart: {name} failed{reason}; exiting')
+            return 1
+    return 0
 
 
 def _exit_now(code: int) -> None:
