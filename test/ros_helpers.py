@@ -476,3 +476,38 @@ def child_pids(pid: int) -> list[int]:
         return [int(p) for p in children.read_text().split()]
     except OSError:
         return []
+
+
+# ---------------------------------------------------------------------------------------------- hostile images
+
+def jpeg_announcing(width: int, height: int) -> bytes:
+    """A few hundred bytes of JPEG whose frame header announces ``width x height`` (a tiny JPEG with its size
+    patched: the scan data is far too short, so a decoder that trusts the header allocates the full size first)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.new('RGB', (16, 16), (90, 120, 150)).save(buf, format='JPEG', quality=50)
+    data = bytearray(buf.getvalue())
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # walk to the start-of-frame segment
+        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+    data[i + 5:i + 7] = height.to_bytes(2, 'big')
+    data[i + 7:i + 9] = width.to_bytes(2, 'big')
+    return bytes(data)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid grey PNG of ``width x height``, all one value: zlib packs it ~1000:1 (13000x13000 in ~170 kB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + one grey byte per pixel
+    idat = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')

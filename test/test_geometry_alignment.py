@@ -278,3 +278,23 @@ def test_temporal_fixed_scale_always_yields() -> None:
 def test_temporal_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         TemporalAligner(**kwargs)
+
+
+def test_fit_in_wrong_units_is_rejected_naming_the_range() -> None:
+    """Issue 13, bug 11: sparse depth x1e6 (micrometres sent as metres) fits perfectly but maps every pixel
+    beyond max_depth; with the output range given, such a fit is refused with a reason a user can act on."""
+    _, rel, sparse = _scene()
+    ok = fit_scale_shift(rel, sparse, depth_range=(0.1, 100.0))
+    assert ok.ok, ok.reason
+    bad = fit_scale_shift(rel, sparse * 1e6, depth_range=(0.1, 100.0))
+    assert not bad.ok and "wrong units" in bad.reason and "[0.1, 100]" in bad.reason
+    assert fit_scale_shift(rel, sparse * 1e6).ok  # without a range: the fit itself is consistent
+    tiny = fit_scale_shift(rel, sparse * 1e-3, depth_range=(0.1, 100.0))  # millimetres read as kilometres
+    assert not tiny.ok and "min_depth" in tiny.reason
+
+
+def test_fit_with_part_of_the_scene_beyond_max_depth_is_kept() -> None:
+    """Far points beyond max_depth (sky, a far wall) are NaN in the output, but the fit is good: kept."""
+    _, rel, sparse = _scene()  # depths 1..7.5 m
+    res = fit_scale_shift(rel, sparse, depth_range=(0.1, 5.0))  # ~40 % of the points beyond 5 m
+    assert res.ok, res.reason

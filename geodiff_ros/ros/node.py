@@ -372,13 +372,17 @@ class GeoDiffNode(LifecycleNode):
         """
         # 1. Decode the inputs (ImageConversionError: logged, that camera's frame dropped).
         frames: list[tuple[CameraChannel, Any, float, Any]] = []
+        cameras: dict[int, Any] = {}  # camera index -> (CameraInfo, intrinsics) of its decoded image
         for index, (msg, t_recv, compressed) in picked:
             cam = self._cams[index]
             try:
-                frames.append((cam, msg, t_recv, cam.decode(msg, compressed)))  # rgb [H,W,3] uint8
+                decoded = cam.prepare(msg, compressed, s.for_camera(cam.overrides))  # size checks, decode, rectify
             except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
                 if not self._drop(cam, err):
                     return False
+                continue
+            cameras[index] = decoded.camera
+            frames.append((cam, msg, t_recv, decoded.rgb))  # rgb [H,W,3] uint8
         if not frames:
             return True
         # 2. Model invocation: engine.predict on all frames at once; it groups same-size frames into batches of
@@ -395,7 +399,8 @@ class GeoDiffNode(LifecycleNode):
             relative = pred.depth[j] if pred.depth is not None else None  # [H,W] in [0,1], 0 near
             normals = pred.normals[j] if pred.normals is not None else None  # [H,W,3] optical frame
             try:
-                cam.finish(s.for_camera(cam.overrides), msg, rgb, relative, normals, t_recv, time.monotonic)
+                cam.finish(s.for_camera(cam.overrides), msg, rgb, relative, normals, t_recv, time.monotonic,
+                           camera=cameras[cam.index])
             except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
                 if not self._drop(cam, err):
                     return False

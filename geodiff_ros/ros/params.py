@@ -102,6 +102,19 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=('best_effort', 'reliable'), configure_time=True),
     ParamSpec('qos.output.depth', 2, 'History depth of the output publishers.', lo=1, hi=1000,
               configure_time=True),
+    # --- input checks and preparation (runtime; issue 13) ---
+    ParamSpec('max_input_pixels', 40_000_000,
+              'Largest input image in pixels (width x height; 40 MP holds 8K UHD); a larger frame is dropped with a '
+              'warning before it is decoded (compressed: size read from the JPEG/PNG header). 0 = no limit.',
+              lo=0, hi=2_000_000_000),
+    ParamSpec('reduce_large_input', True,
+              'Compressed input at least 4x processing_res on its longest edge is decoded at 1/2, 1/4 or 1/8 size '
+              '(libjpeg scaling, still >= 2x processing_res); outputs and depth/camera_info then have that size. '
+              'false: outputs always at the input size.'),
+    ParamSpec('rectify', False,
+              'Undistort and rectify each image with its CameraInfo (D, K, R, P; OpenCV maps cached per '
+              'CameraInfo) before inference, as image_proc does: for a lens with distortion and no image_proc '
+              'upstream, so clouds are right. Outputs then carry the rectified CameraInfo (D = 0, R = I, K = P).'),
     # --- cameras and batching (issue 7) ---
     ParamSpec('cameras', [],
               'Camera names served by this node, e.g. [front, left]: each uses topics under its own prefix '
