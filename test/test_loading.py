@@ -206,15 +206,25 @@ def test_closed_stderr_does_not_break_loading(tiny_depth_ckpt: Path) -> None:
     assert code == 0 and "loaded ('depth',)" in out
 
 
-def test_truncated_weights_say_download_again(tmp_path: Path, tiny_depth_ckpt: Path) -> None:
+@pytest.mark.parametrize(("damage", "named"), [
+    ("truncate unet/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors"),
+    ("delete unet/diffusion_pytorch_model.safetensors", "no weights file"),
+    ("delete vae/config.json", "config.json missing"),
+])
+def test_unreadable_files_say_download_again(tmp_path: Path, tiny_depth_ckpt: Path, damage: str,
+                                             named: str) -> None:
     broken = tmp_path / "broken-depth"
     shutil.copytree(tiny_depth_ckpt, broken)
-    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    action, rel = damage.split()
+    target = broken / rel
+    if action == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target.unlink()
     with pytest.raises(ModelLoadError) as err:
         GeoDiffEngine(cpu_config(depth_model=str(broken)))
     message = str(err.value)
-    assert "unet files" in message and "diffusion_pytorch_model.safetensors" in message
+    assert f"{rel.split('/')[0]} files" in message and named in message
     assert "download it again" in message
 
 

@@ -61,6 +61,10 @@ def download_hint(source: str) -> str:
     )
 
 
+# Files each component folder must have; a missing one means an incomplete download (checked after a load error).
+REQUIRED_FILES = {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
+                  "scheduler": ("scheduler_config.json",), "tokenizer": ("vocab.json", "merges.txt")}
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 TASK_WORDS = {"depth": "depth", "normals": "normal"}
 TASK_OVERRIDE_HINT = "node parameter check_model_task:=false, CLI --no-check-model-task"
 
@@ -253,12 +257,24 @@ def unreadable_files(sub: Path) -> str | None:
     """What is wrong with the files of one component folder (missing, bad JSON, truncated weights), or None."""
     if not sub.is_dir():
         return f"{sub} is missing"
+    needed = REQUIRED_FILES.get(sub.name, ())
+    missing = [name for name in needed if not (sub / name).is_file()]
+    if sub.name == "tokenizer" and (sub / "tokenizer.json").is_file():
+        missing = []  # a fast-tokenizer file replaces vocab.json + merges.txt
+    if missing:
+        return f"{', '.join(missing)} missing"
     for config in sorted(sub.glob("*.json")):
         try:
-            json.loads(config.read_text(encoding="utf-8"))
+            index = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             return f"{config.name}: {exc}"
+        if config.name.endswith(".index.json") and isinstance(index.get("weight_map"), dict):
+            absent = sorted({shard for shard in index["weight_map"].values() if not (sub / shard).is_file()})
+            if absent:
+                return f"weight shard(s) {', '.join(absent)} listed in {config.name} missing"
     weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin"))
+    if sub.name in WEIGHTED_COMPONENTS and not weights:
+        return "no weights file (*.safetensors or *.bin)"
     for path in weights:
         problem = _weights_problem(path)
         if problem:
