@@ -59,6 +59,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               configure_time=True),
     ParamSpec('model_normals', 'GonzaloMG/marigold-e2e-ft-normals',
               'Normals model: Hugging Face hub id or local folder; "" disables normals.', configure_time=True),
+    ParamSpec('check_model_task', True,
+              'Refuse a model whose model_index.json (geodiff_task) or own folder / repo name says it is the other '
+              'task (swapped model_depth / model_normals). false trusts the parameter it was given in.',
+              configure_time=True),
     ParamSpec('tasks', ['depth', 'normals'],
               'Which of the configured models to run (subset of depth, normals).',
               choices=('depth', 'normals'), configure_time=True),
@@ -363,4 +367,5 @@ def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
         'batch_size': int(settings['batch_size']),
         'optimize': str(settings['optimize']),
         'cpu_threads': int(settings['cpu_threads']),
+        'check_model_task': bool(settings['check_model_task']),
     }
