@@ -26,7 +26,7 @@ FASTDDS_PROFILE = REPO / 'config' / 'fastdds_localhost.xml'
 PARAMS_FILE = REPO / 'config' / 'geodiff.yaml'
 
 
-def testing_installed() -> bool:
+def is_install_under_test() -> bool:
     """True when the suite tests the installed package (``colcon test``; conftest decides), False in a checkout."""
     return os.environ.get('GEODIFF_TEST_INSTALLED') == '1'
 
@@ -34,7 +34,7 @@ def testing_installed() -> bool:
 def source_pythonpath(env: dict[str, str]) -> str:
     """PYTHONPATH for a subprocess: the source folder first in a checkout, unchanged when testing the install."""
     parts = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
-    if not testing_installed() and str(REPO) not in parts:
+    if not is_install_under_test() and str(REPO) not in parts:
         parts.insert(0, str(REPO))
     return os.pathsep.join(parts)
 
@@ -42,13 +42,13 @@ def source_pythonpath(env: dict[str, str]) -> str:
 def run_dir() -> Path:
     """Working directory of ``python -m geodiff_ros...`` subprocesses: ``-m`` imports from it first, so the source
     folder only in a checkout."""
-    return REPO if not testing_installed() else Path(tempfile.gettempdir())
+    return REPO if not is_install_under_test() else Path(tempfile.gettempdir())
 
 
 def launch_file(name: str) -> Path:
     """The launch file under test: the installed one (share/geodiff_ros/launch) when testing the install, else
     the checkout's."""
-    if testing_installed():
+    if is_install_under_test():
         from ament_index_python.packages import get_package_share_directory
 
         return Path(get_package_share_directory('geodiff_ros')) / 'launch' / name
@@ -86,7 +86,7 @@ def package_prefix_env(domain_id: int, folder: Path) -> dict[str, str]:
     """ros_env for ``ros2 launch geodiff_ros ...`` / ``ros2 run``: the package under test first in the ament index
     (the checkout through :func:`checkout_ament_prefix`, or the install when testing it)."""
     env = ros_env(domain_id)
-    if not testing_installed():
+    if not is_install_under_test():
         prefix = checkout_ament_prefix(folder)
         env['AMENT_PREFIX_PATH'] = os.pathsep.join(p for p in (str(prefix), env.get('AMENT_PREFIX_PATH', '')) if p)
     return env
