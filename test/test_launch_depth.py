@@ -14,6 +14,7 @@ is skipped with that reason, and test_bag_replay.py runs the same scenario as pl
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -42,8 +43,9 @@ try:  # ROS 2 launch; the unrelated PyPI package also named `launch` has no Laun
     from launch.event_handlers import OnShutdown
     from launch.launch_description_sources import PythonLaunchDescriptionSource
 except ImportError as err:
-    pytest.skip(f'ROS 2 launch / launch_testing not importable ({err}); not installable from PyPI. The same '
-                'scenario runs as plain pytest in test/test_bag_replay.py', allow_module_level=True)
+    pytest.skip(f'ROS 2 launch / launch_testing not importable ({err}): not on PyPI; scripts/setup_venv.sh --dev '
+                'installs them from ../shared/ros/wheels when present. The same scenario runs as plain pytest in '
+                'test/test_bag_replay.py', allow_module_level=True)
 
 from ros_helpers import launch_file, module_domain_id  # noqa: E402
 from test_bag_replay import NODE_PARAMS, check_two_pass, inputs_in, replay_env  # noqa: E402
@@ -65,8 +67,8 @@ def _player_cmd(bag: Path, remaps: dict[str, str]) -> list[str] | None:
 
 
 def _write_inputs(tmp: Path) -> None:
-    """Tiny checkpoints, the params file and the bag, written when launch starts (not when the description is
-    built: ``launch_test --show-args`` builds it too, and would leave them behind)."""
+    """Tiny checkpoints, the params file and the bag (before launch starts: launch_testing times out if the node
+    process starts late)."""
     tmp.mkdir(parents=True)
     depth = write_tiny_checkpoint(tmp / 'tiny-depth', 'depth')
     normals = write_tiny_checkpoint(tmp / 'tiny-normals', 'normals')
@@ -82,8 +84,9 @@ def generate_test_description() -> tuple[LaunchDescription, dict]:
     os.environ.update({k: v for k, v in replay_env(DOMAIN).items()
                        if k.startswith(('ROS_', 'FASTDDS_', 'FASTRTPS_'))})  # the launched node inherits these
     tmp = Path(tempfile.gettempdir()) / f'geodiff_launch_test_{os.getpid()}_{time.monotonic_ns()}'
+    _write_inputs(tmp)
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # also when launch never runs (launch_test -s)
     description = LaunchDescription([
-        OpaqueFunction(function=lambda _context: _write_inputs(tmp)),
         # The checkpoints, params and recordings (~6 MB) go when launch shuts down, after the tests that use them.
         RegisterEventHandler(OnShutdown(on_shutdown=[OpaqueFunction(
             function=lambda _context: shutil.rmtree(tmp, ignore_errors=True))])),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
 for _module in ('launch_ros', 'ros2launch', 'ros2param'):
@@ -139,12 +140,17 @@ def _assert_clean_exit(run: RosLaunch, code: int | None, processes: int) -> None
     assert not _group_members(run.proc.pid), f'left behind: {_group_members(run.proc.pid)}\n{log[-4000:]}'
 
 
-def _param(env: dict[str, str], node: str, name: str) -> str:
-    """``ros2 param get --no-daemon NODE NAME`` output ("String value is: cpu")."""
-    out = subprocess.run([_exe('ros2'), 'param', 'get', '--no-daemon', '--spin-time', '3', node, name], env=env,
-                         capture_output=True, text=True, timeout=60)
+def _ros2(env: dict[str, str], *args: str) -> str:
+    """``ros2 ARGS`` (no daemon) output; it must succeed."""
+    out = subprocess.run([_exe('ros2'), *args, '--no-daemon', '--spin-time', '3'], env=env, capture_output=True,
+                         text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip()
+
+
+def _params(env: dict[str, str], node: str) -> dict:
+    """Every parameter of ``node`` (``ros2 param dump``), nested as in a params file."""
+    return yaml.safe_load(_ros2(env, 'param', 'dump', node))[node]['ros__parameters']
 
 
 @pytest.fixture
@@ -199,11 +205,11 @@ def test_depth_launch_plays_a_bag_then_ctrl_c_exits_every_process_0(env: dict[st
         assert f'{NS}/depth/relative' in topics
         assert not [t for t in topics if t.startswith(f'{NS}/normals')], f'normals advertised: {sorted(topics)}'
         node = f'{NS}/geodiff'
-        assert _param(env, node, 'device') == 'String value is: cpu'  # the device in use after the fallback
-        assert _param(env, node, 'processing_res') == 'Integer value is: 64'
-        assert _param(env, node, 'diagnostics_period') == 'Double value is: 0.5'  # user's file on top
-        assert _param(env, node, 'dtype') == 'String value is: fp32'
-        assert _param(env, node, 'alignment.method') == 'String value is: ransac'  # the shipped file below it
+        assert _ros2(env, 'param', 'get', node, 'device') == 'String value is: cpu'  # in use after the fallback
+        params = _params(env, node)
+        assert params['processing_res'] == 64 and params['dtype'] == 'fp32'  # launch arguments, typed
+        assert params['diagnostics_period'] == 0.5 and params['cpu_threads'] == 1  # the user's file on top
+        assert params['alignment']['method'] == 'ransac' and params['warmup_size'] == [640, 480]  # shipped file
         _assert_clean_exit(run, run.ctrl_c(), processes=1)
     finally:
         run.close()
@@ -232,7 +238,7 @@ def test_multi_gpu_launch_on_the_cpu_serves_each_camera_then_ctrl_c_exits_every_
         for cam in cams:
             got = col.wait_for(f'{NS}/{cam}/depth/relative', 1, timeout=30.0)
             assert got and got[0].header.frame_id == f'{cam}_optical_frame', f'{cam}:\n{run.log()[-3000:]}'
-        assert _param(env, f'{NS}/geodiff_gpu1', 'device') == 'String value is: cpu'
+        assert _ros2(env, 'param', 'get', f'{NS}/geodiff_gpu1', 'device') == 'String value is: cpu'
         _assert_clean_exit(run, run.ctrl_c(), processes=2)
     finally:
         run.close()
