@@ -18,6 +18,8 @@ setup(
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
     ],
     install_requires=["setuptools"],
+    # colcon runs pytest (not unittest) only for packages that declare it as a test dependency.
+    extras_require={"test": ["pytest"]},
     zip_safe=True,
     maintainer="geodiff_ros maintainers",
     maintainer_email="geodiff-ros@example.org",

@@ -262,12 +262,26 @@ def test_temporal_time_backwards_resets() -> None:
     assert s is not None and s.scale == pytest.approx(2.2)  # no blending with pre-loop history
 
 
-def test_temporal_fixed_scale_always_yields() -> None:
+def test_temporal_fixed_scale_applies_without_sparse_input() -> None:
     ta = TemporalAligner(fixed_scale=7.0)
-    for stamp, res in [(0.0, None), (1.0, FAILED), (100.0, _ok(2.0)), (0.5, None)]:
+    for stamp, res in [(0.0, None), (1.0, FAILED), (2.0, None)]:
         s = ta.update(res, stamp)
         assert s is not None
         assert (s.scale, s.shift, s.source) == (7.0, 0.0, "fixed")
+
+
+def test_temporal_fixed_scale_gives_way_to_a_fit_and_returns_after_the_fallback_age() -> None:
+    """As the parameter says: fixed_scale is for frames *without* sparse input; a fit, when there is one, wins
+    (it used to be ignored while the node still fitted, and warned, every frame)."""
+    ta = TemporalAligner(fixed_scale=7.0, max_fallback_age_s=2.0)
+    s = ta.update(_ok(2.0, 0.5), 10.0)
+    assert (s.scale, s.shift, s.source) == (pytest.approx(2.0), pytest.approx(0.5), "fit")
+    s = ta.update(None, 11.0)  # no sparse this frame: the last fit, within max_fallback_age_s
+    assert (s.scale, s.source) == (pytest.approx(2.0), "fallback")
+    s = ta.update(FAILED, 13.5)  # fit too old: back to the user's scale
+    assert (s.scale, s.shift, s.source) == (7.0, 0.0, "fixed")
+    s = ta.update(None, 5.0)  # time went backwards: fit history gone, fixed scale still applies
+    assert (s.scale, s.source) == (7.0, "fixed")
 
 
 @pytest.mark.parametrize(

@@ -382,7 +382,8 @@ class TemporalAligner:
     smoothed one by more than ``reset_ratio`` (either way) replaces the state (scene cut, new surface). A failed
     fit reuses the last good state for at most ``max_fallback_age_s``, then yields None: no metric output without
     a fit (ros-anchors 3.4). Time going backwards (bag loop, sim reset) clears the state. ``fixed_scale`` (user
-    set, shift 0) always yields a state and ignores fits.
+    set, shift 0) is the alignment of frames that have no fit (no sparse input, or none usable for longer than
+    ``max_fallback_age_s``): a fit, when there is one, wins.
     """
 
     def __init__(
@@ -428,11 +429,14 @@ class TemporalAligner:
 
     def update(self, result: AlignmentResult | None, stamp_s: float) -> AlignmentState | None:
         """Fold in this frame's fit (None: no sparse data this frame) and return the alignment to use."""
-        if self.fixed_scale is not None:
-            return AlignmentState(
-                scale=self.fixed_scale, shift=0.0, age_s=0.0, source="fixed",
-                n_inliers=result.n_inliers if result is not None else 0, residual_rel=math.nan,
-            )
+        state = self._from_fits(result, stamp_s)
+        if state is None and self.fixed_scale is not None:
+            return AlignmentState(scale=self.fixed_scale, shift=0.0, age_s=0.0, source="fixed",
+                                  n_inliers=0, residual_rel=math.nan)
+        return state
+
+    def _from_fits(self, result: AlignmentResult | None, stamp_s: float) -> AlignmentState | None:
+        """The smoothed fit, the fallback to the last one, or None."""
         if self._last_stamp is not None and stamp_s < self._last_stamp:
             self.reset()
             self.n_resets += 1

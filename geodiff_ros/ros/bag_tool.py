@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -84,7 +86,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _init_ros(name: str) -> tuple[Any, Any, threading.Event]:
-    """rclpy context + node with our own SIGINT/SIGTERM handling (a stop event), so files are always closed."""
+    """rclpy context + node with our own SIGINT/SIGTERM handling (a stop event), so files are always closed.
+
+    The node name gets this process's id and a random suffix, as ros2cli names its nodes: two players or
+    recorders at once must not share a name (ROS warns, and their logs and services would mix).
+    """
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
@@ -100,7 +106,7 @@ def _init_ros(name: str) -> tuple[Any, Any, threading.Event]:
     signal.signal(signal.SIGTERM, on_signal)
     context = rclpy.context.Context()
     rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node(name, context=context)
+    node = rclpy.create_node(f'{name}_{os.getpid()}_{secrets.token_hex(2)}', context=context)
     return context, node, stop
 
 

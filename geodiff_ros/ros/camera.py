@@ -159,9 +159,12 @@ class CameraChannel:
     # exist only where a QoS mismatch silently loses data: the image input, and best-effort outputs (a reliable
     # subscriber such as RViz's default gets nothing from them).
 
-    def create_publishers(self, qos: Any) -> None:
+    def create_publishers(self, qos: Any, tasks: tuple[str, ...] = ('depth', 'normals')) -> None:
+        """Publishers of the outputs; normals/* only when the normals task runs (no topic that never publishes)."""
         watch = qos.reliability == ReliabilityPolicy.BEST_EFFORT
         for key, (msg_type, topic) in OUTPUT_TOPICS.items():
+            if topic.startswith('normals/') and 'normals' not in tasks:
+                continue
             events = PublisherEventCallbacks(incompatible_qos=self._on_offered_incompatible if watch else None,
                                              use_default_callbacks=False)
             self.pubs[key] = self.node.create_lifecycle_publisher(msg_type, self.topic(topic), qos,

@@ -33,6 +33,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from geodiff_ros.ros.camera import CameraChannel
@@ -45,6 +46,7 @@ from geodiff_ros.ros.params import (
     declare_all,
     declare_camera_overrides,
     engine_config_kwargs,
+    name_launch_arguments,
     read_settings,
     validate_changes,
 )
@@ -168,20 +170,25 @@ class GeoDiffNode(LifecycleNode):
             f'device={kwargs["device"]} dtype={kwargs["dtype"]} processing_res={kwargs["processing_res"]} '
             f'optimize={kwargs["optimize"]}')
         try:
-            self._engine = self._load_engine(kwargs)
+            engine = self._load_engine(kwargs)
         except _LoadAbandoned:
             self.get_logger().info('configure abandoned: the process is shutting down')
             return TransitionCallbackReturn.FAILURE
         except Exception as err:  # noqa: BLE001 - any loader failure must leave the node alive and unconfigured
             if _is_engine_error(err):
                 self._set_error(str(err))
-                self.get_logger().error(f'configure failed: {err}')
+                self.get_logger().error(name_launch_arguments(f'configure failed: {err}'))
                 return TransitionCallbackReturn.FAILURE
             self._set_error(f'{type(err).__name__}: {err}')
-            self.get_logger().error(
+            self.get_logger().error(name_launch_arguments(
                 f'configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / '
-                'model_normals (hub id or folder in hub layout), device and dtype')
+                'model_normals (hub id or folder in hub layout), device and dtype'))
             return TransitionCallbackReturn.FAILURE
+        if str(engine.device) != kwargs['device']:
+            # CPU fallback: `ros2 param get <node> device` shows the device in use (set while still unconfigured:
+            # device is fixed once configured).
+            self.set_parameters([Parameter('device', value=str(engine.device))])
+        self._engine = engine
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device}')
         if kwargs['optimize'] not in ('none', ''):
             # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the worker
@@ -190,7 +197,7 @@ class GeoDiffNode(LifecycleNode):
                                    'its first frame (up to ~100 s with a cold TORCHINDUCTOR_CACHE_DIR)')
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
-            cam.create_publishers(out_qos)
+            cam.create_publishers(out_qos, self._engine.tasks)
             cam.aligner = cam.make_aligner(settings.for_camera(cam.overrides))
         if self._multi:
             self.get_logger().info(
@@ -504,7 +511,7 @@ def _create_node() -> GeoDiffNode | None:
     try:
         return GeoDiffNode()
     except Exception as err:  # noqa: BLE001 - parameter errors from rclpy come as several types
-        rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {err}')
+        rclpy.logging.get_logger(NODE_NAME).fatal(name_launch_arguments(f'cannot start: {err}'))
         return None
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rclpy.node import Node
 
 __all__ = [
+    'LAUNCH_ARGUMENTS',
     'PARAMS',
     'PER_CAMERA',
     'ParamSpec',
@@ -30,6 +31,7 @@ __all__ = [
     'declare_all',
     'declare_camera_overrides',
     'engine_config_kwargs',
+    'name_launch_arguments',
     'read_settings',
     'validate_changes',
 ]
@@ -155,7 +157,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               'Largest stamp difference in seconds between an image and the sparse depth matched to it.',
               lo=0.0, hi=10.0),
     ParamSpec('alignment.fixed_scale', 0.0,
-              'If > 0, metric depth = fixed_scale * relative with no sparse input (you vouch for the scale).',
+              'If > 0: metric depth = fixed_scale * relative for frames without a metric fit (no sparse input, or '
+              'none usable for alignment.max_fallback_age_s); you vouch for the scale. A fit to sparse input, when '
+              'there is one, wins.',
               lo=0.0, hi=100000.0),
     ParamSpec('min_depth', 0.1, 'Metric depth below this is published as NaN (metres).', lo=0.0, hi=100000.0),
     ParamSpec('max_depth', 100.0, 'Metric depth above this is published as NaN (metres).', lo=0.0, hi=100000.0),
@@ -167,6 +171,26 @@ PARAMS: tuple[ParamSpec, ...] = (
 )
 
 _BY_NAME = {p.name: p for p in PARAMS}
+
+# Launch arguments (launch/depth.launch.py, multi_gpu.launch.py) that set one parameter each: the launch files
+# declare them from this table, and messages that name such a parameter also name its argument (name_launch_arguments).
+LAUNCH_ARGUMENTS: dict[str, str] = {
+    'model_depth': 'model', 'model_normals': 'model_normals', 'device': 'device', 'dtype': 'dtype',
+    'allow_cpu_fallback': 'allow_cpu_fallback', 'local_files_only': 'local_files_only',
+    'processing_res': 'processing_res', 'optimize': 'optimize', 'cpu_threads': 'cpu_threads',
+    'batch_size': 'batch_size', 'input_transport': 'input_transport', 'autostart': 'autostart',
+    'publish_cloud': 'publish_cloud', 'cloud_stride': 'cloud_stride', 'alignment.fixed_scale': 'fixed_scale',
+    'max_depth': 'max_depth',
+}
+
+
+def name_launch_arguments(text: str) -> str:
+    """``text`` plus the launch arguments of the parameters it names, e.g. "... (ros2 launch: model:=...)"."""
+    named = [arg for param, arg in LAUNCH_ARGUMENTS.items()
+             if re.search(rf'(?<![\w.]){re.escape(param)}(?!\w)', text)]
+    if not named:
+        return text
+    return f'{text} (ros2 launch: {", ".join(f"{arg}:=..." for arg in dict.fromkeys(named))})'
 
 # Runtime parameters a camera may override as camera.<name>.<parameter> (scale, range and cloud differ per camera).
 PER_CAMERA: tuple[str, ...] = ('alignment.fixed_scale', 'alignment.sparse_max_dt', 'min_depth', 'max_depth',
