@@ -57,7 +57,7 @@ __all__ = ['GeoDiffNode', 'main']
 NODE_NAME = 'geodiff'
 _THROTTLE_S = 5.0  # per-frame warnings at most this often
 _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
-_POLL_S = 0.05  # main loop / engine-load wait slice: how soon a shutdown request is acted on
+_POLL_S = 0.05  # executor spin slice of the main loop: how soon a shutdown request is acted on
 
 
 class _LoadAbandoned(BaseException):
@@ -67,7 +67,7 @@ class _LoadAbandoned(BaseException):
 
 def _is_engine_error(err: BaseException) -> bool:
     """Whether ``err`` is a ``geodiff_ros.engine.GeoDiffError`` (its message already names the fix). Checked without
-    importing the engine here: it is imported on the loader thread, so a shutdown never waits for torch."""
+    importing the engine: when importing it is what failed, that error must still be reported."""
     errors = sys.modules.get('geodiff_ros.engine.errors')
     return errors is not None and isinstance(err, errors.GeoDiffError)
 
