@@ -288,7 +288,7 @@ class CameraChannel:
             if model.needs_rectification():
                 try:
                     rgb = self._rectifier(rgb, model)
-                except InvalidCameraInfo as err:
+                except Exception as err:  # noqa: BLE001 - InvalidCameraInfo, or cv2.error on absurd numbers
                     self.log.warning(f'rectify: {err}; processed unrectified (no cloud)',
                                      throttle_duration_sec=THROTTLE_S)
                     return DecodedFrame(rgb, None, None)

@@ -59,16 +59,17 @@ __all__ = ['GeoDiffNode', 'main']
 NODE_NAME = 'geodiff'
 _THROTTLE_S = 5.0  # per-frame warnings at most this often
 _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
-_POLL_S = 0.05  # main loop / engine-load wait slice: how soon a shutdown request is acted on
+_POLL_S = 0.05  # executor spin slice of the main loop: how soon a shutdown request is acted on
 
 
-class _LoadAbandoned(Exception):
-    """The engine load was given up because the process is shutting down."""
+class _LoadAbandoned(BaseException):
+    """Raised by the signal handler into an engine load in progress: the process is shutting down. A
+    BaseException (like KeyboardInterrupt) so that no ``except Exception`` in the loading libraries swallows it."""
 
 
 def _is_engine_error(err: BaseException) -> bool:
     """Whether ``err`` is a ``geodiff_ros.engine.GeoDiffError`` (its message already names the fix). Checked without
-    importing the engine here: it is imported on the loader thread, so a shutdown never waits for torch."""
+    importing the engine: when importing it is what failed, that error must still be reported."""
     errors = sys.modules.get('geodiff_ros.engine.errors')
     return errors is not None and isinstance(err, errors.GeoDiffError)
 
@@ -94,7 +95,7 @@ class GeoDiffNode(LifecycleNode):
         self._batch_stats = BatchStats()
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
-        self._shutdown = threading.Event()  # the process is exiting: abandon an engine load in progress
+        self._loading = False  # main thread only: an engine load is in progress (see request_shutdown)
         self._state_label = 'unconfigured'
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
@@ -207,36 +208,30 @@ class GeoDiffNode(LifecycleNode):
         return super().on_configure(state)
 
     def request_shutdown(self) -> None:
-        """The process is exiting (a signal, see main): an engine load in progress is abandoned at once."""
-        self._shutdown.set()
+        """Called from the signal handler (main thread, between two bytecodes) when the process is to exit: an
+        engine load in progress on the main thread is abandoned by raising ``_LoadAbandoned`` into it."""
+        if self._loading:
+            self._loading = False
+            raise _LoadAbandoned
 
     def _load_engine(self, kwargs: dict[str, Any]) -> Any:
-        """Import and build the engine on a helper thread, waiting for it in short slices.
+        """Import and build the engine; a shutdown signal meanwhile abandons it (issue 13, bug 7).
 
-        Loading takes seconds (tiny model) to minutes (real weights from a slow disk) and holds the caller (the
-        main thread under autostart, else the executor). SIGTERM meanwhile must still end the process within 2 s
-        (issue 13, bug 7): the wait stops as soon as :meth:`request_shutdown` is called and raises
-        ``_LoadAbandoned``; the daemon helper thread dies with the process. Loader errors are re-raised here.
+        Loading takes seconds (tiny model) to minutes (real weights from a slow disk), and SIGTERM meanwhile must
+        still end the process within 2 s. The load runs on the calling thread (the main thread: autostart, and
+        the executor, which spins there too): on another thread, torch's CPU kernels ran 4-5x slower in the
+        worker afterwards (measured; the CPU thread pools are set up by the first thread that computes). Python
+        runs signal handlers on the main thread between bytecodes, so :meth:`request_shutdown` can raise into the
+        load; a load started from another thread just finishes.
         """
-        result: dict[str, Any] = {}
+        on_main = threading.current_thread() is threading.main_thread()
+        try:
+            self._loading = on_main
+            from geodiff_ros.engine import EngineConfig, GeoDiffEngine
 
-        def load() -> None:
-            try:
-                from geodiff_ros.engine import EngineConfig, GeoDiffEngine
-
-                result['engine'] = GeoDiffEngine(EngineConfig(**kwargs))
-            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-                result['error'] = err
-
-        loader = threading.Thread(target=load, name='geodiff-load', daemon=True)
-        loader.start()
-        while loader.is_alive():
-            if self._shutdown.is_set():
-                raise _LoadAbandoned
-            loader.join(_POLL_S)
-        if 'error' in result:
-            raise result['error']
-        return result['engine']
+            return GeoDiffEngine(EngineConfig(**kwargs))
+        finally:
+            self._loading = False
 
     def _set_error(self, text: str) -> None:
         for cam in self._cams:

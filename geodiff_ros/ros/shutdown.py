@@ -7,8 +7,10 @@ re-raises every SIGINT as ``KeyboardInterrupt`` in the main thread, so the secon
 SIGINT, SIGTERM or SIGHUP (terminal closed, ssh dropped) only *requests* the shutdown; later ones are noted and
 reported, never raised. The main loop polls :attr:`ShutdownRequest.requested` and runs the shutdown once.
 
-Python runs signal handlers in the main thread between bytecodes, so the handler only sets events and calls
-short callbacks (each sets an event); nothing here takes a lock another thread may hold.
+Python runs signal handlers in the main thread between bytecodes, so the handler only records the signal and
+calls short callbacks; nothing here takes a lock another thread may hold. A callback may raise on purpose: the
+exception then surfaces in the main thread where the signal interrupted it (the node uses this to abandon a model
+load in progress, and only that).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ class ShutdownRequest:
         return self._event.wait(timeout)
 
     def on_request(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (quick, no locks) when the shutdown is requested; at once if it already was."""
+        """Call ``callback`` (quick, no locks) when the shutdown is requested; at once if it already was.
+
+        The callback runs inside the signal handler: an exception it raises surfaces in the interrupted main-thread
+        code (after the request is recorded; later callbacks are then skipped)."""
         self._callbacks.append(callback)
         if self.requested:
             callback()
