@@ -58,6 +58,7 @@ TASK_SETS = {"depth": ("depth",), "normals": ("normals",), "depth+normals": ("de
 # Engines built per optimize group; the rows of a group toggle Accelerator.use_cuda_graph on one engine.
 GROUPS = {"none": ("none", False), "channels_last": ("graph", False), "graph": ("graph", True),
           "compile": ("compile+graph", False), "compile+graph": ("compile+graph", True)}
+FUSED_VAE_KERNELS = ("_fused_pass_kernel", "_apply_kernel", "_group_stats_kernel", "_softmax_rows_kernel")
 FAST_PATH_KEYS = ("fused_vae", "subpixel", "vae_attention", "batch_decode", "concurrent_unets")
 # Accuracy tolerances against fp32 eager (stated up front, issue 5): the precision's own cost ...
 TOL_DEPTH_MEAN, TOL_DEPTH_MAX, TOL_NORMALS_DEG = 1e-2, 1e-1, 1.0
@@ -405,7 +406,8 @@ def kernel_profile(engine: GeoDiffEngine, frame: np.ndarray, tasks: Sequence[str
     categories: dict[str, float] = {}
     for name, ms in kernels.items():
         low = name.lower()
-        cat = ("triton (fused norm / element-wise)" if low.startswith("triton") else
+        cat = ("fused VAE kernels (vae_kernels.py)" if low.startswith(FUSED_VAE_KERNELS) else
+               "triton (fused norm / element-wise)" if low.startswith("triton") else
                "attention" if any(k in low for k in ("flash", "fmha", "attention", "sdpa")) else
                "conv" if any(k in low for k in ("conv", "implicit", "dgrad", "wgrad", "fprop", "nhwc")) else
                "gemm" if any(k in low for k in ("gemm", "cutlass", "xmma", "sm90", "cublas", "matmul")) else

@@ -226,7 +226,7 @@ def gpu_correctness() -> dict[str, Any]:
         y_ref = vae32.decode(z_ref / 0.18215).sample
         for name, vae, dt in (("fp32", vae32, torch.float32), ("fp16", full_size_vae("cuda", torch.float16),
                                                                  torch.float16)):
-            for attention in ("sdpa", "gemm"):
+            for attention in ("gemm",) if name == "fp32" else ("gemm", "sdpa"):
                 fused = FusedVAE(vae, TritonOps(), subpixel=True, attention=attention)
                 z = fused.encode(x.to(dt)).float()
                 y = fused.decode(z_ref.to(dt)).float()

@@ -397,11 +397,9 @@ def _compute_tasks_together(acc: Accelerator, x: torch.Tensor, tasks: Sequence[s
                 z0[task] = acc.denoise(task, latents[acc._vae_key(task)])
         z0[tasks[0]] = acc.denoise(tasks[0], latents[acc._vae_key(tasks[0])])
         for task in tasks[1:]:
+            # Join: what follows on this stream (and, through the wait at the next call, on the side streams) is
+            # ordered after the side UNets, so the blocks they allocated or read are not reused early.
             main.wait_stream(acc._streams[task])
-            z0[task].record_stream(main)  # allocated on the side stream, used and freed on this one
-        for z in latents.values():
-            for task in tasks[1:]:
-                z.record_stream(acc._streams[task])
     else:
         for task in tasks:
             z0[task] = acc.denoise(task, latents[acc._vae_key(task)])

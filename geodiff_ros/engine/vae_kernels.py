@@ -22,6 +22,7 @@ needs the ``triton`` package (bundled with CUDA builds of torch; optional otherw
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,27 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
 
 HAVE_TRITON = triton is not None
+
+
+def _interpreter_numpy_shim() -> None:
+    """Triton 3.6's interpreter (CPU, TRITON_INTERPRET=1: the tests) turns loop bounds into ints with int() of a
+    1-element array, which numpy >= 2.4 refuses; index through the first element instead."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "geodiff_shim", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.geodiff_shim = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_numpy_shim()
 # Tile shapes (bench_vae_kernels.py --sweep times alternatives; bench_engine.py --kernel-config applies a choice)
 APPLY_TILE = 8192  # elements per program of the apply kernel (16 KB of fp16 in, 16 KB out)
 APPLY_WARPS = 8
