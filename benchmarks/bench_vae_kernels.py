@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--bandwidth", type=float, default=4.3, help="TB/s for --plan (H200 copy rate measured here)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--steps", default="correctness,launches,ab,whole_vae",
+                   help="CUDA steps to run: correctness, launches, ab, whole_vae (--sweep adds the sweep)")
     p.add_argument("--config-out", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
@@ -465,13 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     result["copy_tbs"] = copy_tbs = copy_bandwidth()
     LOG.info("copy bandwidth %.2f TB/s", copy_tbs)
     save()
-    steps = [("correctness", gpu_correctness)]
-    if args.sweep:
-        steps.append(("sweep", lambda: sweep(copy_tbs)))
     vae = full_size_vae("cuda", torch.float16)
-    steps += [("launches", lambda: timed_launches(vae, size, args.reps)),
-              ("ab", lambda: conv_and_attention_ab(vae)),
-              ("whole_vae", lambda: whole_vae(vae, size))]
+    available = {"correctness": gpu_correctness, "sweep": lambda: sweep(copy_tbs),
+                 "launches": lambda: timed_launches(vae, size, args.reps), "ab": lambda: conv_and_attention_ab(vae),
+                 "whole_vae": lambda: whole_vae(vae, size)}
+    wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if args.sweep and "sweep" not in wanted:
+        wanted.insert(1 if "correctness" in wanted else 0, "sweep")
+    steps = [(name, available[name]) for name in wanted]
     for name, fn in steps:
         start = time.perf_counter()
         try:

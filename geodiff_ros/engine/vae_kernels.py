@@ -57,14 +57,19 @@ def _interpreter_numpy_shim() -> None:
 
 if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_numpy_shim()
-# Tile shapes (bench_vae_kernels.py --sweep times alternatives; bench_engine.py --kernel-config applies a choice)
-APPLY_TILE = 8192  # elements per program of the apply kernel (16 KB of fp16 in, 16 KB out)
-APPLY_WARPS = 8
-STATS_TILE = 4096  # elements per loop step of the statistics pass
-STATS_WARPS = 8
+# Tile shapes (bench_vae_kernels.py --sweep times alternatives; bench_engine.py --kernel-config applies a choice).
+# H200 sweep (benchmarks/README.md, issue 11): statistics pass 2048 elements x 4 warps beat 4096 x 8 and 8192 x 8
+# (stats-only 128 ch @ 576x768: 2113 vs 1873 / 1341 GB/s; 512 ch @ 144x192: 1324 vs 523 / 522 GB/s); apply tiles
+# within 2 % of each other.
+APPLY_TILE = 4096  # elements per program of the apply kernel (8 KB of fp16 in, 8 KB out)
+APPLY_WARPS = 4
+STATS_TILE = 2048  # elements per loop step of the statistics pass
+STATS_WARPS = 4
 MAX_BLOCK_C = 512
 MAX_SOFTMAX_ROW = 16384  # longest score row the softmax kernel holds in registers (processing_res 1024 at 4:3)
-TARGET_PROGRAMS = 1024  # statistics programs per launch (~8 per SM on an H100/H200), more tiles per program above
+# Statistics programs per launch, more tiles per program above: ~5 waves of the ~6 programs per SM that fit, so the
+# last partial wave costs little (1024 left a 0.3-wave tail on 132 SMs); the partials stay ~4 % of the data read.
+TARGET_PROGRAMS = 4096
 
 
 @dataclass
@@ -83,7 +88,8 @@ def nhwc(t: torch.Tensor) -> torch.Tensor:
 
 
 def empty_nhwc(b: int, c: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device).contiguous(memory_format=torch.channels_last)
+    """An uninitialised [B,C,H,W] channels_last tensor (allocated in that layout: no transposing copy)."""
+    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
 def padded_nhwc(b: int, c: int, h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +340,7 @@ class TritonOps:
             st.mean, st.m2, bias if bias is not None else gamma, gamma, beta, scale, shift,
             st.pixels, c, npb, st.chunk, float(eps)),
             dict(HAS_BIAS=bias is not None, CPG=cpg, CPG_P2=_next_pow2(cpg),
-                 BLOCK_N=max(16, min(256, 4096 // _next_pow2(cpg))), num_warps=4), 2 * st.mean.numel() * 4)
+                 BLOCK_N=max(16, min(1024, 4096 // _next_pow2(cpg))), num_warps=4), 2 * st.mean.numel() * 4)
         return scale, shift
 
     def apply(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
