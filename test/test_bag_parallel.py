@@ -147,3 +147,44 @@ def test_cli_bad_devices_exit_2(bag6: Path, tmp_path: Path, caplog: pytest.LogCa
     assert 'either --device or --devices' in caplog.text
     assert bag_main(['process', str(bag6), out, '--image-topic', IMAGE_TOPIC, '--optimize', 'fast']) == 2
     assert "--optimize 'fast' is not a mode" in caplog.text
+
+
+_KILLED_PARENT = '''
+import sys
+from geodiff_ros.engine import EngineConfig
+from geodiff_ros.ros.bag_parallel import EnginePool
+cfg = EngineConfig(depth_model=sys.argv[1], normals_model=None, device='cpu', dtype='fp32', processing_res=64)
+pool = EnginePool(cfg, ['cpu', 'cpu']).__enter__()
+print(' '.join(str(p.pid) for p in pool.processes), flush=True)
+sys.stdin.read()  # until killed
+'''
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f'/proc/{pid}/status').read_text().split('State:')[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ('Z', 'X')  # a zombie has exited (nobody may reap it in a container)
+
+
+def test_workers_exit_when_the_parent_is_killed(tiny_depth_ckpt: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, '-c', _KILLED_PARENT, str(tiny_depth_ckpt)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    finally:
+        parent.kill()  # SIGKILL: no clean-up code runs in the parent
+        parent.wait()
+    deadline = time.monotonic() + 20.0
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in pids if _running(pid)]
+    for pid in alive:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f'workers {alive} outlived their killed parent (orphans holding a device)'

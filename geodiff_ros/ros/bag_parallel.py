@@ -9,9 +9,10 @@ messages in the same order as the one-device output; on the CPU in eager fp32 ev
 same (each batch has the same frames, so the same arithmetic), on GPUs of one model the values are those of one
 GPU within the dtype / optimise mode's stated tolerance (benchmarks/README.md).
 
-Workers are started with ``spawn`` (CUDA cannot be forked), ignore SIGINT (the parent stops them) and load one
-engine each on their device. A worker that cannot load the model, fails on a batch or dies stops the run with a
-``WorkerError`` naming the device, instead of hanging or writing a bag with holes.
+Workers are started with ``spawn`` (CUDA cannot be forked), load one engine each on their device, ignore SIGINT
+(the parent stops them) and exit when the parent is gone (killed: no orphan holding a GPU). A worker that cannot
+load the model, fails on a batch or dies stops the run with a ``WorkerError`` naming the device, instead of hanging
+or writing a bag with holes.
 """
 
 from __future__ import annotations
@@ -83,8 +84,14 @@ def _worker_main(index: int, config: Any, tasks: Any, results: Any) -> None:
         results.put(('load_failed', index, f'{type(err).__name__}: {err}'))
         return
     results.put(('ready', index, time.monotonic() - t0))
+    parent = mp.parent_process()
     while True:
-        item = tasks.get()
+        try:
+            item = tasks.get(timeout=_POLL_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the parent was killed: do not hold a GPU as an orphan
+            continue
         if item is None:
             return
         key, rgbs = item
