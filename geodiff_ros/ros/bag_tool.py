@@ -5,7 +5,8 @@
                        [--wait-subscribers N --wait-timeout S] [--clock [HZ]]
   geodiff_bag record OUT --topics T ... [--storage mcap|sqlite3] [--qos ...] [--duration S] [--count N]
   geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--depth-model M]
-                       [--normals-model M] [--tiny] [--device D] [--dtype D] [--processing-res N]
+                       [--normals-model M] [--tiny] [--device D | --devices D1,D2,...] [--dtype D]
+                       [--optimize MODE] [--processing-res N]
   geodiff_bag export BAG OUT_DIR --image-topic T --depth-topic T [--camera-info-topic T] [--max-dt S]
                        [--every N] [--set NAME]
 
@@ -202,7 +203,14 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """GeoDiffEngine from the CLI flags; ``--tiny`` writes tiny checkpoints to a temporary folder (CPU plumbing)."""
-    from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+    from geodiff_ros.engine import GeoDiffEngine
+
+    return GeoDiffEngine(engine_config(args))
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """EngineConfig from the CLI flags (tiny checkpoints written once here, so every worker loads the same)."""
+    from geodiff_ros.engine import EngineConfig
 
     depth, normals = args.depth_model, args.normals_model
     device, dtype = args.device, args.dtype
@@ -215,11 +223,10 @@ def build_engine(args: argparse.Namespace) -> Any:
         device = device or 'cpu'
         dtype = dtype or 'fp32'
         LOG.info('--tiny: random tiny checkpoints in %s (plumbing only, the outputs are meaningless)', root)
-    cfg = EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or 'cuda',
-                       dtype=dtype or 'fp16', processing_res=args.processing_res,
-                       allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
-                       batch_size=args.batch_size)
-    return GeoDiffEngine(cfg)
+    return EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or 'cuda',
+                        dtype=dtype or 'fp16', processing_res=args.processing_res,
+                        allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
+                        batch_size=args.batch_size, optimize=args.optimize)
 
 
 def _median(values: list[float]) -> str:
@@ -234,6 +241,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from geodiff_ros.engine import GeoDiffError
+    from geodiff_ros.ros.bag_parallel import EnginePool, WorkerError, parse_devices, process_bag_parallel
     from geodiff_ros.ros.bag_process import ProcessOptions, process_bag
 
     opts = ProcessOptions(
@@ -242,21 +250,46 @@ def cmd_process(args: argparse.Namespace) -> int:
         cloud=not args.no_cloud, cloud_stride=args.cloud_stride, batch_size=args.batch_size)
     if args.fixed_scale is not None:
         opts.fixed_scale = args.fixed_scale
+    from geodiff_ros.engine.accel import OPTIMIZE_MODES
+
+    if args.optimize not in OPTIMIZE_MODES:
+        msg = f'--optimize {args.optimize!r} is not a mode; use one of {", ".join(OPTIMIZE_MODES)}'
+        raise BagError(msg)
     if Path(args.out).exists():
         msg = f'output bag {args.out} exists; choose a new path or delete it first (bags are never overwritten)'
         raise BagError(msg)
+    if args.devices is not None:
+        if args.device is not None:
+            msg = 'give either --device or --devices, not both'
+            raise BagError(msg)
+        try:
+            devices = parse_devices(args.devices)
+        except ValueError as err:
+            raise BagError(str(err)) from err
+        args.device = devices[0]
     bag: Bag = open_bag(args.bag)
     try:
         bag.select([t for t in (args.image_topic, args.camera_info_topic, args.sparse_topic) if t])  # before loading
-        try:
-            engine = build_engine(args)
-        except GeoDiffError as err:
-            LOG.error('cannot load the model: %s', err)
-            return EXIT_FAILED
         total = bag.topics[args.image_topic].count if args.image_topic in bag.topics else 0
-        with BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
-                tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
-            summary = process_bag(bag, writer, engine, opts, progress=bar.update)
+        if args.devices is not None and len(devices) > 1:  # one worker process per device (bag_parallel)
+            try:
+                with EnginePool(engine_config(args), devices) as pool, \
+                        BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
+                        tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+                    summary = process_bag_parallel(bag, writer, pool, opts, progress=bar.update)
+            except WorkerError as err:
+                LOG.error('%s', err)
+                return EXIT_FAILED
+        else:
+            try:
+                engine = build_engine(args)
+            except GeoDiffError as err:
+                LOG.error('cannot load the model: %s', err)
+                return EXIT_FAILED
+            with BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
+                    tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+                summary = process_bag(bag, writer, engine, opts, progress=bar.update)
+            summary.devices = [str(engine.device)]
     finally:
         bag.close()
     rows = [[t, str(n), 'copied'] for t, n in summary.passthrough.items()]
@@ -265,6 +298,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     per_frame = summary.infer_seconds / summary.frames_out if summary.frames_out else float('nan')
     _out(f'frames: {summary.frames_in} in, {summary.frames_out} out, {summary.frames_metric} metric, '
          f'{summary.frames_failed} failed; {summary.seconds:.1f} s ({per_frame:.3f} s/frame inference)')
+    fps = summary.frames_out / summary.seconds if summary.seconds > 0 else float('nan')
+    shares = f' (frames per worker: {", ".join(map(str, summary.worker_frames))})' if summary.worker_frames else ''
+    _out(f'throughput: {fps:.2f} frames/s on {", ".join(summary.devices)}{shares}')
     _out(f'camera_info: {summary.camera_info_topic or "none (no cloud)"}; metric scale (median): '
          f'{_median(summary.scales)}; fit residual (median, relative): {_median(summary.residuals)}')
     if summary.absrel_heldout:
@@ -373,7 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--normals-model', default='GonzaloMG/marigold-e2e-ft-normals', help='hub id or folder; "" = off')
     p.add_argument('--tiny', action='store_true', help='generated tiny random checkpoints on the CPU (plumbing test)')
     p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default cuda; cpu with --tiny)')
+    p.add_argument('--devices', default=None, metavar='D1,D2,...',
+                   help='split the bag over several devices, one worker process each (e.g. cuda:0,cuda:1); the '
+                        'output bag is the one-device output')
     p.add_argument('--dtype', default=None, choices=('fp32', 'fp16', 'bf16'), help='default fp16 (fp32 with --tiny)')
+    p.add_argument('--optimize', default='none', metavar='MODE',
+                   help='engine speed-up: none, channels_last, graph, compile or compile+graph (EngineConfig.optimize; '
+                        'benchmarks/README.md gives the tolerance of each); default none = the official eager path')
     p.add_argument('--processing-res', type=int, default=768, help='longest edge at inference, 0 = native')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--allow-cpu-fallback', action='store_true', help='run on the CPU if the GPU is missing')
