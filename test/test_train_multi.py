@@ -60,10 +60,8 @@ def test_loss_over_all_processes_is_the_one_process_loss(runs: dict[int, dict]) 
     assert two['loss_all_processes'] == pytest.approx(one['loss_logged'], rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason='train.py logs the mean of the main process micro-batches only (4-16 % off '
-                                       'the all-process loss here); the fid-engine branch averages the logged step '
-                                       'loss over all micro-steps of all processes. Remove this mark once merged.')
 def test_logged_loss_is_the_loss_over_all_processes(runs: dict[int, dict]) -> None:
+    """The logged step loss averages every micro-step of every process (as the official trainer logs it)."""
     two = runs[2]
     assert two['loss_logged'] == pytest.approx(two['loss_all_processes'], rel=1e-5)
     assert two['loss_logged'] == pytest.approx(runs[1]['loss_logged'], rel=1e-5)
