@@ -15,8 +15,9 @@ Chosen with ``EngineConfig.optimize``; "none" keeps the official eager path in c
 
 On CUDA the compiled modes add the issue-11 fast paths (``FastPaths``; each switchable, for A/B in bench_engine.py):
 the VAE scheduled by hand (fused_vae.py over vae_kernels.py) instead of compiled, sub-pixel upsampling, GEMM attention
-in the VAE, several tasks' latents decoded as one batch, and their UNets on separate CUDA streams. Measured on an H200
-(fp16, 768x576): depth 25.0 -> 21.9 ms, within the same accuracy tolerances (benchmarks/README.md, "Issue 11").
+in the VAE, several tasks' latents decoded as one batch, and their UNets on separate CUDA streams. Measured on H200s
+(fp16, 768x576, two runs): depth 25.0 ms with the compiled VAE, 21.9 ms with these; same accuracy tolerances
+(benchmarks/README.md, "Issue 11").
 
 Numerics: the same operations in the same dtype as core.py; results differ only through kernel choice and summation
 order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). benchmarks/bench_engine.py reports the
