@@ -202,23 +202,40 @@ class Accelerator:
             if self.device.type != "cuda":
                 out = self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
                 return Prediction(**{task: value.numpy().copy() for task, value in out.items()})
-            host_in = self._host_buffer(("in",), batch.shape, torch.uint8)
-            np.copyto(host_in.numpy(), batch)
-            device_out = None
-            if self.use_cuda_graph:
-                frame = self._captured(host_in, tasks)
-                if frame is not None:
-                    frame.static_in.copy_(host_in, non_blocking=True)
-                    frame.graph.replay()
-                    device_out = frame.static_out
-            if device_out is None:
-                device_out = self.compute(host_in.to(self.device, non_blocking=True), tasks)
+            device_out, _ = self._run_cuda(batch, tasks)
             host_out = {}
             for task, value in device_out.items():  # one device-to-host copy per output
                 host_out[task] = self._host_buffer(("out", task), value.shape, value.dtype)
                 host_out[task].copy_(value, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             return Prediction(**{task: value.numpy().copy() for task, value in host_out.items()})
+
+    def forward_device(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """As :meth:`forward`, but the outputs stay on the device: tensors of their own (a CUDA graph's static
+        outputs are copied, the next replay overwrites them), complete when this returns (the ROS node
+        post-processes them on another stream while the next frame runs)."""
+        tasks = tuple(tasks)
+        with self._lock, torch.inference_mode():
+            if self.device.type != "cuda":
+                return self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
+            device_out, static = self._run_cuda(batch, tasks)
+            if static:
+                device_out = {task: value.clone() for task, value in device_out.items()}
+            torch.cuda.current_stream(self.device).synchronize()
+            return device_out
+
+    def _run_cuda(self, batch: np.ndarray, tasks: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], bool]:
+        """Upload through the pinned buffer and run the frame (graph replay when captured); the outputs and
+        whether they are a graph's static buffers. Asynchronous: the caller synchronises."""
+        host_in = self._host_buffer(("in",), batch.shape, torch.uint8)
+        np.copyto(host_in.numpy(), batch)
+        if self.use_cuda_graph:
+            frame = self._captured(host_in, tasks)
+            if frame is not None:
+                frame.static_in.copy_(host_in, non_blocking=True)
+                frame.graph.replay()
+                return frame.static_out, True
+        return self.compute(host_in.to(self.device, non_blocking=True), tasks), False
 
     def stage_errors(self) -> dict[str, str]:
         """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""

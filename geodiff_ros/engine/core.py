@@ -291,23 +291,32 @@ class GeoDiffEngine:
 
     # ---------------------------------------------------------------- public API
 
-    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] | None = None) -> Prediction:
-        """Single-step E2E-FT inference on one frame [H,W,3] or many ([B,H,W,3] or a list; sizes may differ)."""
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] | None = None, *,
+                on_device: bool = False) -> Prediction:
+        """Single-step E2E-FT inference on one frame [H,W,3] or many ([B,H,W,3] or a list; sizes may differ).
+
+        ``on_device``: depth and normals come back as lists of per-frame torch tensors on the engine's device
+        (the same values; nothing copied to the host), for callers that post-process there (the ROS node).
+        """
         frames = self._as_frame_list(images)
         tasks = self._select_tasks(tasks)
-        depth: list[np.ndarray | None] = [None] * len(frames)
-        normals: list[np.ndarray | None] = [None] * len(frames)
+        depth: list[Any] = [None] * len(frames)
+        normals: list[Any] = [None] * len(frames)
         for indices in self._batches(frames):
             batch = np.stack([frames[i] for i in indices])
-            out = self._forward(batch, tasks)
+            if on_device:
+                out = Prediction(**self._forward_tensors(batch, tasks))
+            else:
+                out = self._forward(batch, tasks)
             for j, i in enumerate(indices):
                 if out.depth is not None:
                     depth[i] = out.depth[j]
                 if out.normals is not None:
                     normals[i] = out.normals[j]
+        pack = (lambda items: items) if on_device else _stack_or_list
         return Prediction(
-            depth=_stack_or_list(depth) if "depth" in tasks else None,
-            normals=_stack_or_list(normals) if "normals" in tasks else None,
+            depth=pack(depth) if "depth" in tasks else None,
+            normals=pack(normals) if "normals" in tasks else None,
             timesteps=[self.models[tasks[0]].scheduler.config.num_train_timesteps - 1],
         )
 
@@ -325,19 +334,32 @@ class GeoDiffEngine:
     def _forward(self, batch: np.ndarray, tasks: Sequence[str]) -> Prediction:
         if self.accelerator is not None:
             return self.accelerator.forward(batch, tasks)
+        return Prediction(**{task: value.cpu().numpy() for task, value in self._eager_tensors(batch, tasks).items()})
+
+    @torch.inference_mode()
+    def _forward_tensors(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{task: [B,H,W] / [B,H,W,3] float32 on the device}; safe to keep while the next batch runs."""
+        if self.accelerator is not None:
+            return self.accelerator.forward_device(batch, tasks)
+        out = self._eager_tensors(batch, tasks)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def _eager_tensors(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         size = (batch.shape[1], batch.shape[2])
         u8 = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B,3,H,W]
         x = self.preprocess(u8)
         z_img = self.encode(x)
-        out = Prediction()
+        out: dict[str, torch.Tensor] = {}
         for task in tasks:
             vae = self._extra_vaes.get(task)
             z = self.encode(x, vae) if vae is not None else z_img
             y = self.decode(self.denoise_single_step(task, z), vae)
             if task == "depth":
-                out.depth = self.postprocess_depth(y, size).cpu().numpy()
+                out[task] = self.postprocess_depth(y, size)
             else:
-                out.normals = self.postprocess_normals(y, size, self.models[task].normals_frame).cpu().numpy()
+                out[task] = self.postprocess_normals(y, size, self.models[task].normals_frame)
         return out
 
     def scheduler_timesteps(self, num_steps: int, timestep_spacing: str, task: str | None = None) -> list[int]:
