@@ -25,6 +25,7 @@ from ros_helpers import (  # noqa: E402
     Collector,
     NodeProcess,
     call_service,
+    camera_info_msg,
     header,
     latest_diagnostics,
     module_domain_id,
@@ -36,9 +37,19 @@ from ros_helpers import (  # noqa: E402
     test_scene,
     wrapped_node_program,
 )
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
+from geodiff_ros.engine import EngineConfig, GeoDiffEngine  # noqa: E402
+from geodiff_ros.geometry import (  # noqa: E402
+    PinholeIntrinsics,
+    TemporalAligner,
+    apply_alignment,
+    backproject,
+    fit_scale_shift,
+)
 from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
+from geodiff_ros.ros.pointcloud import cloud_array  # noqa: E402
+from geodiff_ros.visualize import colorize_depth, normals_to_rgb  # noqa: E402
 
 NS, NAME = '/worker', 'geodiff_worker'
 W, H = 160, 120
@@ -188,3 +199,100 @@ def test_deactivate_activate_during_engine_calls_keeps_one_worker(tmp_path: Path
     at_once = predicts_at_once(log)
     assert at_once and max(at_once) == 1, f'engine calls running at once: {at_once}'
     assert threads_after <= threads_before, f'threads {threads_before} -> {threads_after} after 6 cycles'
+
+
+def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: int, col: Collector,
+                                                        tiny_depth_ckpt: Path, tiny_normals_ckpt: Path) -> None:
+    """Issue 14: the node post-processes in torch on another thread; every output must still be exactly what the
+    serial numpy computation gives for the node's own relative depth and normals (geometry.apply_alignment,
+    visualize.colorize_depth / normals_to_rgb, backproject + pointcloud.cloud_array), and the relative depth what
+    the engine gives for the image."""
+    node = NodeProcess(domain, {
+        'model_depth': str(tiny_depth_ckpt), 'model_normals': str(tiny_normals_ckpt), 'device': 'cpu',
+        'dtype': 'fp32', 'processing_res': 64, 'warmup_size': [0, 0], 'qos.input.reliability': 'reliable',
+        'alignment.ema_alpha': 1.0, 'alignment.sparse_max_dt': 0.02, 'max_depth': 3.0,
+    }, tmp_path / 'geodiff.log', remaps=node_remaps(NS, NAME))
+    topics = {'depth/relative': Image, 'depth/image': Image, 'depth/image_vis': Image, 'normals/image': Image,
+              'normals/image_vis': Image, 'points': PointCloud2}
+    for topic, msg_type in topics.items():
+        col.subscribe(msg_type, topic)
+    pubs = {'image': col.publisher(Image, 'image'), 'camera_info': col.publisher(CameraInfo, 'camera_info'),
+            'sparse_depth': col.publisher(Image, 'sparse_depth')}
+    rgb, _, (fx, fy, cx, cy) = test_scene(W, H)
+    intr = PinholeIntrinsics(fx, fy, cx, cy, W, H)
+
+    def frame(stamp: int, sparse: np.ndarray | None = None) -> dict[str, object]:
+        pubs['camera_info'].publish(camera_info_msg(header(stamp), W, H, fx, fy, cx, cy))
+        if sparse is not None:
+            pubs['sparse_depth'].publish(numpy_to_image(sparse, '32FC1', header(stamp)))
+        time.sleep(0.1)
+        pubs['image'].publish(numpy_to_image(rgb, 'rgb8', header(stamp)))
+        wanted = ('depth/image', 'points') if sparse is not None else ('depth/relative',)
+        for topic in wanted:
+            assert col.wait_for(topic, 1, timeout=30.0, where=lambda m: stamp_of(m) == stamp), node.log()[-3000:]
+        time.sleep(0.3)
+        return {t: next((m for m in col.get(t) if stamp_of(m) == stamp), None) for t in topics}
+
+    try:
+        assert col.wait_matched(pubs.values(), timeout=90.0), node.log()[-3000:]
+        rel0 = image_to_numpy(frame(T0)['depth/relative']).copy()
+        mask = np.zeros((H, W), bool)
+        mask[::5, ::5] = True
+        sparse = np.where(mask, 3.0 * rel0 + 0.5, np.nan).astype(np.float32)
+        out = frame(T0 + 50_000_000, sparse)
+    finally:
+        code, _ = node.stop(signal.SIGINT, timeout=10.0)
+    assert code == 0, node.log()[-3000:]
+
+    rel = image_to_numpy(out['depth/relative'])
+    normals = image_to_numpy(out['normals/image'])
+    engine = GeoDiffEngine(EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=str(tiny_normals_ckpt),
+                                        device='cpu', dtype='fp32', processing_res=64))
+    pred = engine.predict(rgb)
+    np.testing.assert_allclose(rel, pred.depth[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(normals, pred.normals[0], rtol=0, atol=1e-6)
+    fit = fit_scale_shift(rel, sparse, method='ransac', min_points=20, min_inlier_ratio=0.3,
+                          inlier_threshold_rel=0.1)
+    state = TemporalAligner(ema_alpha=1.0).update(fit, (T0 + 50_000_000) * 1e-9)
+    metric = apply_alignment(rel, state.scale, state.shift, 0.1, 3.0)
+    assert np.isnan(metric).any() and np.isfinite(metric).any()  # max_depth cuts part of the scene
+    np.testing.assert_array_equal(image_to_numpy(out['depth/image']), metric)
+    np.testing.assert_array_equal(image_to_numpy(out['depth/image_vis']), colorize_depth(metric))
+    np.testing.assert_array_equal(image_to_numpy(out['normals/image_vis']), normals_to_rgb(normals))
+    cloud = cloud_array(backproject(metric, intr), rgb, normals)
+    points = out['points']
+    assert [f.name for f in points.fields] == list(cloud.dtype.names)
+    assert bytes(points.data) == cloud.tobytes()
+
+
+def test_frames_never_pile_up_behind_a_slow_engine(tmp_path: Path, domain: int, col: Collector,
+                                                    tiny_depth_ckpt: Path) -> None:
+    """Issue 14: with a camera 6x faster than the engine, what is published stays fresh: every output is at most
+    three engine calls old (one in the engine, one handed to the post thread, one in the mailbox), at most three
+    arrive after the camera stops, and every received frame is accounted for as processed or dropped."""
+    delay = 0.3
+    node = _start(domain, tiny_depth_ckpt, tmp_path / 'geodiff.log', delay_s=delay)
+    col.subscribe(Image, 'depth/relative')
+    col.subscribe(DiagnosticArray, '/diagnostics')
+    stream = Stream(col, hz=20.0)
+    try:
+        assert col.wait_matched([stream.pub], timeout=90.0), node.log()[-3000:]
+        stream.start()
+        assert col.wait_for('depth/relative', 1, timeout=60.0), node.log()[-3000:]
+        time.sleep(4.0)
+        stream.stop()
+        stopped = time.monotonic()
+        time.sleep(6 * delay + 1.0)
+        diag = latest_diagnostics(col, NAME, after=time.monotonic(), timeout=5.0)
+    finally:
+        stream.stop()
+        code, _ = node.stop(signal.SIGINT, timeout=10.0)
+    assert code == 0, node.log()[-3000:]
+    timed = col.get_timed('depth/relative')
+    ages = [arrival - stream.sent[stamp_of(m)] for arrival, m in timed]
+    assert max(ages) < 3 * delay + 0.5, f'outputs up to {max(ages):.2f} s old (engine call {delay} s)'
+    after_stop = [arrival for arrival, _ in timed if arrival > stopped]
+    assert len(after_stop) <= 3, f'{len(after_stop)} outputs after the camera stopped'
+    received, processed, dropped = (int(diag[k]) for k in ('received', 'processed', 'dropped'))
+    assert processed == len(timed) and received == processed + dropped, diag
+    assert dropped > processed, diag  # the camera outpaced the engine, and the newest frames were the ones kept
