@@ -18,9 +18,10 @@ order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). ben
 difference to fp32 eager (H100 fp16: within the eager fp16 error, see benchmarks/README.md).
 
 Start-up: the first frame of a new input size compiles (minutes for the full-size model) and/or captures (seconds).
-Call ``GeoDiffEngine.warmup`` before serving. Inductor keeps its compiled kernels on disk: set
-``TORCHINDUCTOR_CACHE_DIR`` to a persistent folder so a restart re-uses them (default /tmp/torchinductor_$USER,
-lost on reboot); dynamo still re-traces the model on each start (tens of seconds).
+Call ``GeoDiffEngine.warmup`` (or startup.warm_up_stages, with progress) before serving. Inductor keeps its compiled
+kernels on disk, by default in a persistent per-user folder keyed by torch build and device (startup.py;
+``TORCHINDUCTOR_CACHE_DIR`` overrides it), so a restart re-uses them; dynamo still re-traces the model on each
+start (tens of seconds).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .core import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
 
-OPTIMIZE_MODES = ("none", "channels_last", "graph", "compile", "compile+graph")
+OPTIMIZE_MODES = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
 MAX_GRAPHS = 4  # captured (shape, tasks) combinations kept; each holds its own activation memory
 # Compiled modes only: VAE GroupNorm statistics from per-channel sums (see _ChannelSumGroupNorm). Read when an
 # Accelerator is built. H100 fp16 compile+graph: depth 30.8 -> 27.0 ms, depth+normals 54.3 -> 47.1 ms, accuracy
@@ -59,12 +60,24 @@ class AccelSettings:
 
 
 def parse_optimize(mode: str) -> AccelSettings:
-    """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices."""
+    """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices.
+    ``auto`` is resolved for a device first (:func:`resolve_optimize`); here it only passes the check."""
     key = (mode or "none").strip().lower()
     if key not in OPTIMIZE_MODES:
         raise ValueError(f"unknown optimize mode {mode!r}: use one of {', '.join(OPTIMIZE_MODES)} "
                          "(node parameter optimize, EngineConfig.optimize)")
-    return AccelSettings(channels_last=key != "none", compile="compile" in key, cuda_graph="graph" in key)
+    return AccelSettings(channels_last=key not in ("none", "auto"), compile="compile" in key,
+                         cuda_graph="graph" in key)
+
+
+def resolve_optimize(mode: str, device: torch.device) -> str:
+    """The mode to run: ``auto`` is the fastest one the device has (issue 14): compile+graph on CUDA, and on the CPU
+    none, the official eager path (compiling the full model there costs minutes for little gain). Any other mode
+    is kept as given."""
+    key = (mode or "none").strip().lower()
+    if key != "auto":
+        return key
+    return "compile+graph" if device.type == "cuda" else "none"
 
 
 class _Stage:
@@ -134,6 +147,11 @@ class Accelerator:
         for model in engine.models.values():
             model.unet.to(memory_format=memory_format)
         compiled = self.settings.compile
+        self.compile_cache_dir = None
+        if compiled:
+            from .startup import prepare_compile
+
+            self.compile_cache_dir = prepare_compile(self.device)  # persistent per-user cache, workers started
         self.channel_sum_groupnorm = compiled and VAE_CHANNEL_SUM_GROUPNORM
         if self.channel_sum_groupnorm:
             for vae in vaes.values():

@@ -61,7 +61,8 @@ class EngineConfig:
     batch_size: int = 4
     normals_frame: str | None = None  # checkpoint frame override: "LUB" (E2E-FT) or "RUB" (Marigold)
     # Optimised path (engine/accel.py): "none" = official eager computation; "channels_last", "graph",
-    # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md).
+    # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md); "auto" = compile+graph
+    # on CUDA, none on the CPU.
     optimize: str = "none"
     # CPU only: torch intra-op threads for this process (0 = torch's default, one per core). 1 avoids barrier
     # stalls when ROS threads share few cores (benchmarks/README.md, multi-camera); large models want more.
@@ -217,12 +218,15 @@ class GeoDiffEngine:
             frame = config.normals_frame or normals_frame_of(sources[task], parts.model_index)
             self.models[task] = TaskModel(task, parts.unet.to(self.device, self.dtype).eval(), parts.scheduler,
                                           sources[task], frame)
+        self.optimize = "none"  # the mode in use ("auto" resolved for the device)
         if config.optimize not in ("none", ""):
-            from .accel import Accelerator
+            from .accel import Accelerator, resolve_optimize
 
-            self.accelerator = Accelerator(self, config.optimize)
+            self.optimize = resolve_optimize(config.optimize, self.device)
+            if self.optimize != "none":
+                self.accelerator = Accelerator(self, self.optimize)
         LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d, optimize %s", self.tasks,
-                 self.device, str(self.dtype).replace("torch.", ""), config.processing_res, config.optimize or "none")
+                 self.device, str(self.dtype).replace("torch.", ""), config.processing_res, self.optimize)
 
     @staticmethod
     def _check_task(task: str, source: str, parts: ModelComponents) -> None:

@@ -133,8 +133,8 @@ def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) 
 
     al: AlignmentInfo = snap['alignment']
     if state.startswith(('warming up', 'compiling')):
-        detail = state if state.startswith('compiling') else 'first run, compile or capture'
-        level, message = DiagnosticStatus.WARN, f'warming up ({detail}): frames wait, newest first'
+        detail = state if state.startswith('compiling') else '(first run, compile or capture)'
+        level, message = DiagnosticStatus.WARN, f'warming up {detail}: frames wait, newest first'
     elif state != 'active':
         level, message = DiagnosticStatus.WARN, f'node is {state}, not processing'
     elif snap['received'] == 0:

@@ -64,6 +64,10 @@ _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
 _POLL_S = 0.2  # worker threads re-check their stop flag this often while idle
 
 
+class _WarmUpStopped(Exception):
+    """The node is shutting down during its warm-up."""
+
+
 @dataclass
 class _Frame:
     """One camera frame between the engine and the post-processing thread."""
@@ -109,7 +113,8 @@ class GeoDiffNode(LifecycleNode):
         self._active = threading.Event()
         self._epoch = 0  # +1 on every activate/deactivate: frames of an earlier activation are never published
         self._handoff = Handoff()
-        self._warm_status = ''  # 'warming up' / 'compiling (stage k of n, N s)' while the warm-up runs
+        self._warm_status = ''  # 'warming up' / 'compiling (stage k of n: ..., {elapsed} s)' during the warm-up
+        self._warm_start = 0.0
         self._state_label = 'unconfigured'
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
@@ -198,12 +203,14 @@ class GeoDiffNode(LifecycleNode):
                 f'configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / '
                 'model_normals (hub id or folder in hub layout), device and dtype')
             return TransitionCallbackReturn.FAILURE
-        self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device}')
-        if kwargs['optimize'] not in ('none', ''):
-            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the worker
-            # warms up on activation (warmup_size) and compiles any other input size on its first frame.
-            self.get_logger().info(f'optimize={kwargs["optimize"]}: each new input size compiles or captures on '
-                                   'its first frame (up to ~100 s with a cold TORCHINDUCTOR_CACHE_DIR)')
+        optimize = self._engine.optimize  # 'auto' resolved for the device
+        self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device} '
+                               f'({str(self._engine.dtype).replace("torch.", "")}, optimize {optimize})')
+        if optimize != 'none':
+            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the engine
+            # thread warms up on activation (warmup_size) and compiles any other input size on its first frame.
+            self.get_logger().info(f'optimize={optimize}: the warm-up on activation compiles or captures (progress in '
+                                   '/diagnostics); other input sizes do so on their first frame')
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
             cam.create_publishers(out_qos)
@@ -389,23 +396,32 @@ class GeoDiffNode(LifecycleNode):
 
         Lazy CUDA/cuDNN initialisation, torch.compile and CUDA-graph capture then happen here, on the engine
         thread, while subscriptions already fill the newest-frame mailboxes and services answer (issue 5,
-        start-up). Compiled and captured code is specialised to the batch size, so with ``optimize`` set every
-        batch size the scheduler can form is warmed up too. A failure is logged and serving goes on.
+        start-up). With ``optimize`` set, the engine compiles stage by stage for every batch size the scheduler
+        can form (engine/startup.py) and /diagnostics shows "compiling (stage k of n: ..., N s)". A failure is
+        logged and serving goes on.
         """
+        from geodiff_ros.engine.startup import warm_up_stages
+
         width, height = (int(v) for v in self._settings['warmup_size'])
         if engine is None or width <= 0 or height <= 0 or quit_.is_set():
             self.get_logger().info('ready: no warm-up (warmup_size [0, 0]); processing frames')
             return
         batches = [1]
-        if engine.accelerator is not None:  # optimize set: code specialised per batch size
+        if engine.accelerator is not None:  # optimize set: code compiled / captured per batch size
             batches = list(range(1, min(int(self._settings['batch_size']), len(self._cams)) + 1))
+        start = self._warm_start = time.monotonic()
         self._warm_status = 'warming up'
-        start = time.monotonic()
+
+        def progress(k: int, n: int, label: str) -> None:
+            if quit_.is_set():
+                raise _WarmUpStopped
+            if engine.accelerator is not None and engine.accelerator.settings.compile:
+                self._warm_status = f'compiling (stage {k} of {n}: {label}, {{elapsed}} s)'
+
         try:
-            for batch in batches:
-                if quit_.is_set():
-                    break
-                engine.warmup(height, width, batch=batch)
+            warm_up_stages(engine, height, width, batches, progress=progress)
+        except _WarmUpStopped:
+            return
         except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: real frames may still fit
             self.get_logger().error(
                 f'warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, '
@@ -433,8 +449,9 @@ class GeoDiffNode(LifecycleNode):
 
     def _status_label(self) -> str:
         """The lifecycle state, or the warm-up's progress while it runs in an active node."""
-        if self._state_label == 'active' and self._warm_status:
-            return self._warm_status
+        status = self._warm_status
+        if self._state_label == 'active' and status:
+            return status.replace('{elapsed}', f'{time.monotonic() - self._warm_start:.0f}')
         return self._state_label
 
     def _publish_diagnostics(self) -> None:
