@@ -41,7 +41,7 @@ from .core import LATENT_SCALE, Prediction, x0_from_prediction
 LOG = logging.getLogger(__name__)
 
 OPTIMIZE_MODES = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
-MAX_GRAPHS = 4  # captured (shape, tasks) combinations kept; each holds its own activation memory
+MAX_GRAPHS = 8  # captured (shape, tasks) combinations kept (batch sizes 1-4 of two sizes); each holds its memory
 # Compiled modes only: VAE GroupNorm statistics from per-channel sums (see _ChannelSumGroupNorm). Read when an
 # Accelerator is built. H100 fp16 compile+graph: depth 30.8 -> 27.0 ms, depth+normals 54.3 -> 47.1 ms, accuracy
 # against fp32 unchanged (benchmarks/README.md, results/engine_h100_fp16_exp_*.json).
@@ -93,6 +93,7 @@ class _Stage:
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.fn is self.eager:
             return self.eager(*args)
+        mark_batch_dynamic(args)
         try:
             return self.fn(*args)
         except torch.cuda.OutOfMemoryError:
@@ -103,6 +104,16 @@ class _Stage:
                         self.error.splitlines()[0][:300])
             self.fn = self.eager
             return self.eager(*args)
+
+
+def mark_batch_dynamic(args: Sequence[Any]) -> None:
+    """Compile one graph for every batch size >= 2 (issue 14, several cameras): dim 0 of a compiled stage's tensor
+    inputs is symbolic from batch 2 on, so batch 3 and 4 reuse batch 2's code instead of compiling again (tiny model,
+    CPU, batch sizes 1-4: 6 compiled graphs instead of 12). Batch 1 keeps its own static graph, as dynamo always
+    specialises sizes 0 and 1; height and width stay static. CUDA graphs are still captured per batch size."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] >= 2:
+            torch._dynamo.mark_dynamic(arg, 0)
 
 
 @dataclass

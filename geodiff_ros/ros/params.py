@@ -80,7 +80,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               'Engine speed-up (geodiff_ros/engine/accel.py). auto (default) = compile+graph on a CUDA GPU (fastest; '
               'the first start compiles for a minute or two, restarts re-use the kernels cached per user, see the '
               'README), none on the CPU. none = the official eager path; channels_last; graph (CUDA graphs: start-up '
-              'in seconds, about half the compiled speed); compile (torch.compile); compile+graph. The compiling '
+              'in seconds, about 3x slower than compile+graph); compile (torch.compile); compile+graph. The compiling '
               'runs in the worker on activation (warmup_size), shown in /diagnostics; services stay responsive.',
               choices=OPTIMIZE_CHOICES, configure_time=True),
     ParamSpec('cpu_threads', 0,
