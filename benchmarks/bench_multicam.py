@@ -14,8 +14,17 @@ writes it once; speed and memory do not depend on the weights); --model-depth us
 smoke test: tiny checkpoints, 160x120, processing_res 64, short windows. Every ROS process stays on loopback
 (config/fastdds_localhost.xml) in its own ROS_DOMAIN_ID.
 
-  .venv/bin/python benchmarks/bench_multicam.py                 # GPU, bf16, processing_res 768
+Issue 14 (camera rate out of the box) adds: --tasks depth,normals (the second model, normals/* outputs and the
+cloud's normals), per-stage p50/p95 from each node's /diagnostics (decode, engine, post, publish,
+stamp_to_publish), the warm-up time and compiled stages from the node logs, and --startup: time from process
+start to the first published frame with an empty compile cache (cold) and again with the cache it left (warm
+restart), N times. Compiled kernels go to --cache-dir (default: a fresh folder per invocation, so the first
+compiled start of an invocation is cold and later runs re-use it, as a robot's per-user cache would).
+
+  .venv/bin/python benchmarks/bench_multicam.py                 # GPU, fp16, optimize auto, processing_res 768
   .venv/bin/python benchmarks/bench_multicam.py --tiny          # CPU smoke test (about 2 minutes on 2 cores)
+  .venv/bin/python benchmarks/bench_multicam.py --cameras 1 --modes separate --cloud --seconds 60   # issue 14 row 1
+  .venv/bin/python benchmarks/bench_multicam.py --startup 2 --cameras 1 --modes separate            # cold + 2 warm
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import struct
@@ -58,12 +68,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--seconds', type=float, default=20.0, help='measuring window per run')
     p.add_argument('--warmup', type=float, default=5.0, help='seconds streamed before measuring (after first output)')
     p.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu')
-    p.add_argument('--dtype', default='bf16', choices=('fp32', 'fp16', 'bf16'))
+    p.add_argument('--dtype', default='fp16', choices=('fp32', 'fp16', 'bf16'))
     p.add_argument('--processing-res', type=int, default=768)
     p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--optimize', default='none',
-                   help='node parameter optimize (none, channels_last, graph, compile, compile+graph); compiled\n'
-                        'modes compile on the first frame (~100 s cold): raise --startup-timeout')
+    p.add_argument('--optimize', default='auto',
+                   help='node parameter optimize (auto = the node\'s default: compile+graph on CUDA, none on CPU;\n'
+                        'none, channels_last, graph, compile, compile+graph); compiled modes compile on activation\n'
+                        '(~100 s cold): raise --startup-timeout')
+    p.add_argument('--tasks', default='depth', choices=('depth', 'depth,normals'),
+                   help='models the nodes run (depth,normals: a second UNet, normals/* and the cloud\'s normals)')
+    p.add_argument('--startup', type=int, default=0, metavar='N',
+                   help='instead of throughput: start the nodes with an empty compile cache (cold), then N more\n'
+                        'times on the cache it left (warm restart); report seconds to the first frame')
+    p.add_argument('--cache-dir', type=Path, default=None,
+                   help='TORCHINDUCTOR_CACHE_DIR of the nodes (default: a fresh folder per invocation)')
     p.add_argument('--cloud', action='store_true',
                    help='also subscribe to <cam>/points (raw CDR, no deserialisation) with alignment.fixed_scale\n'
                         '10 so the node builds the metric cloud; reports its rate and latency too')
@@ -81,8 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.device, args.dtype, args.processing_res = 'cpu', 'fp32', 64
+        args.startup_timeout = max(args.startup_timeout, 600.0) if 'compile' in args.optimize else 120.0
         args.width, args.height = 160, 120
-        args.seconds, args.warmup, args.startup_timeout = min(args.seconds, 6.0), min(args.warmup, 2.0), 120.0
+        args.seconds, args.warmup = min(args.seconds, 6.0), min(args.warmup, 2.0)
     return args
 
 
@@ -119,15 +138,21 @@ def device_info(device: str) -> dict[str, Any]:
     return info
 
 
-def checkpoint(args: argparse.Namespace) -> str:
-    """The depth model the nodes load: given, tiny, or random full-size weights (bench_engine's writer)."""
-    if args.model_depth:
-        return args.model_depth
+def checkpoints(args: argparse.Namespace) -> dict[str, str]:
+    """Task -> model folder the nodes load: given, tiny, or random full-size weights (bench_engine's writer)."""
+    tasks = args.tasks.split(',')
+    if args.model_depth and tasks == ['depth']:
+        return {'depth': args.model_depth}
+    if args.tiny:
+        from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
+
+        root = Path(tempfile.mkdtemp(prefix='bench_multicam_ckpt_'))
+        return {task: str(write_tiny_checkpoint(root / f'tiny-e2e-ft-{task}', task)) for task in tasks}
     import torch
     from bench_engine import write_checkpoints
 
-    folders = write_checkpoints(args.ckpt_dir, ['depth'], tiny=args.tiny, device=torch.device(args.device))
-    return str(folders['depth'])
+    folders = write_checkpoints(args.ckpt_dir, tasks, tiny=False, device=torch.device(args.device))
+    return {task: str(folder) for task, folder in folders.items()}
 
 
 def gpu_memory_mib(pids: Sequence[int]) -> float | None:
@@ -298,9 +323,11 @@ class Harness:
         self._spin.join(2.0)
 
 
-def start_nodes(mode: str, names: list[str], args: argparse.Namespace, model: str, domain: int,
-                log_dir: Path) -> list[subprocess.Popen]:
-    common = ['-p', f'model_depth:={model}', '-p', "model_normals:=''", '-p', 'tasks:=[depth]',
+def start_nodes(mode: str, names: list[str], args: argparse.Namespace, models: dict[str, str], domain: int,
+                log_dir: Path, tag: str = '') -> list[subprocess.Popen]:
+    normals = models.get('normals', "''")
+    common = ['-p', f'model_depth:={models["depth"]}', '-p', f'model_normals:={normals}',
+              '-p', f'tasks:=[{",".join(models)}]', '-p', f'warmup_size:=[{args.width},{args.height}]',
               '-p', f'device:={args.device}', '-p', f'dtype:={args.dtype}',
               '-p', f'processing_res:={args.processing_res}', '-p', f'batch_size:={args.batch_size}',
               '-p', 'diagnostics_period:=1.0', '-p', 'local_files_only:=true', '-p', f'optimize:={args.optimize}']
@@ -309,18 +336,38 @@ def start_nodes(mode: str, names: list[str], args: argparse.Namespace, model: st
     base = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args', '--params-file',
             str(REPO / 'config' / 'geodiff.yaml'), *common]
     if mode == 'multi':
-        cmds = [(f'multi{len(names)}', [*base, '-p', f'cameras:=[{",".join(names)}]'])]
+        cmds = [(f'multi{len(names)}{tag}', [*base, '-p', f'cameras:=[{",".join(names)}]'])]
     else:
-        cmds = [(f'sep{len(names)}_{n}', [*base, '-r', f'__ns:=/{n}', '-r', f'__node:=geodiff_{n}'])
+        cmds = [(f'sep{len(names)}_{n}{tag}', [*base, '-r', f'__ns:=/{n}', '-r', f'__node:=geodiff_{n}'])
                 for n in names]
     env = ros_env(domain)
+    env['TORCHINDUCTOR_CACHE_DIR'] = str(args.cache_dir)
     if args.torch_threads > 0:  # read when torch loads, so it must be in the child's environment
         env.update(OMP_NUM_THREADS=str(args.torch_threads), MKL_NUM_THREADS=str(args.torch_threads))
     procs = []
-    for tag, cmd in cmds:
-        log = open(log_dir / f'{tag}.log', 'wb')  # noqa: SIM115 - kept open for the child's lifetime
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    for name, cmd in cmds:
+        log = open(log_dir / f'{name}.log', 'wb')  # noqa: SIM115 - kept open for the child's lifetime
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = log_dir / f'{name}.log'  # type: ignore[attr-defined]
+        procs.append(proc)
     return procs
+
+
+WARMUP_RE = re.compile(r'ready: warm-up at \S+ \(batch [^)]*\) took ([0-9.]+) s')
+STAGE_RE = re.compile(r'warm-up (\d+)/(\d+) (.+): ([0-9.]+) s')
+
+
+def warmup_report(procs: Sequence[subprocess.Popen]) -> dict[str, Any]:
+    """Warm-up seconds and the slowest warm-up stages, from the node logs (engine/startup.py logs each stage)."""
+    seconds, stages = [], []
+    for proc in procs:
+        text = Path(proc.log_path).read_text(errors='replace')  # type: ignore[attr-defined]
+        seconds += [float(m) for m in WARMUP_RE.findall(text)]
+        stages += [(m[2], float(m[3])) for m in STAGE_RE.findall(text)]
+    out: dict[str, Any] = {'warmup_s': max(seconds) if seconds else None}
+    if stages:
+        out['warmup_stages_s'] = {label: t for label, t in sorted(stages, key=lambda x: -x[1])[:8]}
+    return out
 
 
 def stop_nodes(procs: Sequence[subprocess.Popen]) -> list[int | None]:
@@ -338,11 +385,12 @@ def stop_nodes(procs: Sequence[subprocess.Popen]) -> list[int | None]:
     return codes
 
 
-def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int, log_dir: Path) -> dict[str, Any]:
+def run_one(mode: str, n: int, args: argparse.Namespace, models: dict[str, str], domain: int,
+            log_dir: Path) -> dict[str, Any]:
     names = [f'cam{i}' for i in range(n)]
     harness = Harness(domain, names, args.width, args.height, cloud=args.cloud)
-    procs = start_nodes(mode, names, args, model, domain, log_dir)
-    row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs)}
+    procs = start_nodes(mode, names, args, models, domain, log_dir)
+    row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs), 'tasks': args.tasks}
     try:
         harness.start_streaming(args.hz, camera_info=not args.no_camera_info)
         t_start = time.monotonic()
@@ -361,6 +409,7 @@ def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int
     finally:
         harness.close()
         row['exit_codes'] = stop_nodes(procs)
+        row.update(warmup_report(procs))
     per_cam = {}
     all_lat: list[float] = []
     all_cloud: list[float] = []
@@ -396,11 +445,44 @@ def run_one(mode: str, n: int, args: argparse.Namespace, model: str, domain: int
                       None)
         if status:
             per_cam[name].update({k: int(status[k]) for k in ('received', 'dropped', 'processed')})
+            per_cam[name]['stages_ms'] = {k[:-3]: float(v) for k, v in status.items()
+                                          if k.endswith(('_p50_ms', '_p95_ms')) and not k.startswith('latency')}
+    stages = [c['stages_ms'] for c in per_cam.values() if 'stages_ms' in c]
+    if stages:  # worst camera per stage: the bottleneck a user would look for
+        row['stages_ms'] = {k: max(st.get(k, float('nan')) for st in stages) for k in stages[0]}
     sched = next((v for k, v in diag.items() if k.endswith(': scheduler')), None)
     if sched:
         row['frames_per_pass'] = float(sched['frames_per_pass'])
         row['max_batch'] = int(sched['max_batch'])
     return row
+
+
+def run_startup(mode: str, n: int, args: argparse.Namespace, models: dict[str, str], domain: int,
+                log_dir: Path) -> list[dict[str, Any]]:
+    """Seconds from process start to every camera's first frame: once on an empty compile cache (cold), then
+    ``args.startup`` times on the cache that start left (warm restart)."""
+    names = [f'cam{i}' for i in range(n)]
+    shutil.rmtree(args.cache_dir, ignore_errors=True)
+    rows = []
+    for attempt in range(args.startup + 1):
+        harness = Harness(domain, names, args.width, args.height, cloud=False)
+        t0 = time.monotonic()
+        procs = start_nodes(mode, names, args, models, domain, log_dir, tag=f'_start{attempt}')
+        row: dict[str, Any] = {'kind': 'startup', 'mode': mode, 'cameras': n, 'tasks': args.tasks,
+                               'cache': 'cold' if attempt == 0 else 'warm', 'attempt': attempt}
+        try:
+            harness.start_streaming(args.hz, camera_info=not args.no_camera_info)
+            if harness.wait_ready(args.startup_timeout, procs):
+                row['first_frame_s'] = round(time.monotonic() - t0, 1)
+            else:
+                row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        finally:
+            harness.close()
+            row['exit_codes'] = stop_nodes(procs)
+            row.update(warmup_report(procs))
+        LOG.info('  %s', row)
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -409,38 +491,65 @@ def _f(value: Any, spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
 
-def table(result: dict[str, Any]) -> str:
-    head = ['mode', 'cams', 'in Hz/cam', 'out Hz/cam (mean)', 'out Hz/cam (min)', 'p50 ms', 'p95 ms',
-            'GPU MiB', 'RSS MiB', 'frames/pass', 'cloud Hz (min)', 'cloud p95 ms']
-    rows = [head]
-    for r in result['runs']:
-        if 'error' in r:
-            rows.append([r['mode'], str(r['cameras']), r['error'], *[''] * (len(head) - 3)])
-            continue
-        rows.append([r['mode'], str(r['cameras']), _f(r['input_hz_mean'], '.1f'), _f(r['output_hz_mean'], '.1f'),
-                     _f(r['output_hz_min'], '.1f'), _f(r['latency_p50_ms'], '.0f'), _f(r['latency_p95_ms'], '.0f'),
-                     _f(r['gpu_mem_mib'], '.0f'), _f(r['rss_mib'], '.0f'), _f(r.get('frames_per_pass'), '.2f'),
-                     _f(r.get('cloud_hz_min'), '.1f'), _f(r.get('cloud_latency_p95_ms'), '.0f')])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+def _markdown(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + ' |' for row in rows]
     lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    return lines
+
+
+def table(result: dict[str, Any]) -> str:
+    head = ['mode', 'cams', 'tasks', 'in Hz/cam', 'out Hz/cam (mean)', 'out Hz/cam (min)', 'p50 ms', 'p95 ms',
+            'GPU MiB', 'RSS MiB', 'frames/pass', 'cloud Hz (min)', 'cloud p95 ms', 'engine p50/p95 ms',
+            'post p50/p95 ms', 'publish p50/p95 ms', 'warm-up s']
+    rows = [head]
+    starts = [head[:3] + ['cache', 'first frame s', 'warm-up s', 'slowest warm-up stage']]
+    for r in result['runs']:
+        if r.get('kind') == 'startup':
+            slow = max((r.get('warmup_stages_s') or {'-': 0.0}).items(), key=lambda kv: kv[1])
+            starts.append([r['mode'], str(r['cameras']), r['tasks'], r['cache'],
+                           r.get('error') or _f(r.get('first_frame_s'), '.1f'), _f(r.get('warmup_s'), '.1f'),
+                           f'{slow[0]} {slow[1]:.1f} s' if slow[0] != '-' else '-'])
+            continue
+        if 'error' in r:
+            rows.append([r['mode'], str(r['cameras']), r.get('tasks', 'depth'), r['error'], *[''] * (len(head) - 4)])
+            continue
+        st = r.get('stages_ms', {})
+
+        def pair(stage: str, st: dict[str, float] = st) -> str:
+            return f"{_f(st.get(stage + '_p50'), '.1f')}/{_f(st.get(stage + '_p95'), '.1f')}"
+
+        rows.append([r['mode'], str(r['cameras']), r.get('tasks', 'depth'), _f(r['input_hz_mean'], '.1f'),
+                     _f(r['output_hz_mean'], '.1f'), _f(r['output_hz_min'], '.1f'), _f(r['latency_p50_ms'], '.0f'),
+                     _f(r['latency_p95_ms'], '.0f'), _f(r['gpu_mem_mib'], '.0f'), _f(r['rss_mib'], '.0f'),
+                     _f(r.get('frames_per_pass'), '.2f'), _f(r.get('cloud_hz_min'), '.1f'),
+                     _f(r.get('cloud_latency_p95_ms'), '.0f'), pair('engine'), pair('post'), pair('publish'),
+                     _f(r.get('warmup_s'), '.0f')])
     s = result['settings']
     title = (f"{result['device']['card']}: {s['width']}x{s['height']} @ {s['hz']:g} Hz per camera, "
              f"processing_res {s['processing_res']}, {s['dtype']}, optimize {s.get('optimize', 'none')}, "
              f"batch_size {s['batch_size']}, torch threads {s.get('torch_threads') or 'default'}, "
              f"{s['seconds']:g} s window")
-    return title + '\n' + '\n'.join(lines)
+    lines = [title]
+    if len(rows) > 1:
+        lines += _markdown(rows)
+    if len(starts) > 1:
+        lines += ['', 'start-up to the first published frame (process start -> every camera has output):',
+                  *_markdown(starts)]
+    return '\n'.join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    model = checkpoint(args) if not args.tiny else _tiny_model()
+    models = checkpoints(args)
     log_dir = Path(tempfile.mkdtemp(prefix='bench_multicam_'))
+    if args.cache_dir is None:
+        args.cache_dir = Path(tempfile.mkdtemp(prefix='bench_multicam_inductor_'))
     result: dict[str, Any] = {
         'device': device_info(args.device),
         'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        'model_depth': model, 'runs': [],
+        'models': models, 'runs': [],
     }
     card = result['device']['card'].split(' (')[0].replace(' ', '_').lower()
     out = args.out or REPO / 'benchmarks' / 'results' / f'multicam_{card}{"_tiny" if args.tiny else ""}.json'
@@ -448,10 +557,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     domain = args.domain
     for n in args.cameras:
         for mode in args.modes:
-            LOG.info('run: %s, %d camera(s)', mode, n)
-            row = run_one(mode, n, args, model, domain, log_dir)
-            LOG.info('  %s', {k: v for k, v in row.items() if k != 'per_camera'})
-            result['runs'].append(row)
+            if args.startup:
+                LOG.info('start-up: %s, %d camera(s), cold then %d warm', mode, n, args.startup)
+                result['runs'] += run_startup(mode, n, args, models, domain, log_dir)
+            else:
+                LOG.info('run: %s, %d camera(s)', mode, n)
+                row = run_one(mode, n, args, models, domain, log_dir)
+                LOG.info('  %s', {k: v for k, v in row.items() if k != 'per_camera'})
+                result['runs'].append(row)
             out.write_text(json.dumps(result, indent=1, default=str))  # after every row: a cut-off run keeps it
             domain = domain + 1 if domain < 100 else 1
     text = table(result)
@@ -460,13 +573,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1, default=str))
     LOG.info('wrote %s (node logs in %s)', out, log_dir)
     return 0 if all('error' not in r for r in result['runs']) else 1
-
-
-def _tiny_model() -> str:
-    from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
-
-    folder = Path(tempfile.mkdtemp(prefix='bench_multicam_ckpt_')) / 'tiny-e2e-ft-depth'
-    return str(write_tiny_checkpoint(folder, 'depth'))
 
 
 if __name__ == '__main__':

@@ -436,6 +436,8 @@ def diagnostics_values(msg: Any) -> dict[str, str]:
 #   GEODIFF_TEST_OOM_ON_WIDTH=N  ... and for every frame N pixels wide (e.g. the warm-up frame, warmup_size)
 #   GEODIFF_TEST_LOAD_BUSY_S=N   GeoDiffEngine() first busy-loops N s holding the GIL (weights from a slow disk);
 #                                prints GEODIFF_TEST_LOAD_BUSY when it starts
+#   GEODIFF_TEST_PREDICT_DELAY_S=S  GeoDiffEngine.predict sleeps S seconds first (a slow GPU, deterministically), and
+#                                prints ``GEODIFF_TEST_PREDICT_ACTIVE n`` (calls running at once) whenever one starts
 # and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
 # exits, so a test can check that no worker thread was left behind.
 OOM_MARKER = (255, 0, 255)
@@ -494,6 +496,28 @@ if load_busy_s > 0:
         real_init(self, *args, **kwargs)
 
     GeoDiffEngine.__init__ = slow_init
+delay = float(os.environ.get('GEODIFF_TEST_PREDICT_DELAY_S') or 0.0)
+if delay > 0.0:
+    import time
+    from geodiff_ros.engine import GeoDiffEngine
+
+    slow_inner = GeoDiffEngine.predict
+    active = [0]
+    active_lock = threading.Lock()
+
+    def slow_predict(self, *args, **kwargs):
+        with active_lock:
+            active[0] += 1
+            sys.stderr.write(f'GEODIFF_TEST_PREDICT_ACTIVE {active[0]}\n')
+            sys.stderr.flush()
+        try:
+            time.sleep(delay)
+            return slow_inner(self, *args, **kwargs)
+        finally:
+            with active_lock:
+                active[0] -= 1
+
+    GeoDiffEngine.predict = slow_predict
 
 real_exit = os._exit
 
@@ -514,6 +538,11 @@ report_and_exit(int(code or 0))
 def wrapped_node_program() -> list[str]:
     """``program`` argument of :class:`NodeProcess` that runs ``node.main()`` inside the test wrapper."""
     return ['-c', _WRAPPER]
+
+
+def predicts_at_once(log: str) -> list[int]:
+    """``GEODIFF_TEST_PREDICT_ACTIVE`` values in a wrapper log: engine calls running at once, one per call."""
+    return [int(line.split()[1]) for line in log.splitlines() if line.startswith('GEODIFF_TEST_PREDICT_ACTIVE ')]
 
 
 def threads_at_exit(log: str) -> list[str] | None:

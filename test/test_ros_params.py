@@ -83,10 +83,30 @@ def test_optimize_parameter_reaches_the_engine_and_matches_its_modes() -> None:
     from geodiff_ros.engine.accel import OPTIMIZE_MODES
 
     spec = next(p for p in PARAMS if p.name == 'optimize')
-    assert spec.default == 'none' and spec.configure_time
+    assert spec.default == 'auto' and spec.configure_time
     assert set(spec.choices) == set(OPTIMIZE_MODES)  # params.py mirrors accel.py without importing torch
     kwargs = engine_config_kwargs(Settings({**DEFAULTS, 'optimize': 'compile+graph'}))
     assert EngineConfig(**kwargs).optimize == 'compile+graph'
     assert 'is not one of' in validate_changes({'optimize': 'tensorrt'}, DEFAULTS, configured=False)
     assert 'fixed while the node is configured' in validate_changes({'optimize': 'compile'}, DEFAULTS,
                                                                     configured=True)
+
+
+def test_defaults_are_fast_on_a_gpu_and_eager_on_the_cpu() -> None:
+    """Issue 14: out of the box fp16 and compile+graph on CUDA; the CPU keeps the official eager path."""
+    import torch
+
+    from geodiff_ros.engine.accel import resolve_optimize
+
+    assert DEFAULTS['dtype'] == 'fp16' and DEFAULTS['optimize'] == 'auto'
+    assert resolve_optimize('auto', torch.device('cuda', 0)) == 'compile+graph'
+    assert resolve_optimize('auto', torch.device('cpu')) == 'none'
+    assert resolve_optimize('graph', torch.device('cpu')) == 'graph'  # an explicit choice is kept
+
+
+def test_auto_optimize_keeps_the_cpu_engine_eager(tiny_depth_ckpt) -> None:
+    from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+
+    engine = GeoDiffEngine(EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=None, device='cpu',
+                                        dtype='fp16', processing_res=64, optimize='auto'))
+    assert engine.optimize == 'none' and engine.accelerator is None

@@ -85,6 +85,10 @@ def test_compiled_node_answers_while_compiling_and_reuses_kernels_after_restart(
         assert max(answers) < ANSWER_S, f'services answered in up to {max(answers):.1f} s while compiling'
         warming = [st for m in col.get('/diagnostics') for st in m.status if st.name.startswith(f'{NAME}:')]
         assert any('warming up' in st.message for st in warming), [st.message for st in warming]
+        # Issue 14: the compile's progress, stage by stage, with the time so far.
+        progress = [st.message for st in warming if re.search(r'compiling \(stage \d+ of \d+: .+, \d+ s\)',
+                                                               st.message)]
+        assert progress, [st.message for st in warming]
         # The newest frame sent during the warm-up is processed once it is over (newest-frame mailbox).
         assert col.wait_for('depth/relative', 1, timeout=60.0, where=lambda m: stamp_of(m) == stamps[-1]), \
             node.log()[-3000:]

@@ -24,9 +24,10 @@ order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). ben
 difference to fp32 eager (H100 fp16: within the eager fp16 error, see benchmarks/README.md).
 
 Start-up: the first frame of a new input size compiles (minutes for the full-size model) and/or captures (seconds).
-Call ``GeoDiffEngine.warmup`` before serving. Inductor keeps its compiled kernels on disk: set
-``TORCHINDUCTOR_CACHE_DIR`` to a persistent folder so a restart re-uses them (default /tmp/torchinductor_$USER,
-lost on reboot); dynamo still re-traces the model on each start (tens of seconds).
+Call ``GeoDiffEngine.warmup`` (or startup.warm_up_stages, with progress) before serving. Inductor keeps its compiled
+kernels on disk, by default in a persistent per-user folder keyed by torch build and device (startup.py;
+``TORCHINDUCTOR_CACHE_DIR`` overrides it), so a restart re-uses them; dynamo still re-traces the model on each
+start (tens of seconds).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from .core import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
 
-OPTIMIZE_MODES = ("none", "channels_last", "graph", "compile", "compile+graph")
-MAX_GRAPHS = 4  # captured (shape, tasks) combinations kept; each holds its own activation memory
+OPTIMIZE_MODES = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
+MAX_GRAPHS = 8  # captured (shape, tasks) combinations kept (batch sizes 1-4 of two sizes); each holds its memory
 # Compiled modes only: VAE GroupNorm statistics from per-channel sums (see _ChannelSumGroupNorm). Read when an
 # Accelerator is built. H100 fp16 compile+graph: depth 30.8 -> 27.0 ms, depth+normals 54.3 -> 47.1 ms, accuracy
 # against fp32 unchanged (benchmarks/README.md, results/engine_h100_fp16_exp_*.json).
@@ -83,12 +84,24 @@ class AccelSettings:
 
 
 def parse_optimize(mode: str) -> AccelSettings:
-    """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices."""
+    """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices.
+    ``auto`` is resolved for a device first (:func:`resolve_optimize`); here it only passes the check."""
     key = (mode or "none").strip().lower()
     if key not in OPTIMIZE_MODES:
         raise ValueError(f"unknown optimize mode {mode!r}: use one of {', '.join(OPTIMIZE_MODES)} "
                          "(node parameter optimize, EngineConfig.optimize)")
-    return AccelSettings(channels_last=key != "none", compile="compile" in key, cuda_graph="graph" in key)
+    return AccelSettings(channels_last=key not in ("none", "auto"), compile="compile" in key,
+                         cuda_graph="graph" in key)
+
+
+def resolve_optimize(mode: str, device: torch.device) -> str:
+    """The mode to run: ``auto`` is the fastest one the device has (issue 14): compile+graph on CUDA, and on the CPU
+    none, the official eager path (compiling the full model there costs minutes for little gain). Any other mode
+    is kept as given."""
+    key = (mode or "none").strip().lower()
+    if key != "auto":
+        return key
+    return "compile+graph" if device.type == "cuda" else "none"
 
 
 class _Stage:
@@ -104,6 +117,7 @@ class _Stage:
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.fn is self.eager:
             return self.eager(*args)
+        mark_batch_dynamic(args)
         try:
             return self.fn(*args)
         except torch.cuda.OutOfMemoryError:
@@ -114,6 +128,16 @@ class _Stage:
                         self.error.splitlines()[0][:300])
             self.fn = self.eager
             return self.eager(*args)
+
+
+def mark_batch_dynamic(args: Sequence[Any]) -> None:
+    """Compile one graph for every batch size >= 2 (issue 14, several cameras): dim 0 of a compiled stage's tensor
+    inputs is symbolic from batch 2 on, so batch 3 and 4 reuse batch 2's code instead of compiling again (tiny model,
+    CPU, batch sizes 1-4: 6 compiled graphs instead of 12). Batch 1 keeps its own static graph, as dynamo always
+    specialises sizes 0 and 1; height and width stay static. CUDA graphs are still captured per batch size."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] >= 2:
+            torch._dynamo.mark_dynamic(arg, 0)
 
 
 @dataclass
@@ -158,6 +182,11 @@ class Accelerator:
         for model in engine.models.values():
             model.unet.to(memory_format=memory_format)
         compiled = self.settings.compile
+        self.compile_cache_dir = None
+        if compiled:
+            from .startup import prepare_compile
+
+            self.compile_cache_dir = prepare_compile(self.device)  # persistent per-user cache, workers started
         self.channel_sum_groupnorm = compiled and VAE_CHANNEL_SUM_GROUPNORM
         if self.channel_sum_groupnorm:
             for vae in vaes.values():
@@ -235,23 +264,40 @@ class Accelerator:
             if self.device.type != "cuda":
                 out = self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
                 return Prediction(**{task: value.numpy().copy() for task, value in out.items()})
-            host_in = self._host_buffer(("in",), batch.shape, torch.uint8)
-            np.copyto(host_in.numpy(), batch)
-            device_out = None
-            if self.use_cuda_graph:
-                frame = self._captured(host_in, tasks)
-                if frame is not None:
-                    frame.static_in.copy_(host_in, non_blocking=True)
-                    frame.graph.replay()
-                    device_out = frame.static_out
-            if device_out is None:
-                device_out = self.compute(host_in.to(self.device, non_blocking=True), tasks)
+            device_out, _ = self._run_cuda(batch, tasks)
             host_out = {}
             for task, value in device_out.items():  # one device-to-host copy per output
                 host_out[task] = self._host_buffer(("out", task), value.shape, value.dtype)
                 host_out[task].copy_(value, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             return Prediction(**{task: value.numpy().copy() for task, value in host_out.items()})
+
+    def forward_device(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """As :meth:`forward`, but the outputs stay on the device: tensors of their own (a CUDA graph's static
+        outputs are copied, the next replay overwrites them), complete when this returns (the ROS node
+        post-processes them on another stream while the next frame runs)."""
+        tasks = tuple(tasks)
+        with self._lock, torch.inference_mode():
+            if self.device.type != "cuda":
+                return self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
+            device_out, static = self._run_cuda(batch, tasks)
+            if static:
+                device_out = {task: value.clone() for task, value in device_out.items()}
+            torch.cuda.current_stream(self.device).synchronize()
+            return device_out
+
+    def _run_cuda(self, batch: np.ndarray, tasks: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], bool]:
+        """Upload through the pinned buffer and run the frame (graph replay when captured); the outputs and
+        whether they are a graph's static buffers. Asynchronous: the caller synchronises."""
+        host_in = self._host_buffer(("in",), batch.shape, torch.uint8)
+        np.copyto(host_in.numpy(), batch)
+        if self.use_cuda_graph:
+            frame = self._captured(host_in, tasks)
+            if frame is not None:
+                frame.static_in.copy_(host_in, non_blocking=True)
+                frame.graph.replay()
+                return frame.static_out, True
+        return self.compute(host_in.to(self.device, non_blocking=True), tasks), False
 
     def stage_errors(self) -> dict[str, str]:
         """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""

@@ -64,7 +64,8 @@ class EngineConfig:
     # settings). False trusts the depth / normals slot it was given in (node parameter check_model_task).
     check_model_task: bool = True
     # Optimised path (engine/accel.py): "none" = official eager computation; "channels_last", "graph",
-    # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md).
+    # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md); "auto" = compile+graph
+    # on CUDA, none on the CPU.
     optimize: str = "none"
     # CPU only: torch intra-op threads for this process (0 = torch's default, one per core). 1 avoids barrier
     # stalls when ROS threads share few cores (benchmarks/README.md, multi-camera); large models want more.
@@ -230,12 +231,15 @@ class GeoDiffEngine:
             frame = config.normals_frame or normals_frame_of(sources[task], parts.model_index)
             self.models[task] = TaskModel(task, parts.unet.to(self.device).eval(), parts.scheduler, sources[task],
                                           frame)
+        self.optimize = "none"  # the mode in use ("auto" resolved for the device)
         if config.optimize not in ("none", ""):
-            from .accel import Accelerator
+            from .accel import Accelerator, resolve_optimize
 
-            self.accelerator = Accelerator(self, config.optimize)
+            self.optimize = resolve_optimize(config.optimize, self.device)
+            if self.optimize != "none":
+                self.accelerator = Accelerator(self, self.optimize)
         LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d, optimize %s", self.tasks,
-                 self.device, str(self.dtype).replace("torch.", ""), config.processing_res, config.optimize or "none")
+                 self.device, str(self.dtype).replace("torch.", ""), config.processing_res, self.optimize)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -301,23 +305,32 @@ class GeoDiffEngine:
 
     # ---------------------------------------------------------------- public API
 
-    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] | None = None) -> Prediction:
-        """Single-step E2E-FT inference on one frame [H,W,3] or many ([B,H,W,3] or a list; sizes may differ)."""
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], tasks: Sequence[str] | None = None, *,
+                on_device: bool = False) -> Prediction:
+        """Single-step E2E-FT inference on one frame [H,W,3] or many ([B,H,W,3] or a list; sizes may differ).
+
+        ``on_device``: depth and normals come back as lists of per-frame torch tensors on the engine's device
+        (the same values; nothing copied to the host), for callers that post-process there (the ROS node).
+        """
         frames = self._as_frame_list(images)
         tasks = self._select_tasks(tasks)
-        depth: list[np.ndarray | None] = [None] * len(frames)
-        normals: list[np.ndarray | None] = [None] * len(frames)
+        depth: list[Any] = [None] * len(frames)
+        normals: list[Any] = [None] * len(frames)
         for indices in self._batches(frames):
             batch = np.stack([frames[i] for i in indices])
-            out = self._forward(batch, tasks)
+            if on_device:
+                out = Prediction(**self._forward_tensors(batch, tasks))
+            else:
+                out = self._forward(batch, tasks)
             for j, i in enumerate(indices):
                 if out.depth is not None:
                     depth[i] = out.depth[j]
                 if out.normals is not None:
                     normals[i] = out.normals[j]
+        pack = (lambda items: items) if on_device else _stack_or_list
         return Prediction(
-            depth=_stack_or_list(depth) if "depth" in tasks else None,
-            normals=_stack_or_list(normals) if "normals" in tasks else None,
+            depth=pack(depth) if "depth" in tasks else None,
+            normals=pack(normals) if "normals" in tasks else None,
             timesteps=[self.models[tasks[0]].scheduler.config.num_train_timesteps - 1],
         )
 
@@ -336,29 +349,42 @@ class GeoDiffEngine:
         """[B,H,W,3] uint8 frames of one size -> Prediction with [B,...] arrays."""
         if self.accelerator is not None:
             return self.accelerator.forward(batch, tasks)
-        # The eager path is the official pipeline, which runs one image at a time. Convolutions round differently
-        # with the batch size (CPU and GPU), so batching would make a frame's output depend on the frames that
-        # share its call; the optimised modes (accel.py) batch instead.
-        outs = [self._forward_frame(batch[i:i + 1], tasks) for i in range(batch.shape[0])]
-        return Prediction(
-            depth=np.concatenate([o.depth for o in outs]) if "depth" in tasks else None,
-            normals=np.concatenate([o.normals for o in outs]) if "normals" in tasks else None,
-        )
+        return Prediction(**{task: value.cpu().numpy() for task, value in self._eager_tensors(batch, tasks).items()})
 
-    def _forward_frame(self, frame: np.ndarray, tasks: Sequence[str]) -> Prediction:
+    @torch.inference_mode()
+    def _forward_tensors(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{task: [B,H,W] / [B,H,W,3] float32 on the device}; safe to keep while the next batch runs."""
+        if self.accelerator is not None:
+            return self.accelerator.forward_device(batch, tasks)
+        out = self._eager_tensors(batch, tasks)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def _eager_tensors(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """[B,H,W,3] uint8 frames of one size -> {task: [B,...] tensor on the device}, one frame at a time.
+
+        The eager path is the official pipeline, which runs one image at a time. Convolutions round differently
+        with the batch size (CPU and GPU), so batching would make a frame's output depend on the frames that
+        share its call; the optimised modes (accel.py) batch instead.
+        """
+        outs = [self._eager_frame(batch[i:i + 1], tasks) for i in range(batch.shape[0])]
+        return {task: torch.cat([o[task] for o in outs]) for task in tasks}
+
+    def _eager_frame(self, frame: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         """One [1,H,W,3] frame through the official computation (spec A.1 steps 1-16), fp32 bit for bit."""
         size = (frame.shape[1], frame.shape[2])
         x = self._official_input(frame)  # [1,3,h,w] contiguous
         z_img = self.encode(x)
-        out = Prediction()
+        out: dict[str, torch.Tensor] = {}
         for task in tasks:
             vae = self._extra_vaes.get(task)
             z = self.encode(x, vae) if vae is not None else z_img
             y = self.decode(self.denoise_single_step(task, z), vae)
             if task == "depth":
-                out.depth = self.postprocess_depth(y, size).cpu().numpy()
+                out[task] = self.postprocess_depth(y, size)
             else:
-                out.normals = self.postprocess_normals(y, size, self.models[task].normals_frame).cpu().numpy()
+                out[task] = self.postprocess_normals(y, size, self.models[task].normals_frame)
         return out
 
     def scheduler_timesteps(self, num_steps: int, timestep_spacing: str, task: str | None = None) -> list[int]:

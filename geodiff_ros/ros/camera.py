@@ -11,11 +11,13 @@ Shapes: ``H,W`` input image; ``H',W'`` after ``cloud_stride``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
@@ -23,11 +25,10 @@ from rclpy.qos import ReliabilityPolicy, qos_policy_name_from_kind
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from geodiff_ros.geometry import (
+    AlignmentState,
     InvalidCameraInfo,
     PinholeIntrinsics,
     TemporalAligner,
-    apply_alignment,
-    backproject,
     fit_scale_shift,
     sparse_to_image_grid,
 )
@@ -48,9 +49,14 @@ from geodiff_ros.ros.conversions import (
 )
 from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats
 from geodiff_ros.ros.params import Settings
-from geodiff_ros.ros.pointcloud import PointCloudError, cloud_array, cloud_to_msg, cloud_xyz, project_points_to_depth
+from geodiff_ros.ros.pointcloud import PointCloudError, cloud_to_msg, cloud_xyz, project_points_to_depth
 
-__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'DecodedFrame', 'SparseRing']
+if TYPE_CHECKING:
+    import torch
+
+    from geodiff_ros.geometry.device import HostStaging
+
+__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'DecodedFrame', 'SparseRing', 'cloud_fields']
 
 THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
 _SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
@@ -377,31 +383,21 @@ class CameraChannel:
         pub = self.pubs.get(key)
         return pub is not None and pub.get_subscription_count() > 0
 
-    def finish(self, s: Settings, msg: Any, rgb: np.ndarray, relative: np.ndarray | None,
-               normals: np.ndarray | None, latency_from: float, now: Callable[[], float],
-               camera: tuple[CameraInfo | None, PinholeIntrinsics | None] | None = None) -> None:
-        """Steps after the engine for this camera's frame: align -> publish. ``s`` has this camera's overrides.
+    def take_aligner_dirty(self) -> bool:
+        """Whether an alignment parameter changed since the last call (and clear the flag). Clear first, read the
+        settings after: a change landing in between sets the flag again, so none is ever lost (issue 13 bug 2)."""
+        dirty = self.aligner_dirty
+        self.aligner_dirty = False
+        return dirty
 
-        Args:
-            msg: the input image message (its header is copied to every output).
-            rgb: [H,W,3] uint8 decoded input; relative: [H,W] in [0,1] or None; normals: [H,W,3] or None.
-            latency_from: monotonic receive time of the frame; now: the clock for the latency.
-            camera: (CameraInfo, intrinsics) of ``rgb`` from :meth:`prepare` (DecodedFrame.camera); None: the
-                latest CameraInfo if it has the size of ``rgb``.
-        """
-        from geodiff_ros.visualize import colorize_depth, normals_to_rgb
-
-        pubs = self.pubs
-        header = msg.header
-        height, width = rgb.shape[:2]
-        info, intr = camera if camera is not None else self.camera_model(width, height)
-
-        # 3. Metric alignment: robust fit to the sparse depth matched by stamp, smoothed over time (ros-anchors 3.4).
-        if self.aligner_dirty or self.aligner is None:
+    def align(self, s: Settings, header: Any, relative: np.ndarray, intr: PinholeIntrinsics | None,
+              rebuild: bool) -> tuple[AlignmentState | None, AlignmentInfo]:
+        """Step 3, metric alignment (ros-anchors 3.4): robust fit of ``relative`` [H,W] to the sparse depth matched
+        by stamp, smoothed over time. Returns the scale/shift to apply (None: no metric output) and what the
+        diagnostics show. ``rebuild``: alignment parameters changed, the aligner starts over with ``s``."""
+        height, width = relative.shape
+        if rebuild or self.aligner is None:
             self.aligner = self.make_aligner(s)
-            self.aligner_dirty = False
-        metric = None
-        align = AlignmentInfo()
         stamp = stamp_ns(header)
         if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
             # Bag loop or sim-time reset: old sparse depth must not pair with the new run's frames.
@@ -411,42 +407,105 @@ class CameraChannel:
             self.aligner = self.make_aligner(s)
         self._last_stamp_ns = stamp
         self._sparse_mark = self.sparse.mark()
-        if relative is not None:
-            sparse = self.sparse_for(s, header, width, height, intr)
-            result = None
-            if sparse is not None:
-                result = fit_scale_shift(
-                    relative, sparse, method=s['alignment.method'], min_points=int(s['alignment.min_points']),
-                    min_inlier_ratio=float(s['alignment.min_inlier_ratio']),
-                    inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']),
-                    depth_range=(float(s['min_depth']), float(s['max_depth'])))
-                if not result.ok:
-                    self.log.warning(f'no metric fit this frame: {result.reason}', throttle_duration_sec=THROTTLE_S)
-            state = self.aligner.update(result, stamp * 1e-9)
-            if state is None and self._had_metric:
-                self.log.warning('no usable sparse depth for longer than alignment.max_fallback_age_s: publishing '
-                                 'relative depth only (no depth/image, no points)', throttle_duration_sec=THROTTLE_S)
-            self._had_metric = state is not None
-            if state is not None:
-                metric = apply_alignment(relative, state.scale, state.shift,
-                                         float(s['min_depth']), float(s['max_depth']))  # [H,W] m, NaN invalid
-                align = AlignmentInfo(state.source, state.scale, state.shift,
-                                      result.n_points if result else 0, state.n_inliers, state.residual_rel,
-                                      result.reason if result else 'no sparse depth matched')
-            elif result is not None:
-                align = AlignmentInfo('none', math.nan, math.nan, result.n_points, result.n_inliers,
-                                      result.residual_rel, result.reason)
-            else:
-                align = AlignmentInfo(reason='no sparse depth within alignment.sparse_max_dt')
+        sparse = self.sparse_for(s, header, width, height, intr)
+        result = None
+        if sparse is not None:
+            result = fit_scale_shift(
+                relative, sparse, method=s['alignment.method'], min_points=int(s['alignment.min_points']),
+                min_inlier_ratio=float(s['alignment.min_inlier_ratio']),
+                inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']),
+                depth_range=(float(s['min_depth']), float(s['max_depth'])))
+            if not result.ok:
+                self.log.warning(f'no metric fit this frame: {result.reason}', throttle_duration_sec=THROTTLE_S)
+        state = self.aligner.update(result, stamp * 1e-9)
+        if state is None and self._had_metric:
+            self.log.warning('no usable sparse depth for longer than alignment.max_fallback_age_s: publishing '
+                             'relative depth only (no depth/image, no points)', throttle_duration_sec=THROTTLE_S)
+        self._had_metric = state is not None
+        if state is not None:
+            return state, AlignmentInfo(state.source, state.scale, state.shift, result.n_points if result else 0,
+                                        state.n_inliers, state.residual_rel,
+                                        result.reason if result else 'no sparse depth matched')
+        if result is not None:
+            return None, AlignmentInfo('none', math.nan, math.nan, result.n_points, result.n_inliers,
+                                       result.residual_rel, result.reason)
+        return None, AlignmentInfo(reason='no sparse depth within alignment.sparse_max_dt')
 
-        # 4. Publish, header copied from the input (same stamp, same optical frame).
-        if relative is not None:
-            pubs['relative'].publish(numpy_to_image(relative, '32FC1', header))
-            if self._subscribed('depth_vis'):
-                vis_src = metric if metric is not None else relative
-                pubs['depth_vis'].publish(numpy_to_image(colorize_depth(vis_src), 'rgb8', header))
-        if metric is not None:
-            pubs['depth'].publish(numpy_to_image(metric, '32FC1', header))
+    def finish(self, s: Settings, msg: Any, rgb: np.ndarray, relative: torch.Tensor | None,
+               normals: torch.Tensor | None, staging: HostStaging, *, rebuild_aligner: bool = False,
+               latency_from: float = 0.0, now: Callable[[], float] = time.monotonic,
+               camera: tuple[CameraInfo | None, PinholeIntrinsics | None] | None = None) -> None:
+        """Steps after the engine for this camera's frame: align -> metric depth, views, cloud -> publish.
+
+        Runs on the node's post-processing thread. The per-pixel work runs in torch where the engine's outputs
+        are (geometry/device.py; bit-identical to the numpy functions on the CPU) and each output crosses to the
+        host once, through ``staging``'s reused (pinned on CUDA) buffers.
+
+        Args:
+            s: settings with this camera's overrides, read after the engine call.
+            msg: the input image message (its header is copied to every output).
+            rgb: [H,W,3] uint8 decoded input (host); relative: [H,W] in [0,1] or None; normals: [H,W,3] or None
+                (engine device).
+            rebuild_aligner: alignment parameters changed (take_aligner_dirty).
+            latency_from: monotonic receive time of the frame; now: the clock for the latency.
+            camera: (CameraInfo, intrinsics) of ``rgb`` from :meth:`prepare` (DecodedFrame.camera: reduced or
+                rectified input); None: the latest CameraInfo if it has the size of ``rgb``.
+        """
+        import torch  # the node imports torch only once configured (start-up errors stay fast)
+
+        from geodiff_ros.geometry.device import cloud_points, colorize_depth_t, metric_depth_t, normals_to_rgb_t
+
+        header = msg.header
+        height, width = rgb.shape[:2]
+        info, intr = camera if camera is not None else self.camera_model(width, height)
+        t0 = time.perf_counter()
+        stream = staging.stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            host: dict[str, torch.Tensor] = {}
+            if relative is not None:
+                host['relative'] = staging.to_host('relative', relative)
+            if normals is not None:
+                host['normals'] = staging.to_host('normals', normals)
+            staging.wait()  # the fit below needs the relative depth on the host
+            state, align = None, AlignmentInfo()
+            if relative is not None:
+                state, align = self.align(s, header, host['relative'].numpy(), intr, rebuild_aligner)
+            metric = None
+            if state is not None:
+                metric = metric_depth_t(relative, state.scale, state.shift, float(s['min_depth']),
+                                        float(s['max_depth']))  # [H,W] m, NaN invalid
+                host['depth'] = staging.to_host('depth', metric)
+            if relative is not None and self._subscribed('depth_vis'):
+                host['depth_vis'] = staging.to_host('depth_vis', colorize_depth_t(metric if metric is not None
+                                                                                  else relative))
+            if normals is not None and self._subscribed('normals_vis'):
+                host['normals_vis'] = staging.to_host('normals_vis', normals_to_rgb_t(normals))
+            if metric is not None and intr is not None and s['publish_cloud'] and self._subscribed('points'):
+                colours = torch.from_numpy(rgb).to(metric.device) if s['cloud_color'] else None
+                nrm = normals if s['cloud_normals'] else None
+                host['points'] = staging.to_host('points', cloud_points(metric, intr, int(s['cloud_stride']),
+                                                                        colours, nrm))  # [H',W',k]
+            staging.wait()
+        t1 = time.perf_counter()
+        self._publish(host, info, header, cloud_fields(s, normals is not None))
+        t2 = time.perf_counter()
+        self.stats.on_stage('post', t1 - t0)
+        self.stats.on_stage('publish', t2 - t1)
+        stamp_age = self.node.get_clock().now().nanoseconds - stamp_ns(header)
+        self.stats.on_stage('stamp_to_publish', stamp_age * 1e-9)
+        self.stats.on_output(now() - latency_from, metric is not None, align)
+
+    def _publish(self, host: dict[str, torch.Tensor], info: CameraInfo | None, header: Any,
+                 point_fields: list[str]) -> None:
+        """Step 4: one message per output, header copied from the input (same stamp, same optical frame). Each
+        message copies its host buffer once (numpy_to_image / cloud_to_msg fill the message's array directly)."""
+        pubs = self.pubs
+        if 'relative' in host:
+            pubs['relative'].publish(numpy_to_image(host['relative'].numpy(), '32FC1', header))
+        if 'depth_vis' in host:
+            pubs['depth_vis'].publish(numpy_to_image(host['depth_vis'].numpy(), 'rgb8', header))
+        if 'depth' in host:
+            pubs['depth'].publish(numpy_to_image(host['depth'].numpy(), '32FC1', header))
         if info is not None:
             out_info = CameraInfo()
             for field in ('height', 'width', 'distortion_model', 'd', 'k', 'r', 'p', 'binning_x', 'binning_y',
@@ -454,14 +513,21 @@ class CameraChannel:
                 setattr(out_info, field, getattr(info, field))
             out_info.header = header  # identical stamp: image_transport pairs them with an exact sync
             pubs['depth_info'].publish(out_info)
-        if normals is not None:
-            pubs['normals'].publish(numpy_to_image(normals, '32FC3', header))
-            if self._subscribed('normals_vis'):
-                pubs['normals_vis'].publish(numpy_to_image(normals_to_rgb(normals), 'rgb8', header))
-        if metric is not None and intr is not None and s['publish_cloud'] and self._subscribed('points'):
-            stride = int(s['cloud_stride'])
-            xyz = backproject(metric, intr, stride)  # [H',W',3], NaN invalid: depth_image_proc's formula
-            colours = rgb[::stride, ::stride] if s['cloud_color'] else None
-            nrm = normals[::stride, ::stride] if (normals is not None and s['cloud_normals']) else None
-            pubs['points'].publish(cloud_to_msg(cloud_array(xyz, colours, nrm), header))
-        self.stats.on_output(now() - latency_from, metric is not None, align)
+        if 'normals' in host:
+            pubs['normals'].publish(numpy_to_image(host['normals'].numpy(), '32FC3', header))
+        if 'normals_vis' in host:
+            pubs['normals_vis'].publish(numpy_to_image(host['normals_vis'].numpy(), 'rgb8', header))
+        if 'points' in host:
+            packed = host['points'].numpy()  # [H',W',k] float32, the structured layout's bytes
+            dtype = np.dtype([(name, '<f4') for name in point_fields])
+            pubs['points'].publish(cloud_to_msg(packed.view(dtype)[..., 0], header))
+
+
+def cloud_fields(s: Settings, with_normals: bool) -> list[str]:
+    """PointCloud2 field names of the node's cloud, in the order cloud_points packs them."""
+    names = ['x', 'y', 'z']
+    if s['cloud_color']:
+        names.append('rgb')
+    if with_normals and s['cloud_normals']:
+        names += ['normal_x', 'normal_y', 'normal_z']
+    return names

@@ -18,9 +18,14 @@ import numpy as np
 if TYPE_CHECKING:
     from diagnostic_msgs.msg import DiagnosticStatus
 
-__all__ = ['AlignmentInfo', 'PipelineStats', 'build_status']
+__all__ = ['STAGES', 'AlignmentInfo', 'PipelineStats', 'build_status']
 
 _WINDOW_S = 5.0  # rates are averaged over the last few seconds so a stall shows up quickly
+# Per-frame stages timed by the node (issue 14), shown as <stage>_p50_ms / <stage>_p95_ms: decode (input message ->
+# RGB), engine (the network call, shared by the frames batched in it), post (alignment, metric depth, colour views,
+# cloud, copies to the host), publish (messages built and sent), stamp_to_publish (node clock at the end of
+# publishing minus the image stamp: the delay a consumer sees, including the camera driver and DDS).
+STAGES: tuple[str, ...] = ('decode', 'engine', 'post', 'publish', 'stamp_to_publish')
 
 
 @dataclass
@@ -49,6 +54,7 @@ class PipelineStats:
         self._in_times: deque[float] = deque()
         self._out_times: deque[float] = deque()
         self._latency_s: deque[float] = deque(maxlen=latency_window)
+        self._stages: dict[str, deque[float]] = {name: deque(maxlen=latency_window) for name in STAGES}
         self.alignment = AlignmentInfo()
         self.last_error = ''
 
@@ -78,6 +84,11 @@ class PipelineStats:
             self._latency_s.append(latency_s)
             self.alignment = alignment
 
+    def on_stage(self, name: str, seconds: float) -> None:
+        """One frame spent ``seconds`` in stage ``name`` (one of STAGES)."""
+        with self._lock:
+            self._stages[name].append(seconds)
+
     @staticmethod
     def _trim(times: deque[float], now: float) -> None:
         while times and now - times[0] > _WINDOW_S:
@@ -96,7 +107,8 @@ class PipelineStats:
         now = time.monotonic()
         with self._lock:
             lat = np.asarray(self._latency_s, dtype=np.float64)
-            return {
+            stages = {name: np.asarray(values, dtype=np.float64) for name, values in self._stages.items()}
+            snap = {
                 'input_rate_hz': self._rate(self._in_times, now),
                 'output_rate_hz': self._rate(self._out_times, now),
                 'received': self.received,
@@ -109,6 +121,10 @@ class PipelineStats:
                 'alignment': self.alignment,
                 'last_error': self.last_error,
             }
+        for name, values in stages.items():
+            for q in (50, 95):
+                snap[f'{name}_p{q}_ms'] = float(np.percentile(values, q) * 1e3) if values.size else float('nan')
+        return snap
 
 
 def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) -> DiagnosticStatus:
@@ -116,8 +132,9 @@ def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) 
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
     al: AlignmentInfo = snap['alignment']
-    if state == 'warming up':
-        level, message = DiagnosticStatus.WARN, 'warming up (first run, compile or capture): frames wait, newest first'
+    if state.startswith(('warming up', 'compiling')):
+        detail = state if state.startswith('compiling') else '(first run, compile or capture)'
+        level, message = DiagnosticStatus.WARN, f'warming up {detail}: frames wait, newest first'
     elif state != 'active':
         level, message = DiagnosticStatus.WARN, f'node is {state}, not processing'
     elif snap['received'] == 0:

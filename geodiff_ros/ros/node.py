@@ -12,11 +12,16 @@ prefix (front/image, front/depth/image, front/points, ...); each camera has its 
 aligner, counters and /diagnostics status (camera.py). With ``cameras: []`` the node is the single-camera node.
 
 Threading: subscription callbacks only store messages (newest image in a per-camera one-slot mailbox, latest
-CameraInfo, a small ring buffer of sparse depth); ONE worker thread takes the frames that are ready (fairly, the
-longest-waiting camera first; scheduler.py), runs them through the engine in one call (same-size frames share a
-network pass), then aligns and publishes per camera. The executor thread therefore stays free for parameter
-and lifecycle services during inference (ros-anchors 0.3). Every output header is the input image's header
-(same stamp and optical frame_id; REP 118, ros-anchors 2.2), so outputs of different cameras never mix.
+CameraInfo, a small ring buffer of sparse depth). Two worker threads form a pipeline (issue 14): the ENGINE thread
+takes the frames that are ready (fairly, the longest-waiting camera first; scheduler.py), decodes them and runs
+them through the engine in one call (same-size frames share a network pass); the POST thread aligns, builds the
+colour views and the cloud (in torch on the engine's device) and publishes per camera. So frame N+1 runs through
+the network while frame N is post-processed; a one-slot hand-off between them (scheduler.Handoff) keeps at most
+one finished frame waiting, so nothing stale piles up. The executor thread stays free for parameter and lifecycle
+services during inference (ros-anchors 0.3). The two threads live from the first activation until cleanup or
+shutdown; deactivate only pauses them, so however often the node is cycled there is one pipeline (issue 13 bug 3).
+Every output header is the input image's header (same stamp and optical frame_id; REP 118, ros-anchors 2.2), so
+outputs of different cameras never mix.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import rclpy
@@ -51,7 +57,7 @@ from geodiff_ros.ros.params import (
     validate_changes,
 )
 from geodiff_ros.ros.qos import DIAGNOSTICS_QOS, make_qos
-from geodiff_ros.ros.scheduler import BatchStats, FrameScheduler
+from geodiff_ros.ros.scheduler import BatchStats, FrameScheduler, Handoff
 from geodiff_ros.ros.shutdown import ShutdownRequest
 
 __all__ = ['GeoDiffNode', 'main']
@@ -73,6 +79,33 @@ def _is_engine_error(err: BaseException) -> bool:
     errors = sys.modules.get('geodiff_ros.engine.errors')
     return errors is not None and isinstance(err, errors.GeoDiffError)
 
+_WORKER_POLL_S = 0.2  # worker threads re-check their stop flag this often while idle
+
+
+class _WarmUpStopped(Exception):
+    """The node is shutting down during its warm-up."""
+
+
+@dataclass
+class _Frame:
+    """One camera frame between the engine and the post-processing thread."""
+
+    cam: CameraChannel
+    msg: Any  # the input message (its header goes on every output)
+    t_recv: float  # monotonic receive time
+    rgb: Any  # [H,W,3] uint8 decoded input (host)
+    relative: Any = None  # [H,W] torch tensor on the engine's device, or None
+    normals: Any = None  # [H,W,3] torch tensor on the engine's device, or None
+    camera: Any = None  # (CameraInfo, intrinsics) of rgb (DecodedFrame.camera: reduced or rectified input)
+
+
+@dataclass
+class _Batch:
+    """The frames of one engine call, tagged with the activation they belong to."""
+
+    epoch: int
+    frames: list[_Frame]
+
 
 class GeoDiffNode(LifecycleNode):
     """Lifecycle node: ``configure`` loads the engine, ``activate`` subscribes and starts the worker."""
@@ -93,9 +126,15 @@ class GeoDiffNode(LifecycleNode):
 
         self._engine: Any = None
         self._batch_stats = BatchStats()
-        self._worker: threading.Thread | None = None
-        self._stop = threading.Event()
         self._loading = False  # main thread only: an engine load is in progress (see request_shutdown)
+        # The pipeline threads (engine, post), their stop flag, and what pauses them (see the module docstring).
+        self._threads: list[threading.Thread] = []
+        self._quit = threading.Event()
+        self._active = threading.Event()
+        self._epoch = 0  # +1 on every activate/deactivate: frames of an earlier activation are never published
+        self._handoff = Handoff()
+        self._warm_status = ''  # 'warming up' / 'compiling (stage k of n: ..., {elapsed} s)' during the warm-up
+        self._warm_start = 0.0
         self._state_label = 'unconfigured'
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
@@ -190,12 +229,14 @@ class GeoDiffNode(LifecycleNode):
             # device is fixed once configured).
             self.set_parameters([Parameter('device', value=str(engine.device))])
         self._engine = engine
-        self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device}')
-        if kwargs['optimize'] not in ('none', ''):
-            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the worker
-            # warms up on activation (warmup_size) and compiles any other input size on its first frame.
-            self.get_logger().info(f'optimize={kwargs["optimize"]}: each new input size compiles or captures on '
-                                   'its first frame (up to ~100 s with a cold TORCHINDUCTOR_CACHE_DIR)')
+        optimize = self._engine.optimize  # 'auto' resolved for the device
+        self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device} '
+                               f'({str(self._engine.dtype).replace("torch.", "")}, optimize {optimize})')
+        if optimize != 'none':
+            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the engine
+            # thread warms up on activation (warmup_size) and compiles any other input size on its first frame.
+            self.get_logger().info(f'optimize={optimize}: the warm-up on activation compiles or captures (progress in '
+                                   '/diagnostics); other input sizes do so on their first frame')
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
@@ -243,7 +284,10 @@ class GeoDiffNode(LifecycleNode):
         in_qos = make_qos(s['qos.input.reliability'], s['qos.input.depth'])
         for cam in self._cams:
             cam.subscribe(s['input_transport'], in_qos, self._input_group, self._sched.put)
-        self._state_label = 'active'  # before the worker starts: its warm-up shows 'warming up' meanwhile
+        self._state_label = 'active'
+        self._sched.reopen()
+        self._epoch += 1
+        self._active.set()
         self._start_worker()
         self.get_logger().info(
             f'active: listening on {", ".join(cam.subs[0].topic_name for cam in self._cams)} '
@@ -251,8 +295,8 @@ class GeoDiffNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Stop the worker and unsubscribe."""
-        self._stop_worker()
+        """Pause the pipeline (a frame in flight is finished and discarded, never waited for) and unsubscribe."""
+        self._pause_worker()
         for cam in self._cams:
             cam.unsubscribe()
         self._state_label = 'inactive'
@@ -260,6 +304,7 @@ class GeoDiffNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release publishers and the engine (GPU memory)."""
+        self._stop_worker()
         self._release()
         self._state_label = 'unconfigured'
         return super().on_cleanup(state)
@@ -290,48 +335,146 @@ class GeoDiffNode(LifecycleNode):
             cam.unsubscribe()
 
     def _start_worker(self) -> None:
-        self._stop.clear()
-        self._sched.reopen()
-        self._worker = threading.Thread(target=self._worker_main, name='geodiff-worker', daemon=True)
-        self._worker.start()
+        """Start the pipeline threads unless they run (paused by a deactivate, they simply resume)."""
+        if self._threads and all(t.is_alive() for t in self._threads) and not self._quit.is_set():
+            return
+        for old in self._threads:  # stopped by a cleanup but still finishing an engine call: never two pipelines
+            old.join(30.0)
+            if old.is_alive():
+                self.get_logger().error(f'{old.name} is still in an engine call after 30 s; starting anyway')
+        self._quit = threading.Event()  # a new flag: a thread that outlived its stop keeps its own, set one
+        engine = self._engine
+        self._handoff = Handoff()
+        self._threads = [
+            threading.Thread(target=self._engine_main, args=(engine, self._quit), name='geodiff-engine',
+                             daemon=True),
+            threading.Thread(target=self._post_main, args=(engine, self._quit), name='geodiff-post', daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _pause_worker(self) -> None:
+        self._active.clear()
+        self._epoch += 1
+        self._sched.close()
+        self._handoff.clear()
 
     def _stop_worker(self) -> None:
-        self._stop.set()
-        self._sched.close()
-        if self._worker is not None:
-            self._worker.join(_JOIN_TIMEOUT_S)
-            if not self._worker.is_alive():
-                self._worker = None
+        """Stop the pipeline threads, waiting at most _JOIN_TIMEOUT_S in all (an engine call may run longer: the
+        thread then ends after it, publishing nothing)."""
+        self._pause_worker()
+        self._quit.set()
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
 
-    # ------------------------------------------------------------------ worker
+    # ------------------------------------------------------------------ worker threads
 
-    def _worker_main(self) -> None:
-        self._warm_up()
-        self._run_worker()
+    def _engine_main(self, engine: Any, quit_: threading.Event) -> None:
+        """Engine thread: warm up, then decode -> engine call for the frames that are ready, hand them on."""
+        self._warm_up(engine, quit_)
+        while not quit_.is_set():
+            if not self._active.wait(_WORKER_POLL_S) or not self._handoff.wait_free(_WORKER_POLL_S):
+                continue
+            s = self._settings
+            window = float(s['batch_window_s']) if self._multi else 0.0
+            picked = self._sched.take(int(s['batch_size']), window, timeout=_WORKER_POLL_S)
+            if not picked or quit_.is_set():
+                continue
+            epoch = self._epoch
+            frames = self._run_engine(engine, picked, int(s['batch_size']), quit_)
+            if frames is None:
+                return  # shutting down
+            if frames and epoch == self._epoch and not quit_.is_set():
+                self._handoff.put(_Batch(epoch, frames))
 
-    def _warm_up(self) -> None:
+    def _run_engine(self, engine: Any, picked: list[tuple[int, Any]], batch_size: int,
+                    quit_: threading.Event) -> list[_Frame] | None:
+        """Decode each frame, then ONE engine call for all of them (the engine groups same-size frames into
+        batches of batch_size: VAE encode, one UNet step per task, VAE decode per batch). Bad input drops only
+        its own frame. Returns the frames with their outputs on the engine's device, None when shutting down."""
+        frames: list[_Frame] = []
+        for index, (msg, t_recv, compressed) in picked:
+            cam = self._cams[index]
+            t0 = time.perf_counter()
+            try:
+                # size checks, decode, rectify (cam.decode alone skips the checks)
+                decoded = cam.prepare(msg, compressed, self._settings.for_camera(cam.overrides))
+            except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
+                if not self._drop(cam, err, quit_):
+                    return None
+                continue
+            cam.stats.on_stage('decode', time.perf_counter() - t0)
+            frames.append(_Frame(cam, msg, t_recv, decoded.rgb, camera=decoded.camera))  # rgb [H,W,3] uint8
+        if not frames:
+            return []
+        t0 = time.perf_counter()
+        try:
+            pred = engine.predict([f.rgb for f in frames], on_device=True)
+        except Exception as err:  # noqa: BLE001 - e.g. CUDA OOM on one batch: drop it, keep serving
+            return [] if all(self._drop(f.cam, err, quit_) for f in frames) else None
+        elapsed = time.perf_counter() - t0
+        self._batch_stats.record([f.rgb.shape for f in frames], batch_size)
+        for j, frame in enumerate(frames):
+            frame.relative = pred.depth[j] if pred.depth is not None else None
+            frame.normals = pred.normals[j] if pred.normals is not None else None
+            frame.cam.stats.on_stage('engine', elapsed)
+        return frames
+
+    def _post_main(self, engine: Any, quit_: threading.Event) -> None:
+        """Post-processing thread: per camera, align -> metric depth, views, cloud -> publish (camera.finish)."""
+        from geodiff_ros.geometry.device import HostStaging
+
+        staging = HostStaging(engine.device)
+        while not quit_.is_set():
+            batch = self._handoff.take(_WORKER_POLL_S)
+            if batch is None:
+                continue
+            for frame in batch.frames:
+                if batch.epoch != self._epoch or quit_.is_set():
+                    break  # deactivated meanwhile: its publishers are off
+                cam = frame.cam
+                rebuild = cam.take_aligner_dirty()  # before reading the settings (camera.take_aligner_dirty)
+                s = self._settings.for_camera(cam.overrides)
+                try:
+                    cam.finish(s, frame.msg, frame.rgb, frame.relative, frame.normals, staging,
+                               rebuild_aligner=rebuild, latency_from=frame.t_recv, camera=frame.camera)
+                except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
+                    if not self._drop(cam, err, quit_):
+                        return
+
+    def _warm_up(self, engine: Any, quit_: threading.Event) -> None:
         """Run dummy frames of ``warmup_size`` through the engine before the first camera frame.
 
-        Lazy CUDA/cuDNN initialisation, torch.compile and CUDA-graph capture then happen here, on the worker
+        Lazy CUDA/cuDNN initialisation, torch.compile and CUDA-graph capture then happen here, on the engine
         thread, while subscriptions already fill the newest-frame mailboxes and services answer (issue 5,
-        start-up). Compiled and captured code is specialised to the batch size, so with ``optimize`` set every
-        batch size the scheduler can form is warmed up too. A failure is logged and serving goes on.
+        start-up). With ``optimize`` set, the engine compiles stage by stage for every batch size the scheduler
+        can form (engine/startup.py) and /diagnostics shows "compiling (stage k of n: ..., N s)". A failure is
+        logged and serving goes on.
         """
+        from geodiff_ros.engine.startup import warm_up_stages
+
         width, height = (int(v) for v in self._settings['warmup_size'])
-        engine = self._engine
-        if engine is None or width <= 0 or height <= 0 or self._stop.is_set():
+        if engine is None or width <= 0 or height <= 0 or quit_.is_set():
             self.get_logger().info('ready: no warm-up (warmup_size [0, 0]); processing frames')
             return
         batches = [1]
-        if engine.accelerator is not None:  # optimize set: code specialised per batch size
+        if engine.accelerator is not None:  # optimize set: code compiled / captured per batch size
             batches = list(range(1, min(int(self._settings['batch_size']), len(self._cams)) + 1))
-        self._state_label = 'warming up'
-        start = time.monotonic()
+        start = self._warm_start = time.monotonic()
+        self._warm_status = 'warming up'
+
+        def progress(k: int, n: int, label: str) -> None:
+            if quit_.is_set():
+                raise _WarmUpStopped
+            if engine.accelerator is not None and engine.accelerator.settings.compile:
+                self._warm_status = f'compiling (stage {k} of {n}: {label}, {{elapsed}} s)'
+
         try:
-            for batch in batches:
-                if self._stop.is_set():
-                    break
-                engine.warmup(height, width, batch=batch)
+            warm_up_stages(engine, height, width, batches, progress=progress)
+        except _WarmUpStopped:
+            return
         except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: real frames may still fit
             self.get_logger().error(
                 f'warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, '
@@ -340,86 +483,41 @@ class GeoDiffNode(LifecycleNode):
             self.get_logger().info(
                 f'ready: warm-up at {width}x{height} (batch {", ".join(map(str, batches))}) took '
                 f'{time.monotonic() - start:.2f} s; processing frames')
-        if self._state_label == 'warming up':
-            self._state_label = 'active'
+        finally:
+            self._warm_status = ''
 
-    def _run_worker(self) -> None:
-        while not self._stop.is_set():
-            s = self._settings
-            window = float(s['batch_window_s']) if self._multi else 0.0
-            picked = self._sched.take(int(s['batch_size']), window, timeout=0.2)
-            if not picked or self._stop.is_set():
-                continue
-            # Settings as of now, not of before the wait: a parameter set just before the frame applies to it.
-            if not self._process_batch(self._settings, picked):
-                break  # shutting down: publishers may be gone
-
-    def _drop(self, cam: CameraChannel, err: Exception) -> bool:
+    def _drop(self, cam: CameraChannel, err: Exception, quit_: threading.Event) -> bool:
         """Count and log a frame that could not be processed; False if this happened because we are stopping."""
         if isinstance(err, ImageConversionError):
             cam.stats.on_bad_input(str(err))
             cam.log.warning(f'dropped a frame: {err}', throttle_duration_sec=_THROTTLE_S)
             return True
-        if self._stop.is_set() or not rclpy.ok(context=self.context):
+        if quit_.is_set() or not rclpy.ok(context=self.context):
             return False
         cam.stats.on_bad_input(f'{type(err).__name__}: {err}')
         cam.log.error(f'dropped a frame: {type(err).__name__}: {err}', throttle_duration_sec=_THROTTLE_S)
         return True
 
-    def _process_batch(self, s: Settings, picked: list[tuple[int, Any]]) -> bool:
-        """Steps: decode each frame -> ONE engine call for all of them -> align and publish per camera.
-
-        Runs on the worker thread only. Bad input drops only its own frame (never the others of the batch).
-        Returns False when the node is shutting down.
-        """
-        # 1. Decode the inputs (ImageConversionError: logged, that camera's frame dropped).
-        frames: list[tuple[CameraChannel, Any, float, Any]] = []
-        cameras: dict[int, Any] = {}  # camera index -> (CameraInfo, intrinsics) of its decoded image
-        for index, (msg, t_recv, compressed) in picked:
-            cam = self._cams[index]
-            try:
-                decoded = cam.prepare(msg, compressed, s.for_camera(cam.overrides))  # size checks, decode, rectify
-            except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
-                if not self._drop(cam, err):
-                    return False
-                continue
-            cameras[index] = decoded.camera
-            frames.append((cam, msg, t_recv, decoded.rgb))  # rgb [H,W,3] uint8
-        if not frames:
-            return True
-        # 2. Model invocation: engine.predict on all frames at once; it groups same-size frames into batches of
-        #    batch_size (VAE encode, one UNet step per task, VAE decode per batch).
-        try:
-            pred = self._engine.predict([rgb for *_, rgb in frames])
-        except Exception as err:  # noqa: BLE001 - e.g. CUDA OOM on one batch: drop it, keep serving
-            return all(self._drop(cam, err) for cam, *_ in frames)
-        self._batch_stats.record([rgb.shape for *_, rgb in frames], int(s['batch_size']))
-        if self._stop.is_set():
-            return True
-        # 3.-4. Per camera: alignment with its own state, publishing with its input header.
-        for j, (cam, msg, t_recv, rgb) in enumerate(frames):
-            relative = pred.depth[j] if pred.depth is not None else None  # [H,W] in [0,1], 0 near
-            normals = pred.normals[j] if pred.normals is not None else None  # [H,W,3] optical frame
-            try:
-                cam.finish(s.for_camera(cam.overrides), msg, rgb, relative, normals, t_recv, time.monotonic,
-                           camera=cameras[cam.index])
-            except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
-                if not self._drop(cam, err):
-                    return False
-        return True
-
     # ------------------------------------------------------------------ diagnostics
+
+    def _status_label(self) -> str:
+        """The lifecycle state, or the warm-up's progress while it runs in an active node."""
+        status = self._warm_status
+        if self._state_label == 'active' and status:
+            return status.replace('{elapsed}', f'{time.monotonic() - self._warm_start:.0f}')
+        return self._state_label
 
     def _publish_diagnostics(self) -> None:
         hw = str(self._engine.device) if self._engine is not None else str(self._settings['device'])
+        state = self._status_label()
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         if not self._multi:
-            arr.status = [build_status(f'{self.get_name()}: pipeline', hw, self._stats.snapshot(), self._state_label)]
+            arr.status = [build_status(f'{self.get_name()}: pipeline', hw, self._stats.snapshot(), state)]
         else:
             for cam in self._cams:
                 status = build_status(f'{self.get_name()}: {cam.name}', f'{cam.name}@{hw}', cam.stats.snapshot(),
-                                      self._state_label)
+                                      state)
                 status.values.append(KeyValue(key='camera', value=cam.name))
                 status.values.append(KeyValue(key='image_topic', value=self.resolve_topic_name(cam.topic('image'))))
                 arr.status.append(status)

@@ -38,7 +38,7 @@ __all__ = [
 
 _DEVICE_RE = re.compile(r'^(cpu|cuda(:\d+)?)$')
 # Mirrors geodiff_ros.engine.accel.OPTIMIZE_MODES (not imported: params stay free of torch; a test compares them).
-OPTIMIZE_CHOICES: tuple[str, ...] = ('none', 'channels_last', 'graph', 'compile', 'compile+graph')
+OPTIMIZE_CHOICES: tuple[str, ...] = ('auto', 'none', 'channels_last', 'graph', 'compile', 'compile+graph')
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               'Which of the configured models to run (subset of depth, normals).',
               choices=('depth', 'normals'), configure_time=True),
     ParamSpec('device', 'cuda', 'Torch device: cpu, cuda or cuda:N.', configure_time=True),
-    ParamSpec('dtype', 'bf16', 'Inference precision (bf16 avoids the fp16 NaNs reported in Marigold-DC#6).',
+    ParamSpec('dtype', 'fp16',
+              'Inference precision. fp16 (default): fast on a GPU and within the engine benchmark\'s accuracy '
+              'tolerance; bf16 only on request (as fast, but outside that tolerance: benchmarks/README.md); fp32 '
+              'the official computation. The CPU runs fp16 as fp32.',
               choices=('fp32', 'fp16', 'bf16'), configure_time=True),
     ParamSpec('allow_cpu_fallback', False,
               'If the device is unavailable, run on CPU (slow) instead of failing to configure.',
@@ -79,13 +82,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('processing_res', 768,
               'Longest image edge fed to the network, multiple of 8 (0 = native size). Outputs match the input size.',
               lo=0, hi=4096, configure_time=True),
-    ParamSpec('optimize', 'none',
-              'Engine speed-up (geodiff_ros/engine/accel.py): none = the official eager path; channels_last; graph '
-              '(CUDA graphs); compile (torch.compile); compile+graph (fastest on a CUDA GPU; use none on CPU). '
-              'Compiled modes compile on the first frame of each new input size and batch size, in the worker, '
-              'without blocking configure: with a cold TORCHINDUCTOR_CACHE_DIR that first frame takes ~100 s '
-              '(full-size model, H100; warmup_size does this on activation); point TORCHINDUCTOR_CACHE_DIR to a '
-              'persistent folder so restarts re-use the kernels.',
+    ParamSpec('optimize', 'auto',
+              'Engine speed-up (geodiff_ros/engine/accel.py). auto (default) = compile+graph on a CUDA GPU (fastest; '
+              'the first start compiles for a minute or two, restarts re-use the kernels cached per user, see the '
+              'README), none on the CPU. none = the official eager path; channels_last; graph (CUDA graphs: start-up '
+              'in seconds, about 3x slower than compile+graph); compile (torch.compile); compile+graph. The compiling '
+              'runs in the worker on activation (warmup_size), shown in /diagnostics; services stay responsive.',
               choices=OPTIMIZE_CHOICES, configure_time=True),
     ParamSpec('cpu_threads', 0,
               'device cpu only: torch intra-op threads (0 = one per core). 1 is faster for small models on 2-4 '

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ['BatchStats', 'FrameScheduler']
+__all__ = ['BatchStats', 'FrameScheduler', 'Handoff']
 
 
 class FrameScheduler:
@@ -102,6 +102,46 @@ class FrameScheduler:
         with self._cond:
             self._closed = False
             self._items = [None] * self._n
+
+
+class Handoff:
+    """The one slot between the node's engine thread and its post-processing thread (issue 14 pipelining).
+
+    The engine thread waits for the slot to be free *before* it takes the next camera frame, so while frame N is
+    aligned and published, frame N+1 runs through the network, and frame N+2 is taken from the cameras only when
+    it can follow right away: at most one frame waits here, and the newest camera frame is the one taken (older
+    ones are overwritten, and counted, in the FrameScheduler mailboxes). Nothing is computed only to be dropped.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+
+    def wait_free(self, timeout: float) -> bool:
+        """Block until the slot is empty (True) or ``timeout`` passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._item is None, timeout)
+
+    def put(self, item: Any) -> None:
+        """Fill the slot (the engine thread checked :meth:`wait_free` first; a leftover item is replaced)."""
+        with self._cond:
+            self._item = item
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> Any:
+        """The waiting item (slot emptied), or None after ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._item is not None, timeout):
+                return None
+            item, self._item = self._item, None
+            self._cond.notify_all()
+            return item
+
+    def clear(self) -> None:
+        """Drop a waiting item (deactivate: its publishers are off)."""
+        with self._cond:
+            self._item = None
+            self._cond.notify_all()
 
 
 class BatchStats:

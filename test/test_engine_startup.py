@@ -1,0 +1,70 @@
+"""Where the compiled engine keeps its kernels (issue 14): a persistent per-user folder keyed by torch build and
+device unless TORCHINDUCTOR_CACHE_DIR says otherwise. No compiling here (test_ros_warmup.py compiles for real)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from geodiff_ros.engine.startup import compile_cache_key, default_compile_cache_dir, prepare_compile
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config
+
+    monkeypatch.setattr(config, 'compile_threads', 1)  # prepare_compile would start worker processes
+
+
+def test_default_folder_is_persistent_per_user_and_keyed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    key = compile_cache_key(torch.device('cpu'))
+    assert key.startswith(f'torch{torch.__version__}'.lower()) and 'cpu' in key and '/' not in key
+    folder = prepare_compile(torch.device('cpu'))
+    assert folder == tmp_path / 'xdg' / 'geodiff_ros' / 'inductor' / key and folder.is_dir()
+    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(folder)  # what inductor reads
+    monkeypatch.delenv('XDG_CACHE_HOME')
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    assert default_compile_cache_dir(torch.device('cpu')) == tmp_path / 'home' / '.cache' / 'geodiff_ros' / \
+        'inductor' / key
+    assert not str(default_compile_cache_dir(torch.device('cpu'))).startswith('/tmp/torchinductor')
+
+
+def test_an_explicit_cache_folder_is_respected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'mine'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert prepare_compile(torch.device('cpu')) == tmp_path / 'mine'
+    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(tmp_path / 'mine')
+    assert not (tmp_path / 'xdg').exists()
+
+
+@pytest.mark.skipif(not __import__('shutil').which('g++') and not __import__('shutil').which('c++'),
+                    reason='torch.compile on the CPU needs a C++ compiler')
+def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Issue 14, several cameras: batch sizes 2, 3, 4 share one compiled graph (batch 1 has its own: dynamo
+    specialises size 1), instead of one compile per batch size; results equal the eager stage's."""
+    from torch._dynamo.utils import counters
+
+    from geodiff_ros.engine.accel import _Stage
+
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+
+    def stage_fn(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(conv(x)) * context.mean(dim=(1, 2))[:, None, None, None]
+
+    stage = _Stage('toy', stage_fn, compiled=True)
+    before = counters['stats']['unique_graphs']
+    context = torch.randn(1, 2, 8)
+    with torch.inference_mode():
+        for batch in (1, 2, 3, 4, 2):
+            x = torch.randn(batch, 3, 16, 24)
+            ctx = context.expand(batch, -1, -1)  # stride 0 in the batch dim, as the engine's text context
+            torch.testing.assert_close(stage(x, ctx), stage_fn(x, ctx))
+    assert stage.error is None
+    assert counters['stats']['unique_graphs'] - before == 2
