@@ -82,6 +82,22 @@ def test_deterministic_and_batch_equals_single(both: GeoDiffEngine) -> None:
     assert np.abs(batched.depth[1] - first.depth[0]).max() > 0.05  # the second frame is not the first
 
 
+def test_bf16_eager_runs_a_batch_in_one_pass(tiny_depth_ckpt: Path) -> None:
+    """Exactness is an fp32 property (the official code only runs in fp32): in bf16 frames share network passes."""
+    engine = make_engine(tiny_depth_ckpt, dtype="bf16")
+    assert engine.bit_exact is False
+    calls = {"encode": 0}
+    original = engine.vae.encode
+
+    def counting(x):
+        calls["encode"] += 1
+        return original(x)
+
+    engine.vae.encode = counting
+    pred = engine.predict([rgb(32, 32, 1), rgb(32, 32, 2)])
+    assert calls["encode"] == 1 and pred.depth.shape == (2, 32, 32) and np.isfinite(pred.depth).all()
+
+
 def test_mixed_sizes_in_one_call_come_back_in_order(both: GeoDiffEngine) -> None:
     frames = [rgb(32, 48, 5), rgb(24, 24, 6), rgb(32, 48, 7)]
     pred = both.predict(frames)
