@@ -114,10 +114,10 @@ def device_info(devices: Sequence[str]) -> dict[str, Any]:
 def run_set(devices: list[str], args: argparse.Namespace, models: dict[str, str | None], bags: dict[str, Path],
             out_dir: Path) -> dict[str, Any]:
     """Load, warm up, time one device set; returns its row (the output bag is ``out_dir``/<tag>)."""
+    from geodiff_ros.bag.parallel import EnginePool, process_bag_parallel
+    from geodiff_ros.bag.process import ProcessOptions, process_bag
+    from geodiff_ros.bag.storage import BagWriter, open_bag
     from geodiff_ros.engine import EngineConfig, GeoDiffEngine
-    from geodiff_ros.ros.bag_io import BagWriter, open_bag
-    from geodiff_ros.ros.bag_parallel import EnginePool, process_bag_parallel
-    from geodiff_ros.ros.bag_process import ProcessOptions, process_bag
     from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC
 
     cfg = EngineConfig(depth_model=models['depth'], normals_model=models['normals'], device=devices[0],
@@ -163,7 +163,7 @@ def run_set(devices: list[str], args: argparse.Namespace, models: dict[str, str 
 
 def compare(reference: Path, other: Path) -> dict[str, Any]:
     """Same messages in the same order? Bytes identical? Largest value difference per output topic."""
-    from geodiff_ros.ros.bag_io import open_bag
+    from geodiff_ros.bag.storage import open_bag
     from geodiff_ros.ros.conversions import image_to_numpy
 
     with open_bag(reference) as a, open_bag(other) as b:

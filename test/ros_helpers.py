@@ -56,7 +56,7 @@ def launch_file(name: str) -> Path:
 
 
 # console_scripts of setup.py: launch_ros starts executables from <prefix>/lib/geodiff_ros/.
-CONSOLE_SCRIPTS = {'geodiff_node': 'geodiff_ros.ros.node', 'geodiff_bag': 'geodiff_ros.ros.bag_tool',
+CONSOLE_SCRIPTS = {'geodiff_node': 'geodiff_ros.ros.node', 'geodiff_bag': 'geodiff_ros.bag.cli',
                    'geodiff_demo': 'geodiff_ros.ros.demo', 'geodiff_predict': 'geodiff_ros.cli.predict'}
 
 

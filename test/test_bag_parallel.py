@@ -16,16 +16,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from geodiff_ros.ros.bag_io import BagWriter, open_bag
-from geodiff_ros.ros.bag_parallel import (
+from geodiff_ros.bag.cli import main as bag_main
+from geodiff_ros.bag.parallel import (
     EnginePool,
     WorkerError,
     _ParallelProcessor,
     parse_devices,
     process_bag_parallel,
 )
-from geodiff_ros.ros.bag_process import ProcessOptions, process_bag
-from geodiff_ros.ros.bag_tool import main as bag_main
+from geodiff_ros.bag.process import ProcessOptions, process_bag
+from geodiff_ros.bag.storage import BagWriter, open_bag
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, write_synthetic_bag
 
 TINY = ['--tiny', '--processing-res', '64', '--fixed-scale', '10']  # random weights: no sparse fit, a fixed scale
@@ -152,7 +152,7 @@ def test_cli_bad_devices_exit_2(bag6: Path, tmp_path: Path, caplog: pytest.LogCa
 _KILLED_PARENT = '''
 import sys
 from geodiff_ros.engine import EngineConfig
-from geodiff_ros.ros.bag_parallel import EnginePool
+from geodiff_ros.bag.parallel import EnginePool
 cfg = EngineConfig(depth_model=sys.argv[1], normals_model=None, device='cpu', dtype='fp32', processing_res=64)
 pool = EnginePool(cfg, ['cpu', 'cpu']).__enter__()
 print(' '.join(str(p.pid) for p in pool.processes), flush=True)

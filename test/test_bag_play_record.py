@@ -23,7 +23,7 @@ from rosbags.interfaces import QosReliability  # noqa: E402
 from rosbags.typesys import get_types_from_msg  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from geodiff_ros.ros.bag_io import BagWriter, jazzy_typestore, open_bag  # noqa: E402
+from geodiff_ros.bag.storage import BagWriter, jazzy_typestore, open_bag  # noqa: E402
 from geodiff_ros.ros.conversions import numpy_to_image  # noqa: E402
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 
@@ -41,7 +41,7 @@ def _env() -> dict[str, str]:
 
 
 def _bag_tool(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, '-m', 'geodiff_ros.ros.bag_tool', *args], cwd=run_dir(), env=_env(),
+    return subprocess.Popen([sys.executable, '-m', 'geodiff_ros.bag.cli', *args], cwd=run_dir(), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
 from ros_helpers import module_domain_id, run_dir, source_pythonpath  # noqa: E402
 
-from geodiff_ros.ros.bag_io import open_bag  # noqa: E402
+from geodiff_ros.bag.storage import open_bag  # noqa: E402
 
 DOMAIN = module_domain_id(73)
 NS = f'/geodiff_demo_test_{os.getpid()}'  # our own topics even if another test run shares the domain

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geodiff_ros.engine.core import LATENT_SCALE
 from geodiff_ros.engine.fused_vae import FusedVAE, UnsupportedVAE, subpixel_weight
+from geodiff_ros.engine.latent import LATENT_SCALE
 from geodiff_ros.engine.vae_kernels import TorchOps, subpixel_shuffle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_fused_vae_with_triton_kernels_matches_diffusers_in_the_interpreter() ->
         import torch, sys
         sys.path.insert(0, "test")
         from test_engine_kernels import TINY_VAE, small_vae
-        from geodiff_ros.engine.core import LATENT_SCALE
+        from geodiff_ros.engine.latent import LATENT_SCALE
         from geodiff_ros.engine.fused_vae import FusedVAE
         from geodiff_ros.engine.vae_kernels import TritonOps
         vae = small_vae(torch.float32, config=TINY_VAE)  # the interpreter costs ~0.1-1 s per launch: few launches

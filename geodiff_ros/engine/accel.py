@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import LATENT_SCALE, Prediction, x0_from_prediction
+from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,11 @@ from ..geometry.normal_frames import TO_OPTICAL_SIGNS
 from .checkpoint import DEPTH_HUB_ID, load_components, normals_frame_of
 from .ensemble import ensemble_depths, ensemble_normals
 from .errors import DeviceError, ImageFormatError, ModelLoadError
+from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 from .preprocess import processing_size, resize_output, resize_uint8_batch, to_rgb_uint8
 
 LOG = logging.getLogger(__name__)
 
-LATENT_SCALE = 0.18215  # rgb_latent_scale_factor, spec A.1-7
 NORMAL_EPS = 1e-5  # spec A.1-12 / A.1-14
 TASKS = ("depth", "normals")
 DTYPES = {
@@ -70,15 +70,6 @@ class EngineConfig:
     # CPU only: torch intra-op threads for this process (0 = torch's default, one per core). 1 avoids barrier
     # stalls when ROS threads share few cores (benchmarks/README.md, multi-camera); large models want more.
     cpu_threads: int = 0
-
-
-@dataclass
-class Prediction:
-    """Engine output for B frames. depth: [B,H,W] in [0,1], 0 near; normals: [B,H,W,3] optical frame."""
-
-    depth: np.ndarray | None = None
-    normals: np.ndarray | None = None
-    timesteps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -136,26 +127,6 @@ def encode_empty_prompt(tokenizer: Any, text_encoder: Any, padding: str = "do_no
     ids = tokens.input_ids.to(text_encoder.device)
     with torch.no_grad():
         return text_encoder(ids)[0]
-
-
-def x0_from_prediction(pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor | float,
-                       prediction_type: str) -> torch.Tensor:
-    """Clean latent from the UNet output at noise level alpha_bar (spec A.1-11, B.3-6).
-
-    Op for op as diffusers' DDIM ``step`` (the official inference) and the official training code: the square
-    roots are taken in the dtype of ``alpha_bar`` (float32 ``alphas_cumprod`` of the scheduler), not in float64,
-    so the result is bit-identical to theirs.
-    """
-    alpha_prod_t = torch.as_tensor(alpha_bar)
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "v_prediction":
-        return (alpha_prod_t**0.5) * z_t - (beta_prod_t**0.5) * pred
-    if prediction_type == "epsilon":
-        return (z_t - beta_prod_t ** (0.5) * pred) / alpha_prod_t ** (0.5)
-    if prediction_type == "sample":
-        return pred
-    raise ModelLoadError(f"scheduler prediction_type {prediction_type!r} is not supported "
-                         "(expected v_prediction, epsilon or sample); fix scheduler/scheduler_config.json")
 
 
 def _vae_fingerprint(folder: Path) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .core import LATENT_SCALE
+from .latent import LATENT_SCALE
 from .vae_kernels import Stats, nhwc
 
 LOG = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..engine.checkpoint import load_components
-from ..engine.core import x0_from_prediction
+from ..engine.latent import x0_from_prediction
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from geodiff_ros.bag.storage import (
+    Bag,
+    BagError,
+    BagWriter,
+    RawMessage,
+    camera_info_topic_for,
+    image_topic_is_compressed,
+)
 from geodiff_ros.geometry import (
     InvalidCameraInfo,
     TemporalAligner,
@@ -34,14 +42,6 @@ from geodiff_ros.geometry import (
     fit_scale_shift,
     intrinsics_from_camera_info,
     sparse_to_image_grid,
-)
-from geodiff_ros.ros.bag_io import (
-    Bag,
-    BagError,
-    BagWriter,
-    RawMessage,
-    camera_info_topic_for,
-    image_topic_is_compressed,
 )
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
@@ -133,8 +133,8 @@ class ProcessSummary:
     infer_seconds: float = 0.0
     damage: str | None = None
     camera_info_topic: str | None = None
-    devices: list[str] = field(default_factory=list)  # where the engine ran (bag_parallel: one worker each)
-    worker_frames: list[int] = field(default_factory=list)  # frames each device computed (bag_parallel)
+    devices: list[str] = field(default_factory=list)  # where the engine ran (bag.parallel: one worker each)
+    worker_frames: list[int] = field(default_factory=list)  # frames each device computed (bag.parallel)
 
 
 @dataclass
@@ -239,12 +239,12 @@ class _Processor:
         return self.summary
 
     def _copy(self, raw: RawMessage) -> None:
-        """Copy an input message unchanged (bag_parallel defers this to keep the one-process write order)."""
+        """Copy an input message unchanged (bag.parallel defers this to keep the one-process write order)."""
         self.writer.write(raw.topic, raw.timestamp, raw.data)
         self.summary.passthrough[raw.topic] = self.summary.passthrough.get(raw.topic, 0) + 1
 
     def _finish(self) -> None:
-        """End of the bag: nothing is outstanding in one process (bag_parallel waits for its workers here)."""
+        """End of the bag: nothing is outstanding in one process (bag.parallel waits for its workers here)."""
 
     def _fail(self, text: str) -> None:
         self.summary.frames_failed += 1

@@ -1,7 +1,7 @@
 """``geodiff_bag process --devices A,B,...``: one bag processed by several devices, one worker process per device.
 
 Only the engine call is spread. The parent process reads the bag, forms exactly the batches one process would
-(the queueing rule of bag_process), hands each batch to the least busy worker and writes everything itself, in
+(the queueing rule of bag.process), hands each batch to the least busy worker and writes everything itself, in
 the order one process writes it: a copied input message waits in an ordered log behind any batch that is still
 being computed. The metric alignment is a temporal filter (EMA over frames in stamp order, spec of the node's
 ``alignment.*``), so it too stays in the parent, fed in stamp order. The output bag therefore holds the same
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from geodiff_ros.ros.bag_io import Bag, BagWriter, RawMessage
-from geodiff_ros.ros.bag_process import ProcessOptions, ProcessSummary, _Frame, _Processor
+from geodiff_ros.bag.process import ProcessOptions, ProcessSummary, _Frame, _Processor
+from geodiff_ros.bag.storage import Bag, BagWriter, RawMessage
 
 __all__ = ['EnginePool', 'WorkerError', 'parse_devices', 'process_bag_parallel']
 
@@ -240,7 +240,7 @@ class EnginePool:
 
 
 class _ParallelProcessor(_Processor):
-    """bag_process's single pass with the engine calls sent to an EnginePool and the writes kept in order."""
+    """bag.process's single pass with the engine calls sent to an EnginePool and the writes kept in order."""
 
     def __init__(self, bag: Bag, writer: BagWriter, pool: EnginePool, opts: ProcessOptions,
                  progress: Callable[[int], None] | None) -> None:
