@@ -385,6 +385,21 @@ def stop_nodes(procs: Sequence[subprocess.Popen]) -> list[int | None]:
     return codes
 
 
+def stream_until_warm(harness: Harness, procs: Sequence[subprocess.Popen], args: argparse.Namespace,
+                      row: dict[str, Any], log_dir: Path, camera_info: bool = True) -> bool:
+    """Stream every camera at ``args.hz``, wait for each one's first output (``row['startup_s']``), then stream
+    ``args.warmup`` seconds more. False, with ``row['error']``, when not every camera had output within
+    ``args.startup_timeout``."""
+    harness.start_streaming(args.hz, camera_info=camera_info)
+    t_start = time.monotonic()
+    if not harness.wait_ready(args.startup_timeout, procs):
+        row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        return False
+    row['startup_s'] = round(time.monotonic() - t_start, 1)
+    time.sleep(args.warmup)
+    return True
+
+
 def camera_rates(names: Sequence[str], got: dict[str, list[tuple[float, int]]], sent: dict[str, int],
                  span: float) -> tuple[dict[str, dict[str, Any]], list[float]]:
     """Per camera over a measuring window (Harness.window): frames sent and outputs received per second, latency
@@ -418,13 +433,8 @@ def run_one(mode: str, n: int, args: argparse.Namespace, models: dict[str, str],
     procs = start_nodes(mode, names, args, models, domain, log_dir)
     row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs), 'tasks': args.tasks}
     try:
-        harness.start_streaming(args.hz, camera_info=not args.no_camera_info)
-        t_start = time.monotonic()
-        if not harness.wait_ready(args.startup_timeout, procs):
-            row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        if not stream_until_warm(harness, procs, args, row, log_dir, camera_info=not args.no_camera_info):
             return row
-        row['startup_s'] = round(time.monotonic() - t_start, 1)
-        time.sleep(args.warmup)
         got, sent, span, clouds = harness.window(args.seconds)
         pids = [p.pid for p in procs]
         row['gpu_mem_mib'] = gpu_memory_mib(pids) if args.device.startswith('cuda') else None

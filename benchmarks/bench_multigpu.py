@@ -155,13 +155,8 @@ def run_one(g: int, n: int, args: argparse.Namespace, model: str, domain: int, l
     harness = bench_multicam.Harness(domain, names, args.width, args.height)
     procs = start_nodes(plan, args, model, domain, log_dir, f'g{g}n{n}')
     try:
-        harness.start_streaming(args.hz)
-        t_start = time.monotonic()
-        if not harness.wait_ready(args.startup_timeout, procs):
-            row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        if not bench_multicam.stream_until_warm(harness, procs, args, row, log_dir):
             return row
-        row['startup_s'] = round(time.monotonic() - t_start, 1)
-        time.sleep(args.warmup)
         pids = [p.pid for p in procs]
         host0, procs0 = _cpu_ticks(), [_proc_ticks(pid) for pid in pids]
         got, sent, span, _ = harness.window(args.seconds)
