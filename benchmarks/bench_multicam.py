@@ -385,6 +385,47 @@ def stop_nodes(procs: Sequence[subprocess.Popen]) -> list[int | None]:
     return codes
 
 
+def stream_until_warm(harness: Harness, procs: Sequence[subprocess.Popen], args: argparse.Namespace,
+                      row: dict[str, Any], log_dir: Path, camera_info: bool = True) -> bool:
+    """Stream every camera at ``args.hz``, wait for each one's first output (``row['startup_s']``), then stream
+    ``args.warmup`` seconds more. False, with ``row['error']``, when not every camera had output within
+    ``args.startup_timeout``."""
+    harness.start_streaming(args.hz, camera_info=camera_info)
+    t_start = time.monotonic()
+    if not harness.wait_ready(args.startup_timeout, procs):
+        row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        return False
+    row['startup_s'] = round(time.monotonic() - t_start, 1)
+    time.sleep(args.warmup)
+    return True
+
+
+def camera_rates(names: Sequence[str], got: dict[str, list[tuple[float, int]]], sent: dict[str, int],
+                 span: float) -> tuple[dict[str, dict[str, Any]], list[float]]:
+    """Per camera over a measuring window (Harness.window): frames sent and outputs received per second, latency
+    p50 / p95 in ms from the image stamp to reception; and every camera's latencies together."""
+    per_cam: dict[str, dict[str, Any]] = {}
+    all_lat: list[float] = []
+    for name in names:
+        lat_ms = [(t - s * 1e-9) * 1e3 for t, s in got[name]]
+        all_lat += lat_ms
+        per_cam[name] = {'input_hz': sent[name] / span, 'output_hz': len(got[name]) / span,
+                         'latency_p50_ms': float(np.percentile(lat_ms, 50)) if lat_ms else None,
+                         'latency_p95_ms': float(np.percentile(lat_ms, 95)) if lat_ms else None}
+    return per_cam, all_lat
+
+
+def rate_summary(per_cam: dict[str, dict[str, Any]], all_lat: list[float]) -> dict[str, Any]:
+    """A run's row figures from camera_rates: mean and slowest output rate, mean input rate, latency p50 / p95."""
+    rates = [c['output_hz'] for c in per_cam.values()]
+    return {
+        'output_hz_mean': float(np.mean(rates)), 'output_hz_min': float(np.min(rates)),
+        'input_hz_mean': float(np.mean([c['input_hz'] for c in per_cam.values()])),
+        'latency_p50_ms': float(np.percentile(all_lat, 50)) if all_lat else None,
+        'latency_p95_ms': float(np.percentile(all_lat, 95)) if all_lat else None,
+    }
+
+
 def run_one(mode: str, n: int, args: argparse.Namespace, models: dict[str, str], domain: int,
             log_dir: Path) -> dict[str, Any]:
     names = [f'cam{i}' for i in range(n)]
@@ -392,13 +433,8 @@ def run_one(mode: str, n: int, args: argparse.Namespace, models: dict[str, str],
     procs = start_nodes(mode, names, args, models, domain, log_dir)
     row: dict[str, Any] = {'mode': mode, 'cameras': n, 'processes': len(procs), 'tasks': args.tasks}
     try:
-        harness.start_streaming(args.hz, camera_info=not args.no_camera_info)
-        t_start = time.monotonic()
-        if not harness.wait_ready(args.startup_timeout, procs):
-            row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        if not stream_until_warm(harness, procs, args, row, log_dir, camera_info=not args.no_camera_info):
             return row
-        row['startup_s'] = round(time.monotonic() - t_start, 1)
-        time.sleep(args.warmup)
         got, sent, span, clouds = harness.window(args.seconds)
         pids = [p.pid for p in procs]
         row['gpu_mem_mib'] = gpu_memory_mib(pids) if args.device.startswith('cuda') else None
@@ -410,15 +446,9 @@ def run_one(mode: str, n: int, args: argparse.Namespace, models: dict[str, str],
         harness.close()
         row['exit_codes'] = stop_nodes(procs)
         row.update(warmup_report(procs))
-    per_cam = {}
-    all_lat: list[float] = []
+    per_cam, all_lat = camera_rates(names, got, sent, span)
     all_cloud: list[float] = []
     for name in names:
-        lat_ms = [(t - s * 1e-9) * 1e3 for t, s in got[name]]
-        all_lat += lat_ms
-        per_cam[name] = {'input_hz': sent[name] / span, 'output_hz': len(got[name]) / span,
-                         'latency_p50_ms': float(np.percentile(lat_ms, 50)) if lat_ms else None,
-                         'latency_p95_ms': float(np.percentile(lat_ms, 95)) if lat_ms else None}
         if args.cloud:
             cloud_ms = [(t - s * 1e-9) * 1e3 for t, s in clouds[name]]
             all_cloud += cloud_ms
@@ -426,14 +456,7 @@ def run_one(mode: str, n: int, args: argparse.Namespace, models: dict[str, str],
                 'cloud_hz': len(clouds[name]) / span,
                 'cloud_latency_p50_ms': float(np.percentile(cloud_ms, 50)) if cloud_ms else None,
                 'cloud_latency_p95_ms': float(np.percentile(cloud_ms, 95)) if cloud_ms else None})
-    rates = [c['output_hz'] for c in per_cam.values()]
-    row.update({
-        'per_camera': per_cam,
-        'output_hz_mean': float(np.mean(rates)), 'output_hz_min': float(np.min(rates)),
-        'input_hz_mean': float(np.mean([c['input_hz'] for c in per_cam.values()])),
-        'latency_p50_ms': float(np.percentile(all_lat, 50)) if all_lat else None,
-        'latency_p95_ms': float(np.percentile(all_lat, 95)) if all_lat else None,
-    })
+    row.update({'per_camera': per_cam, **rate_summary(per_cam, all_lat)})
     if args.cloud:
         row.update({
             'cloud_hz_min': float(min(c['cloud_hz'] for c in per_cam.values())),
@@ -487,7 +510,8 @@ def run_startup(mode: str, n: int, args: argparse.Namespace, models: dict[str, s
 
 # ------------------------------------------------------------------------------------------- report
 
-def _f(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; '-' for a figure a run did not measure (None)."""
     return '-' if value is None else format(value, spec)
 
 
@@ -508,7 +532,7 @@ def table(result: dict[str, Any]) -> str:
         if r.get('kind') == 'startup':
             slow = max((r.get('warmup_stages_s') or {'-': 0.0}).items(), key=lambda kv: kv[1])
             starts.append([r['mode'], str(r['cameras']), r['tasks'], r['cache'],
-                           r.get('error') or _f(r.get('first_frame_s'), '.1f'), _f(r.get('warmup_s'), '.1f'),
+                           r.get('error') or fmt(r.get('first_frame_s'), '.1f'), fmt(r.get('warmup_s'), '.1f'),
                            f'{slow[0]} {slow[1]:.1f} s' if slow[0] != '-' else '-'])
             continue
         if 'error' in r:
@@ -517,14 +541,14 @@ def table(result: dict[str, Any]) -> str:
         st = r.get('stages_ms', {})
 
         def pair(stage: str, st: dict[str, float] = st) -> str:
-            return f"{_f(st.get(stage + '_p50'), '.1f')}/{_f(st.get(stage + '_p95'), '.1f')}"
+            return f"{fmt(st.get(stage + '_p50'), '.1f')}/{fmt(st.get(stage + '_p95'), '.1f')}"
 
-        rows.append([r['mode'], str(r['cameras']), r.get('tasks', 'depth'), _f(r['input_hz_mean'], '.1f'),
-                     _f(r['output_hz_mean'], '.1f'), _f(r['output_hz_min'], '.1f'), _f(r['latency_p50_ms'], '.0f'),
-                     _f(r['latency_p95_ms'], '.0f'), _f(r['gpu_mem_mib'], '.0f'), _f(r['rss_mib'], '.0f'),
-                     _f(r.get('frames_per_pass'), '.2f'), _f(r.get('cloud_hz_min'), '.1f'),
-                     _f(r.get('cloud_latency_p95_ms'), '.0f'), pair('engine'), pair('post'), pair('publish'),
-                     _f(r.get('warmup_s'), '.0f')])
+        rows.append([r['mode'], str(r['cameras']), r.get('tasks', 'depth'), fmt(r['input_hz_mean'], '.1f'),
+                     fmt(r['output_hz_mean'], '.1f'), fmt(r['output_hz_min'], '.1f'), fmt(r['latency_p50_ms'], '.0f'),
+                     fmt(r['latency_p95_ms'], '.0f'), fmt(r['gpu_mem_mib'], '.0f'), fmt(r['rss_mib'], '.0f'),
+                     fmt(r.get('frames_per_pass'), '.2f'), fmt(r.get('cloud_hz_min'), '.1f'),
+                     fmt(r.get('cloud_latency_p95_ms'), '.0f'), pair('engine'), pair('post'), pair('publish'),
+                     fmt(r.get('warmup_s'), '.0f')])
     s = result['settings']
     title = (f"{result['device']['card']}: {s['width']}x{s['height']} @ {s['hz']:g} Hz per camera, "
              f"processing_res {s['processing_res']}, {s['dtype']}, optimize {s.get('optimize', 'none')}, "
@@ -539,6 +563,23 @@ def table(result: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as the JSON's ``settings`` (paths as text)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def result_path(args: argparse.Namespace, device: dict[str, Any], stem: str) -> Path:
+    """--out, else benchmarks/results/<stem>_<card>[_tiny].json (card from device_info); its folder made."""
+    card = device['card'].split(' (')[0].replace(' ', '_').lower()
+    out = args.out or REPO / 'benchmarks' / 'results' / f'{stem}_{card}{"_tiny" if args.tiny else ""}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    out.write_text(json.dumps(result, indent=1, default=str))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
@@ -546,14 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix='bench_multicam_'))
     if args.cache_dir is None:
         args.cache_dir = Path(tempfile.mkdtemp(prefix='bench_multicam_inductor_'))
-    result: dict[str, Any] = {
-        'device': device_info(args.device),
-        'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        'models': models, 'runs': [],
-    }
-    card = result['device']['card'].split(' (')[0].replace(' ', '_').lower()
-    out = args.out or REPO / 'benchmarks' / 'results' / f'multicam_{card}{"_tiny" if args.tiny else ""}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {'device': device_info(args.device), 'settings': settings_of(args), 'models': models,
+                              'runs': []}
+    out = result_path(args, result['device'], 'multicam')
     domain = args.domain
     for n in args.cameras:
         for mode in args.modes:
@@ -565,12 +601,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = run_one(mode, n, args, models, domain, log_dir)
                 LOG.info('  %s', {k: v for k, v in row.items() if k != 'per_camera'})
                 result['runs'].append(row)
-            out.write_text(json.dumps(result, indent=1, default=str))  # after every row: a cut-off run keeps it
+            write_result(out, result)  # after every row: a cut-off run keeps it
             domain = domain + 1 if domain < 100 else 1
     text = table(result)
     print(text)  # noqa: T201 - the benchmark's report
     result['table'] = text
-    out.write_text(json.dumps(result, indent=1, default=str))
+    write_result(out, result)
     LOG.info('wrote %s (node logs in %s)', out, log_dir)
     return 0 if all('error' not in r for r in result['runs']) else 1
 

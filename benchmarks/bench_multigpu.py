@@ -20,7 +20,6 @@ Writes JSON naming the cards after every run (a cut-off run keeps what it measur
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,9 @@ for path in (REPO, REPO / 'benchmarks'):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))  # run from a checkout without installing the package
 
-import bench_multicam  # noqa: E402 - the camera harness, DDS environment and node stop of the one-GPU benchmark
+# the camera harness, DDS environment, node stop, statistics and JSON/table helpers of the one-GPU benchmark
+import bench_multicam  # noqa: E402
+from bench_multicam import fmt  # noqa: E402
 
 LOG = logging.getLogger('bench_multigpu')
 
@@ -154,13 +155,8 @@ def run_one(g: int, n: int, args: argparse.Namespace, model: str, domain: int, l
     harness = bench_multicam.Harness(domain, names, args.width, args.height)
     procs = start_nodes(plan, args, model, domain, log_dir, f'g{g}n{n}')
     try:
-        harness.start_streaming(args.hz)
-        t_start = time.monotonic()
-        if not harness.wait_ready(args.startup_timeout, procs):
-            row['error'] = f'no output from every camera within {args.startup_timeout:.0f} s (logs in {log_dir})'
+        if not bench_multicam.stream_until_warm(harness, procs, args, row, log_dir):
             return row
-        row['startup_s'] = round(time.monotonic() - t_start, 1)
-        time.sleep(args.warmup)
         pids = [p.pid for p in procs]
         host0, procs0 = _cpu_ticks(), [_proc_ticks(pid) for pid in pids]
         got, sent, span, _ = harness.window(args.seconds)
@@ -177,26 +173,15 @@ def run_one(g: int, n: int, args: argparse.Namespace, model: str, domain: int, l
     finally:
         harness.close()
         row['exit_codes'] = bench_multicam.stop_nodes(procs)
-    per_cam: dict[str, dict[str, Any]] = {}
-    all_lat: list[float] = []
+    per_cam, all_lat = bench_multicam.camera_rates(names, got, sent, span)
     for name in names:
-        lat_ms = [(t - s * 1e-9) * 1e3 for t, s in got[name]]
-        all_lat += lat_ms
-        per_cam[name] = {'input_hz': sent[name] / span, 'output_hz': len(got[name]) / span,
-                         'latency_p50_ms': float(np.percentile(lat_ms, 50)) if lat_ms else None,
-                         'latency_p95_ms': float(np.percentile(lat_ms, 95)) if lat_ms else None}
         status = next((v for k, v in diag.items() if k.endswith(f': {name}')), None)
         if status:  # the node's own figures for this camera (counters, stage percentiles where it reports them)
             per_cam[name]['node'] = {k: v for k, v in status.items()
                                      if k in ('received', 'dropped', 'processed') or k.endswith(('_p50_ms', '_p95_ms'))}
-    rates = [c['output_hz'] for c in per_cam.values()]
-    row.update({
-        'per_camera': per_cam, 'output_hz_total': float(np.sum(rates)), 'output_hz_mean': float(np.mean(rates)),
-        'output_hz_min': float(np.min(rates)),
-        'input_hz_mean': float(np.mean([c['input_hz'] for c in per_cam.values()])),
-        'latency_p50_ms': float(np.percentile(all_lat, 50)) if all_lat else None,
-        'latency_p95_ms': float(np.percentile(all_lat, 95)) if all_lat else None,
-    })
+    row.update({'per_camera': per_cam,
+                'output_hz_total': float(np.sum([c['output_hz'] for c in per_cam.values()])),
+                **bench_multicam.rate_summary(per_cam, all_lat)})
     stp = [float(c['node']['stamp_to_publish_p95_ms']) for c in per_cam.values()
            if 'stamp_to_publish_p95_ms' in c.get('node', {})]
     if stp:
@@ -205,10 +190,6 @@ def run_one(g: int, n: int, args: argparse.Namespace, model: str, domain: int, l
 
 
 # ------------------------------------------------------------------------------------------- report
-
-def _f(value: Any, spec: str) -> str:
-    return '-' if value is None else format(value, spec)
-
 
 def table(result: dict[str, Any]) -> str:
     lines = ['| cameras | GPUs | out Hz/cam (mean) | out Hz/cam (min) | total Hz | scaling vs 1 GPU | p50 ms | '
@@ -224,8 +205,8 @@ def table(result: dict[str, Any]) -> str:
         mem = r.get('gpu_mem_mib_per_card')
         mem_text = ', '.join(f'{k}: {v:.0f}' for k, v in sorted(mem.items())) if mem else '-'
         lines.append(f"| {r['cameras']} | {r['gpus']} | {r['output_hz_mean']:.1f} | {r['output_hz_min']:.1f} | "
-                     f"{r['output_hz_total']:.1f} | {_f(scaling, '.2f')} | {_f(r['latency_p50_ms'], '.0f')} | "
-                     f"{_f(r['latency_p95_ms'], '.0f')} | {_f(r.get('stamp_to_publish_p95_ms_worst'), '.0f')} | "
+                     f"{r['output_hz_total']:.1f} | {fmt(scaling, '.2f')} | {fmt(r['latency_p50_ms'], '.0f')} | "
+                     f"{fmt(r['latency_p95_ms'], '.0f')} | {fmt(r.get('stamp_to_publish_p95_ms_worst'), '.0f')} | "
                      f"{mem_text} | {r['host_cpu_busy_frac']:.2f} | {r['node_cpu_percent']} |")
     s = result['settings']
     title = (f"{result['device']['card']} x {max(s['gpus'])}: {s['width']}x{s['height']} @ {s['hz']:g} Hz per camera, "
@@ -253,12 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         'device': bench_multicam.device_info(args.device_list[0]),
         'cards': [bench_multicam.device_info(d).get('card') for d in args.device_list[:max(args.gpus)]],
-        'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        'model_depth': model, 'runs': [],
+        'settings': bench_multicam.settings_of(args), 'model_depth': model, 'runs': [],
     }
-    card = result['device']['card'].split(' (')[0].replace(' ', '_').lower()
-    out = args.out or REPO / 'benchmarks' / 'results' / f'multigpu_{card}{"_tiny" if args.tiny else ""}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = bench_multicam.result_path(args, result['device'], 'multigpu')
     domain = args.domain
     for n in args.cameras:
         for g in args.gpus:
@@ -266,11 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = run_one(g, n, args, model, domain, log_dir)
             LOG.info('  %s', {k: v for k, v in row.items() if k != 'per_camera'})
             result['runs'].append(row)
-            out.write_text(json.dumps(result, indent=1, default=str))
+            bench_multicam.write_result(out, result)
             domain = domain + args.domain_step if domain + args.domain_step <= 100 else 1
     result['table'] = table(result)
     print(result['table'])  # noqa: T201 - the benchmark's report
-    out.write_text(json.dumps(result, indent=1, default=str))
+    bench_multicam.write_result(out, result)
     LOG.info('wrote %s (node logs in %s)', out, log_dir)
     return 0 if all('error' not in r for r in result['runs']) else 1
 

@@ -13,9 +13,9 @@
 #
 # The GPU machine's python3 holds torch, accelerate and tqdm but no ROS and no diffusers: carry the ROS Jazzy cp312
 # wheels, diffusers 0.42.1, importlib_metadata 8.7.0 and rosbags 0.11.9 (+ lz4, ruamel_yaml, zstd backports) in
-# .whl/ (carry: [".whl"]); they go into /tmp/venv, which sees python3's own packages through a .pth (as in
-# run_gpu_node_multicam.sh). The venv is made once per warm machine. Shared RGB-D frames for the training part:
-# shared/data/manifest.json in the checkout if present, else a synthetic set (train_multi.py).
+# .whl/ (carry: [".whl"]); they go into /tmp/venv, which sees python3's own packages through a .pth (gpu_venv.sh,
+# shared with run_gpu_node_multicam.sh). The venv is made once per warm machine. Shared RGB-D frames for the
+# training part: shared/data/manifest.json in the checkout if present, else a synthetic set (train_multi.py).
 # NVLink multicast stays off (KINDS.md): NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1.
 set -u
 PART=${1:-all}
@@ -42,16 +42,8 @@ else
   DOM=80
   PY=/tmp/venv/bin/python
   if ! $PY -c "import rclpy, torch, diffusers, rosbags, accelerate, tqdm" 2>/dev/null; then
-    PYV=$($BASEPY -c 'import sys;print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')
-    BASE=$($BASEPY -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
-    rm -rf /tmp/venv
-    if $BASEPY -m venv --without-pip /tmp/venv; then
-      echo "import site; site.addsitedir('$BASE')" > /tmp/venv/lib/$PYV/site-packages/zz_base.pth
-      $BASEPY -m pip install -q --no-index --no-deps --no-compile --ignore-installed --prefix /tmp/venv $WHL/*.whl || exit 1
-    else
-      $BASEPY -m pip install -q --no-index --no-deps --no-compile $WHL/*.whl || exit 1
-      PY=$BASEPY
-    fi
+    . "$(dirname "$0")/gpu_venv.sh"
+    gpu_venv || exit 1
   fi
   $PY -c "import rclpy, torch, diffusers, rosbags, accelerate, tqdm, sensor_msgs.msg; print('imports ok: torch', torch.__version__, 'cuda devices', torch.cuda.device_count(), 'accelerate', accelerate.__version__)" \
     || { echo "missing a package: carry its wheel in $WHL (see the header of this script)"; exit 1; }

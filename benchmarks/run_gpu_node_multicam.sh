@@ -11,8 +11,8 @@
 #   multicam  4, 2, 1 cameras, one node vs N nodes, compiled (optimize auto), 20 s windows
 # env: WHL, BASEPY, OPT (node optimize, default auto), TINY=--tiny (CPU rehearsal), N_NODE/N_MULTI (extra args).
 # --foreground: only the benchmark gets SIGINT at the limit and stops its nodes once (try 1 signalled the group).
-# ROS wheels + diffusers go into /tmp/venv, which sees python3's own packages through a .pth (site.addsitedir):
-# a `venv --system-site-packages` made from python3 (itself a venv) would see the base interpreter's, not torch.
+# ROS wheels + diffusers go into /tmp/venv, which sees python3's own packages through a .pth (gpu_venv.sh, shared
+# with run_gpu_multi.sh; it says why not `venv --system-site-packages`).
 set -u
 T0=$(date +%s); LIMIT=${LIMIT:-580}; WHL=${WHL:-.whl}; BASEPY=${BASEPY:-python3}; OUTD=${OUT:-/tmp/out}
 TINY=${TINY:-}; OPT=${OPT:-auto}; PHASES=${PHASES:-"startup node multicam"}
@@ -29,17 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 if [ -n "$TINY" ]; then
   PY=${PY:-python}  # CPU rehearsal: the checkout's venv (source scripts/env.sh first)
 else
-  PYV=$($BASEPY -c 'import sys;print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')
-  BASE=$($BASEPY -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
-  rm -rf /tmp/venv
-  if $BASEPY -m venv --without-pip /tmp/venv; then
-    echo "import site; site.addsitedir('$BASE')" > /tmp/venv/lib/$PYV/site-packages/zz_base.pth
-    $BASEPY -m pip install -q --no-index --no-deps --no-compile --ignore-installed --prefix /tmp/venv $WHL/*.whl || exit 1
-    PY=/tmp/venv/bin/python
-  else  # no venv module: into python3's own (venv) prefix, where the bootstrapper's .pth also finds the libs
-    $BASEPY -m pip install -q --no-index --no-deps --no-compile $WHL/*.whl || exit 1
-    PY=$BASEPY
-  fi
+  . "$(dirname "$0")/gpu_venv.sh"
+  gpu_venv || exit 1
 fi
 $PY -c "import rclpy, torch, diffusers, sensor_msgs.msg; print('imports ok: torch', torch.__version__, 'diffusers', diffusers.__version__, rclpy.__file__)" || exit 1
 echo "setup done at $(el) s"

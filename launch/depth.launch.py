@@ -22,7 +22,6 @@ in ``<prefix>/lib/geodiff_ros``. Several GPUs: launch/multi_gpu.launch.py.
 """
 
 import os  # noqa: I001 - `launch` is the ROS package, not this repo's launch/ folder
-import tempfile
 
 import yaml
 
@@ -34,12 +33,15 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from geodiff_ros.ros.camera_sets import camera_remappings, parse_camera_list
-from geodiff_ros.ros.launch_support import parameter_overrides, rviz2_missing, rviz_config, truthy
+from geodiff_ros.ros.launch_support import (
+    INPUT_PATTERNS,
+    params_files,
+    parameter_overrides,
+    rviz_requested,
+    truthy,
+    write_rviz_layout,
+)
 from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
-
-# Per-camera input patterns (several cameras): launch argument -> node input topic.
-_PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
-             ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
 
 
 def _arg(context, name: str) -> str:
@@ -48,11 +50,7 @@ def _arg(context, name: str) -> str:
 
 def _rviz(context, share: str, cameras: list[str], normals: bool, namespace: str, use_sim_time: bool) -> list:
     """RViz with this run's layout (every camera's displays), written to a temporary file removed at shutdown."""
-    with open(os.path.join(share, 'rviz', 'geodiff.rviz')) as template:
-        text = rviz_config(template.read(), cameras, normals=normals, fixed_frame=_arg(context, 'fixed_frame'))
-    fd, path = tempfile.mkstemp(prefix='geodiff_', suffix='.rviz')
-    with os.fdopen(fd, 'w') as out:
-        out.write(text)
+    path = write_rviz_layout(share, cameras, normals, _arg(context, 'fixed_frame'))
     # rviz/geodiff.rviz uses relative topic names, resolved in the same namespace as the node's outputs.
     return [
         Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace, arguments=['-d', path],
@@ -64,11 +62,7 @@ def _rviz(context, share: str, cameras: list[str], normals: bool, namespace: str
 def _nodes(context, *_args, **_kwargs):
     """Build the nodes once the arguments are known, so empty overrides leave the params files alone."""
     share = get_package_share_directory('geodiff_ros')
-    want_rviz = truthy(_arg(context, 'rviz'))
-    if want_rviz:
-        missing = rviz2_missing()
-        if missing:  # before any process starts: nothing is left running when launch stops here
-            raise RuntimeError(missing)
+    want_rviz = rviz_requested(_arg(context, 'rviz'))  # rviz2 missing: stops here, before any process starts
     use_sim_time = truthy(_arg(context, 'use_sim_time'))
     overrides = {'use_sim_time': use_sim_time,
                  **parameter_overrides({arg: _arg(context, arg) for arg in LAUNCH_ARGUMENTS.values()})}
@@ -77,15 +71,11 @@ def _nodes(context, *_args, **_kwargs):
     cameras = parse_camera_list(yaml.safe_load(_arg(context, 'cameras') or '[]'))
     if cameras:
         overrides['cameras'] = cameras
-        patterns = {topic: _arg(context, arg) for arg, topic in _PATTERNS}
+        patterns = {topic: _arg(context, arg) for arg, topic in INPUT_PATTERNS}
         remappings = camera_remappings(cameras, patterns)
     else:
         remappings = [(topic, _arg(context, topic)) for topic in ('image', 'camera_info', 'sparse_depth',
                                                                    'sparse_points')]
-    # The shipped defaults, then the user's file on top (only what it sets), then the launch arguments given.
-    params_files = [os.path.join(share, 'config', 'geodiff.yaml')]
-    if _arg(context, 'params_file'):
-        params_files.append(_arg(context, 'params_file'))
     actions = [Node(
         package='geodiff_ros',
         executable='geodiff_node',
@@ -93,7 +83,8 @@ def _nodes(context, *_args, **_kwargs):
         namespace=namespace,
         output='screen',
         emulate_tty=True,
-        parameters=[*params_files, overrides],
+        # The shipped defaults, then the user's file on top (only what it sets), then the launch arguments given.
+        parameters=[*params_files(share, _arg(context, 'params_file')), overrides],
         arguments=['--ros-args', '--log-level', _arg(context, 'log_level')],
         remappings=remappings,
     )]

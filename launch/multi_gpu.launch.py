@@ -17,7 +17,6 @@ Camera-to-GPU rules live in geodiff_ros/ros/camera_sets.py (unit-tested without 
 """
 
 import os  # noqa: I001 - `launch` is the ROS package, not this repo's launch/ folder
-import tempfile
 
 import yaml
 
@@ -37,11 +36,17 @@ from geodiff_ros.ros.camera_sets import (
     parse_gpu_list,
     visible_gpu_count,
 )
-from geodiff_ros.ros.launch_support import LaunchArgumentError, parameter_overrides, rviz2_missing, rviz_config, truthy
+from geodiff_ros.ros.launch_support import (
+    INPUT_PATTERNS,
+    LaunchArgumentError,
+    params_files,
+    parameter_overrides,
+    rviz_requested,
+    truthy,
+    write_rviz_layout,
+)
 from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
 
-_PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
-             ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
 # Launch arguments of depth.launch.py that apply to every node here too (device is placed per node, below).
 _SHARED = ('model_depth', 'model_normals', 'dtype', 'allow_cpu_fallback', 'local_files_only', 'processing_res',
            'optimize', 'cpu_threads', 'batch_size', 'autostart', 'publish_cloud', 'cloud_stride')
@@ -74,12 +79,8 @@ def _device(context, gpu: int) -> str:
 
 def _rviz(context, cameras: list[str], normals: bool, use_sim_time: bool) -> list:
     """One RViz showing every camera (relative topics in ``namespace``), its layout removed at shutdown."""
-    share = get_package_share_directory('geodiff_ros')
-    with open(os.path.join(share, 'rviz', 'geodiff.rviz')) as template:
-        text = rviz_config(template.read(), cameras, normals=normals, fixed_frame=_arg(context, 'fixed_frame'))
-    fd, path = tempfile.mkstemp(prefix='geodiff_', suffix='.rviz')
-    with os.fdopen(fd, 'w') as out:
-        out.write(text)
+    path = write_rviz_layout(get_package_share_directory('geodiff_ros'), cameras, normals,
+                             _arg(context, 'fixed_frame'))
     return [
         Node(package='rviz2', executable='rviz2', name='rviz2', namespace=_arg(context, 'namespace'),
              arguments=['-d', path], parameters=[{'use_sim_time': use_sim_time}]),
@@ -89,22 +90,16 @@ def _rviz(context, cameras: list[str], normals: bool, use_sim_time: bool) -> lis
 
 def _nodes(context, *_args, **_kwargs):
     """One node per GPU that has cameras, once the arguments are known."""
-    want_rviz = truthy(_arg(context, 'rviz'))
-    if want_rviz:
-        missing = rviz2_missing()
-        if missing:  # before any process starts: nothing is left running when launch stops here
-            raise RuntimeError(missing)
+    want_rviz = rviz_requested(_arg(context, 'rviz'))  # rviz2 missing: stops here, before any process starts
     cameras = parse_camera_list(yaml.safe_load(_arg(context, 'cameras') or '[]'))
     if not cameras:
         raise CameraListError('multi_gpu.launch.py needs cameras:="[front, left, ...]"')
     plan = assign_cameras(cameras, _gpus(context), parse_assignment(_arg(context, 'assignment')))
-    patterns = {topic: _arg(context, arg) for arg, topic in _PATTERNS}
+    patterns = {topic: _arg(context, arg) for arg, topic in INPUT_PATTERNS}
     use_sim_time = truthy(_arg(context, 'use_sim_time'))
     given = {LAUNCH_ARGUMENTS[p]: _arg(context, LAUNCH_ARGUMENTS[p]) for p in _SHARED}
     common = {'use_sim_time': use_sim_time, **parameter_overrides(given)}
-    params_files = [os.path.join(get_package_share_directory('geodiff_ros'), 'config', 'geodiff.yaml')]
-    if _arg(context, 'params_file'):
-        params_files.append(_arg(context, 'params_file'))
+    files = params_files(get_package_share_directory('geodiff_ros'), _arg(context, 'params_file'))
     actions = []
     for gpu, group in sorted(plan.items()):
         device = _device(context, gpu)
@@ -116,7 +111,7 @@ def _nodes(context, *_args, **_kwargs):
             namespace=_arg(context, 'namespace'),
             output='screen',
             emulate_tty=True,
-            parameters=[*params_files, {**common, 'device': device, 'cameras': group}],
+            parameters=[*files, {**common, 'device': device, 'cameras': group}],
             arguments=['--ros-args', '--log-level', _arg(context, 'log_level')],
             remappings=camera_remappings(group, patterns),
         ))

@@ -136,7 +136,40 @@ def _param_arg(name: str, value: Any) -> str:
     return f'{name}:={text}'
 
 
-class NodeProcess:
+class LoggedProcess:
+    """A subprocess whose stdout and stderr go to one log file, read back (and polled) while it runs.
+
+    The log file, not a pipe: a child that writes more than a pipe holds never blocks, and the whole output is
+    there for the failure message.
+    """
+
+    poll_s = 0.1  # how often wait_log re-reads the log
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path,
+                 **popen_kwargs: Any) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, 'wb')  # noqa: SIM115 - closed by the subclass when the process is done
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     **popen_kwargs)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors='replace')
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 120.0) -> bool:
+        """True once ``text`` is in the log ``count`` times; stops waiting early when the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count(text) >= count:
+                return True
+            if self.proc.poll() is not None:
+                break
+            time.sleep(self.poll_s)
+        return self.log().count(text) >= count
+
+
+class NodeProcess(LoggedProcess):
     """The geodiff node started as ``python -m geodiff_ros.ros.node`` with the config file and overrides."""
 
     def __init__(self, domain_id: int, params: dict[str, Any], log_path: Path,
@@ -151,30 +184,16 @@ class NodeProcess:
             cmd += ['-p', _param_arg(name, value)]
         for src, dst in (remaps or {}).items():
             cmd += ['-r', f'{src}:={dst}']
-        self.log_path = log_path
-        self._log = open(log_path, 'wb')  # noqa: SIM115 - closed in stop()
         env = ros_env(domain_id)
         env.update(extra_env or {})
-        self.proc = subprocess.Popen(cmd, cwd=run_dir(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors='replace')
+        super().__init__(cmd, log_path, env, run_dir())  # the log is closed in stop()
 
     def log_since(self, mark: int) -> str:
         """Log text written after ``mark`` (a previous ``len(self.log())``)."""
         return self.log()[mark:]
 
     def wait_for_log(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log():
-                return True
-            if self.proc.poll() is not None:
-                return text in self.log()
-            time.sleep(0.1)
-        return False
+        return self.wait_log(text, 1, timeout)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 5.0) -> tuple[int | None, float]:
         """Send ``sig`` and wait; returns (exit code or None if it had to be killed, seconds to exit)."""

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,14 @@ import numpy as np
 import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
-from ros_helpers import NodeProcess, module_domain_id, ros_env, run_dir, shared_data_dir  # noqa: E402
+from ros_helpers import (  # noqa: E402
+    LoggedProcess,
+    NodeProcess,
+    module_domain_id,
+    ros_env,
+    run_dir,
+    shared_data_dir,
+)
 
 from geodiff_ros.bag.storage import BagWriter, open_bag  # noqa: E402
 from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image_fields  # noqa: E402
@@ -61,28 +67,13 @@ def stamp_ns(msg: Any) -> int:
     return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
 
 
-class BagTool:
+class BagTool(LoggedProcess):
     """``python -m geodiff_ros.bag.cli ...`` with its output in a log file (polled for readiness)."""
 
+    poll_s = 0.05
+
     def __init__(self, domain: int, log: Path, *args: str) -> None:
-        self.log_path = log
-        self._log = log.open('wb')
-        self.proc = subprocess.Popen([sys.executable, '-m', 'geodiff_ros.bag.cli', *args], cwd=run_dir(),
-                                     env=replay_env(domain), stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors='replace')
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log().count(text) >= count:
-                return True
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        return self.log().count(text) >= count
+        super().__init__([sys.executable, '-m', 'geodiff_ros.bag.cli', *args], log, replay_env(domain), run_dir())
 
     def finish(self, timeout: float) -> int:
         try:

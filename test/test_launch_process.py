@@ -34,6 +34,7 @@ for _module in ('launch_ros', 'ros2launch', 'ros2param'):
 
 from ros_helpers import (  # noqa: E402
     Collector,
+    LoggedProcess,
     camera_info_msg,
     header,
     module_domain_id,
@@ -74,30 +75,13 @@ def _group_members(pgid: int) -> list[int]:
     return pids
 
 
-class RosLaunch:
+class RosLaunch(LoggedProcess):
     """``ros2 launch geodiff_ros FILE args...`` in its own process group, output in a log file."""
 
     def __init__(self, env: dict[str, str], log: Path, launch_file: str, **args: str) -> None:
         cmd = [_exe('ros2'), 'launch', 'geodiff_ros', launch_file, *(f'{k}:={v}' for k, v in args.items())]
-        self.log_path = log
-        self._log = log.open('wb')
-        self.proc = subprocess.Popen(cmd, env=env, cwd=log.parent, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # its own group and session, like a terminal job
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors='replace')
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 120.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log().count(text) >= count:
-                return True
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        return self.log().count(text) >= count
+        super().__init__(cmd, log, env, log.parent,
+                         start_new_session=True)  # its own group and session, like a terminal job
 
     def started(self) -> dict[str, int]:
         """Launched process name (geodiff_node-1, ...) -> pid, from launch's own log lines."""
@@ -181,7 +165,7 @@ def test_depth_launch_plays_a_bag_then_ctrl_c_exits_every_process_0(env: dict[st
                     model=str(tiny_depth_ckpt), model_normals='none', device='cuda', allow_cpu_fallback='true',
                     dtype='fp32', processing_res='64', fixed_scale='2.0')
     try:
-        assert run.wait_for('processing frames'), f'node never became active:\n{run.log()[-4000:]}'
+        assert run.wait_log('processing frames'), f'node never became active:\n{run.log()[-4000:]}'
         play = subprocess.run(
             [_exe('ros2'), 'run', 'geodiff_ros', 'geodiff_bag', 'play', str(bag), '--topics', *inputs,
              '--remap', *(f'{a}:={b}' for a, b in inputs.items()), '--wait-subscribers', '1', '--wait-timeout', '60'],
@@ -224,7 +208,7 @@ def test_multi_gpu_launch_on_the_cpu_serves_each_camera_then_ctrl_c_exits_every_
                     num_gpus='2', device='cpu', namespace=NS, model=str(tiny_depth_ckpt), model_normals='none',
                     dtype='fp32', processing_res='64', cpu_threads='1')
     try:
-        assert run.wait_for('processing frames', count=2), f'nodes never became active:\n{run.log()[-4000:]}'
+        assert run.wait_log('processing frames', count=2), f'nodes never became active:\n{run.log()[-4000:]}'
         rgb, _, (fx, fy, cx, cy) = test_scene(96, 64)
         image_pubs = {cam: col.publisher(Image, f'{NS}/{cam}/image', reliable=False) for cam in cams}
         info_pubs = {cam: col.publisher(CameraInfo, f'{NS}/{cam}/camera_info', reliable=False) for cam in cams}

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -211,13 +212,9 @@ def iter_depth_dataset(
         yield EvalSample(name=row[0], rgb=rgb, depth_m=depth, mask=mask, group=kind)
 
 
-def iter_depth_manifest(
-    manifest: str | Path, *, min_depth: float = 1e-3, max_depth: float = 80.0, limit: int | None = None
-) -> Iterator[EvalSample]:
-    """Yield samples of a generic RGB-D manifest (paths relative to it; metres = value/depth_scale).
-
-    ``group`` is the entry's ``set`` (so results can be reported per recording); 0 = no depth.
-    """
+def _manifest_entries(manifest: str | Path, limit: int | None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(folder of the manifest, entry) for its first ``limit`` entries (all with None; the count includes entries
+    a caller then skips); a manifest that cannot be read is an EvalDataError."""
     try:
         base, entries = read_manifest(manifest)
     except ManifestError as err:
@@ -225,6 +222,17 @@ def iter_depth_manifest(
     for i, e in enumerate(entries):
         if limit is not None and i >= limit:
             return
+        yield base, e
+
+
+def iter_depth_manifest(
+    manifest: str | Path, *, min_depth: float = 1e-3, max_depth: float = 80.0, limit: int | None = None
+) -> Iterator[EvalSample]:
+    """Yield samples of a generic RGB-D manifest (paths relative to it; metres = value/depth_scale).
+
+    ``group`` is the entry's ``set`` (so results can be reported per recording); 0 = no depth.
+    """
+    for base, e in _manifest_entries(manifest, limit):
         rgb = _read_rgb(base / e["rgb"])
         dpath = base / e["depth"]
         if dpath.suffix == ".npy":
@@ -284,13 +292,7 @@ def iter_normals_manifest(manifest: str | Path, *, limit: int | None = None) -> 
     ``"set"`` groups entries (pixels are pooled per group, spec C.2). Paths are relative to the
     manifest (absolute paths work too).
     """
-    try:
-        base, entries = read_manifest(manifest)
-    except ManifestError as err:
-        raise EvalDataError(str(err)) from err
-    for i, e in enumerate(entries):
-        if limit is not None and i >= limit:
-            return
+    for base, e in _manifest_entries(manifest, limit):
         if "normals" not in e:
             continue
         rgb = _read_rgb(base / e["rgb"])

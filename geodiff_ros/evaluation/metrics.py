@@ -122,20 +122,23 @@ def squared_relative_difference(pred: np.ndarray, gt: np.ndarray, mask: np.ndarr
     return _valid_mean(torch.pow(torch.abs(p - g), 2) / g, m).item()
 
 
+def _valid_rms(diff: torch.Tensor, m: torch.Tensor) -> float:
+    """sqrt(mean diff^2) over the valid pixels, with the official ops (invalid set to 0 in place, then squared):
+    RMSE, RMSE-log and iRMSE differ only in ``diff``."""
+    diff[~m] = 0
+    return torch.sqrt(_valid_mean(torch.pow(diff, 2), m)).item()
+
+
 def rmse_linear(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     """RMSE = sqrt(mean (p - g)^2) in metres."""
     p, g, m = _tensors(pred, gt, mask)
-    diff = p - g
-    diff[~m] = 0
-    return torch.sqrt(_valid_mean(torch.pow(diff, 2), m)).item()
+    return _valid_rms(p - g, m)
 
 
 def rmse_log(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     """RMSE-log = sqrt(mean (ln p - ln g)^2)."""
     p, g, m = _tensors(pred, gt, mask)
-    diff = torch.log(p) - torch.log(g)
-    diff[~m] = 0
-    return torch.sqrt(_valid_mean(torch.pow(diff, 2), m)).item()
+    return _valid_rms(torch.log(p) - torch.log(g), m)
 
 
 def log10(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
@@ -170,9 +173,7 @@ def delta3_acc(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
 def i_rmse(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     """iRMSE = sqrt(mean (1/p - 1/g)^2) in 1/m."""
     p, g, m = _tensors(pred, gt, mask)
-    diff = 1.0 / p - 1.0 / g
-    diff[~m] = 0
-    return torch.sqrt(_valid_mean(torch.pow(diff, 2), m)).item()
+    return _valid_rms(1.0 / p - 1.0 / g, m)
 
 
 def silog_rmse(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:

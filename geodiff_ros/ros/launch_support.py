@@ -7,6 +7,8 @@
   normals are computed.
 - Whether RViz 2 is installed, checked before anything starts, so ``rviz:=true`` without it stops launch with a
   clear message instead of failing half-way and leaving the node running without its launch.
+- What depth.launch.py and multi_gpu.launch.py share: the per-camera topic pattern arguments, the params files
+  (shipped, then the user's), the ``rviz`` check and the run's RViz layout file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,9 +24,13 @@ import yaml
 
 from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
 
-__all__ = ['LaunchArgumentError', 'parameter_overrides', 'rviz2_missing', 'rviz_config', 'truthy']
+__all__ = ['INPUT_PATTERNS', 'LaunchArgumentError', 'params_files', 'parameter_overrides', 'rviz2_missing',
+           'rviz_config', 'rviz_requested', 'truthy', 'write_rviz_layout']
 
 _SPECS = {spec.name: spec for spec in PARAMS}
+# Several cameras: the launch argument of each per-camera input topic pattern -> the node input topic it remaps.
+INPUT_PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
+                  ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
 _TRUE = ('true', '1', 'yes', 'on')
 _FALSE = ('false', '0', 'no', 'off')
 
@@ -143,3 +150,34 @@ def rviz2_missing() -> str | None:
         return (f'rviz:=true, but the rviz2 package in {prefix} has no executable lib/rviz2/rviz2: reinstall '
                 'ros-jazzy-rviz2, or launch without rviz:=true. Nothing was started.')
     return None
+
+
+def rviz_requested(text: str) -> bool:
+    """The ``rviz`` launch argument as a boolean. When true, rviz2 must be installed: RuntimeError with
+    :func:`rviz2_missing`'s reason, raised before any process starts, so nothing is left running when launch stops."""
+    if not truthy(text):
+        return False
+    missing = rviz2_missing()
+    if missing:
+        raise RuntimeError(missing)
+    return True
+
+
+def params_files(share: str, user_file: str) -> list[str]:
+    """The node's params files: the shipped config/geodiff.yaml, then ``user_file`` (launch argument params_file;
+    '' = none) on top, so the user's file only needs what it changes."""
+    files = [os.path.join(share, 'config', 'geodiff.yaml')]
+    if user_file:
+        files.append(user_file)
+    return files
+
+
+def write_rviz_layout(share: str, cameras: Sequence[str], normals: bool, fixed_frame: str) -> str:
+    """This run's layout (:func:`rviz_config` of the shipped rviz/geodiff.rviz) in a new temporary file; returns its
+    path. The launch file removes it at shutdown."""
+    with open(os.path.join(share, 'rviz', 'geodiff.rviz')) as template:
+        text = rviz_config(template.read(), cameras, normals=normals, fixed_frame=fixed_frame)
+    fd, path = tempfile.mkstemp(prefix='geodiff_', suffix='.rviz')
+    with os.fdopen(fd, 'w') as out:
+        out.write(text)
+    return path
