@@ -89,8 +89,13 @@ class _Stage:
         self.fn = torch.compile(eager, dynamic=False) if compiled else eager
         self.compiled = compiled
         self.error: str | None = None
+        self.aot: dict[tuple, Callable[..., torch.Tensor]] = {}  # input signature -> AOT package (aot.py)
 
     def __call__(self, *args: Any) -> torch.Tensor:
+        if self.aot:
+            runner = self.aot.get(aot_signature(args))
+            if runner is not None:
+                return runner(*args)
         if self.fn is self.eager:
             return self.eager(*args)
         mark_batch_dynamic(args)
@@ -104,6 +109,11 @@ class _Stage:
                         self.error.splitlines()[0][:300])
             self.fn = self.eager
             return self.eager(*args)
+
+
+def aot_signature(args: Sequence[Any]) -> tuple:
+    """Shapes, dtypes and strides of a stage call's tensor arguments (the key of its AOT packages, aot.py)."""
+    return tuple((tuple(a.shape), str(a.dtype), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
 
 
 def mark_batch_dynamic(args: Sequence[Any]) -> None:
@@ -175,6 +185,11 @@ class Accelerator:
                          for key, vae in vaes.items()}
         self.unets = {task: _Stage(f"unet[{task}]", _unet_fn(model.unet), compiled)
                       for task, model in engine.models.items()}
+        self.aot_loaded = 0
+        if compiled:
+            from .aot import attach_packages
+
+            self.aot_loaded = attach_packages(self)  # geodiff_compile's packages: loaded instead of compiled
 
     # ---------------------------------------------------------------- stages (spec A.1 steps 2-16)
 

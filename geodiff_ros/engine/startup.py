@@ -125,7 +125,7 @@ def warm_up_stages(engine: Any, height: int, width: int, batch_sizes: Sequence[i
             progress(k, len(steps), label)
         t0 = time.perf_counter()
         run()
-        LOG.info('warm-up %d/%d %s: %.1f s', k, len(steps), label, time.perf_counter() - t0)
+        LOG.debug('warm-up %d/%d %s: %.1f s', k, len(steps), label, time.perf_counter() - t0)
     return time.perf_counter() - start
 
 
