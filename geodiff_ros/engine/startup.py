@@ -133,7 +133,7 @@ def _stage_steps(engine: Any, acc: Any, rgb: np.ndarray, batch: int,
                  tasks: tuple[str, ...]) -> list[tuple[str, Callable[[], None]]]:
     """The warm-up steps of one batch size, in order; they hand intermediate results on through ``state``."""
     state: dict[str, Any] = {}
-    frames = np.ascontiguousarray(np.broadcast_to(rgb, (batch, *rgb.shape)))  # [B,H,W,3]
+    frames = np.repeat(rgb[None], batch, axis=0)  # [B,H,W,3], writable (torch.from_numpy)
 
     def encode() -> None:
         with torch.inference_mode():
