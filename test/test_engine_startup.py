@@ -104,6 +104,15 @@ def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest
     reference = GeoDiffEngine(config).predict(rgb).depth
     np.testing.assert_allclose(depth, reference, rtol=0, atol=1e-4)
 
+    # The same architecture from another folder (a moved or re-downloaded model) re-uses the packages.
+    import shutil
+
+    moved = shutil.copytree(tiny_depth_ckpt, tmp_path / 'moved-model')
+    with caplog.at_level('INFO', logger='geodiff_ros.engine.aot'):
+        assert compile_main(['--model-depth', str(moved), '--model-normals', '', '--device', 'cpu', '--dtype', 'fp32',
+                             '--processing-res', '64', '--size', '160x120', '--optimize', 'compile']) == 0
+    assert sorted((tmp_path / 'aot').glob('*.pt2')) == packages and caplog.text.count('exists') == 3
+
     packages[0].write_bytes(packages[0].read_bytes()[:1000])  # truncated: does not load
     with caplog.at_level('WARNING', logger='geodiff_ros.engine.aot'):
         engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, 'optimize': 'compile'}))

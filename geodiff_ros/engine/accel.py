@@ -168,11 +168,6 @@ class Accelerator:
         for model in engine.models.values():
             model.unet.to(memory_format=memory_format)
         compiled = self.settings.compile
-        self.compile_cache_dir = None
-        if compiled:
-            from .startup import prepare_compile
-
-            self.compile_cache_dir = prepare_compile(self.device)  # persistent per-user cache, workers started
         self.channel_sum_groupnorm = compiled and VAE_CHANNEL_SUM_GROUPNORM
         if self.channel_sum_groupnorm:
             for vae in vaes.values():
@@ -186,10 +181,14 @@ class Accelerator:
         self.unets = {task: _Stage(f"unet[{task}]", _unet_fn(model.unet), compiled)
                       for task, model in engine.models.items()}
         self.aot_loaded = 0
+        self.compile_cache_dir = None
         if compiled:
             from .aot import attach_packages
+            from .startup import prepare_compile
 
             self.aot_loaded = attach_packages(self)  # geodiff_compile's packages: loaded instead of compiled
+            # Persistent per-user kernel cache; compile workers only if some stage may still compile.
+            self.compile_cache_dir = prepare_compile(self.device, start_workers=not self.all_stages_aot())
 
     # ---------------------------------------------------------------- stages (spec A.1 steps 2-16)
 
@@ -280,6 +279,10 @@ class Accelerator:
                 frame.graph.replay()
                 return frame.static_out, True
         return self.compute(host_in.to(self.device, non_blocking=True), tasks), False
+
+    def all_stages_aot(self) -> bool:
+        """Whether every stage has at least one AOT package (then nothing is likely to compile)."""
+        return all(stage.aot for stage in (*self.encoders.values(), *self.unets.values(), *self.decoders.values()))
 
     def stage_errors(self) -> dict[str, str]:
         """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""

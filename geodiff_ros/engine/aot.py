@@ -72,9 +72,12 @@ def _stages(acc: Any) -> dict[str, tuple[Any, torch.nn.Module]]:
 def _identity(acc: Any, name: str, owner: torch.nn.Module) -> str:
     """Hash of everything a stage's compiled code depends on, except the input signature and the weight values."""
     config = getattr(owner, 'config', None)
+    # The architecture, not where it was loaded from (_name_or_path) or which diffusers wrote it.
+    architecture = {k: v for k, v in dict(config).items() if not k.startswith('_') or k == '_class_name'} \
+        if config is not None else repr(owner)
     parts = {
         'stage': name,
-        'architecture': json.dumps(dict(config) if config is not None else repr(owner), sort_keys=True, default=str),
+        'architecture': json.dumps(architecture, sort_keys=True, default=str),
         'dtype': str(acc.engine.dtype),
         'channels_last': acc.settings.channels_last,
         'channel_sum_groupnorm': acc.channel_sum_groupnorm,
@@ -110,7 +113,8 @@ def export_stages(engine: Any, frames: Any, folder: Path | None = None,
     calls: dict[str, tuple] = {}
     saved = {}
     for name, (stage, _) in stages.items():
-        saved[name] = stage.fn
+        saved[name] = stage.fn, stage.aot
+        stage.aot = {}  # record the stage's own inputs even where a package is loaded
 
         def record(*args: Any, _name: str = name, _eager: Callable[..., Any] = stage.eager) -> torch.Tensor:
             calls.setdefault(_name, args)  # as they are: strides (channels_last, the expanded context) matter
@@ -122,7 +126,7 @@ def export_stages(engine: Any, frames: Any, folder: Path | None = None,
             acc.compute(torch.from_numpy(frames).to(acc.device), engine.tasks)
     finally:
         for name, (stage, _) in stages.items():
-            stage.fn = saved[name]
+            stage.fn, stage.aot = saved[name]
     paths = []
     for name, args in calls.items():
         stage, owner = stages[name]

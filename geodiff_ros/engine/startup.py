@@ -53,8 +53,9 @@ def default_compile_cache_dir(device: torch.device) -> Path:
     return base / 'geodiff_ros' / 'inductor' / compile_cache_key(device)
 
 
-def prepare_compile(device: torch.device) -> Path:
-    """Before the first torch.compile of this process: choose the cache folder and start the compile workers.
+def prepare_compile(device: torch.device, start_workers: bool = True) -> Path:
+    """Before the first torch.compile of this process: choose the cache folder and start the compile workers
+    (unless ``start_workers`` is False: everything is AOT-compiled, aot.py).
 
     An explicit ``TORCHINDUCTOR_CACHE_DIR`` is respected. Returns the folder in use.
     """
@@ -68,6 +69,8 @@ def prepare_compile(device: torch.device) -> Path:
         return Path(os.environ.get(CACHE_ENV, '/tmp'))
     os.environ[CACHE_ENV] = str(folder)  # inductor reads it on every cache access
     LOG.info('compiled kernels cached in %s%s', folder, '' if explicit else f' (set {CACHE_ENV} to move it)')
+    if not start_workers:
+        return folder
     try:
         from torch._inductor.async_compile import AsyncCompile
 
@@ -115,7 +118,7 @@ def warm_up_stages(engine: Any, height: int, width: int, batch_sizes: Sequence[i
                 progress(k, len(batch_sizes), f'first frame, batch {batch}')
             engine.predict([rgb] * batch, tasks)
         return time.perf_counter() - start
-    if acc.settings.compile:
+    if acc.settings.compile and not acc.all_stages_aot():
         _wait_for_compile_workers()
     steps: list[tuple[str, Callable[[], None]]] = []
     for batch in batch_sizes:
