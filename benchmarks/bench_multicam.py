@@ -156,8 +156,10 @@ def checkpoints(args: argparse.Namespace) -> dict[str, str]:
     import torch
     from bench_engine import write_checkpoints
 
-    folders = write_checkpoints(args.ckpt_dir, tasks, tiny=False, device=torch.device(args.device))
-    return {task: str(folder) for task, folder in folders.items()}
+    # Both tasks at once, whatever this run needs: bench_engine rewrites the whole set when one is missing, so a
+    # depth-only run followed by a depth+normals run would write the 2 GB depth model twice.
+    folders = write_checkpoints(args.ckpt_dir, ['depth', 'normals'], tiny=False, device=torch.device(args.device))
+    return {task: str(folders[task]) for task in tasks}
 
 
 def gpu_memory_mib(pids: Sequence[int]) -> float | None:
