@@ -82,18 +82,19 @@ def prepare_compile(device: torch.device, start_workers: bool = True) -> Path:
 
 def _wait_for_compile_workers() -> None:
     """Block until inductor's worker pool answers, so kernels compile in parallel from the first one."""
-    try:
+    try:  # private inductor API (torch 2.13); older builds simply compile as they always did
         from torch._inductor import config
-        from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+        from torch._inductor.async_compile import AsyncCompile
 
-        if get_compile_threads() <= 1:
+        threads = config.compile_threads or config.decide_compile_threads()
+        if threads <= 1:
             return
         start = time.monotonic()
         AsyncCompile.wait_pool_ready(timeout=_POOL_READY_TIMEOUT_S)
-        LOG.info('%d inductor compile workers ready after %.1f s', config.compile_threads, time.monotonic() - start)
-    except Exception as err:  # noqa: BLE001 - compiling in this thread is slower but correct
-        LOG.warning('inductor compile workers did not start (%s: %s): compiling in one thread', type(err).__name__,
-                    err)
+        LOG.info('%d inductor compile workers ready after %.1f s', threads, time.monotonic() - start)
+    except Exception as err:  # noqa: BLE001 - compiling in this thread until the pool is up is slower, not wrong
+        LOG.warning('could not wait for inductor\'s compile workers (%s: %s): the first kernels may compile in '
+                    'this thread', type(err).__name__, err)
 
 
 Progress = Callable[[int, int, str], None]
