@@ -282,7 +282,8 @@ class Accelerator:
 
     def all_stages_aot(self) -> bool:
         """Whether every stage has at least one AOT package (then nothing is likely to compile)."""
-        return all(stage.aot for stage in (*self.encoders.values(), *self.unets.values(), *self.decoders.values()))
+        return all(stage.aot for stage in (*self.encoders.values(), *self.unets.values(), *self.decoders.values())
+                   if stage.compiled)
 
     def stage_errors(self) -> dict[str, str]:
         """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""

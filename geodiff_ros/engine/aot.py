@@ -56,7 +56,8 @@ def stage_signature(args: Sequence[Any]) -> tuple:
 
 
 def _stages(acc: Any) -> dict[str, tuple[Any, torch.nn.Module]]:
-    """Stage name -> (the accelerator's _Stage, the module that owns its parameters)."""
+    """Stage name -> (the accelerator's _Stage, the module that owns its parameters), for the stages that
+    torch.compile would compile (a stage run otherwise, e.g. a hand-scheduled one, needs no package)."""
     engine = acc.engine
     vaes = {None: engine.vae, **engine._extra_vaes}
     out = {}
@@ -66,7 +67,7 @@ def _stages(acc: Any) -> dict[str, tuple[Any, torch.nn.Module]]:
         out[stage.name] = (stage, engine.models[task].unet)
     for key, stage in acc.decoders.items():
         out[stage.name] = (stage, vaes[key])
-    return out
+    return {name: item for name, item in out.items() if item[0].compiled}
 
 
 def _identity(acc: Any, name: str, owner: torch.nn.Module) -> str:
