@@ -18,6 +18,8 @@ setup(
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
     ],
     install_requires=["setuptools"],
+    # colcon runs pytest (not unittest) only for packages that declare it as a test dependency.
+    extras_require={"test": ["pytest"]},
     zip_safe=True,
     maintainer="geodiff_ros maintainers",
     maintainer_email="geodiff-ros@example.org",
@@ -30,7 +32,7 @@ setup(
             "geodiff_predict = geodiff_ros.cli.predict:main",
             "geodiff_compile = geodiff_ros.cli.compile:main",
             "geodiff_demo = geodiff_ros.ros.demo:main",
-            "geodiff_bag = geodiff_ros.ros.bag_tool:main",
+            "geodiff_bag = geodiff_ros.bag.cli:main",
             "geodiff_train = geodiff_ros.training.train:main",
             "geodiff_eval = geodiff_ros.evaluation.evaluate:main",
         ],

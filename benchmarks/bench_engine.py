@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -57,6 +58,8 @@ TASK_SETS = {"depth": ("depth",), "normals": ("normals",), "depth+normals": ("de
 # Engines built per optimize group; the rows of a group toggle Accelerator.use_cuda_graph on one engine.
 GROUPS = {"none": ("none", False), "channels_last": ("graph", False), "graph": ("graph", True),
           "compile": ("compile+graph", False), "compile+graph": ("compile+graph", True)}
+FUSED_VAE_KERNELS = ("_fused_pass_kernel", "_apply_kernel", "_group_stats_kernel", "_softmax_rows_kernel")
+FAST_PATH_KEYS = ("fused_vae", "subpixel", "vae_attention", "batch_decode", "concurrent_unets")
 # Accuracy tolerances against fp32 eager (stated up front, issue 5): the precision's own cost ...
 TOL_DEPTH_MEAN, TOL_DEPTH_MAX, TOL_NORMALS_DEG = 1e-2, 1e-1, 1.0
 # ... and what an optimisation may add on top of eager at the same dtype: x1.25 plus a small absolute slack.
@@ -92,9 +95,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="compiled modes: VAE GroupNorm stats from per-channel sums (accel.VAE_CHANNEL_SUM_GROUPNORM)")
     p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                    help="torch.backends.cudnn.benchmark_limit (algorithms cuDNN tries per shape; 0 = all)")
+    p.add_argument("--fast-paths", default=None, metavar="VARIANTS",
+                   help="compiled CUDA modes: A/B variants of accel.FastPaths (issue 11), 'name:key=val,..;name2:..' "
+                        "over accel.FAST_PATHS, e.g. 'fused;sdpa:vae_attention=sdpa;old:fused_vae=0,batch_decode=0,"
+                        "concurrent_unets=0' (keys: " + ", ".join(FAST_PATH_KEYS) + "); default: the defaults")
+    p.add_argument("--kernel-config", type=Path, default=None,
+                   help="JSON of engine/vae_kernels.py tile constants (bench_vae_kernels.py --sweep writes one)")
+    p.add_argument("--extra-res", default="", metavar="RES,..",
+                   help="compiled CUDA modes: also time the first variant at these processing_res values (UNet "
+                        "recompiles per size) and report FLOPs and the depth difference to the 768 result")
+    p.add_argument("--real-images", nargs="*", type=Path, default=[],
+                   help="RGB images (resized to --size) for the --extra-res depth difference")
     p.add_argument("--markdown", nargs="+", type=Path, default=None,
                    help="print the README table for these result JSON files and exit")
     return p.parse_args(argv)
+
+
+def parse_fast_paths(spec: str | None) -> list[tuple[str, Any]]:
+    """'name:key=val,key=val;name2' -> [(name, accel.FastPaths)] over accel.FAST_PATHS; None -> the defaults."""
+    import dataclasses
+
+    from geodiff_ros.engine import accel
+
+    if not spec:
+        return [("default", accel.FAST_PATHS)]
+    variants = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, body = part.partition(":")
+        changes: dict[str, Any] = {}
+        for item in filter(None, (i.strip() for i in body.split(","))):
+            key, _, value = item.partition("=")
+            if key not in FAST_PATH_KEYS:
+                raise SystemExit(f"--fast-paths: unknown key {key!r} in {part!r}; keys: {', '.join(FAST_PATH_KEYS)}")
+            changes[key] = value if key == "vae_attention" else value.lower() in ("1", "on", "true", "yes")
+        variants.append((name.strip(), dataclasses.replace(accel.FAST_PATHS, **changes)))
+    return variants
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -371,7 +406,8 @@ def kernel_profile(engine: GeoDiffEngine, frame: np.ndarray, tasks: Sequence[str
     categories: dict[str, float] = {}
     for name, ms in kernels.items():
         low = name.lower()
-        cat = ("triton (fused norm / element-wise)" if low.startswith("triton") else
+        cat = ("fused VAE kernels (vae_kernels.py)" if low.startswith(FUSED_VAE_KERNELS) else
+               "triton (fused norm / element-wise)" if low.startswith("triton") else
                "attention" if any(k in low for k in ("flash", "fmha", "attention", "sdpa")) else
                "conv" if any(k in low for k in ("conv", "implicit", "dgrad", "wgrad", "fprop", "nhwc")) else
                "gemm" if any(k in low for k in ("gemm", "cutlass", "xmma", "sm90", "cublas", "matmul")) else
@@ -460,7 +496,10 @@ class Bench:
             "matmul_tflops": {}, "flops": {}, "rows": [], "stages": {}, "load_s": {}, "errors": [],
             "inductor_coordinate_descent_tuning": bool(args.inductor_cdt), "profile": {},
             "vae_channel_sum_groupnorm": args.gn_channel_sum, "cudnn_benchmark_limit": args.cudnn_benchmark_limit,
+            "fast_paths": {}, "kernel_config": {}, "extra_res": [],
         }
+        self.variants = parse_fast_paths(args.fast_paths)
+        self.extra_res = [int(r) for r in args.extra_res.split(",") if r.strip()]
         self.frames = make_frames(max(4, args.ref_frames), self.height, self.width)
         self.ref_frames = self.frames[:args.ref_frames]
         self.refs: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -544,15 +583,16 @@ class Bench:
     def add_row(self, row: dict[str, Any]) -> None:
         dtype, ts = row["dtype"], row["tasks"]
         rate = self.result["matmul_tflops"][dtype]
-        row["floor_ms"] = self.result["flops"][ts] / (rate * 1e12) * 1e3
+        row["floor_ms"] = row.get("flops", self.result["flops"][ts]) / (rate * 1e12) * 1e3
         row["pct_of_floor"] = 100 * row["floor_ms"] / row["median_ms"]
         base = next((r for r in self.result["rows"] if r["dtype"] == dtype and r["impl"] == "diffusers"), None)
         if base:
             row["x_diffusers"] = base["median_ms"] / row["median_ms"]
-        row["acc_ok"] = accuracy_ok(row.get("acc", {}), self.eager_acc.get((dtype, ts)), row["optimize"])
+        row["acc_ok"] = (None if "processing_res" in row else  # other resolution: reported, not judged
+                         accuracy_ok(row.get("acc", {}), self.eager_acc.get((dtype, ts)), row["optimize"]))
         self.result["rows"].append(row)
         LOG.info("%s %-9s %-14s %-13s median %7.2f ms p95 %7.2f ms (%5.1f FPS) first %.1f s acc %s", dtype,
-                 row["impl"], row["optimize"], ts, row["median_ms"], row["p95_ms"], row["fps"],
+                 row["impl"], row_label(row), ts, row["median_ms"], row["p95_ms"], row["fps"],
                  row["first_call_s"], {k: round(v, 5) for k, v in row.get("acc", {}).items()})
         self.save()
 
@@ -583,34 +623,94 @@ class Bench:
         except Exception as exc:  # noqa: BLE001
             self.error(f"engine {dtype} {group} load", exc)
             return
-        for mode in row_modes:
-            graph = bool(GROUPS[mode][1])
-            if graph and self.device.type != "cuda":
-                self.result["errors"].append(f"{mode}: skipped (CUDA graphs need a CUDA device)")
-                continue
-            if engine.accelerator is not None:
-                engine.accelerator.use_cuda_graph = graph
-            for ts in self.task_sets:
+        acc = engine.accelerator
+        # CUDA; on a CPU only as a rehearsal of this script with the Triton interpreter (TRITON_INTERPRET=1)
+        with_variants = acc is not None and acc.settings.compile and (
+            self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        for v_index, (variant, paths) in enumerate(self.variants if with_variants else [(None, None)]):
+            if paths is not None:
+                effective = acc.set_fast_paths(paths)
+                self.result["fast_paths"][variant] = {"asked": dataclasses.asdict(paths),
+                                                      "effective": dataclasses.asdict(effective)}
+                LOG.info("fast paths %s: %s", variant, effective)
+            for mode in row_modes:
+                graph = bool(GROUPS[mode][1])
+                if graph and self.device.type != "cuda":
+                    self.result["errors"].append(f"{mode}: skipped (CUDA graphs need a CUDA device)")
+                    continue
+                if acc is not None:
+                    acc.use_cuda_graph = graph
+                for ts in self.task_sets:
+                    try:
+                        self.engine_row(engine, dtype, mode, ts, load_s, variant)
+                    except Exception as exc:  # noqa: BLE001
+                        self.error(f"engine {dtype} {mode} {ts} {variant}", exc)
+                        free(self.device)
+            if self.device.type == "cuda" and "depth" in engine.tasks:
+                key = f"{dtype}-{group}" + (f"[{variant}]" if variant else "")
                 try:
-                    self.engine_row(engine, dtype, mode, ts, load_s)
+                    if acc is not None:
+                        acc.use_cuda_graph = False
+                    self.result["stages"][key] = stage_breakdown(
+                        engine, self.frames[0], self.result["flops"], self.result["matmul_tflops"][dtype])
+                    if self.args.profile and v_index == 0:
+                        for ts in ("depth", "depth+normals"):
+                            if ts in self.task_sets:
+                                self.result["profile"][f"{key}-{ts}"] = kernel_profile(engine, self.frames[0],
+                                                                                      TASK_SETS[ts])
                 except Exception as exc:  # noqa: BLE001
-                    self.error(f"engine {dtype} {mode} {ts}", exc)
-                    free(self.device)
-        if self.device.type == "cuda" and "depth" in engine.tasks:
+                    self.error(f"stages {key}", exc)
+                self.save()
+        if with_variants and self.extra_res:
             try:
-                if engine.accelerator is not None:
-                    engine.accelerator.use_cuda_graph = False
-                self.result["stages"][f"{dtype}-{group}"] = stage_breakdown(
-                    engine, self.frames[0], self.result["flops"], self.result["matmul_tflops"][dtype])
+                acc.set_fast_paths(self.variants[0][1])
+                self.extra_res_rows(engine, dtype, row_modes[-1], load_s, self.variants[0][0])
             except Exception as exc:  # noqa: BLE001
-                self.error(f"stages {dtype} {group}", exc)
+                self.error(f"extra-res {dtype}", exc)
         del engine
         free(self.device)
         self.save()
 
-    def engine_row(self, engine: GeoDiffEngine, dtype: str, mode: str, ts: str, load_s: float) -> None:
+    def extra_res_rows(self, engine: GeoDiffEngine, dtype: str, mode: str, load_s: float, variant: str) -> None:
+        """Rows at other processing resolutions on the same engine (the UNet recompiles for each size): time, FLOPs
+        and the depth difference to this engine's own 768 result on the real images (and the synthetic frames)."""
+        acc = engine.accelerator
+        acc.use_cuda_graph = bool(GROUPS[mode][1])
+        base_res = engine.config.processing_res
+        real = [load_rgb(p, self.width, self.height) for p in self.args.real_images]
+        images = {"real": real, "synthetic": self.frames[:max(1, self.args.ref_frames)]}
+        base = {k: [engine.predict(f, ("depth",)).depth[0] for f in v] for k, v in images.items() if v}
+        try:
+            for res in self.extra_res:
+                engine.config.processing_res = res
+                acc._graphs.clear()
+                flops = count_flops(engine, self.frames[0])
+                entry: dict[str, Any] = {"processing_res": res, "flops": flops, "variant": variant}
+                for ts in self.task_sets:
+                    row = {"dtype": dtype, "impl": "engine", "optimize": mode, "tasks": ts, "load_s": load_s,
+                           "variant": f"{variant}@{res}", "processing_res": res, "flops": flops[ts],
+                           **timed(lambda f, t=TASK_SETS[ts]: engine.predict(f, t), self.frames, self.args.warmup,
+                                   self.args.iters, self.device)}
+                    self.add_row(row)
+                for kind, frames in images.items():
+                    if kind in base:
+                        errs = [depth_errors(engine.predict(f, ("depth",)).depth[0], ref)
+                                for f, ref in zip(frames, base[kind], strict=True)]
+                        entry[f"depth_vs_{base_res}_{kind}"] = {"max_abs": max(e[0] for e in errs),
+                                                                 "mean_abs": float(np.mean([e[1] for e in errs])),
+                                                                 "images": len(errs)}
+                self.result["extra_res"].append(entry)
+                LOG.info("processing_res %d: %s", res, {k: v for k, v in entry.items() if k.startswith("depth")})
+                self.save()
+        finally:
+            engine.config.processing_res = base_res
+            acc._graphs.clear()
+
+    def engine_row(self, engine: GeoDiffEngine, dtype: str, mode: str, ts: str, load_s: float,
+                   variant: str | None = None) -> None:
         tasks = TASK_SETS[ts]
         row = {"dtype": dtype, "impl": "engine", "optimize": mode, "tasks": ts, "load_s": load_s,
+               **({"variant": variant} if variant else {}),
                **timed(lambda f: engine.predict(f, tasks), self.frames, self.args.warmup, self.args.iters,
                        self.device)}
         if self.refs:
@@ -657,7 +757,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         accel.VAE_CHANNEL_SUM_GROUPNORM = args.gn_channel_sum == "on"
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
+    kernel_config = {}
+    if args.kernel_config is not None and args.kernel_config.is_file():
+        from geodiff_ros.engine import vae_kernels
+
+        kernel_config = json.loads(args.kernel_config.read_text())
+        for key, value in kernel_config.items():
+            if not hasattr(vae_kernels, key):
+                raise SystemExit(f"--kernel-config: vae_kernels has no constant {key}")
+            setattr(vae_kernels, key, value)
     bench = Bench(args, argv)
+    bench.result["kernel_config"] = kernel_config
     bench.setup()
     if args.startup_only:
         bench.startup_only(args.startup_only)
@@ -681,6 +791,18 @@ def accuracy_ok(acc: dict[str, float], eager: dict[str, float] | None, optimize:
     return ok
 
 
+def row_label(row: dict[str, Any]) -> str:
+    return row["optimize"] + (f" [{row['variant']}]" if row.get("variant") else "")
+
+
+def load_rgb(path: Path, width: int, height: int) -> np.ndarray:
+    """An RGB image as uint8 [H,W,3] at the benchmark's input size (one captured graph per input size)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR))
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -693,7 +815,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
         acc = r.get("acc", {})
         depth = (f"{acc['depth_max_abs']:.1e}/{acc['depth_mean_abs']:.1e}" if "depth_max_abs" in acc else "-")
         ok = {True: "ok", False: "FAIL", None: "-"}[r.get("acc_ok")]
-        rows.append([r["dtype"], "diffusers" if r["impl"] == "diffusers" else r["optimize"], r["tasks"],
+        rows.append([r["dtype"], "diffusers" if r["impl"] == "diffusers" else row_label(r), r["tasks"],
                      f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['fps']:.1f}",
                      _fmt(r.get("x_diffusers"), ".2f"), f"{r['floor_ms']:.1f}", f"{r['pct_of_floor']:.0f}%",
                      _fmt(r.get("peak_mem_gib"), ".1f"), f"{r['first_call_s']:.1f}", depth,

@@ -12,86 +12,108 @@ The node's topics are relative (image, camera_info, sparse_depth -> depth/image,
 the inputs and puts the outputs under ``namespace``. With ``cameras`` each camera's topics sit under its name
 (front/image -> front/depth/image, front/points); the ``*_pattern`` arguments remap its inputs, ``{camera}``
 standing for the name (image, camera_info, sparse_depth and sparse_points are then not used).
-``autostart`` (in the params file, default true) makes the lifecycle node configure and activate itself, so no
-lifecycle manager is needed. Works in a colcon workspace and in a pip/venv install where the console script sits
+Parameters: the shipped config/geodiff.yaml, then your ``params_file`` on top (only what you change), then the
+launch arguments given (``model``, ``device``, ``processing_res``, ``optimize``, ``autostart``,
+``allow_cpu_fallback``, ... : ``--show-args`` lists them; the table is geodiff_ros/ros/params.py LAUNCH_ARGUMENTS).
+``autostart`` (default true) makes the lifecycle node configure and activate itself, so no lifecycle manager is
+needed. ``rviz:=true`` checks first that rviz2 is installed, then starts it with a layout written for this run
+(every camera's displays). Works in a colcon workspace and in a pip/venv install where the console script sits
 in ``<prefix>/lib/geodiff_ros``. Several GPUs: launch/multi_gpu.launch.py.
 """
 
 import os  # noqa: I001 - `launch` is the ROS package, not this repo's launch/ folder
+import tempfile
 
 import yaml
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch.conditions import IfCondition
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from geodiff_ros.ros.camera_sets import camera_remappings, parse_camera_list
+from geodiff_ros.ros.launch_support import parameter_overrides, rviz2_missing, rviz_config, truthy
+from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
 
-# Launch arguments that override one node parameter, only when given (the params file holds the defaults).
-_PARAM_OVERRIDES = (('model', 'model_depth'), ('model_normals', 'model_normals'), ('device', 'device'),
-                    ('dtype', 'dtype'))
 # Per-camera input patterns (several cameras): launch argument -> node input topic.
 _PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
              ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
 
 
+def _arg(context, name: str) -> str:
+    return LaunchConfiguration(name).perform(context)
+
+
+def _rviz(context, share: str, cameras: list[str], normals: bool, namespace: str, use_sim_time: bool) -> list:
+    """RViz with this run's layout (every camera's displays), written to a temporary file removed at shutdown."""
+    with open(os.path.join(share, 'rviz', 'geodiff.rviz')) as template:
+        text = rviz_config(template.read(), cameras, normals=normals, fixed_frame=_arg(context, 'fixed_frame'))
+    fd, path = tempfile.mkstemp(prefix='geodiff_', suffix='.rviz')
+    with os.fdopen(fd, 'w') as out:
+        out.write(text)
+    # rviz/geodiff.rviz uses relative topic names, resolved in the same namespace as the node's outputs.
+    return [
+        Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace, arguments=['-d', path],
+             parameters=[{'use_sim_time': use_sim_time}]),
+        RegisterEventHandler(OnShutdown(on_shutdown=[OpaqueFunction(function=lambda _ctx: os.remove(path))])),
+    ]
+
+
 def _nodes(context, *_args, **_kwargs):
-    """Build the nodes once the arguments are known, so empty overrides leave the params file alone."""
+    """Build the nodes once the arguments are known, so empty overrides leave the params files alone."""
     share = get_package_share_directory('geodiff_ros')
-    use_sim_time = LaunchConfiguration('use_sim_time').perform(context).lower() in ('true', '1', 'yes')
-    overrides = {'use_sim_time': use_sim_time}
-    for arg, param in _PARAM_OVERRIDES:
-        value = LaunchConfiguration(arg).perform(context)
-        if value:
-            overrides[param] = '' if value == 'none' else value  # 'none' disables a model ('' keeps the file's)
-    batch_size = LaunchConfiguration('batch_size').perform(context)
-    if batch_size:
-        overrides['batch_size'] = int(batch_size)
-    namespace = LaunchConfiguration('namespace').perform(context)
+    want_rviz = truthy(_arg(context, 'rviz'))
+    if want_rviz:
+        missing = rviz2_missing()
+        if missing:  # before any process starts: nothing is left running when launch stops here
+            raise RuntimeError(missing)
+    use_sim_time = truthy(_arg(context, 'use_sim_time'))
+    overrides = {'use_sim_time': use_sim_time,
+                 **parameter_overrides({arg: _arg(context, arg) for arg in LAUNCH_ARGUMENTS.values()})}
+    namespace = _arg(context, 'namespace')
     # "[front, left]" (YAML) or "front,left"; [] / "" = one camera on today's topics.
-    cameras = parse_camera_list(yaml.safe_load(LaunchConfiguration('cameras').perform(context) or '[]'))
+    cameras = parse_camera_list(yaml.safe_load(_arg(context, 'cameras') or '[]'))
     if cameras:
         overrides['cameras'] = cameras
-        patterns = {topic: LaunchConfiguration(arg).perform(context) for arg, topic in _PATTERNS}
+        patterns = {topic: _arg(context, arg) for arg, topic in _PATTERNS}
         remappings = camera_remappings(cameras, patterns)
     else:
-        remappings = [
-            ('image', LaunchConfiguration('image').perform(context)),
-            ('camera_info', LaunchConfiguration('camera_info').perform(context)),
-            ('sparse_depth', LaunchConfiguration('sparse_depth').perform(context)),
-            ('sparse_points', LaunchConfiguration('sparse_points').perform(context)),
-        ]
-
-    geodiff = Node(
+        remappings = [(topic, _arg(context, topic)) for topic in ('image', 'camera_info', 'sparse_depth',
+                                                                   'sparse_points')]
+    # The shipped defaults, then the user's file on top (only what it sets), then the launch arguments given.
+    params_files = [os.path.join(share, 'config', 'geodiff.yaml')]
+    if _arg(context, 'params_file'):
+        params_files.append(_arg(context, 'params_file'))
+    actions = [Node(
         package='geodiff_ros',
         executable='geodiff_node',
         name='geodiff',
         namespace=namespace,
         output='screen',
         emulate_tty=True,
-        parameters=[LaunchConfiguration('params_file').perform(context), overrides],
-        arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level').perform(context)],
+        parameters=[*params_files, overrides],
+        arguments=['--ros-args', '--log-level', _arg(context, 'log_level')],
         remappings=remappings,
-    )
-    # rviz/geodiff.rviz uses relative topic names, resolved in the same namespace as the node's outputs.
-    rviz = Node(
-        package='rviz2',
-        executable='rviz2',
-        name='rviz2',
-        namespace=namespace,
-        arguments=['-d', os.path.join(share, 'rviz', 'geodiff.rviz'),
-                   '-f', LaunchConfiguration('fixed_frame').perform(context)],
-        parameters=[{'use_sim_time': use_sim_time}],
-        condition=IfCondition(LaunchConfiguration('rviz')),
-    )
-    return [geodiff, rviz]
+    )]
+    if want_rviz:
+        actions += _rviz(context, share, cameras, overrides.get('model_normals') != '', namespace, use_sim_time)
+    return actions
+
+
+def _parameter_arguments() -> list:
+    """One launch argument per commonly overridden parameter (params.LAUNCH_ARGUMENTS; launch silently ignores
+    undeclared ones, so each is declared); empty = the params files decide."""
+    specs = {spec.name: spec for spec in PARAMS}
+    notes = {'model_depth': ' (hub id or folder)', 'model_normals': ' (hub id or folder; none disables normals)'}
+    return [DeclareLaunchArgument(arg, default_value='',
+                                  description=f'Override {param}{notes.get(param, "")}: {specs[param].description} '
+                                              f'Empty: the params files decide (default {specs[param].default!r}).')
+            for param, arg in LAUNCH_ARGUMENTS.items()]
 
 
 def generate_launch_description() -> LaunchDescription:
-    share = get_package_share_directory('geodiff_ros')
     return LaunchDescription([
         DeclareLaunchArgument('namespace', default_value='', description='Namespace of the node and its outputs.'),
         DeclareLaunchArgument('image', default_value='/camera/color/image_raw',
@@ -115,21 +137,18 @@ def generate_launch_description() -> LaunchDescription:
                               description='With cameras: sparse depth topic pattern, e.g. /{camera}/lidar_depth.'),
         DeclareLaunchArgument('sparse_points_pattern', default_value='',
                               description='With cameras: sparse PointCloud2 topic pattern (camera optical frame).'),
-        DeclareLaunchArgument('batch_size', default_value='',
-                              description='Override batch_size (most frames of different cameras per engine call).'),
-        DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config', 'geodiff.yaml'),
-                              description='Node parameters (/**: ros__parameters:).'),
-        DeclareLaunchArgument('model', default_value='',
-                              description='Override model_depth (hub id or folder); empty keeps the params file.'),
-        DeclareLaunchArgument('model_normals', default_value='',
-                              description='Override model_normals (hub id or folder; none disables normals).'),
-        DeclareLaunchArgument('device', default_value='', description='Override device (cpu, cuda, cuda:N).'),
-        DeclareLaunchArgument('dtype', default_value='', description='Override dtype (fp32, fp16, bf16).'),
+        DeclareLaunchArgument('params_file', default_value='',
+                              description='Your parameters YAML (/**: ros__parameters:), applied on top of the '
+                                          'shipped config/geodiff.yaml: it only needs what you change.'),
+        *_parameter_arguments(),
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='Use /clock (bag playback with --clock).'),
-        DeclareLaunchArgument('rviz', default_value='false', description='Also start RViz with rviz/geodiff.rviz.'),
+        DeclareLaunchArgument('rviz', default_value='false',
+                              description='Also start RViz 2 with rviz/geodiff.rviz, with displays for every '
+                                          'camera (checked first: launch stops with a message if rviz2 is missing).'),
         DeclareLaunchArgument('fixed_frame', default_value='camera_color_optical_frame',
                               description='RViz fixed frame (the camera optical frame works without TF).'),
-        DeclareLaunchArgument('log_level', default_value='info', description='Log level of the node.'),
+        DeclareLaunchArgument('log_level', default_value='info',
+                              description='Log level of the node (debug, info, warn, error, fatal).'),
         OpaqueFunction(function=_nodes),
     ])

@@ -10,14 +10,21 @@ Explicit placement instead (group i on the i-th GPU of ``gpus``, or of 0..num_gp
 
 Each node loads one model copy on its GPU (cuda:i) and batches the frames of its cameras; nodes are named
 geodiff_gpu<i>, their cameras' topics are <namespace>/<camera>/... exactly as with one node (depth.launch.py).
+``device:=cpu`` runs every node on the CPU instead (tests, machines without a GPU); ``allow_cpu_fallback:=true``
+lets a node whose GPU is missing run on the CPU (``ros2 param get /geodiff_gpu<i> device`` then says cpu).
+``rviz:=true`` starts one RViz with every camera's displays (checked first: launch stops if rviz2 is missing).
 Camera-to-GPU rules live in geodiff_ros/ros/camera_sets.py (unit-tested without ROS launch).
 """
 
-import yaml  # noqa: I001 - `launch` is the ROS package, not this repo's launch/ folder
+import os  # noqa: I001 - `launch` is the ROS package, not this repo's launch/ folder
+import tempfile
+
+import yaml
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -30,10 +37,14 @@ from geodiff_ros.ros.camera_sets import (
     parse_gpu_list,
     visible_gpu_count,
 )
+from geodiff_ros.ros.launch_support import LaunchArgumentError, parameter_overrides, rviz2_missing, rviz_config, truthy
+from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
 
 _PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
              ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
-_PARAM_OVERRIDES = (('model', 'model_depth'), ('dtype', 'dtype'))
+# Launch arguments of depth.launch.py that apply to every node here too (device is placed per node, below).
+_SHARED = ('model_depth', 'model_normals', 'dtype', 'allow_cpu_fallback', 'local_files_only', 'processing_res',
+           'optimize', 'cpu_threads', 'batch_size', 'autostart', 'publish_cloud', 'cloud_stride')
 
 
 def _arg(context, name: str) -> str:
@@ -50,23 +61,54 @@ def _gpus(context) -> list[int]:
     return list(range(max(1, n)))
 
 
+def _device(context, gpu: int) -> str:
+    """The node's device: cuda:<gpu>, or cpu for every node with device:=cpu."""
+    device = _arg(context, 'device')
+    if device in ('', 'cuda'):
+        return f'cuda:{gpu}'
+    if device == 'cpu':
+        return 'cpu'
+    msg = f'device:={device!r}: use cpu (every node on the CPU) or leave it empty (gpus:= / num_gpus:= place them)'
+    raise LaunchArgumentError(msg)
+
+
+def _rviz(context, cameras: list[str], normals: bool, use_sim_time: bool) -> list:
+    """One RViz showing every camera (relative topics in ``namespace``), its layout removed at shutdown."""
+    share = get_package_share_directory('geodiff_ros')
+    with open(os.path.join(share, 'rviz', 'geodiff.rviz')) as template:
+        text = rviz_config(template.read(), cameras, normals=normals, fixed_frame=_arg(context, 'fixed_frame'))
+    fd, path = tempfile.mkstemp(prefix='geodiff_', suffix='.rviz')
+    with os.fdopen(fd, 'w') as out:
+        out.write(text)
+    return [
+        Node(package='rviz2', executable='rviz2', name='rviz2', namespace=_arg(context, 'namespace'),
+             arguments=['-d', path], parameters=[{'use_sim_time': use_sim_time}]),
+        RegisterEventHandler(OnShutdown(on_shutdown=[OpaqueFunction(function=lambda _ctx: os.remove(path))])),
+    ]
+
+
 def _nodes(context, *_args, **_kwargs):
     """One node per GPU that has cameras, once the arguments are known."""
+    want_rviz = truthy(_arg(context, 'rviz'))
+    if want_rviz:
+        missing = rviz2_missing()
+        if missing:  # before any process starts: nothing is left running when launch stops here
+            raise RuntimeError(missing)
     cameras = parse_camera_list(yaml.safe_load(_arg(context, 'cameras') or '[]'))
     if not cameras:
         raise CameraListError('multi_gpu.launch.py needs cameras:="[front, left, ...]"')
     plan = assign_cameras(cameras, _gpus(context), parse_assignment(_arg(context, 'assignment')))
     patterns = {topic: _arg(context, arg) for arg, topic in _PATTERNS}
-    use_sim_time = _arg(context, 'use_sim_time').lower() in ('true', '1', 'yes')
-    common = {'use_sim_time': use_sim_time}
-    for arg, param in _PARAM_OVERRIDES:
-        if _arg(context, arg):
-            common[param] = _arg(context, arg)
-    if _arg(context, 'batch_size'):
-        common['batch_size'] = int(_arg(context, 'batch_size'))
+    use_sim_time = truthy(_arg(context, 'use_sim_time'))
+    given = {LAUNCH_ARGUMENTS[p]: _arg(context, LAUNCH_ARGUMENTS[p]) for p in _SHARED}
+    common = {'use_sim_time': use_sim_time, **parameter_overrides(given)}
+    params_files = [os.path.join(get_package_share_directory('geodiff_ros'), 'config', 'geodiff.yaml')]
+    if _arg(context, 'params_file'):
+        params_files.append(_arg(context, 'params_file'))
     actions = []
     for gpu, group in sorted(plan.items()):
-        actions.append(LogInfo(msg=f'geodiff_gpu{gpu}: cuda:{gpu} serves {", ".join(group)}'))
+        device = _device(context, gpu)
+        actions.append(LogInfo(msg=f'geodiff_gpu{gpu}: {device} serves {", ".join(group)}'))
         actions.append(Node(
             package='geodiff_ros',
             executable='geodiff_node',
@@ -74,15 +116,17 @@ def _nodes(context, *_args, **_kwargs):
             namespace=_arg(context, 'namespace'),
             output='screen',
             emulate_tty=True,
-            parameters=[_arg(context, 'params_file'), {**common, 'device': f'cuda:{gpu}', 'cameras': group}],
+            parameters=[*params_files, {**common, 'device': device, 'cameras': group}],
             arguments=['--ros-args', '--log-level', _arg(context, 'log_level')],
             remappings=camera_remappings(group, patterns),
         ))
+    if want_rviz:
+        actions += _rviz(context, cameras, common.get('model_normals') != '', use_sim_time)
     return actions
 
 
 def generate_launch_description() -> LaunchDescription:
-    share = get_package_share_directory('geodiff_ros')
+    specs = {spec.name: spec for spec in PARAMS}
     return LaunchDescription([
         DeclareLaunchArgument('cameras', description='Camera names, e.g. "[front, left, rear, right]".'),
         DeclareLaunchArgument('num_gpus', default_value='auto',
@@ -92,6 +136,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument('assignment', default_value='',
                               description='Cameras per GPU, e.g. "front,left;rear,right" (group i on the i-th '
                                           'GPU); empty = round-robin in list order.'),
+        DeclareLaunchArgument('device', default_value='',
+                              description='Empty: node i on cuda:<its GPU>; cpu: every node on the CPU.'),
         DeclareLaunchArgument('namespace', default_value='', description='Namespace of the nodes and topics.'),
         DeclareLaunchArgument('image_pattern', default_value='',
                               description='Image topic per camera, {camera} = its name, e.g. '
@@ -102,15 +148,18 @@ def generate_launch_description() -> LaunchDescription:
                               description='Sparse depth topic per camera, e.g. /{camera}/lidar_depth.'),
         DeclareLaunchArgument('sparse_points_pattern', default_value='',
                               description='Sparse PointCloud2 topic per camera (camera optical frame).'),
-        DeclareLaunchArgument('params_file', default_value=f'{share}/config/geodiff.yaml',
-                              description='Node parameters (/**: ros__parameters:), shared by all nodes.'),
-        DeclareLaunchArgument('model', default_value='',
-                              description='Override model_depth (hub id or folder); empty keeps the params file.'),
-        DeclareLaunchArgument('dtype', default_value='', description='Override dtype (fp32, fp16, bf16).'),
-        DeclareLaunchArgument('batch_size', default_value='',
-                              description='Override batch_size (frames of different cameras per engine call).'),
+        DeclareLaunchArgument('params_file', default_value='',
+                              description='Your parameters YAML for all nodes, on top of the shipped '
+                                          'config/geodiff.yaml (it only needs what you change).'),
+        *[DeclareLaunchArgument(LAUNCH_ARGUMENTS[p], default_value='',
+                                description=f'Override {p} on every node: {specs[p].description} Empty: the '
+                                            'params files decide.') for p in _SHARED],
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='Use /clock (bag playback with --clock).'),
+        DeclareLaunchArgument('rviz', default_value='false',
+                              description='Also start one RViz 2 showing every camera.'),
+        DeclareLaunchArgument('fixed_frame', default_value='camera_color_optical_frame',
+                              description='RViz fixed frame.'),
         DeclareLaunchArgument('log_level', default_value='info', description='Log level of the nodes.'),
         OpaqueFunction(function=_nodes),
     ])

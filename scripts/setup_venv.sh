@@ -17,6 +17,29 @@ if [ ! -f "$stamp" ]; then
     echo "installing pinned dependencies into .venv (first run: a few minutes)"
     .venv/bin/python -m pip install -q $(printf -- '-r %s ' "${reqs[@]}")
     touch "$stamp"
+    rm -f .venv/.geodiff-ros-wheels-*  # reinstall lark last again (below)
+fi
+# The real ROS 2 launch stack and `ros2` CLI (launch, launch_ros, launch_testing, ros2 launch/topic/param/...):
+# not on PyPI, so test runs take them from ../shared/ros/wheels when that folder is beside the checkout (or
+# $GEODIFF_ROS_WHEELS; default: ros/wheels next to $GEODIFF_SHARED_DATA's folder). Without it the launch tests skip
+# and say why.
+shared_data="${GEODIFF_SHARED_DATA:-$repo/../shared/data}"
+ros_wheels="${GEODIFF_ROS_WHEELS:-$(dirname "$shared_data")/ros/wheels}"
+if [ "${1:-}" = "--dev" ] && compgen -G "$ros_wheels/*.whl" >/dev/null; then
+    wheels_stamp=".venv/.geodiff-ros-wheels-$( (cd "$ros_wheels" && ls ./*.whl; cat "$repo/requirements-ros-launch.txt") \
+        | sha1sum | cut -c1-12)"
+    if [ ! -f "$wheels_stamp" ]; then
+        echo "installing the ROS 2 launch stack and ros2 CLI from $ros_wheels"
+        .venv/bin/python -m pip install -q --no-deps "$ros_wheels"/*.whl
+        # (pip then says "launch-ros requires ament_index_python": the ROS wheels ship it as ros-jazzy-ament-index-python)
+        .venv/bin/python -m pip install -q $(grep -v -e '^#' -e '^lark' requirements-ros-launch.txt) 2>&1 \
+            | grep -v -e 'requires ament_index_python' -e "dependency resolver does not currently" >&2 || true
+        # last: lark-parser (from ros-rosidl-parser) shares lark 1.x's folder (README of the wheels folder)
+        .venv/bin/python -m pip install -q --no-deps --force-reinstall "$(grep '^lark==' requirements-ros-launch.txt)"
+        touch "$wheels_stamp"
+    fi
+elif [ "${1:-}" = "--dev" ]; then
+    echo "note: no ROS 2 launch wheels at $ros_wheels: the launch tests will skip (ROS 2 launch is not on PyPI)"
 fi
 # The package itself (data files go to .venv/share/geodiff_ros, as colcon puts them in install/share).
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation --force-reinstall . >/dev/null

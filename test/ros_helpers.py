@@ -26,6 +26,72 @@ FASTDDS_PROFILE = REPO / 'config' / 'fastdds_localhost.xml'
 PARAMS_FILE = REPO / 'config' / 'geodiff.yaml'
 
 
+def is_install_under_test() -> bool:
+    """True when the suite tests the installed package (``colcon test``; conftest decides), False in a checkout."""
+    return os.environ.get('GEODIFF_TEST_INSTALLED') == '1'
+
+
+def source_pythonpath(env: dict[str, str]) -> str:
+    """PYTHONPATH for a subprocess: the source folder first in a checkout, unchanged when testing the install."""
+    parts = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
+    if not is_install_under_test() and str(REPO) not in parts:
+        parts.insert(0, str(REPO))
+    return os.pathsep.join(parts)
+
+
+def run_dir() -> Path:
+    """Working directory of ``python -m geodiff_ros...`` subprocesses: ``-m`` imports from it first, so the source
+    folder only in a checkout."""
+    return REPO if not is_install_under_test() else Path(tempfile.gettempdir())
+
+
+def launch_file(name: str) -> Path:
+    """The launch file under test: the installed one (share/geodiff_ros/launch) when testing the install, else
+    the checkout's."""
+    if is_install_under_test():
+        from ament_index_python.packages import get_package_share_directory
+
+        return Path(get_package_share_directory('geodiff_ros')) / 'launch' / name
+    return REPO / 'launch' / name
+
+
+# console_scripts of setup.py: launch_ros starts executables from <prefix>/lib/geodiff_ros/.
+CONSOLE_SCRIPTS = {'geodiff_node': 'geodiff_ros.ros.node', 'geodiff_bag': 'geodiff_ros.bag.cli',
+                   'geodiff_demo': 'geodiff_ros.ros.demo', 'geodiff_predict': 'geodiff_ros.cli.predict'}
+
+
+def checkout_ament_prefix(folder: Path) -> Path:
+    """An ament prefix in ``folder`` whose geodiff_ros is this checkout: share/geodiff_ros links the files of
+    launch/, config/ and rviz/, lib/geodiff_ros holds the executables (this interpreter). Put first on
+    AMENT_PREFIX_PATH, ``ros2 launch geodiff_ros ...`` then runs the checkout's files, not a stale install."""
+    share = folder / 'share' / 'geodiff_ros'
+    for sub in ('launch', 'config', 'rviz'):  # folders of links: ros2 launch's file search does not enter links
+        (share / sub).mkdir(parents=True)
+        for path in (REPO / sub).iterdir():
+            (share / sub / path.name).symlink_to(path)
+    (share / 'package.xml').symlink_to(REPO / 'package.xml')
+    index = folder / 'share' / 'ament_index' / 'resource_index' / 'packages'
+    index.mkdir(parents=True)
+    (index / 'geodiff_ros').write_text('')
+    lib = folder / 'lib' / 'geodiff_ros'
+    lib.mkdir(parents=True)
+    for exe, module in CONSOLE_SCRIPTS.items():
+        script = lib / exe
+        script.write_text(f'#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n')
+        script.chmod(0o755)
+    return folder
+
+
+def package_prefix_env(domain_id: int, folder: Path) -> dict[str, str]:
+    """ros_env for ``ros2 launch geodiff_ros ...`` / ``ros2 run``: the package under test first in the ament index
+    (the checkout through :func:`checkout_ament_prefix`, or the install when testing it)."""
+    env = ros_env(domain_id)
+    if not is_install_under_test():
+        prefix = checkout_ament_prefix(folder)
+        env['AMENT_PREFIX_PATH'] = os.pathsep.join(p for p in (str(prefix), env.get('AMENT_PREFIX_PATH', '')) if p)
+    return env
+
+
 def shared_data_dir() -> Path | None:
     """``../shared/data`` beside the checkout (or ``$GEODIFF_SHARED_DATA``), None if absent."""
     env = os.environ.get('GEODIFF_SHARED_DATA')
@@ -42,7 +108,7 @@ def ros_env(domain_id: int) -> dict[str, str]:
         'FASTDDS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),
         'FASTRTPS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),  # the name Jazzy's Fast DDS 2.14 reads
         'ROS_DOMAIN_ID': str(domain_id),
-        'PYTHONPATH': os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH', '')) if p),
+        'PYTHONPATH': source_pythonpath(env),
         'PYTHONUNBUFFERED': '1',
         'RCUTILS_COLORIZED_OUTPUT': '0',
     })
@@ -89,7 +155,7 @@ class NodeProcess:
         self._log = open(log_path, 'wb')  # noqa: SIM115 - closed in stop()
         env = ros_env(domain_id)
         env.update(extra_env or {})
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=run_dir(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         if not self._log.closed:
@@ -368,6 +434,8 @@ def diagnostics_values(msg: Any) -> dict[str, str]:
 #   GEODIFF_TEST_OOM_ON_MARKER=1 GeoDiffEngine.predict raises torch.cuda.OutOfMemoryError for a frame whose
 #                                top-left pixel is OOM_MARKER (so a test chooses exactly which frames fail)
 #   GEODIFF_TEST_OOM_ON_WIDTH=N  ... and for every frame N pixels wide (e.g. the warm-up frame, warmup_size)
+#   GEODIFF_TEST_LOAD_BUSY_S=N   GeoDiffEngine() first busy-loops N s holding the GIL (weights from a slow disk);
+#                                prints GEODIFF_TEST_LOAD_BUSY when it starts
 #   GEODIFF_TEST_PREDICT_DELAY_S=S  GeoDiffEngine.predict sleeps S seconds first (a slow GPU, deterministically), and
 #                                prints ``GEODIFF_TEST_PREDICT_ACTIVE n`` (calls running at once) whenever one starts
 # and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
@@ -412,6 +480,22 @@ if os.environ.get('GEODIFF_TEST_OOM_ON_MARKER') or oom_width > 0:
 
     GeoDiffEngine.predict = predict
 
+load_busy_s = float(os.environ.get('GEODIFF_TEST_LOAD_BUSY_S') or 0)
+if load_busy_s > 0:
+    import time
+    from geodiff_ros.engine import GeoDiffEngine
+
+    real_init = GeoDiffEngine.__init__
+
+    def slow_init(self, *args, **kwargs):
+        sys.stderr.write('GEODIFF_TEST_LOAD_BUSY\n')
+        sys.stderr.flush()
+        end = time.monotonic() + load_busy_s
+        while time.monotonic() < end:
+            sum(range(1000))
+        real_init(self, *args, **kwargs)
+
+    GeoDiffEngine.__init__ = slow_init
 delay = float(os.environ.get('GEODIFF_TEST_PREDICT_DELAY_S') or 0.0)
 if delay > 0.0:
     import time
@@ -487,3 +571,91 @@ def child_pids(pid: int) -> list[int]:
         return [int(p) for p in children.read_text().split()]
     except OSError:
         return []
+
+
+# ---------------------------------------------------------------------------------------------- hostile images
+
+def jpeg_announcing(width: int, height: int) -> bytes:
+    """A few hundred bytes of JPEG whose frame header announces ``width x height`` (a tiny JPEG with its size
+    patched: the scan data is far too short, so a decoder that trusts the header allocates the full size first)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.new('RGB', (16, 16), (90, 120, 150)).save(buf, format='JPEG', quality=50)
+    data = bytearray(buf.getvalue())
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # walk to the start-of-frame segment
+        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+    data[i + 5:i + 7] = height.to_bytes(2, 'big')
+    data[i + 7:i + 9] = width.to_bytes(2, 'big')
+    return bytes(data)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid grey PNG of ``width x height``, all one value: zlib packs it ~1000:1 (13000x13000 in ~170 kB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + one grey byte per pixel
+    idat = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
+
+
+# ---------------------------------------------------------------------------------------------- launch files
+
+class _Recorder:
+    """Stand-ins for the ROS launch classes: each records its constructor arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _LaunchConfiguration:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def perform(self, context: dict[str, str]) -> str:
+        return context[self.name]
+
+
+def load_launch_with_stand_ins(path: Path, monkeypatch: Any, share: str = '/opt/share/geodiff_ros') -> Any:
+    """Execute a launch file with stand-in launch / launch_ros / ament_index modules (no ROS launch needed):
+    its actions record their arguments. ``share`` is what get_package_share_directory returns."""
+    import types
+
+    mods = {name: types.ModuleType(name) for name in (
+        'launch', 'launch.actions', 'launch.conditions', 'launch.event_handlers', 'launch.substitutions',
+        'launch_ros', 'launch_ros.actions', 'ament_index_python', 'ament_index_python.packages')}
+    mods['launch'].LaunchDescription = lambda entities: list(entities)
+    for name in ('DeclareLaunchArgument', 'OpaqueFunction', 'LogInfo', 'RegisterEventHandler'):
+        setattr(mods['launch.actions'], name, type(name, (_Recorder,), {}))
+    mods['launch.conditions'].IfCondition = _Recorder
+    mods['launch.event_handlers'].OnShutdown = type('OnShutdown', (_Recorder,), {})
+    mods['launch.substitutions'].LaunchConfiguration = _LaunchConfiguration
+    mods['launch_ros.actions'].Node = type('Node', (_Recorder,), {})
+    mods['ament_index_python.packages'].get_package_share_directory = lambda pkg: share
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    source = path.read_text()
+    module = types.ModuleType(path.stem.replace('.', '_'))
+    exec(compile(source, str(path), 'exec'), module.__dict__)  # noqa: S102 - our own launch file
+    return module
+
+
+def run_launch_with_stand_ins(module: Any, **args: str) -> tuple[dict[str, Any], list[Any]]:
+    """Declared arguments (name -> default) and the actions the OpaqueFunction returns for ``args``."""
+    entities = module.generate_launch_description()
+    declared = {e.args[0]: e.kwargs.get('default_value') for e in entities if type(e).__name__ ==
+                'DeclareLaunchArgument'}
+    unknown = set(args) - set(declared)
+    assert not unknown, f'not launch arguments: {unknown}'
+    context = {**{k: v for k, v in declared.items() if v is not None}, **args}
+    (opaque,) = [e for e in entities if type(e).__name__ == 'OpaqueFunction']
+    return declared, opaque.kwargs['function'](context)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from geodiff_ros.bag.cli import main as bag_main
+from geodiff_ros.bag.export import pair_by_stamp
+from geodiff_ros.bag.storage import BagWriter, open_bag
 from geodiff_ros.evaluation.datasets import iter_depth_manifest
 from geodiff_ros.manifest import read_manifest
-from geodiff_ros.ros.bag_export import pair_by_stamp
-from geodiff_ros.ros.bag_io import BagWriter, open_bag
-from geodiff_ros.ros.bag_tool import main as bag_main
 from geodiff_ros.ros.conversions import depth_to_metres, numpy_to_image_fields
 from geodiff_ros.training.data import ManifestRGBDDataset
 

@@ -1,4 +1,4 @@
-"""Reading and writing bags with geodiff_ros.ros.bag_io: both storage formats, damaged files, clear errors.
+"""Reading and writing bags with geodiff_ros.bag.storage: both storage formats, damaged files, clear errors.
 
 No DDS here. Damaged bags are made the way they happen: a copy of a finished bag cut short (crash, full disk),
 a recording whose metadata.yaml was never written, bytes overwritten in the middle.
@@ -14,8 +14,8 @@ import pytest
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.typesys import get_types_from_msg
 
-from geodiff_ros.ros.bag_io import BagError, BagWriter, jazzy_typestore, open_bag
-from geodiff_ros.ros.bag_tool import main as bag_main
+from geodiff_ros.bag.cli import main as bag_main
+from geodiff_ros.bag.storage import BagError, BagWriter, jazzy_typestore, open_bag
 from geodiff_ros.ros.conversions import depth_to_metres, image_to_rgb8
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 

@@ -18,12 +18,12 @@ import pytest
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.serialization import deserialize_message  # noqa: E402
-from ros_helpers import REPO, Collector, camera_info_msg, header, module_domain_id, ros_env  # noqa: E402
+from ros_helpers import Collector, camera_info_msg, header, module_domain_id, ros_env, run_dir  # noqa: E402
 from rosbags.interfaces import QosReliability  # noqa: E402
 from rosbags.typesys import get_types_from_msg  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from geodiff_ros.ros.bag_io import BagWriter, jazzy_typestore, open_bag  # noqa: E402
+from geodiff_ros.bag.storage import BagWriter, jazzy_typestore, open_bag  # noqa: E402
 from geodiff_ros.ros.conversions import numpy_to_image  # noqa: E402
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 
@@ -41,7 +41,7 @@ def _env() -> dict[str, str]:
 
 
 def _bag_tool(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, '-m', 'geodiff_ros.ros.bag_tool', *args], cwd=REPO, env=_env(),
+    return subprocess.Popen([sys.executable, '-m', 'geodiff_ros.bag.cli', *args], cwd=run_dir(), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -205,3 +205,29 @@ def test_record_stores_what_was_published(col: Collector, tmp_path: Path, storag
         assert bag.topics[info_topic].qos[0].reliability == QosReliability.RELIABLE
     assert got == sent  # CDR padding bytes may differ between serializations; the messages are equal
     assert image_topic in text and 'recorded' in text
+
+
+def test_two_players_at_once_have_distinct_node_names(col: Collector, tmp_path: Path) -> None:
+    """Both players were named geodiff_bag_player: ROS warned about the duplicate and their logs and services
+    mixed. Each process now names its node uniquely."""
+    bag = write_synthetic_bag(tmp_path / 'b', frames=2, period_s=0.2)
+    topic = f'{NS}/two/image'
+    procs = [_bag_tool('play', str(bag), '--topics', IMAGE_TOPIC, '--remap', f'{IMAGE_TOPIC}:={topic}', '--loop')
+             for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30.0
+        players: list[str] = []
+        while time.monotonic() < deadline:
+            players = [n for n, _ in col.node.get_node_names_and_namespaces() if n.startswith('geodiff_bag_player')]
+            if len(players) >= 2 or any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.1)
+    finally:
+        results = []
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            results.append(_finish(proc, timeout=10.0))
+    assert len(players) == 2 and len(set(players)) == 2, players
+    for code, _, err in results:
+        assert code == 0, err
+        assert 'same name' not in err, err  # rcl: "... multiple nodes with the same name ..."

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from rosbags.typesys import get_types_from_msg
 
+from geodiff_ros.bag.cli import main as bag_main
+from geodiff_ros.bag.process import ProcessOptions, process_bag
+from geodiff_ros.bag.storage import BagError, BagWriter, jazzy_typestore, open_bag
 from geodiff_ros.geometry import PinholeIntrinsics, backproject
-from geodiff_ros.ros.bag_io import BagError, BagWriter, jazzy_typestore, open_bag
-from geodiff_ros.ros.bag_process import ProcessOptions, process_bag
-from geodiff_ros.ros.bag_tool import main as bag_main
 from geodiff_ros.ros.conversions import depth_to_metres, image_to_numpy, image_to_rgb8
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.pointcloud import read_cloud

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
-from ros_helpers import REPO, NodeProcess, module_domain_id, ros_env, shared_data_dir  # noqa: E402
+from ros_helpers import NodeProcess, module_domain_id, ros_env, run_dir, shared_data_dir  # noqa: E402
 
-from geodiff_ros.ros.bag_io import BagWriter, open_bag  # noqa: E402
+from geodiff_ros.bag.storage import BagWriter, open_bag  # noqa: E402
 from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image_fields  # noqa: E402
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 from geodiff_ros.ros.pointcloud import read_cloud  # noqa: E402
@@ -62,12 +62,12 @@ def stamp_ns(msg: Any) -> int:
 
 
 class BagTool:
-    """``python -m geodiff_ros.ros.bag_tool ...`` with its output in a log file (polled for readiness)."""
+    """``python -m geodiff_ros.bag.cli ...`` with its output in a log file (polled for readiness)."""
 
     def __init__(self, domain: int, log: Path, *args: str) -> None:
         self.log_path = log
         self._log = log.open('wb')
-        self.proc = subprocess.Popen([sys.executable, '-m', 'geodiff_ros.ros.bag_tool', *args], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, '-m', 'geodiff_ros.bag.cli', *args], cwd=run_dir(),
                                      env=replay_env(domain), stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:

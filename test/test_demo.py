@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
-from ros_helpers import REPO, module_domain_id  # noqa: E402
+from ros_helpers import module_domain_id, run_dir, source_pythonpath  # noqa: E402
 
-from geodiff_ros.ros.bag_io import open_bag  # noqa: E402
+from geodiff_ros.bag.storage import open_bag  # noqa: E402
 
 DOMAIN = module_domain_id(73)
 NS = f'/geodiff_demo_test_{os.getpid()}'  # our own topics even if another test run shares the domain
@@ -29,13 +29,13 @@ def _user_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('ROS_AUTOMATIC', 'ROS_LOCALHOST', 'FASTDDS_', 'FASTRTPS_'))}
     env['ROS_DOMAIN_ID'] = str(DOMAIN)
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH', '')) if p)
+    env['PYTHONPATH'] = source_pythonpath(env)
     return env
 
 
 def _demo(*args: str, timeout: float = 120.0) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, '-m', 'geodiff_ros.ros.demo', *args], cwd=REPO, env=_user_env(),
+    proc = subprocess.run([sys.executable, '-m', 'geodiff_ros.ros.demo', *args], cwd=run_dir(), env=_user_env(),
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - t0
 

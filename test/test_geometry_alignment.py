@@ -262,12 +262,26 @@ def test_temporal_time_backwards_resets() -> None:
     assert s is not None and s.scale == pytest.approx(2.2)  # no blending with pre-loop history
 
 
-def test_temporal_fixed_scale_always_yields() -> None:
+def test_temporal_fixed_scale_applies_without_sparse_input() -> None:
     ta = TemporalAligner(fixed_scale=7.0)
-    for stamp, res in [(0.0, None), (1.0, FAILED), (100.0, _ok(2.0)), (0.5, None)]:
+    for stamp, res in [(0.0, None), (1.0, FAILED), (2.0, None)]:
         s = ta.update(res, stamp)
         assert s is not None
         assert (s.scale, s.shift, s.source) == (7.0, 0.0, "fixed")
+
+
+def test_temporal_fixed_scale_gives_way_to_a_fit_and_returns_after_the_fallback_age() -> None:
+    """As the parameter says: fixed_scale is for frames *without* sparse input; a fit, when there is one, wins
+    (it used to be ignored while the node still fitted, and warned, every frame)."""
+    ta = TemporalAligner(fixed_scale=7.0, max_fallback_age_s=2.0)
+    s = ta.update(_ok(2.0, 0.5), 10.0)
+    assert (s.scale, s.shift, s.source) == (pytest.approx(2.0), pytest.approx(0.5), "fit")
+    s = ta.update(None, 11.0)  # no sparse this frame: the last fit, within max_fallback_age_s
+    assert (s.scale, s.source) == (pytest.approx(2.0), "fallback")
+    s = ta.update(FAILED, 13.5)  # fit too old: back to the user's scale
+    assert (s.scale, s.shift, s.source) == (7.0, 0.0, "fixed")
+    s = ta.update(None, 5.0)  # time went backwards: fit history gone, fixed scale still applies
+    assert (s.scale, s.source) == (7.0, "fixed")
 
 
 @pytest.mark.parametrize(
@@ -278,3 +292,23 @@ def test_temporal_fixed_scale_always_yields() -> None:
 def test_temporal_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         TemporalAligner(**kwargs)
+
+
+def test_fit_in_wrong_units_is_rejected_naming_the_range() -> None:
+    """Issue 13, bug 11: sparse depth x1e6 (micrometres sent as metres) fits perfectly but maps every pixel
+    beyond max_depth; with the output range given, such a fit is refused with a reason a user can act on."""
+    _, rel, sparse = _scene()
+    ok = fit_scale_shift(rel, sparse, depth_range=(0.1, 100.0))
+    assert ok.ok, ok.reason
+    bad = fit_scale_shift(rel, sparse * 1e6, depth_range=(0.1, 100.0))
+    assert not bad.ok and "wrong units" in bad.reason and "[0.1, 100]" in bad.reason
+    assert fit_scale_shift(rel, sparse * 1e6).ok  # without a range: the fit itself is consistent
+    tiny = fit_scale_shift(rel, sparse * 1e-3, depth_range=(0.1, 100.0))  # millimetres read as kilometres
+    assert not tiny.ok and "min_depth" in tiny.reason
+
+
+def test_fit_with_part_of_the_scene_beyond_max_depth_is_kept() -> None:
+    """Far points beyond max_depth (sky, a far wall) are NaN in the output, but the fit is good: kept."""
+    _, rel, sparse = _scene()  # depths 1..7.5 m
+    res = fit_scale_shift(rel, sparse, depth_range=(0.1, 5.0))  # ~40 % of the points beyond 5 m
+    assert res.ok, res.reason

@@ -39,8 +39,11 @@ from ros_helpers import (  # noqa: E402
     camera_info_msg,
     diagnostics_of,
     header,
+    jpeg_announcing,
     module_domain_id,
     node_remaps,
+    png_bomb,
+    process_stats,
     set_parameters,
     stamp_of,
     test_scene,
@@ -50,6 +53,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # n
 
 from geodiff_ros.geometry import PinholeIntrinsics  # noqa: E402
 from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
+from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_msg, read_cloud  # noqa: E402
 
 W, H = 160, 120
 FRAME = 'camera_color_optical_frame'
@@ -211,7 +215,7 @@ def scn(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_no
         for topic, msg_type in OUTPUTS.items():
             col.subscribe(msg_type, topic)
         pubs = {t: col.publisher(m, t, depth=2) for t, m in (('image', Image), ('camera_info', CameraInfo),
-                                                             ('sparse_depth', Image))}
+                                                             ('sparse_depth', Image), ('sparse_points', PointCloud2))}
         if not col.wait_matched(pubs.values(), timeout=90.0):
             pytest.fail(f'the node never subscribed to its inputs; log:\n{node.log()[-3000:]}')
         rgb, _, (fx, fy, cx, cy) = test_scene(W, H)
@@ -282,6 +286,9 @@ def _bad_images(rgb: np.ndarray) -> dict[str, tuple[Callable[[int], Image], str]
         'data_short': (lambda s: _with(base(s), data=bytes(W * 3 * (H - 1))), r'truncated|short'),
         'zero_width': (lambda s: _with(base(s), width=0, step=0, data=b''), rf'zero|\b0x{H}\b'),
         'zero_height': (lambda s: _with(base(s), height=0, data=b''), rf'zero|\b{W}x0\b'),
+        # Issue 13, bug 12: was torch's "Kernel size can't be greater than actual input size".
+        'thin_100000x1': (lambda s: numpy_to_image(np.zeros((1, 100000, 3), np.uint8), 'rgb8', header(s, FRAME)),
+                          r'100000x1 .*at least \d+ px'),
     }
 
 
@@ -537,6 +544,171 @@ def test_frames_without_sparse_depth_are_logged(scn: Scenario) -> None:
                for ln in warn_lines(res.log)), 'no warning that metric depth stopped:\n' + res.log[-2000:]
 
 
+# -------------------------------------------------------------------------------------------------- issue 13
+
+def _cloud_of(scn: Scenario, sparse: np.ndarray) -> PointCloud2:
+    """The valid pixels of a sparse depth map as optical-frame points (they project back onto those pixels)."""
+    v, u = np.nonzero(np.isfinite(sparse))
+    z = sparse[v, u]
+    i = scn.intr
+    xyz = np.stack([(u - i.cx) * z / i.fx, (v - i.cy) * z / i.fy, z], axis=-1).astype(np.float32)
+    return cloud_to_msg(cloud_array(xyz[None]))  # [1,N] unorganized
+
+
+def _broken_cloud(msg: PointCloud2, kind: str) -> PointCloud2:
+    fields = list(msg.fields)
+    if kind == 'offset_beyond_point_step':
+        fields[2].offset = 40
+    elif kind == 'point_step_0':
+        msg.point_step = 0
+    elif kind == 'duplicate_field':
+        fields[1].name = 'x'
+    elif kind == 'huge_count':
+        fields[0].count = 1_000_000_000
+    msg.fields = fields
+    return msg
+
+
+def _bad_points_case(kind: str) -> Callable[[Scenario], tuple[dict[int, dict[str, Any]], dict[str, int]]]:
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        outputs = {}
+        for stamp, broken in ((bad, True), (good, False)):
+            cloud = _cloud_of(scn, scn.sparse())
+            if broken:
+                cloud = _broken_cloud(cloud, kind)
+            cloud.header = header(stamp, FRAME)
+            since = time.monotonic()
+            scn.pubs['sparse_points'].publish(cloud)
+            scn.publish(stamp)  # camera_info, then the image
+            expect = ('depth/relative', 'normals/image') + (() if broken else ('depth/image',))
+            outputs[stamp] = scn.collect(stamp, expect, since=since)
+        return outputs, {'bad': bad, 'good': good}
+    return body
+
+
+@pytest.mark.parametrize('kind', ['offset_beyond_point_step', 'point_step_0', 'duplicate_field', 'huge_count'])
+def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenario, kind: str) -> None:
+    """Issue 13, bug 5: a ValueError from numpy used to escape and drop the camera frame."""
+    res = scn.run_case(f'points:{kind}', _bad_points_case(kind))
+    out = res.outputs[res.stamps['bad']]
+    assert_good(out, scn)
+    assert out['depth/image'] is None and out['points'] is None  # no metric scale from a broken cloud
+    assert_metric(res.outputs[res.stamps['good']], S, T)  # a valid cloud right after is used
+    assert_logged(res.log, r'sparse input ignored')
+
+
+def _wrong_units(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    fit = scn.fresh_stamp()
+    out_fit = scn.frame(fit, expect=('depth/relative', 'normals/image', 'depth/image'),
+                        sparse=numpy_to_image(scn.sparse(), '32FC1'))
+    wrong = fit + int(0.3e9)  # within alignment.max_fallback_age_s = 1.0 of the good fit
+    out_wrong = scn.frame(wrong, expect=('depth/relative', 'normals/image', 'depth/image'),
+                          sparse=numpy_to_image(scn.sparse() * 1e6, '32FC1'))  # micrometres sent as metres
+    scn.stamp_ns = max(scn.stamp_ns, wrong)
+    return {fit: out_fit, wrong: out_wrong}, {'fit': fit, 'wrong': wrong}
+
+
+def test_sparse_depth_in_wrong_units_is_rejected_and_the_last_fit_kept(scn: Scenario) -> None:
+    """Issue 13, bug 11: the x1e6 fit was accepted and made every metric pixel NaN for max_fallback_age_s."""
+    res = scn.run_case('sparse:wrong_units', _wrong_units)
+    assert_metric(res.outputs[res.stamps['fit']], S, T)
+    assert_metric(res.outputs[res.stamps['wrong']], S, T)  # the good fit is reused; nothing all-NaN
+    assert_logged(res.log, r'wrong units.*max_depth|max_depth.*wrong units')
+
+
+def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario) -> None:
+    """Issue 13, bug 8: every new K logged an unthrottled warning (and grew an unbounded set)."""
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        outputs = {}
+        for n in range(6):
+            stamp = scn.fresh_stamp(0.2)
+            info = scn.info(stamp)
+            k = list(info.k)
+            k[0] += 0.5 * n + 0.25
+            k[4] += 0.5 * n + 0.25
+            info.k, info.p = k, [0.0] * 12
+            outputs[stamp] = scn.frame(stamp, info=info)
+        return outputs, {}
+
+    res = scn.run_case('info:k_only_changing', body)
+    for out in res.outputs.values():
+        assert_good(out, scn)
+    lines = [ln for ln in res.log.splitlines() if 'P is unset' in ln]
+    assert len(lines) == 1, 'expected one (throttled) warning for 6 new K values:\n' + '\n'.join(lines)
+
+
+def _set(scn: Scenario, **values: Any) -> None:
+    results = set_parameters(scn.col, f'{NS}/{NAME}', {k.replace('__', '.'): v for k, v in values.items()})
+    assert all(r.successful for r in results), [r.reason for r in results]
+
+
+def test_raw_image_above_max_input_pixels_is_dropped_naming_the_parameter(scn: Scenario) -> None:
+    """Issue 13, bug 4 (raw input): width x height from the message, checked before conversion."""
+    limit = W * H - 1
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        before = scn.wait_diag('bad_input', 0)
+        _set(scn, max_input_pixels=limit)
+        try:
+            scn.publish(bad, info=None)
+            scn.wait_diag('bad_input', before + 1)
+        finally:
+            _set(scn, max_input_pixels=40_000_000)
+        out_good = scn.frame(good)
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {'bad': bad, 'good': good}
+
+    res = scn.run_case('limit:raw', body)
+    assert_nothing_for(res.outputs[res.stamps['bad']])
+    assert_good(res.outputs[res.stamps['good']], scn)
+    assert_logged(res.log, rf'{W}x{H} .*max_input_pixels = {limit}')
+
+
+def _expected_rectified(rgb: np.ndarray, info: CameraInfo) -> np.ndarray:
+    """The image rectified the way image_geometry does it (OpenCV maps, bilinear, black border)."""
+    import cv2
+
+    k = np.asarray(info.k, np.float64).reshape(3, 3)
+    p = np.asarray(info.p, np.float64).reshape(3, 4)[:, :3]
+    m1, m2 = cv2.initUndistortRectifyMap(k, np.asarray(info.d, np.float64), np.eye(3), p, (W, H), cv2.CV_16SC2)
+    return cv2.remap(rgb, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def test_rectify_processes_the_rectified_image_and_publishes_its_camera_info(scn: Scenario) -> None:
+    """rectify: true with a distorted CameraInfo: the cloud's colours are the rectified image (what the network
+    saw) and depth/camera_info describes it (D = 0, R = I, K = P)."""
+    distortion = [-0.25, 0.07, 0.001, -0.001, 0.0]
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        stamp = scn.fresh_stamp()
+        info = scn.info(stamp)
+        info.d = distortion
+        _set(scn, rectify=True, alignment__fixed_scale=2.0)  # fixed scale: a cloud without sparse depth
+        try:
+            out = scn.frame(stamp, expect=('depth/relative', 'normals/image', 'depth/camera_info', 'points'),
+                            info=info)
+        finally:
+            _set(scn, rectify=False, alignment__fixed_scale=0.0)
+        return {stamp: out}, {'frame': stamp}
+
+    res = scn.run_case('rectify', body)
+    out = res.outputs[res.stamps['frame']]
+    assert_good(out, scn)
+    info_out = out['depth/camera_info']
+    assert info_out is not None and out['points'] is not None, scn.node.log()[-3000:]
+    p = np.asarray(info_out.p).reshape(3, 4)
+    assert not np.any(info_out.d) and np.allclose(np.asarray(info_out.r).reshape(3, 3), np.eye(3))
+    np.testing.assert_allclose(np.asarray(info_out.k).reshape(3, 3), p[:, :3])
+    packed = read_cloud(out['points'])['rgb'].view(np.uint32).reshape(H, W)
+    colours = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
+    distorted = scn.info(0)
+    distorted.d = distortion
+    expected = _expected_rectified(scn.rgb, distorted)
+    np.testing.assert_array_equal(colours, expected)
+    assert np.abs(colours.astype(int) - scn.rgb).mean() > 5.0  # and that is not the raw image
+
+
 # -------------------------------------------------------------------------------------------------- time jumps
 
 def _backwards(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
@@ -621,38 +793,134 @@ def _set_transport(scn: Scenario, transport: str) -> None:
     _lifecycle(scn, Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE)
 
 
-def test_corrupt_jpeg_is_dropped_logged_and_the_next_frame_processed(scn: Scenario) -> None:
-    """Runs last: switches the node to input_transport compressed through the lifecycle (and back)."""
+@pytest.fixture(scope='module')
+def compressed(scn: Scenario) -> Any:
+    """The node switched to input_transport compressed through the lifecycle for the tests below (they run last),
+    and back to raw at the end of the module; yields the image/compressed publisher."""
     pub = scn.col.publisher(CompressedImage, 'image/compressed', depth=2)
+    mark = len(scn.node.log())
     _set_transport(scn, 'compressed')
     try:
         assert Collector.wait_matched([pub], timeout=30.0)
-
-        def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
-            truncated, garbage, good = scn.fresh_stamp(), scn.fresh_stamp(0.1), scn.fresh_stamp(0.1)
-            msg = _jpeg(scn.rgb, truncated)
-            msg.data = bytes(msg.data)[: len(msg.data) // 2]  # cut mid-scan
-            pub.publish(msg)
-            time.sleep(0.5)
-            msg = _jpeg(scn.rgb, garbage)
-            data = bytearray(msg.data)
-            data[200:] = np.random.default_rng(1).integers(0, 256, len(data) - 200, dtype=np.uint8).tobytes()
-            msg.data = bytes(data)  # JPEG header, random entropy-coded data
-            pub.publish(msg)
-            time.sleep(0.5)
-            pub.publish(_jpeg(scn.rgb, good))
-            out_good = scn.collect(good)
-            return ({truncated: scn.collect(truncated, expect=()), garbage: scn.collect(garbage, expect=()),
-                     good: out_good}, {'truncated': truncated, 'garbage': garbage, 'good': good})
-
-        res = scn.run_case('jpeg', body)
-        assert_nothing_for(res.outputs[res.stamps['truncated']])
-        garbage = res.outputs[res.stamps['garbage']]
-        if garbage['depth/relative'] is not None:
-            # Random entropy-coded data can still decode to a (noisy) picture: then it is a valid image.
-            assert_good(garbage, scn)
-        good = res.outputs[res.stamps['good']]
-        assert_good(good, scn)
-        assert_logged(res.log, r'decode|jpeg|truncated')
+        # Until the activation warm-up is over, a newer frame replaces an older one in the one-slot mailbox: a
+        # case's bad frame would never be looked at.
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            log = scn.node.log_since(mark)
+            if 'processing frames' in log[log.find('(compressed, '):]:
+                break
+            time.sleep(0.1)
+        yield pub
     finally:
         _set_transport(scn, 'raw')
+
+
+def test_corrupt_jpeg_is_dropped_logged_and_the_next_frame_processed(scn: Scenario, compressed: Any) -> None:
+    pub = compressed
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        truncated, garbage, good = scn.fresh_stamp(), scn.fresh_stamp(0.1), scn.fresh_stamp(0.1)
+        msg = _jpeg(scn.rgb, truncated)
+        msg.data = bytes(msg.data)[: len(msg.data) // 2]  # cut mid-scan
+        pub.publish(msg)
+        time.sleep(0.5)
+        msg = _jpeg(scn.rgb, garbage)
+        data = bytearray(msg.data)
+        data[200:] = np.random.default_rng(1).integers(0, 256, len(data) - 200, dtype=np.uint8).tobytes()
+        msg.data = bytes(data)  # JPEG header, random entropy-coded data
+        pub.publish(msg)
+        time.sleep(0.5)
+        pub.publish(_jpeg(scn.rgb, good))
+        out_good = scn.collect(good)
+        return ({truncated: scn.collect(truncated, expect=()), garbage: scn.collect(garbage, expect=()),
+                 good: out_good}, {'truncated': truncated, 'garbage': garbage, 'good': good})
+
+    res = scn.run_case('jpeg', body)
+    assert_nothing_for(res.outputs[res.stamps['truncated']])
+    garbage = res.outputs[res.stamps['garbage']]
+    if garbage['depth/relative'] is not None:
+        # Random entropy-coded data can still decode to a (noisy) picture: then it is a valid image.
+        assert_good(garbage, scn)
+    good = res.outputs[res.stamps['good']]
+    assert_good(good, scn)
+    assert_logged(res.log, r'decode|jpeg|truncated')
+
+
+class RssPeak:
+    """Peak resident memory of a process, sampled every 20 ms while in the ``with`` block (kB above the start)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.start, self.peak = pid, process_stats(pid)['rss_kb'], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, process_stats(self.pid)['rss_kb'] - self.start)
+            except (OSError, StopIteration):
+                return
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+
+# 14000x14000 for the PNG: also above Pillow's own bomb limit (179 MP), so the pre-fix node refused it quickly
+# (with Pillow's error, not naming max_input_pixels) instead of spending gigabytes on a shared test machine.
+BOMBS = {'jpeg_631_bytes_13000x13000': ('jpeg', lambda: jpeg_announcing(13000, 13000), '13000x13000'),
+         'png_14000x14000': ('png', lambda: png_bomb(14000, 14000), '14000x14000')}
+
+
+@pytest.mark.parametrize('bomb', list(BOMBS))
+def test_compressed_bomb_is_dropped_from_its_header(scn: Scenario, compressed: Any, bomb: str) -> None:
+    """Issue 13, bug 4: a 631-byte JPEG announcing 13000x13000 took the node from 0.5 to 6-10 GB for 20-40 s.
+    Now it is refused from the header: no memory spent, a WARN naming the limit and the parameter."""
+    fmt, make, size = BOMBS[bomb]
+    data = make()
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        before = scn.wait_diag('bad_input', 0)
+        msg = CompressedImage(format=f'rgb8; {fmt} compressed rgb8', data=data)
+        msg.header = header(bad, FRAME)
+        with RssPeak(scn.node.proc.pid) as rss:
+            compressed.publish(msg)
+            scn.wait_diag('bad_input', before + 1, timeout=120.0)
+        compressed.publish(_jpeg(scn.rgb, good))
+        out_good = scn.collect(good)
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {'bad': bad, 'good': good, 'rss_kb': rss.peak}
+
+    res = scn.run_case(f'bomb:{bomb}', body)
+    assert_nothing_for(res.outputs[res.stamps['bad']])
+    assert_good(res.outputs[res.stamps['good']], scn)
+    assert_logged(res.log, rf'{size} .*max_input_pixels = 40000000')
+    assert res.stamps['rss_kb'] < 150_000, f'node memory rose by {res.stamps["rss_kb"] / 1e3:.0f} MB'
+
+
+def test_large_compressed_input_is_decoded_reduced_with_its_camera_info(scn: Scenario, compressed: Any) -> None:
+    """reduce_large_input: a 640x480 JPEG at processing_res 64 (>= 4x) is decoded at 1/4 (160x120, still >= 2x
+    processing_res); the outputs have that size and depth/camera_info is the CameraInfo scaled by exactly 1/4."""
+    rgb, _, (fx, fy, cx, cy) = test_scene(640, 480)
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        stamp = scn.fresh_stamp()
+        since = time.monotonic()
+        scn.pubs['camera_info'].publish(camera_info_msg(header(stamp, FRAME), 640, 480, fx, fy, cx, cy))
+        time.sleep(0.1)
+        compressed.publish(_jpeg(rgb, stamp))
+        return {stamp: scn.collect(stamp, ('depth/relative', 'depth/camera_info'), since=since)}, {'frame': stamp}
+
+    res = scn.run_case('reduced', body)
+    out = res.outputs[res.stamps['frame']]
+    rel, info = out['depth/relative'], out['depth/camera_info']
+    assert rel is not None and info is not None, scn.node.log()[-3000:]
+    assert (rel.width, rel.height) == (160, 120) and (info.width, info.height) == (160, 120)
+    np.testing.assert_allclose(np.asarray(info.p).reshape(3, 4)[:2, :3],
+                               [[fx / 4, 0.0, cx / 4], [0.0, fy / 4, cy / 4]], rtol=1e-9)

@@ -160,8 +160,13 @@ def test_30hz_on_a_slow_worker_newest_frame_bounded_latency_exact_drops(node: No
         newest = send_times[bisect.bisect_right(send_times, t_k) - 1]
         assert send_time[s_next] <= t_k + 0.1, 'a frame sent after the output was taken before it'
         offsets.append(send_time[s_next] - newest)
-    # DDS delivery, the node's executor thread and our own receipt lag on 2 busy cores: allow some of the gap.
-    assert all(off >= -0.7 * gap for off in offsets), (
+    # The worker is pipelined (engine thread + post thread): the engine takes the next frame as soon as it has
+    # finished frame k, before frame k's output is published, and DDS delivery and our own receipt lag on 2 busy
+    # cores. So a single output that reaches us late shifts one offset by that lag (CI saw one offset of -1.9 gaps
+    # among 13 zeros). An old-frame policy (a FIFO, or keeping the first frame) shifts every offset by about one
+    # processing time: most offsets must be within 0.7 gap of the newest frame.
+    stale = [off for off in offsets if off < -0.7 * gap]
+    assert len(stale) <= max(1, len(offsets) // 5), (
         f'send time of the next processed frame relative to the newest one sent before the previous output: '
         f'{offsets} (processing ~{gap:.3f} s/frame); about one processing time earlier means an old frame')
     assert statistics.median(offsets) >= -0.1, f'the next processed frame is usually not the newest: {offsets}'

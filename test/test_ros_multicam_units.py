@@ -4,14 +4,13 @@ parameters, and the two launch files executed against stand-in ``launch`` module
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ros_helpers import load_launch_with_stand_ins, run_launch_with_stand_ins
 
 from geodiff_ros.ros.camera_sets import (
     CameraListError,
@@ -186,63 +185,16 @@ def test_settings_per_camera_and_engine_batch_size() -> None:
 
 # ------------------------------------------------------------------------------------------- launch files
 
-class _Recorder:
-    """Stand-ins for the ROS launch classes: each records its constructor arguments."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-
-class _LaunchConfiguration:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def perform(self, context: dict[str, str]) -> str:
-        return context[self.name]
-
-
-def _load_launch(path: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Execute a launch file with stand-in launch / launch_ros / ament_index modules."""
-    mods = {name: types.ModuleType(name) for name in (
-        'launch', 'launch.actions', 'launch.conditions', 'launch.substitutions', 'launch_ros', 'launch_ros.actions',
-        'ament_index_python', 'ament_index_python.packages')}
-    mods['launch'].LaunchDescription = lambda entities: list(entities)
-    for name in ('DeclareLaunchArgument', 'OpaqueFunction', 'LogInfo'):
-        setattr(mods['launch.actions'], name, type(name, (_Recorder,), {}))
-    mods['launch.conditions'].IfCondition = _Recorder
-    mods['launch.substitutions'].LaunchConfiguration = _LaunchConfiguration
-    mods['launch_ros.actions'].Node = type('Node', (_Recorder,), {})
-    mods['ament_index_python.packages'].get_package_share_directory = lambda pkg: f'/opt/share/{pkg}'
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    source = path.read_text()
-    module = types.ModuleType(path.stem.replace('.', '_'))
-    exec(compile(source, str(path), 'exec'), module.__dict__)  # noqa: S102 - our own launch file
-    return module
-
-
-def _run_launch(module: types.ModuleType, **args: str) -> tuple[dict[str, Any], list[Any]]:
-    """Declared arguments (name -> default) and the actions the OpaqueFunction returns for ``args``."""
-    entities = module.generate_launch_description()
-    declared = {e.args[0]: e.kwargs.get('default_value') for e in entities if type(e).__name__ ==
-                'DeclareLaunchArgument'}
-    unknown = set(args) - set(declared)
-    assert not unknown, f'not launch arguments: {unknown}'
-    context = {**{k: v for k, v in declared.items() if v is not None}, **args}
-    (opaque,) = [e for e in entities if type(e).__name__ == 'OpaqueFunction']
-    return declared, opaque.kwargs['function'](context)
-
-
 def test_multi_gpu_launch_one_node_per_gpu_round_robin(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _load_launch(REPO / 'launch' / 'multi_gpu.launch.py', monkeypatch)
-    declared, actions = _run_launch(module, cameras='[front, left, rear, right, top]', num_gpus='2',
+    module = load_launch_with_stand_ins(REPO / 'launch' / 'multi_gpu.launch.py', monkeypatch)
+    declared, actions = run_launch_with_stand_ins(module, cameras='[front, left, rear, right, top]', num_gpus='2',
                                     image_pattern='/{camera}/color/image_raw', model='/models/depth')
     assert {'cameras', 'num_gpus', 'gpus', 'assignment', 'image_pattern', 'camera_info_pattern', 'params_file',
             'model', 'dtype', 'batch_size', 'namespace'} <= set(declared)
     nodes = [a.kwargs for a in actions if type(a).__name__ == 'Node']
     assert [n['name'] for n in nodes] == ['geodiff_gpu0', 'geodiff_gpu1']
     for gpu, node in enumerate(nodes):
-        params = node['parameters'][1]
+        params = node['parameters'][-1]
         assert node['executable'] == 'geodiff_node' and node['parameters'][0].endswith('config/geodiff.yaml')
         assert params['device'] == f'cuda:{gpu}' and params['model_depth'] == '/models/depth'
         assert params['cameras'] == [['front', 'rear', 'top'], ['left', 'right']][gpu]
@@ -250,24 +202,25 @@ def test_multi_gpu_launch_one_node_per_gpu_round_robin(monkeypatch: pytest.Monke
 
 
 def test_multi_gpu_launch_explicit_assignment_and_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _load_launch(REPO / 'launch' / 'multi_gpu.launch.py', monkeypatch)
-    _, actions = _run_launch(module, cameras='front,left,rear', assignment='rear;front,left', gpus='[1, 3]')
-    nodes = {a.kwargs['name']: a.kwargs['parameters'][1] for a in actions if type(a).__name__ == 'Node'}
+    module = load_launch_with_stand_ins(REPO / 'launch' / 'multi_gpu.launch.py', monkeypatch)
+    _, actions = run_launch_with_stand_ins(module, cameras='front,left,rear', assignment='rear;front,left',
+                                           gpus='[1, 3]')
+    nodes = {a.kwargs['name']: a.kwargs['parameters'][-1] for a in actions if type(a).__name__ == 'Node'}
     assert nodes == {'geodiff_gpu1': {'use_sim_time': False, 'device': 'cuda:1', 'cameras': ['rear']},
                      'geodiff_gpu3': {'use_sim_time': False, 'device': 'cuda:3', 'cameras': ['front', 'left']}}
     with pytest.raises(CameraListError, match='missing'):
-        _run_launch(module, cameras='front,left,rear', assignment='rear;front', gpus='[1, 3]')
+        run_launch_with_stand_ins(module, cameras='front,left,rear', assignment='rear;front', gpus='[1, 3]')
 
 
 def test_depth_launch_single_camera_unchanged_and_cameras_argument(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _load_launch(REPO / 'launch' / 'depth.launch.py', monkeypatch)
-    declared, actions = _run_launch(module)
+    module = load_launch_with_stand_ins(REPO / 'launch' / 'depth.launch.py', monkeypatch)
+    declared, actions = run_launch_with_stand_ins(module)
     geodiff = next(a.kwargs for a in actions if a.kwargs.get('executable') == 'geodiff_node')
-    assert declared['cameras'] == '[]' and 'cameras' not in geodiff['parameters'][1]
+    assert declared['cameras'] == '[]' and 'cameras' not in geodiff['parameters'][-1]
     assert ('image', '/camera/color/image_raw') in geodiff['remappings']
-    _, actions = _run_launch(module, cameras='[front,left]', image_pattern='/{camera}/color/image_raw',
+    _, actions = run_launch_with_stand_ins(module, cameras='[front,left]', image_pattern='/{camera}/color/image_raw',
                              camera_info_pattern='/{camera}/color/camera_info', batch_size='2')
     geodiff = next(a.kwargs for a in actions if a.kwargs.get('executable') == 'geodiff_node')
-    assert geodiff['parameters'][1]['cameras'] == ['front', 'left'] and geodiff['parameters'][1]['batch_size'] == 2
+    assert geodiff['parameters'][-1]['cameras'] == ['front', 'left'] and geodiff['parameters'][-1]['batch_size'] == 2
     assert ('left/camera_info', '/left/color/camera_info') in geodiff['remappings']
     assert all(not src.startswith('image') for src, _ in geodiff['remappings'])

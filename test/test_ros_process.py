@@ -87,8 +87,10 @@ def scene() -> np.ndarray:
 
 def test_compressed_input_then_sigint_while_processing(tmp_path: Path, domain: int, scene: np.ndarray,
                                                        tiny_depth_ckpt: Path, tiny_normals_ckpt: Path) -> None:
-    node = NodeProcess(domain, _tiny_params(tiny_depth_ckpt, tiny_normals_ckpt, input_transport='compressed'),
-                       tmp_path / 'node.log', remaps={'image': '/cam/color'})
+    # reduce_large_input off: 320x240 is over 4x the tiny processing_res (64), so the JPEG would be decoded at half
+    # size by design (test_reliability_inputs covers that); this test checks the full-size compressed path.
+    params = _tiny_params(tiny_depth_ckpt, tiny_normals_ckpt, input_transport='compressed', reduce_large_input=False)
+    node = NodeProcess(domain, params, tmp_path / 'node.log', remaps={'image': '/cam/color'})
     col = Collector(domain)
     try:
         col.subscribe(Image, 'depth/relative')

@@ -130,3 +130,94 @@ def test_sd2_style_4_channel_init_is_expanded_and_text_padding_flag(tiny_depth_c
     assert torch.allclose(comps.unet.conv_in.bias, four.conv_in.bias / 2)
     # Inference-style 2-token context (spec A.1-9) is available as --text_padding do_not_pad.
     assert encode_empty_prompt(comps.tokenizer, comps.text_encoder, padding="do_not_pad").shape[1] == 2
+
+
+def _tiny_run_args(ckpt: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
+    return ["--init", str(ckpt), "--manifest", str(manifest), "--manifest_size", "32x48", "--output_dir", str(out),
+            "--cpu", "--dataloader_num_workers", "0", "--train_batch_size", "1", "--flip_p", "0",
+            "--local_files_only", "--log_every", "1", "--checkpointing_steps", "1000", *extra]
+
+
+def test_lr_decay_length_and_logged_loss_follow_the_papers_code(
+    tiny_depth_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LR decays over lr_total_iter_length (20000 by default), not max_train_steps; the logged step loss is
+    the sum over micro-batches of the mean over processes / accumulation steps, a dropped NaN counting as 0."""
+    import geodiff_ros.training.train as train_module
+    from geodiff_ros.training.schedule import IterExponential
+
+    assert build_parser().parse_args(["--init", "x", "--output_dir", "y"]).lr_total_iter_length == 20000
+    micro: list[float] = []
+    real_loss = train_module.affine_invariant_l1_loss
+
+    def recording(pred, target, mask):
+        loss = real_loss(pred, target, mask)
+        if not micro:
+            loss = loss * float("nan")  # the first micro-batch's loss is NaN: dropped (spec B.3-11)
+        micro.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(train_module, "affine_invariant_l1_loss", recording)
+    manifest = _write_rgbd_set(tmp_path / "data")
+    args = build_parser().parse_args(_tiny_run_args(
+        tiny_depth_ckpt, manifest, tmp_path / "run", "--max_train_steps", "3", "--gradient_accumulation_steps", "2",
+        "--lr_warmup_steps", "1", "--lr_total_iter_length", "10", "--learning_rate", "1e-3"))
+    result = train(args)
+    assert result["nan_skips"] == 1 and len(micro) == 6
+    as_logged = [0.0 if np.isnan(v) else v for v in micro]
+    expected = [as_logged[0] / 2 + as_logged[1] / 2, as_logged[2] / 2 + as_logged[3] / 2,
+                as_logged[4] / 2 + as_logged[5] / 2]
+    assert result["losses"] == expected
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    schedule = IterExponential(10, 1, 0.01)
+    assert [rec["lr"] for rec in log] == pytest.approx([1e-3 * schedule(n) for n in (1, 2, 3)], rel=1e-12)
+    # tied to max_train_steps (the old behaviour) the last step would already be at 1 %
+    assert log[-1]["lr"] > 10 * 1e-3 * IterExponential(3, 1, 0.01)(3)
+
+
+def _weight_dtypes_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, torch.dtype, torch.dtype]]:
+    import geodiff_ros.training.train as train_module
+
+    seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
+    real_forward = train_module.e2e_forward
+
+    def recording(unet, vae, rgb, text_context, *rest):
+        seen.append((next(unet.parameters()).dtype, vae.dtype, text_context.dtype))
+        return real_forward(unet, vae, rgb, text_context, *rest)
+
+    monkeypatch.setattr(train_module, "e2e_forward", recording)
+    return seen
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a run with another precision needs it reset (and reset after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["autocast-fp32-weights", "half-weights"])
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_bf16_mixed_precision_default_and_the_papers_half_weights(
+    tiny_depth_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, half: bool
+) -> None:
+    seen = _weight_dtypes_seen(monkeypatch)
+    manifest = _write_rgbd_set(tmp_path / "data")
+    extra = ["--max_train_steps", "1", "--gradient_accumulation_steps", "1", "--lr_warmup_steps", "0",
+             "--mixed_precision", "bf16", *(["--half_weights"] if half else [])]
+    result = train(build_parser().parse_args(_tiny_run_args(tiny_depth_ckpt, manifest, tmp_path / "run", *extra)))
+    assert result["global_step"] == 1 and np.isfinite(result["losses"]).all()
+    expected = torch.bfloat16 if half else torch.float32
+    assert seen == [(expected, expected, expected)]  # UNet, VAE, text context
+
+
+def test_half_weights_refuse_fp16_and_fp32(tiny_depth_ckpt: Path, tmp_path: Path) -> None:
+    manifest = _write_rgbd_set(tmp_path / "data")
+    for precision in ("fp16", "no"):
+        args = build_parser().parse_args(_tiny_run_args(tiny_depth_ckpt, manifest, tmp_path / "run",
+                                                        "--mixed_precision", precision, "--half_weights"))
+        with pytest.raises(SystemExit, match="--half_weights needs --mixed_precision bf16"):
+            train(args)

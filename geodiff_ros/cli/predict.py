@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processing-res", type=int, default=768, help="longest edge at inference, 0 = native")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--offline", action="store_true", help="never contact the hub (HF_HUB_OFFLINE)")
+    parser.add_argument("--no-check-model-task", dest="check_model_task", action="store_false",
+                        help="trust the --depth-model / --normals-model slots: do not refuse a checkpoint whose "
+                        "name or model_index.json says it is the other task")
     parser.add_argument("--tiny", action="store_true",
                         help="use generated tiny random-weight checkpoints (shows the plumbing; outputs meaningless)")
     return parser
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         LOG.warning("--tiny: random-weight checkpoints in %s; the outputs only show the plumbing", cache)
     config = EngineConfig(depth_model=depth_model or None, normals_model=normals_model or None, device=args.device,
                           dtype=args.dtype, processing_res=args.processing_res, batch_size=args.batch_size,
-                          allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.offline)
+                          allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.offline,
+                          check_model_task=args.check_model_task)
     try:
         engine = GeoDiffEngine(config)
     except GeoDiffError as exc:

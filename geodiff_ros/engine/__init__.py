@@ -1,8 +1,9 @@
 """Model engine: torch + diffusers only, no ROS imports (importable without rclpy)."""
 
 from .checkpoint import DEPTH_HUB_ID, NORMALS_HUB_ID, ModelComponents, load_components
-from .core import LATENT_SCALE, EngineConfig, GeoDiffEngine, Prediction, encode_empty_prompt, x0_from_prediction
+from .core import EngineConfig, GeoDiffEngine, encode_empty_prompt
 from .errors import DeviceError, GeoDiffError, ImageFormatError, ModelLoadError
+from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 
 __all__ = [
     "DEPTH_HUB_ID", "NORMALS_HUB_ID", "LATENT_SCALE", "DeviceError", "EngineConfig", "GeoDiffEngine",

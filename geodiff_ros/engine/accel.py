@@ -13,6 +13,12 @@ Chosen with ``EngineConfig.optimize``; "none" keeps the official eager path in c
                     from per-channel sums (same maths, reads NHWC memory at full speed)
     compile+graph   both
 
+On CUDA the compiled modes add the issue-11 fast paths (``FastPaths``; each switchable, for A/B in bench_engine.py):
+the VAE scheduled by hand (fused_vae.py over vae_kernels.py) instead of compiled, sub-pixel upsampling, GEMM attention
+in the VAE, several tasks' latents decoded as one batch, and their UNets on separate CUDA streams. Measured on H200s
+(fp16, 768x576, two runs): depth 25.0 ms with the compiled VAE, 21.9 ms with these; same accuracy tolerances
+(benchmarks/README.md, "Issue 11").
+
 Numerics: the same operations in the same dtype as core.py; results differ only through kernel choice and summation
 order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). benchmarks/bench_engine.py reports the
 difference to fp32 eager (H100 fp16: within the eager fp16 error, see benchmarks/README.md).
@@ -36,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import LATENT_SCALE, Prediction, x0_from_prediction
+from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +54,24 @@ MAX_GRAPHS = 8  # captured (shape, tasks) combinations kept (batch sizes 1-4 of 
 VAE_CHANNEL_SUM_GROUPNORM = True
 # cuDNN algorithms tried per convolution shape when benchmarking (0 = all): 27.0 -> 26.4 ms on the same H100.
 CUDNN_BENCHMARK_LIMIT = 0
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Issue 11 optimisations of the compiled modes on CUDA, each switchable for A/B (bench_engine --fast-paths).
+
+    Read from ``FAST_PATHS`` when an Accelerator is built; ``Accelerator.set_fast_paths`` changes them live."""
+
+    # VAE encoder/decoder scheduled by hand (engine/fused_vae.py: cuDNN convolutions + the Triton passes of
+    # engine/vae_kernels.py) instead of torch.compile; needs triton (bundled with CUDA builds of torch)
+    fused_vae: bool = True
+    subpixel: bool = True  # fused VAE: nearest 2x upsampling + 3x3 conv as one 2x2 sub-pixel convolution (exact)
+    vae_attention: str = "gemm"  # fused VAE mid-block attention: "gemm" (fp32 scores, one softmax pass) or "sdpa"
+    batch_decode: bool = True  # fused VAE, several tasks sharing it: one decoder call on all their latents
+    concurrent_unets: bool = True  # several tasks: their UNets on separate CUDA streams (overlap small kernels)
+
+
+FAST_PATHS = FastPaths()
 
 
 @dataclass(frozen=True)
@@ -180,13 +204,22 @@ class Accelerator:
                          for key, vae in vaes.items()}
         self.unets = {task: _Stage(f"unet[{task}]", _unet_fn(model.unet), compiled)
                       for task, model in engine.models.items()}
+        self._vaes = vaes
+        self._compiled_vae_stages = (self.encoders, self.decoders)
+        self.fast_paths = FastPaths(fused_vae=False, batch_decode=False, concurrent_unets=False)
+        self.fast_path_error: str | None = None
+        self._streams: dict[str, torch.cuda.Stream] = {}
+        if compiled and is_cuda:
+            self.set_fast_paths(FAST_PATHS)
         self.aot_loaded = 0
         self.compile_cache_dir = None
         if compiled:
             from .aot import attach_packages
             from .startup import prepare_compile
 
-            self.aot_loaded = attach_packages(self)  # geodiff_compile's packages: loaded instead of compiled
+            # geodiff_compile's packages, loaded instead of compiled, for the stages in use after the fast paths
+            # are chosen: a hand-scheduled (fused) VAE stage is not compiled and gets none (aot._stages).
+            self.aot_loaded = attach_packages(self)
             # Persistent per-user kernel cache; compile workers only if some stage may still compile.
             self.compile_cache_dir = prepare_compile(self.device, start_workers=not self.all_stages_aot())
 
@@ -226,6 +259,8 @@ class Accelerator:
         """The whole frame on the device: uint8 [B,H,W,3] -> {task: float32 output}; each frame encoded once."""
         size = (u8_nhwc.shape[1], u8_nhwc.shape[2])
         x = self.preprocess(u8_nhwc)
+        if len(tasks) > 1 and (self.fast_paths.batch_decode or self.fast_paths.concurrent_unets):
+            return _compute_tasks_together(self, x, tasks, size)
         latents: dict[str | None, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
         for task in tasks:
@@ -281,7 +316,8 @@ class Accelerator:
         return self.compute(host_in.to(self.device, non_blocking=True), tasks), False
 
     def all_stages_aot(self) -> bool:
-        """Whether every stage has at least one AOT package (then nothing is likely to compile)."""
+        """Whether every stage in use that torch.compile would compile has at least one AOT package (then nothing
+        is likely to compile; a hand-scheduled stage needs none)."""
         return all(stage.aot for stage in (*self.encoders.values(), *self.unets.values(), *self.decoders.values())
                    if stage.compiled)
 
@@ -291,7 +327,32 @@ class Accelerator:
                                             *self.decoders.values()) if s.error}
         if self.graph_error:
             errors["cuda-graph"] = self.graph_error
+        if self.fast_path_error:
+            errors["fast-paths"] = self.fast_path_error
         return errors
+
+    def set_fast_paths(self, paths: FastPaths) -> FastPaths:
+        """Switch the issue-11 optimisations (captured graphs are dropped); returns what is in effect: the fused
+        VAE stays off, with the reason in stage_errors(), where triton or the VAE's layers do not allow it. AOT
+        packages are attached once, at construction, to the stages then in use: a compiled VAE switched on later
+        compiles (or uses the packages it had)."""
+        with self._lock:
+            self._graphs.clear()
+            self.encoders, self.decoders = self._compiled_vae_stages
+            self.fast_path_error = None
+            fused = paths.fused_vae
+            if fused:
+                try:
+                    self.encoders, self.decoders = _fused_vae_stages(self._vaes, paths)
+                except Exception as exc:  # noqa: BLE001 - no triton, or a VAE layer the schedule does not cover
+                    self.fast_path_error = f"fused VAE unavailable: {type(exc).__name__}: {exc}"
+                    LOG.warning("%s; the VAE runs compiled", self.fast_path_error)
+                    fused = False
+            cuda = self.device.type == "cuda"
+            self.fast_paths = FastPaths(fused_vae=fused, subpixel=paths.subpixel, vae_attention=paths.vae_attention,
+                                        batch_decode=paths.batch_decode and fused,
+                                        concurrent_unets=paths.concurrent_unets and cuda)
+            return self.fast_paths
 
     # ---------------------------------------------------------------- helpers
 
@@ -372,6 +433,65 @@ class _ChannelSumGroupNorm(torch.nn.GroupNorm):
         if self.affine:
             y = y * self.weight.float().view(1, c, *(1,) * len(dims)) + self.bias.float().view(1, c, *(1,) * len(dims))
         return y.to(x.dtype)
+
+
+def _fused_vae_stages(vaes: dict[str | None, Any], paths: FastPaths) -> tuple[dict, dict]:
+    """Encoder and decoder stages of the hand-scheduled VAE (fused_vae.py), one per distinct VAE."""
+    from .fused_vae import FusedVAE
+    from .vae_kernels import TritonOps
+
+    ops = TritonOps()
+    fused = {key: FusedVAE(vae, ops, subpixel=paths.subpixel, attention=paths.vae_attention)
+             for key, vae in vaes.items()}
+    encoders = {key: _Stage(f"vae-encoder[{key or 'shared'}, fused]", f.encode, False) for key, f in fused.items()}
+    decoders = {key: _Stage(f"vae-decoder[{key or 'shared'}, fused]", f.decode, False) for key, f in fused.items()}
+    return encoders, decoders
+
+
+def _compute_tasks_together(acc: Accelerator, x: torch.Tensor, tasks: Sequence[str],
+                            size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Several tasks on one preprocessed batch: the UNets on separate CUDA streams (concurrent_unets) and one
+    decoder call per VAE on the tasks' latents stacked along the batch (batch_decode). Same results as one task at
+    a time up to kernel choice (the decoder is per-sample; GroupNorm statistics are per sample)."""
+    paths = acc.fast_paths
+    latents: dict[str | None, torch.Tensor] = {}
+    for task in tasks:
+        key = acc._vae_key(task)
+        if key not in latents:
+            latents[key] = acc.encoders[key](x)
+    z0: dict[str, torch.Tensor] = {}
+    if paths.concurrent_unets and x.device.type == "cuda":
+        main = torch.cuda.current_stream(x.device)
+        for i, task in enumerate(tasks):
+            if i == 0:
+                continue
+            if task not in acc._streams:
+                acc._streams[task] = torch.cuda.Stream(x.device)
+            stream = acc._streams[task]
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                z0[task] = acc.denoise(task, latents[acc._vae_key(task)])
+        z0[tasks[0]] = acc.denoise(tasks[0], latents[acc._vae_key(tasks[0])])
+        for task in tasks[1:]:
+            # Join: what follows on this stream (and, through the wait at the next call, on the side streams) is
+            # ordered after the side UNets, so the blocks they allocated or read are not reused early.
+            main.wait_stream(acc._streams[task])
+    else:
+        for task in tasks:
+            z0[task] = acc.denoise(task, latents[acc._vae_key(task)])
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str | None, list[str]] = {}
+    for task in tasks:
+        groups.setdefault(acc._vae_key(task), []).append(task)
+    for key, group in groups.items():
+        if paths.batch_decode and len(group) > 1:
+            y = acc.decoders[key](torch.cat([z0[t] for t in group]))  # [T*B,3,h,w]
+            for task, y_task in zip(group, y.chunk(len(group)), strict=True):
+                out[task] = acc.postprocess(task, y_task, size)
+        else:
+            for task in group:
+                out[task] = acc.postprocess(task, acc.decoders[key](z0[task]), size)
+    return {task: out[task] for task in tasks}
 
 
 def _encoder_fn(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,8 +1,9 @@
 """Ahead-of-time compiled network stages (issue 14, start-up): ``geodiff_compile`` exports each stage of the
-compiled engine (VAE encoder, UNet per task, VAE decoder) with ``torch.export`` and compiles it with AOTInductor into
-a ``.pt2`` package; an engine with a compiled ``optimize`` mode loads the packages that match at start-up (seconds:
-no dynamo tracing, no inductor) and keeps torch.compile, or eager, for any stage, input size or batch size without
-one.
+compiled engine that torch.compile would compile (VAE encoder, UNet per task, VAE decoder; with the fused VAE path of
+accel.FastPaths, on CUDA by default, the UNets only: a hand-scheduled stage needs none) with ``torch.export`` and
+compiles it with AOTInductor into a ``.pt2`` package; an engine with a compiled ``optimize`` mode loads the packages
+that match at start-up (seconds: no dynamo tracing, no inductor) and keeps torch.compile, or eager, for any stage,
+input size or batch size without one.
 
 A package holds the compiled kernels only, not the weights: at load the stage's live parameters are handed to it
 (``load_constants``, no copy), so fine-tuned weights of the same architecture re-use the packages. A package is

@@ -8,10 +8,15 @@ fine-tuned checkpoints load through the same path.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +61,17 @@ def download_hint(source: str) -> str:
     )
 
 
+# Files each component folder must have; a missing one means an incomplete download (checked after a load error).
+REQUIRED_FILES = {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
+                  "scheduler": ("scheduler_config.json",), "tokenizer": ("vocab.json", "merges.txt")}
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+TASK_WORDS = {"depth": "depth", "normals": "normal"}
+TASK_OVERRIDE_HINT = "node parameter check_model_task:=false, CLI --no-check-model-task"
+
+
 @dataclass
 class ModelComponents:
-    """The parts of one checkpoint, loaded on the CPU in ``torch_dtype``."""
+    """The parts of one checkpoint, loaded on the CPU: UNet and VAE in ``torch_dtype``, text encoder in fp32."""
 
     unet: Any
     vae: Any
@@ -90,9 +103,12 @@ def _download(repo_id: str, *, local_files_only: bool) -> Path:
 
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE, local_files_only=offline
-        )
+        # A progress bar only on a terminal: in a node's or a pipe's log it is noise, and a closed pipe would
+        # fail the download (issue 13, bug 6).
+        with _quiet_progress_bars(keep_on_terminal=True):
+            folder = snapshot_download(
+                repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE, local_files_only=offline
+            )
     except RepositoryNotFoundError as exc:
         raise ModelLoadError(f"hub repository {repo_id} not found (or private): check the id, e.g. "
                              f"{DEPTH_HUB_ID} or {NORMALS_HUB_ID}") from exc
@@ -134,31 +150,151 @@ def load_components(
     load_text_encoder: bool = True,
     timestep_spacing: str | None = None,
     require_image_conditional: bool = True,
+    expected_task: str | None = None,
 ) -> ModelComponents:
     """Load UNet, VAE, scheduler, text encoder and tokenizer of one checkpoint on the CPU.
 
+    UNet and VAE load directly in ``torch_dtype`` (no cast afterwards); the text encoder loads in fp32 as in the
+    official pipeline (it only computes the empty-prompt embedding, spec A.1-9).
     ``timestep_spacing`` overrides the scheduler config at load time, as the official run.py does (spec A.1).
     ``require_image_conditional=False`` admits a plain 4-channel Stable Diffusion UNet (fine-tuning, spec B.2).
+    ``expected_task`` ("depth" / "normals") refuses a checkpoint that says it is the other task, before any
+    weights are read (:func:`check_task`).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = resolve_checkpoint(source, local_files_only=local_files_only)
     model_index = read_model_index(folder)
+    if expected_task is not None:
+        check_task(source, folder, model_index, expected_task)
     sched_kwargs = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
     if require_image_conditional:
         check_unet_config(_read_json(folder / "unet" / "config.json"), folder)  # before reading GBs of weights
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+        "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler", **sched_kwargs),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        "text_encoder": lambda: (CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
+                                                               torch_dtype=torch.float32)
+                                 if load_text_encoder else None),
+    }
+    parts: dict[str, Any] = {}
+    with _quiet_progress_bars(keep_on_terminal=False):
+        for name, load in loaders.items():
+            try:
+                parts[name] = load()
+            except Exception as exc:  # every failure is re-raised as a ModelLoadError that says what failed
+                raise _load_error(folder, name, exc) from exc
+    return ModelComponents(parts["unet"], parts["vae"], parts["scheduler"], parts["text_encoder"],
+                           parts["tokenizer"], folder, model_index)
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars(*, keep_on_terminal: bool) -> Iterator[None]:
+    """No tqdm progress bars from diffusers / transformers / huggingface_hub inside the block (restored after).
+
+    Loading from disk takes seconds and a bar per component is log noise; a bar is also the one library write
+    that raises when stderr is a closed pipe (tqdm does not swallow BrokenPipeError), which killed loading.
+    ``keep_on_terminal`` keeps them when stderr is an interactive terminal (downloads of several GB).
+    """
+    if keep_on_terminal and _stderr_is_terminal():
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    was = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
+           hub_utils.are_progress_bars_disabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also disables huggingface_hub's
+    hub_utils.disable_progress_bars()
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", **sched_kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = (CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch_dtype)
-                        if load_text_encoder else None)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"could not load the checkpoint in {folder} ({type(exc).__name__}: {exc}); the "
-                             "download may be incomplete or corrupt: delete it and download again") from exc
-    return ModelComponents(unet, vae, scheduler, text_encoder, tokenizer, folder, model_index)
+        yield
+    finally:
+        with warnings.catch_warnings():  # the hub warns when HF_HUB_DISABLE_PROGRESS_BARS overrides enabling
+            warnings.simplefilter("ignore")
+            if was[0]:
+                diffusers_logging.enable_progress_bar()
+            if was[1]:
+                transformers_logging.enable_progress_bar()  # also enables the hub's: restored next
+            if was[2]:
+                hub_utils.disable_progress_bars()
+            else:
+                hub_utils.enable_progress_bars()
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+def _load_error(folder: Path, component: str, exc: BaseException) -> ModelLoadError:
+    """A ModelLoadError that says what really failed: re-downloading is suggested only for unreadable files."""
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.EPIPE and not exc.filename:
+        return ModelLoadError(f"loading the {component} of {folder} failed because writing to this process's "
+                              f"log stream failed ({what}): the checkpoint is fine; keep stdout/stderr open "
+                              "(or redirect them to a file)")
+    if isinstance(exc, MemoryError):
+        return ModelLoadError(f"out of memory while loading the {component} of {folder}: free memory or use a "
+                              "smaller dtype (fp16 / bf16)")
+    damage = unreadable_files(folder / component)
+    if damage:
+        return ModelLoadError(f"the {component} files of the checkpoint in {folder} are unreadable ({damage}); "
+                              f"the download is incomplete or corrupt: delete {folder / component} (or the whole "
+                              f"folder) and download it again ({what})")
+    return ModelLoadError(f"could not load the {component} of the checkpoint in {folder} ({what}); its files read "
+                          "fine, so keep them: check that the installed diffusers / transformers versions "
+                          f"(requirements-ml.txt) can read this checkpoint's {component}/config.json")
+
+
+def unreadable_files(sub: Path) -> str | None:
+    """What is wrong with the files of one component folder (missing, bad JSON, truncated weights), or None."""
+    if not sub.is_dir():
+        return f"{sub} is missing"
+    needed = REQUIRED_FILES.get(sub.name, ())
+    missing = [name for name in needed if not (sub / name).is_file()]
+    if sub.name == "tokenizer" and (sub / "tokenizer.json").is_file():
+        missing = []  # a fast-tokenizer file replaces vocab.json + merges.txt
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for config in sorted(sub.glob("*.json")):
+        try:
+            index = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"{config.name}: {exc}"
+        if config.name.endswith(".index.json") and isinstance(index.get("weight_map"), dict):
+            absent = sorted({shard for shard in index["weight_map"].values() if not (sub / shard).is_file()})
+            if absent:
+                return f"weight shard(s) {', '.join(absent)} listed in {config.name} missing"
+    weights = sorted(sub.glob("*.safetensors")) + sorted(sub.glob("*.bin"))
+    if sub.name in WEIGHTED_COMPONENTS and not weights:
+        return "no weights file (*.safetensors or *.bin)"
+    for path in weights:
+        problem = _weights_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Read the header (safetensors) or unpickle lazily (.bin) and check the size the header promises."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+            return None
+        torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        return None
+    except Exception as exc:  # any failure to read the file is the answer
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _read_json(path: Path) -> dict:
@@ -178,16 +314,47 @@ def check_unet_config(config: dict, folder: Path) -> None:
                              "geodiff needs an image-conditional Marigold / E2E-FT UNet (8 in, 4 out)." + hint)
 
 
-def checkpoint_task(source: str, model_index: dict) -> str | None:
-    """The task a checkpoint was trained for, when its metadata or name tells ("depth", "normals" or None)."""
-    declared = model_index.get("prediction_type") or model_index.get("geodiff_task")
-    if isinstance(declared, str) and declared in ("depth", "disparity", "normals"):
-        return "normals" if declared == "normals" else "depth"
-    name = source.lower()
-    has_depth, has_normals = "depth" in name, "normal" in name
-    if has_depth != has_normals:
-        return "depth" if has_depth else "normals"
-    return None
+def checkpoint_task(source: str, model_index: dict) -> tuple[str | None, str]:
+    """The task a checkpoint was trained for ("depth", "normals" or None) and how that is known.
+
+    Its model_index.json entry ``geodiff_task`` (written by geodiff_train and the tiny checkpoints; diffusers'
+    Marigold pipelines write ``prediction_type``) decides. Without one, the checkpoint's own name is read: the
+    folder name or the hub repo name, never the folders above it (``~/models/depth_and_normals/normals_v2`` is
+    a normals model). A name with both words or neither says nothing.
+    """
+    for key in ("geodiff_task", "prediction_type"):
+        declared = model_index.get(key)
+        if isinstance(declared, str) and declared in ("depth", "disparity", "normals"):
+            return ("normals" if declared == "normals" else "depth"), f'model_index.json declares {key} "{declared}"'
+    name = checkpoint_name(source).lower()
+    found = [task for task, word in TASK_WORDS.items() if word in name]
+    if len(found) == 1:
+        return found[0], f"its name {checkpoint_name(source)!r} says so"
+    return None, ""
+
+
+def checkpoint_name(source: str) -> str:
+    """The checkpoint's own name: last folder of a path (the repo of a hub-cache snapshot), or the repo of a hub id."""
+    path = Path(source.rstrip("/\\")).expanduser()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--")[-1]  # .../models--owner--name/snapshots/<hash>
+    return path.name
+
+
+def check_task(source: str, folder: Path, model_index: dict, task: str) -> None:
+    """Refuse a checkpoint given for ``task`` that says it is the other task (swapped settings), naming both fixes."""
+    declared, reason = checkpoint_task(source, model_index)
+    if declared is None or declared == task:
+        return
+    slots = "node parameters model_depth / model_normals, CLI --depth-model / --normals-model"
+    if "model_index" in reason:
+        state = f"if that entry is wrong, correct it in {folder / 'model_index.json'}"
+    else:
+        state = (f'if it really is a {task} model, state it: add "geodiff_task": "{task}" to '
+                 f"{folder / 'model_index.json'}")
+    raise ModelLoadError(f"checkpoint {source} is a {declared} model but was given as the {task} model ({reason}): "
+                         f"swap the depth and normals model settings ({slots}); {state}, or turn this check off "
+                         f"({TASK_OVERRIDE_HINT})")
 
 
 def normals_frame_of(source: str, model_index: dict) -> str:

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from ..geometry.normal_frames import TO_OPTICAL_SIGNS
-from .checkpoint import DEPTH_HUB_ID, ModelComponents, checkpoint_task, load_components, normals_frame_of
+from .checkpoint import DEPTH_HUB_ID, load_components, normals_frame_of
 from .ensemble import ensemble_depths, ensemble_normals
 from .errors import DeviceError, ImageFormatError, ModelLoadError
+from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 from .preprocess import processing_size, resize_output, resize_uint8_batch, to_rgb_uint8
 
 LOG = logging.getLogger(__name__)
 
-LATENT_SCALE = 0.18215  # rgb_latent_scale_factor, spec A.1-7
 NORMAL_EPS = 1e-5  # spec A.1-12 / A.1-14
 TASKS = ("depth", "normals")
 DTYPES = {
@@ -60,6 +60,9 @@ class EngineConfig:
     local_files_only: bool = False
     batch_size: int = 4
     normals_frame: str | None = None  # checkpoint frame override: "LUB" (E2E-FT) or "RUB" (Marigold)
+    # Refuse a checkpoint whose model_index.json (geodiff_task) or own name says it is the other task (swapped
+    # settings). False trusts the depth / normals slot it was given in (node parameter check_model_task).
+    check_model_task: bool = True
     # Optimised path (engine/accel.py): "none" = official eager computation; "channels_last", "graph",
     # "compile", "compile+graph" trade start-up time for speed (see benchmarks/README.md); "auto" = compile+graph
     # on CUDA, none on the CPU.
@@ -67,15 +70,6 @@ class EngineConfig:
     # CPU only: torch intra-op threads for this process (0 = torch's default, one per core). 1 avoids barrier
     # stalls when ROS threads share few cores (benchmarks/README.md, multi-camera); large models want more.
     cpu_threads: int = 0
-
-
-@dataclass
-class Prediction:
-    """Engine output for B frames. depth: [B,H,W] in [0,1], 0 near; normals: [B,H,W,3] optical frame."""
-
-    depth: np.ndarray | None = None
-    normals: np.ndarray | None = None
-    timesteps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -124,27 +118,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def encode_empty_prompt(tokenizer: Any, text_encoder: Any, padding: str = "do_not_pad") -> torch.Tensor:
     """CLIP embedding of the empty prompt: [1, 2, C] as at inference (spec A.1-9); ``padding="max_length"`` gives
-    the [1, 77, C] context the paper's training code used (spec B.3-4, mismatch noted in F.5)."""
+    the [1, 77, C] context the paper's training code used (spec B.3-4, mismatch noted in F.5).
+
+    Runs on the text encoder's device and dtype: the official pipeline encodes on the inference device (a CPU
+    embedding differs from a GPU one in the last bits)."""
     tokens = tokenizer([""], padding=padding, max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt")
     ids = tokens.input_ids.to(text_encoder.device)
     with torch.no_grad():
         return text_encoder(ids)[0]
-
-
-def x0_from_prediction(pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor | float,
-                       prediction_type: str) -> torch.Tensor:
-    """Clean latent from the UNet output at noise level alpha_bar (spec A.1-11, B.3-6)."""
-    a = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    sqrt_a, sqrt_1ma = float(a.sqrt()), float((1.0 - a).sqrt())
-    if prediction_type == "v_prediction":
-        return sqrt_a * z_t - sqrt_1ma * pred
-    if prediction_type == "epsilon":
-        return (z_t - sqrt_1ma * pred) / sqrt_a
-    if prediction_type == "sample":
-        return pred
-    raise ModelLoadError(f"scheduler prediction_type {prediction_type!r} is not supported "
-                         "(expected v_prediction, epsilon or sample); fix scheduler/scheduler_config.json")
 
 
 def _vae_fingerprint(folder: Path) -> str:
@@ -195,29 +177,31 @@ class GeoDiffEngine:
         self._extra_vaes: dict[str, Any] = {}
         first_folder: Path | None = None
         for task in wanted:
+            # Weights load in self.dtype (torch_dtype), so moving them is a device move only, no cast.
             parts = load_components(sources[task], torch_dtype=self.dtype,
                                     local_files_only=config.local_files_only,
-                                    load_text_encoder=self.empty_embedding is None)
-            self._check_task(task, sources[task], parts)
+                                    load_text_encoder=self.empty_embedding is None,
+                                    expected_task=task if config.check_model_task else None)
             if self.vae is None:
                 first_folder = parts.folder
-                self.vae = parts.vae.to(self.device, self.dtype).eval()
-                # The text encoder only serves the empty-prompt embedding; it is released right after.
-                embedding = encode_empty_prompt(parts.tokenizer, parts.text_encoder)
-                self.empty_embedding = embedding.to(self.device, self.dtype)
+                self.vae = parts.vae.to(self.device).eval()
+                # The text encoder (fp32, as in the official pipeline) only serves the empty-prompt embedding,
+                # computed on the inference device and cast like the official one (spec A.1-9); released after.
+                embedding = encode_empty_prompt(parts.tokenizer, parts.text_encoder.to(self.device))
+                self.empty_embedding = embedding.to(self.dtype)
                 parts.text_encoder = None
             elif _vae_fingerprint(parts.folder) != _vae_fingerprint(first_folder):
                 LOG.warning("the %s checkpoint %s has a different VAE than %s: encoding each frame twice",
                             task, parts.folder, first_folder)
-                self._extra_vaes[task] = parts.vae.to(self.device, self.dtype).eval()
+                self._extra_vaes[task] = parts.vae.to(self.device).eval()
             width = self.empty_embedding.shape[-1]
             if parts.unet.config.cross_attention_dim != width:
                 raise ModelLoadError(f"the {task} checkpoint {parts.folder} expects text width "
                                      f"{parts.unet.config.cross_attention_dim} but the shared text encoder gives "
                                      f"{width}: load the two tasks from matching checkpoints")
             frame = config.normals_frame or normals_frame_of(sources[task], parts.model_index)
-            self.models[task] = TaskModel(task, parts.unet.to(self.device, self.dtype).eval(), parts.scheduler,
-                                          sources[task], frame)
+            self.models[task] = TaskModel(task, parts.unet.to(self.device).eval(), parts.scheduler, sources[task],
+                                          frame)
         self.optimize = "none"  # the mode in use ("auto" resolved for the device)
         if config.optimize not in ("none", ""):
             from .accel import Accelerator, resolve_optimize
@@ -228,13 +212,6 @@ class GeoDiffEngine:
         LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d, optimize %s", self.tasks,
                  self.device, str(self.dtype).replace("torch.", ""), config.processing_res, self.optimize)
 
-    @staticmethod
-    def _check_task(task: str, source: str, parts: ModelComponents) -> None:
-        declared = checkpoint_task(source, parts.model_index)
-        if declared is not None and declared != task:
-            raise ModelLoadError(f"checkpoint {source} is a {declared} model but was given as the {task} model; "
-                                 f"swap the depth and normals model settings")
-
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.models)
@@ -242,7 +219,7 @@ class GeoDiffEngine:
     # ---------------------------------------------------------------- building blocks (spec A.1 steps 7-12)
 
     def preprocess(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] uint8 on device -> [B,3,h,w] in [-1,1] at the processing size (spec A.1-2, A.1-4)."""
+        """[B,3,H,W] uint8 -> [B,3,h,w] in [-1,1] at the processing size (spec A.1-2, A.1-4), on its device."""
         h, w = processing_size(batch_u8.shape[-2], batch_u8.shape[-1], self.config.processing_res)
         x = resize_uint8_batch(batch_u8, (h, w), self.config.resample)
         return (x / 255.0 * 2.0 - 1.0).to(self.dtype)
@@ -252,11 +229,15 @@ class GeoDiffEngine:
         return (vae or self.vae).encode(x).latent_dist.mean * LATENT_SCALE
 
     def denoise_single_step(self, task: str, z_img: torch.Tensor) -> torch.Tensor:
-        """One UNet call at t = T-1 on a zero target latent, returning x0 (spec A.1-8..11)."""
+        """One UNet call at t = T-1 on a zero target latent, returning x0 (spec A.1-8..11).
+
+        As the official pipeline: a contiguous zero latent (``zeros_like`` would copy the image latent's memory
+        layout) and the embedding repeated over the batch.
+        """
         model = self.models[task]
         t = model.scheduler.config.num_train_timesteps - 1  # 999
-        z_t = torch.zeros_like(z_img)
-        context = self.empty_embedding.expand(z_img.shape[0], -1, -1)
+        z_t = torch.zeros(z_img.shape, device=z_img.device, dtype=z_img.dtype)  # [B,4,h,w]
+        context = self.empty_embedding.repeat(z_img.shape[0], 1, 1)  # [B,2,C]
         pred = model.unet(torch.cat([z_img, z_t], dim=1), t, encoder_hidden_states=context).sample
         return x0_from_prediction(pred, z_t, model.scheduler.alphas_cumprod[t],
                                   model.scheduler.config.prediction_type)
@@ -334,8 +315,15 @@ class GeoDiffEngine:
         self.predict([rgb] * batch, tasks)
         return time.perf_counter() - start
 
+    @property
+    def bit_exact(self) -> bool:
+        """True when the eager path reproduces the official computation bit for bit: fp32, the only precision the
+        official code runs in (its fp16 flag is a no-op, spec A.1-19)."""
+        return self.dtype == torch.float32
+
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray, tasks: Sequence[str]) -> Prediction:
+        """[B,H,W,3] uint8 frames of one size -> Prediction with [B,...] arrays."""
         if self.accelerator is not None:
             return self.accelerator.forward(batch, tasks)
         return Prediction(**{task: value.cpu().numpy() for task, value in self._eager_tensors(batch, tasks).items()})
@@ -351,9 +339,18 @@ class GeoDiffEngine:
         return out
 
     def _eager_tensors(self, batch: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-        size = (batch.shape[1], batch.shape[2])
-        u8 = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B,3,H,W]
-        x = self.preprocess(u8)
+        """[B,H,W,3] uint8 frames of one size -> {task: [B,...] tensor on the device}."""
+        if not self.bit_exact:  # fp16 / bf16: no official result to equal, so the batch runs in one pass
+            return self._eager_frames(batch, tasks)
+        # fp32: the official pipeline runs one image at a time. Convolutions round differently with the batch size
+        # (CPU and GPU), so batching would make a frame's output depend on the frames that share its call.
+        outs = [self._eager_frames(batch[i:i + 1], tasks) for i in range(batch.shape[0])]
+        return {task: torch.cat([o[task] for o in outs]) for task in tasks}
+
+    def _eager_frames(self, frames: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        """[B,H,W,3] frames through the official computation (spec A.1 steps 1-16); fp32 and B=1: bit for bit."""
+        size = (frames.shape[1], frames.shape[2])
+        x = self._network_input(frames)  # [B,3,h,w] contiguous
         z_img = self.encode(x)
         out: dict[str, torch.Tensor] = {}
         for task in tasks:
@@ -401,14 +398,14 @@ class GeoDiffEngine:
         size = frame.shape[:2]
         scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing=timestep_spacing)
         scheduler.set_timesteps(num_steps, device=self.device)
-        u8 = torch.from_numpy(frame).to(self.device).permute(2, 0, 1)[None]
-        z_img = self.encode(self.preprocess(u8)).repeat(ensemble_size, 1, 1, 1)  # [E,4,h,w]
+        x = self._network_input(frame[None])  # [1,3,h,w]
+        z_img = self.encode(x.repeat(ensemble_size, 1, 1, 1))  # [E,4,h,w]: E copies encoded, as the official
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         if noise == "gaussian":
             latent = torch.randn(z_img.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
         else:
-            latent = torch.zeros_like(z_img)
-        context = self.empty_embedding.expand(ensemble_size, -1, -1)
+            latent = torch.zeros(z_img.shape, device=self.device, dtype=self.dtype)
+        context = self.empty_embedding.repeat(ensemble_size, 1, 1)
         timesteps = [int(t) for t in scheduler.timesteps]
         for i, t in enumerate(scheduler.timesteps):
             pred = model.unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
@@ -425,6 +422,20 @@ class GeoDiffEngine:
         return Prediction(normals=normals[0].cpu().numpy(), timesteps=timesteps)
 
     # ---------------------------------------------------------------- helpers
+
+    def _network_input(self, batch: np.ndarray) -> torch.Tensor:
+        """[B,H,W,3] uint8 frames -> [B,3,h,w] network input on the device, built as the official pipeline does.
+
+        A contiguous NCHW tensor (a bare ``permute`` would leave it channels-last and the VAE, UNet and decoder
+        would then round differently, issue 10). In fp32 it is resized and scaled to [-1, 1] on the CPU like the
+        official ``resize_max_res`` + ``/255*2-1`` (CUDA divides by a scalar through its reciprocal: not always the
+        same bits); in fp16 / bf16 on the device (14-34 ms of one CPU core per frame saved).
+        """
+        if self.bit_exact:
+            u8 = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # [B,3,H,W] uint8, CPU
+            return self.preprocess(u8).to(self.device)
+        u8 = torch.from_numpy(batch).to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+        return self.preprocess(u8)
 
     def _select_tasks(self, tasks: Sequence[str] | None) -> list[str]:
         if tasks is None:

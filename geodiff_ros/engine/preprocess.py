@@ -62,6 +62,31 @@ def processing_size(height: int, width: int, processing_res: int) -> tuple[int, 
     return max(1, int(height * factor)), max(1, int(width * factor))
 
 
+# The VAE encoder halves the image three times with unpadded 3x3 convolutions: below 8 px on a side torch fails
+# with "Kernel size can't be greater than actual input size" (measured with the tiny and the full-size VAE layout).
+MIN_PROCESSING_SIDE = 8
+
+
+def processing_size_problem(height: int, width: int, processing_res: int) -> str | None:
+    """Why a ``width x height`` image cannot run at ``processing_res`` (too thin after resizing), or None.
+
+    A 100000x1 image shrinks to 768x1 at processing_res 768; callers check this before the engine so the error
+    names the size and the minimum instead of torch's convolution message.
+    """
+    h, w = processing_size(height, width, processing_res)
+    if min(h, w) >= MIN_PROCESSING_SIDE:
+        return None
+    longest = max(height, width)
+    need = MIN_PROCESSING_SIDE
+    if processing_res > 0:
+        need = max(need, int(MIN_PROCESSING_SIDE * longest / processing_res))
+        while min(processing_size(need, longest, processing_res)) < MIN_PROCESSING_SIDE:
+            need += 1
+    return (f'image {width}x{height} is too thin for the network: at processing_res {processing_res} it becomes '
+            f'{w}x{h}, below the minimum of {MIN_PROCESSING_SIDE} px per side; its shorter side must be at least '
+            f'{need} px (for a {longest} px longer side)')
+
+
 def resize_uint8_batch(images: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
     """Resize a [B,3,H,W] uint8-valued tensor with antialiasing, returning float values rounded like uint8."""
     if tuple(images.shape[-2:]) == tuple(size):

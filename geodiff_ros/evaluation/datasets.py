@@ -1,14 +1,19 @@
-"""Evaluation datasets (spec C.1 depth, C.2 normals) in Marigold's file-list layouts, plus manifests.
+"""Evaluation datasets: the official E2E-FT benchmarks in their published layouts, plus manifests.
 
-Every loader yields :class:`EvalSample`: ``rgb`` uint8 ``[H,W,3]``; for depth ``depth_m`` float32
-``[H,W]`` metres and ``mask`` bool ``[H,W]`` (valid range AND evaluation crop); for normals
-``normals`` float32 ``[H,W,3]`` unit vectors in the **ROS optical frame** (x right, y down,
-z forward) and ``mask``. File lists: one sample per line, whitespace-separated paths relative to
-the dataset root, exactly as Marigold's ``data_split/*`` files.
+Depth (spec C.1): Marigold's evaluation folders and ``data_split`` file lists (NYUv2, KITTI, ETH3D, ScanNet,
+DIODE), decoded and masked as Marigold's dataset classes do. Normals (spec C.2): DSINE's evaluation folders
+(``dsine_eval/{nyuv2,scannet,ibims,sintel}``) and split lists, decoded and masked as DSINE's loaders do.
+
+Every loader yields :class:`EvalSample`: ``rgb`` uint8 ``[H,W,3]``; for depth ``depth_m`` float32 ``[H,W]``
+metres and ``mask`` bool ``[H,W]`` (valid range AND evaluation crop); for normals ``normals`` float32
+``[H,W,3]`` in the **ROS optical frame** (x right, y down, z forward) and ``mask``. Normals of the official
+benchmarks are the stored vectors, not re-normalised (DSINE compares with cosine similarity); the frame
+change from DSINE's LUB is an exact sign flip, so angles equal the official ones bit for bit.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,15 +25,22 @@ from PIL import Image
 from ..geometry.normal_frames import to_optical
 from ..manifest import ManifestError, read_manifest
 
+logger = logging.getLogger("geodiff_ros.evaluation")
+
 __all__ = [
     "DEPTH_DATASETS",
+    "NORMALS_DATASETS",
     "DepthDatasetSpec",
     "EvalSample",
     "NORMALS_FORMATS",
+    "NormalsDatasetSpec",
     "decode_normals_png",
+    "dsine_model_input",
     "iter_depth_dataset",
     "iter_depth_manifest",
+    "iter_normals_dataset",
     "iter_normals_manifest",
+    "read_dsine_normals",
 ]
 
 
@@ -79,23 +91,30 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _read_png_depth(path: Path, scale: float) -> np.ndarray:
+    """16-bit PNG depth / ``scale`` as the official loaders do: divided in float64, stored as float32."""
     with Image.open(path) as im:
-        arr = np.asarray(im).astype(np.float32)
+        arr = np.asarray(im)
     if arr.ndim != 2:
         msg = f"Depth image {path} has shape {arr.shape}; expected one channel."
         raise EvalDataError(msg)
-    return arr / scale
+    return (arr / scale).astype(np.float32)
 
 
 def _read_eth3d_depth(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """ETH3D raw float32 depth (no header) at the RGB size; inf -> 0 (spec C.1)."""
+    """ETH3D raw float32 depth (no header) at the RGB size; +inf (no measurement) -> 0 (spec C.1)."""
     raw = np.fromfile(path, dtype=np.float32)
     if raw.size != hw[0] * hw[1]:
         msg = f"ETH3D depth {path} has {raw.size} values; expected {hw[0]}x{hw[1]} like its RGB image."
         raise EvalDataError(msg)
     depth = raw.reshape(hw).copy()
-    depth[~np.isfinite(depth)] = 0.0
+    depth[depth == np.inf] = 0.0
     return depth
+
+
+def range_mask(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndarray:
+    """``min < d < max`` compared in float32 (the official loaders compare a float32 tensor with the bounds)."""
+    d = depth.astype(np.float32, copy=False)
+    return (d > np.float32(min_depth)) & (d < np.float32(max_depth))
 
 
 def _kb_crop(x: np.ndarray) -> np.ndarray:
@@ -141,8 +160,9 @@ def iter_depth_dataset(
 
     nyu: ``rgb depth filled`` (png mm), valid (1e-3, 10), Eigen crop rows 45:471 cols 41:601;
     kitti: ``rgb depth focal`` ("None" depth skipped), png/256, valid (1e-5, 80), KB crop, Garg/Eigen;
-    eth3d: ``rgb depth`` raw float32 at RGB size, inf -> 0, valid (1e-5, inf);
-    scannet: ``rgb depth`` png mm, valid (1e-3, 10); diode: ``rgb depth.npy mask.npy``, valid = mask.
+    eth3d: ``rgb depth`` raw float32 at RGB size, +inf -> 0, valid (1e-5, inf);
+    scannet: ``rgb depth`` png mm, valid (1e-3, 10); diode: ``rgb depth.npy mask.npy``, valid = the file's
+    mask only (pixels with depth <= 0 inside it are logged: they make the image's AbsRel inf, officially too).
     """
     if kind not in DEPTH_DATASETS:
         msg = f"Unknown depth dataset {kind!r}; choose one of {sorted(DEPTH_DATASETS)} or 'manifest'."
@@ -166,15 +186,21 @@ def iter_depth_dataset(
         elif kind == "eth3d":
             depth = _read_eth3d_depth(root / row[1], rgb.shape[:2])
         else:  # diode
-            depth = np.load(root / row[1]).astype(np.float32).squeeze()
+            depth = np.load(root / row[1]).squeeze().astype(np.float32)
         if depth.shape != rgb.shape[:2]:
             msg = f"{kind}: depth {depth.shape} and RGB {rgb.shape[:2]} differ for {row[0]}"
             raise EvalDataError(msg)
         if kind == "diode":
-            # Marigold uses the dataset's own validity mask for DIODE; depth > 0 guards AbsRel.
-            mask = np.load(root / row[2]).squeeze().astype(bool) & (depth > 0)
+            # Marigold's DIODE class takes the dataset's own validity mask and nothing else (spec C.1).
+            mask = np.load(root / row[2]).squeeze().astype(bool)
+            nonpositive = int(np.count_nonzero(mask & ~(depth > 0)))
+            if nonpositive:
+                logger.warning(
+                    "diode: %s has %d pixels inside the dataset's mask with depth <= 0; the official protocol "
+                    "keeps them, so this image's AbsRel/SqRel/iRMSE are inf (and the dataset mean with them)",
+                    row[0], nonpositive)
         else:
-            mask = (depth > spec.min_depth) & (depth < spec.max_depth)
+            mask = range_mask(depth, spec.min_depth, spec.max_depth)
         if kind == "nyu":
             crop = np.zeros_like(mask)
             crop[45:471, 41:601] = True  # Eigen crop for 640x480 (spec C.1)
@@ -208,14 +234,15 @@ def iter_depth_manifest(
         if depth.shape != rgb.shape[:2]:
             msg = f"manifest entry {e['rgb']}: depth {depth.shape} != RGB {rgb.shape[:2]}"
             raise EvalDataError(msg)
-        mask = (depth > min_depth) & (depth < max_depth)
+        mask = range_mask(depth, min_depth, max_depth)
         yield EvalSample(name=e["rgb"], rgb=rgb, depth_m=depth, mask=mask, group=str(e.get("set", "manifest")))
 
 
 # ----------------------------------------------------------------------------- normals
 
-#: How ground-truth normal PNGs are encoded: channel order and frame. ``n = v / vmax * 2 - 1``.
-#: rgb_lub: DSINE evaluation GT (R,G,B = x,y,z in LUB; spec C.2, A.1-18).
+#: How ground-truth normal PNGs of a *manifest* are encoded: channel order and frame. ``n = v / vmax * 2 - 1``.
+#: (The official benchmarks use :func:`iter_normals_dataset`, which applies DSINE's own decoding and masks.)
+#: rgb_lub: DSINE's PNG encoding (R,G,B = x,y,z in LUB; spec C.2, A.1-18).
 #: bgr_optical: optical-frame x,y,z written in B,G,R order (OpenCV imwrite); the NYUv2 Ladicky map in
 #:   shared/data/normals was checked against its scene: frontal wall R = -0.97 (z toward camera),
 #:   table top G = -0.65 (y up), left wall B = +0.97 (x right).
@@ -229,9 +256,9 @@ NORMALS_FORMATS: dict[str, tuple[tuple[int, int, int], str]] = {
 
 
 def decode_normals_png(path: str | Path, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normal-map PNG -> (unit normals ``[H,W,3]`` optical frame, valid mask ``[H,W]``).
+    """Manifest normal-map PNG -> (unit normals ``[H,W,3]`` optical frame, valid mask ``[H,W]``).
 
-    Valid = non-zero encoded vector (norm of the decoded vector > 0.5), as DSINE's loaders do.
+    Valid = non-zero encoded vector whose decoded norm is > 0.5 (drops encodings that are no direction).
     """
     if fmt not in NORMALS_FORMATS:
         msg = f"Unknown normals format {fmt!r}; choose one of {sorted(NORMALS_FORMATS)}."
@@ -270,3 +297,147 @@ def iter_normals_manifest(manifest: str | Path, *, limit: int | None = None) -> 
         normals, mask = decode_normals_png(base / e["normals"], e.get("normals_format", "rgb_lub"))
         yield EvalSample(name=e["rgb"], rgb=rgb, normals=normals, mask=mask,
                          group=str(e.get("set", "normals_manifest")))
+
+
+# ----------------------------------------------------------------------------- official normals benchmarks
+
+
+@dataclass(frozen=True)
+class NormalsDatasetSpec:
+    """One of DSINE's evaluation sets as E2E-FT evaluates it (spec C.2; DSINE ``data/datasets/<name>``)."""
+
+    name: str  # folder in dsine_eval/ and DSINE's dataset name
+    split_file: str  # DSINE's split list: data/datasets/<name>/split/<split_file>
+    gt_suffix: str  # ground truth beside ``<stem>_img<ext>``: ``<stem><gt_suffix>``
+    num_images: int  # lines of the official split
+
+
+#: CLI kind -> spec. The E2E-FT normals run (``--eval_data all``) evaluates exactly these four, in this order.
+NORMALS_DATASETS: dict[str, NormalsDatasetSpec] = {
+    "normals-nyuv2": NormalsDatasetSpec("nyuv2", "test.txt", "_normal.png", 654),
+    "normals-scannet": NormalsDatasetSpec("scannet", "test.txt", "_normal.png", 300),
+    "normals-ibims": NormalsDatasetSpec("ibims", "ibims.txt", "_normal.exr", 100),
+    "normals-sintel": NormalsDatasetSpec("sintel", "sintel.txt", "_normal.exr", 1064),
+}
+
+
+def _read_exr_rgb(path: Path) -> np.ndarray:
+    """The R, G, B channels of an OpenEXR file as float32 ``[H,W,3]`` (what DSINE gets from OpenCV)."""
+    try:
+        import OpenEXR
+    except ImportError as err:  # pragma: no cover - pinned in requirements.txt
+        msg = f"Reading {path} needs the OpenEXR package (pip install -r requirements.txt)."
+        raise EvalDataError(msg) from err
+    try:
+        with OpenEXR.File(str(path), separate_channels=True) as exr:
+            channels = exr.channels()
+            missing = [c for c in "RGB" if c not in channels]
+            if missing:
+                msg = f"EXR normal map {path} has channels {sorted(channels)}; expected R, G and B (x, y, z)."
+                raise EvalDataError(msg)
+            return np.stack([np.asarray(channels[c].pixels, dtype=np.float32) for c in "RGB"], axis=-1)
+    except EvalDataError:
+        raise
+    except Exception as err:  # OpenEXR raises plain exceptions for unreadable files
+        msg = f"Cannot read EXR normal map {path} ({err})."
+        raise EvalDataError(msg) from err
+
+
+def read_dsine_normals(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """DSINE ground-truth normals -> (``[H,W,3]`` float32 in the ROS optical frame, valid mask ``[H,W]``).
+
+    As DSINE's loaders: 8-bit PNG (NYUv2, ScanNet) ``n = v / 255 * 2 - 1`` with valid = ``sum(R,G,B) > 0``;
+    EXR (iBims-1, Sintel) float R,G,B as stored with valid = ``|n| > 0.5``. Both in DSINE's LUB frame
+    (x left, y up, z toward the camera), turned into the optical frame by an exact sign flip; not
+    re-normalised.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".exr":
+        n_lub = _read_exr_rgb(path)
+        mask = np.linalg.norm(n_lub, axis=2) > 0.5
+    else:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] < 3:
+            msg = (f"DSINE normal map {path} is {arr.dtype} {arr.shape}; the official loaders read 8-bit "
+                   "RGB PNGs (n = v / 255 * 2 - 1).")
+            raise EvalDataError(msg)
+        rgb = arr[..., :3]
+        mask = np.sum(rgb, axis=2) > 0
+        n_lub = (rgb.astype(np.float32) / 255.0) * 2.0 - 1.0
+    return to_optical(n_lub, "LUB").astype(np.float32), mask
+
+
+def _dsine_rows(spec: NormalsDatasetSpec, root: Path, filelist: str | Path | None) -> list[str]:
+    """Image paths (relative to ``root``) in the order of DSINE's split list, or found on disk."""
+    if filelist is not None or (root / spec.split_file).is_file():
+        flist = Path(filelist) if filelist is not None else root / spec.split_file
+        return [r[0] for r in _lines(flist)]
+    found = sorted(str(q.relative_to(root)) for q in root.glob("*/*_img.*"))
+    if not found:
+        msg = (f"No '*/*_img.*' images under {root}: pass the dsine_eval/{spec.name} folder, and --filelist "
+               f"with DSINE's data/datasets/{spec.name}/split/{spec.split_file}.")
+        raise EvalDataError(msg)
+    logger.warning(
+        "%s: no split list given (--filelist KIND:FILE, DSINE's data/datasets/%s/split/%s); evaluating the %d "
+        "'*_img' images found under %s (the official split has %d)", spec.name, spec.name, spec.split_file,
+        len(found), root, spec.num_images)
+    return found
+
+
+def iter_normals_dataset(
+    kind: str, root: str | Path, filelist: str | Path | None = None, *, limit: int | None = None
+) -> Iterator[EvalSample]:
+    """Yield samples of one of DSINE's evaluation sets (spec C.2), the layout of ``dsine_eval/<name>/``.
+
+    Split lines are image paths relative to ``root`` such as ``test/000000_img.png`` (nyuv2),
+    ``scene0532_00/000000_img.png`` (scannet), ``ibims/corridor_01_img.png``, ``alley_1/frame_0001_img.png``
+    (sintel); the ground truth lies beside each image as ``<stem>_normal.png`` or ``<stem>_normal.exr``.
+    Without ``filelist``, ``root/<split file>`` is used if present, else every ``*/*_img.*`` (logged).
+    """
+    if kind not in NORMALS_DATASETS:
+        msg = f"Unknown normals dataset {kind!r}; choose one of {sorted(NORMALS_DATASETS)} or 'normals'."
+        raise ValueError(msg)
+    spec = NORMALS_DATASETS[kind]
+    root = Path(root)
+    for count, rel in enumerate(_dsine_rows(spec, root, filelist)):
+        if limit is not None and count >= limit:
+            return
+        cut = rel.rfind("_img")
+        if cut < 0:
+            msg = f"{kind}: split entry {rel!r} is not an '<name>_img.<ext>' image path."
+            raise EvalDataError(msg)
+        rgb = _read_rgb(root / rel)
+        normals, mask = read_dsine_normals(root / (rel[:cut] + spec.gt_suffix))
+        if normals.shape[:2] != rgb.shape[:2]:
+            msg = f"{kind}: normals {normals.shape[:2]} and RGB {rgb.shape[:2]} differ for {rel}"
+            raise EvalDataError(msg)
+        yield EvalSample(name=rel, rgb=rgb, normals=normals, mask=mask, group=kind)
+
+
+#: ImageNet statistics of DSINE's ``Normalize`` (float32, as torchvision builds them).
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def dsine_model_input(rgb: np.ndarray) -> np.ndarray:
+    """The uint8 image the official normals evaluation feeds to the model (spec C.2, a quirk kept on purpose).
+
+    DSINE's loader gives the ImageNet-normalised image ``(v / 255 - mean) / std``; E2E-FT's ``test.py``
+    stretches that float tensor by its global min/max over all channels to [0, 255] and truncates to uint8.
+    The official run is on CUDA, where dividing a tensor by a Python number multiplies by its float32
+    reciprocal; this reproduces that arithmetic exactly: ``((x - min) * float32(1 / float32(max - min))) * 255``
+    in float32, ``max - min`` taken in float64 as Python does. A constant image (max = min) becomes zeros.
+    """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        msg = f"dsine_model_input needs a uint8 [H,W,3] image, got {rgb.dtype} {rgb.shape}"
+        raise ValueError(msg)
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    x = (x - _IMAGENET_MEAN) / _IMAGENET_STD
+    lo, hi = float(x.min()), float(x.max())
+    if hi == lo:
+        logger.warning("dsine_model_input: constant image, the official stretch divides by zero; using zeros")
+        return np.zeros_like(rgb)
+    inv_range = np.float32(1.0) / np.float32(hi - lo)
+    stretched = ((x - np.float32(lo)) * inv_range) * np.float32(255.0)
+    return stretched.astype(np.uint8)

@@ -29,6 +29,8 @@ __all__ = [
 Method = Literal["ransac", "irls", "lsq"]
 Weights = Literal["relative", "uniform"]
 
+# A fit is rejected when fewer than this fraction of its inliers map into [min_depth, max_depth] (depth_range).
+_MIN_IN_RANGE = 0.5
 # RANSAC scores hypotheses on at most this many points (a random subset); the refit uses all of them.
 _MAX_SCORING_POINTS = 2048
 _RANSAC_CHUNK = 32
@@ -180,6 +182,7 @@ def fit_scale_shift_points(
     seed: int = 0,
     weights: Weights = "relative",
     min_depth_spread: float = 0.05,
+    depth_range: tuple[float, float] | None = None,
 ) -> AlignmentResult:
     """Fit ``metric ~ scale * relative + shift`` on paired 1-D samples; see :func:`fit_scale_shift`.
 
@@ -244,9 +247,31 @@ def fit_scale_shift_points(
             f"{100 * min_inlier_ratio:.0f}% and >= {need}",
             n, method, n_inl,
         )
+    if depth_range is not None:
+        reason = _out_of_range(s * r[inl] + t, depth_range)
+        if reason:
+            return _fail(reason, n, method, n_inl)
     return AlignmentResult(
         ok=True, scale=s, shift=t, n_points=n, n_inliers=n_inl,
         residual_rel=float(np.median(res[inl])), reason="ok", method=method,
+    )
+
+
+def _out_of_range(fitted: np.ndarray, depth_range: tuple[float, float]) -> str | None:
+    """Why a fit whose metric depths at its inliers are ``fitted`` is useless in ``depth_range``, or None.
+
+    A consistent fit can still be wrong in scale: sparse depth in the wrong units (micrometres as 32FC1 "metres")
+    fits perfectly and maps every pixel beyond max_depth, i.e. all-NaN output until the fallback expires
+    (issue 13, bug 11). Such a fit must not replace a good one.
+    """
+    lo, hi = depth_range
+    inside = (fitted > max(lo, 0.0)) & (fitted <= hi)  # what apply_alignment keeps
+    if fitted.size == 0 or inside.mean() >= _MIN_IN_RANGE:
+        return None
+    return (
+        f"fitted metric depths lie outside [min_depth, max_depth] = [{lo:g}, {hi:g}] m (median {np.median(fitted):.4g} "
+        f"m, {100 * inside.mean():.0f}% inside): sparse depth in the wrong units? (32FC1 is metres, 16UC1 "
+        "millimetres, REP 118); otherwise widen min_depth / max_depth"
     )
 
 
@@ -262,6 +287,7 @@ def fit_scale_shift(
     seed: int = 0,
     weights: Weights = "relative",
     min_depth_spread: float = 0.05,
+    depth_range: tuple[float, float] | None = None,
 ) -> AlignmentResult:
     """Fit metric ``sparse ~ scale * relative + shift`` over the pixels where ``sparse`` holds a measurement.
 
@@ -278,6 +304,8 @@ def fit_scale_shift(
         seed: RANSAC random seed; the result is deterministic for a given seed.
         weights: ``"relative"`` (w = 1/z^2: least squares on relative error) or ``"uniform"`` (metres).
         min_depth_spread: reject when ``(p95 - p5) / median`` of the sparse depths is below this.
+        depth_range: ``(min_depth, max_depth)`` of the output: reject a fit that maps most of its inliers outside
+            it (``apply_alignment`` would publish them as NaN), e.g. sparse depth in the wrong units.
 
     Never raises on bad data (only on bad arguments): failures come back as ``ok=False`` with a ``reason``.
     """
@@ -292,7 +320,7 @@ def fit_scale_shift(
     return fit_scale_shift_points(
         relative[mask], sparse[mask], method=method, min_points=min_points, min_inlier_ratio=min_inlier_ratio,
         inlier_threshold_rel=inlier_threshold_rel, max_iterations=max_iterations, seed=seed, weights=weights,
-        min_depth_spread=min_depth_spread,
+        min_depth_spread=min_depth_spread, depth_range=depth_range,
     )
 
 
@@ -354,7 +382,8 @@ class TemporalAligner:
     smoothed one by more than ``reset_ratio`` (either way) replaces the state (scene cut, new surface). A failed
     fit reuses the last good state for at most ``max_fallback_age_s``, then yields None: no metric output without
     a fit (ros-anchors 3.4). Time going backwards (bag loop, sim reset) clears the state. ``fixed_scale`` (user
-    set, shift 0) always yields a state and ignores fits.
+    set, shift 0) is the alignment of frames that have no fit (no sparse input, or none usable for longer than
+    ``max_fallback_age_s``): a fit, when there is one, wins.
     """
 
     def __init__(
@@ -400,11 +429,14 @@ class TemporalAligner:
 
     def update(self, result: AlignmentResult | None, stamp_s: float) -> AlignmentState | None:
         """Fold in this frame's fit (None: no sparse data this frame) and return the alignment to use."""
-        if self.fixed_scale is not None:
-            return AlignmentState(
-                scale=self.fixed_scale, shift=0.0, age_s=0.0, source="fixed",
-                n_inliers=result.n_inliers if result is not None else 0, residual_rel=math.nan,
-            )
+        state = self._from_fits(result, stamp_s)
+        if state is None and self.fixed_scale is not None:
+            return AlignmentState(scale=self.fixed_scale, shift=0.0, age_s=0.0, source="fixed",
+                                  n_inliers=0, residual_rel=math.nan)
+        return state
+
+    def _from_fits(self, result: AlignmentResult | None, stamp_s: float) -> AlignmentState | None:
+        """The smoothed fit, the fallback to the last one, or None."""
         if self._last_stamp is not None and stamp_s < self._last_stamp:
             self.reset()
             self.n_resets += 1

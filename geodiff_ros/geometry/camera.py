@@ -6,8 +6,11 @@ same code serves the node, the evaluation scripts and the tests (ros-anchors 2.3
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,8 +23,34 @@ __all__ = [
     "scale_intrinsics",
 ]
 
-# (k, p) pairs we have already warned about, so a 30 Hz CameraInfo stream logs the K fallback once.
-_warned_k_fallback: set[tuple[float, ...]] = set()
+
+class _KFallbackWarnings:
+    """Warn once per K about the missing P, but bounded (issue 13, bug 8): a K that changes every frame (a
+    broken driver, a zoom lens) used to grow an unbounded set (200k K values: 74 MB) and log every frame. Now the
+    last ``size`` K values are remembered and at most one warning is logged per ``period_s``."""
+
+    def __init__(self, size: int = 64, period_s: float = 30.0) -> None:
+        self.size, self.period_s = size, period_s
+        self._seen: collections.OrderedDict[tuple[float, ...], None] = collections.OrderedDict()
+        self._last = -math.inf
+        self._lock = threading.Lock()  # several cameras' CameraInfo can arrive on several threads
+
+    def should_warn(self, k: tuple[float, ...]) -> bool:
+        with self._lock:
+            if k in self._seen:
+                self._seen.move_to_end(k)
+                return False
+            now = time.monotonic()
+            if now - self._last < self.period_s:
+                return False  # not remembered: it may warn once the period is over
+            self._last = now
+            self._seen[k] = None
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+            return True
+
+
+_k_fallback_warnings = _KFallbackWarnings()
 
 
 class InvalidCameraInfo(ValueError):
@@ -102,7 +131,8 @@ def intrinsics_from_camera_info(
     point by the binning (0 means 1). The image the numbers refer to is the binned ROI: ``roi_width // binning_x``
     by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height`` (ros-anchors 2.3).
 
-    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once.
+    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once per K (at
+    most one per 30 s).
     image_geometry would return fx = 0 and depth_image_proc would then emit inf/NaN clouds; many simulators and
     hand-written CameraInfos fill only K, and for a monocular camera without rectification P[:3,:3] equals K
     anyway. K describes the *raw* (distorted) image, so the cloud then carries the lens distortion error; rectify
@@ -123,9 +153,7 @@ def intrinsics_from_camera_info(
         fx, cx, fy, cy = p_vals[0], p_vals[2], p_vals[5], p_vals[6]
     elif k_vals[0] != 0.0:
         fx, cx, fy, cy = k_vals[0], k_vals[2], k_vals[4], k_vals[5]
-        key = k_vals
-        if key not in _warned_k_fallback:
-            _warned_k_fallback.add(key)
+        if _k_fallback_warnings.should_warn(k_vals):
             logger.warning(
                 "CameraInfo P is unset (P[0] == 0); using K instead (raw, possibly distorted image). "
                 "Publish a rectified P (camera_calibration fills it) to silence this."

@@ -1,4 +1,5 @@
 """Thin ROS 2 layer of geodiff_ros: message conversion, parameters, QoS, diagnostics and the ``geodiff`` node.
 
-This is the only subpackage that imports rclpy or ``*_msgs``; importing it does not start ROS.
+This subpackage and the bag tool's live play/record (``geodiff_ros.bag.live``) are the only code that imports rclpy
+or ``*_msgs``; importing it does not start ROS. The demo (demo.py) runs the node on a recorded bag.
 """

@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,10 +32,15 @@ from geodiff_ros.geometry import (
     fit_scale_shift,
     sparse_to_image_grid,
 )
+from geodiff_ros.geometry.rectify import CameraModel, Rectifier
 from geodiff_ros.ros.camera_sets import camera_prefix
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
+    camera_info_with_size,
+    check_input_pixels,
+    compressed_image_size,
     compressed_to_rgb8,
+    decode_compressed,
     depth_to_metres,
     image_to_rgb8,
     intrinsics_from_msg,
@@ -50,7 +56,7 @@ if TYPE_CHECKING:
 
     from geodiff_ros.geometry.device import HostStaging
 
-__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'SparseRing', 'cloud_fields']
+__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'DecodedFrame', 'SparseRing', 'cloud_fields']
 
 THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
 _SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
@@ -65,6 +71,20 @@ OUTPUT_TOPICS: dict[str, tuple[type, str]] = {
     'normals_vis': (Image, 'normals/image_vis'),
     'points': (PointCloud2, 'points'),
 }
+
+
+@dataclass(frozen=True, repr=False)
+class DecodedFrame:
+    """An input image ready for the engine and the camera model of exactly these pixels (decoded at reduced size
+    and/or rectified, see :meth:`CameraChannel.prepare`); ``info``/``intr`` None: no usable CameraInfo."""
+
+    rgb: np.ndarray  # [H,W,3] uint8
+    info: CameraInfo | None
+    intr: PinholeIntrinsics | None
+
+    @property
+    def camera(self) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
+        return self.info, self.intr
 
 
 class SparseRing:
@@ -130,6 +150,7 @@ class CameraChannel:
         self._last_stamp_ns: int | None = None  # worker only: detects time going backwards
         self._sparse_mark = 0  # worker only: sparse arrivals before the previous frame was handled
         self._had_metric = False  # worker only: log once when metric output stops
+        self._rectifier = Rectifier()  # worker only: maps of the latest camera model (rectify)
 
     def topic(self, base: str) -> str:
         """``depth/image`` -> ``front/depth/image`` (or unchanged for the unnamed camera)."""
@@ -144,9 +165,12 @@ class CameraChannel:
     # exist only where a QoS mismatch silently loses data: the image input, and best-effort outputs (a reliable
     # subscriber such as RViz's default gets nothing from them).
 
-    def create_publishers(self, qos: Any) -> None:
+    def create_publishers(self, qos: Any, tasks: tuple[str, ...] = ('depth', 'normals')) -> None:
+        """Publishers of the outputs; normals/* only when the normals task runs (no topic that never publishes)."""
         watch = qos.reliability == ReliabilityPolicy.BEST_EFFORT
         for key, (msg_type, topic) in OUTPUT_TOPICS.items():
+            if topic.startswith('normals/') and 'normals' not in tasks:
+                continue
             events = PublisherEventCallbacks(incompatible_qos=self._on_offered_incompatible if watch else None,
                                              use_default_callbacks=False)
             self.pubs[key] = self.node.create_lifecycle_publisher(msg_type, self.topic(topic), qos,
@@ -221,8 +245,62 @@ class CameraChannel:
 
     @staticmethod
     def decode(msg: Any, compressed: bool) -> np.ndarray:
-        """Input message -> [H,W,3] uint8 RGB (raises ImageConversionError on bad data)."""
+        """Input message -> [H,W,3] uint8 RGB at full size, no checks (raises ImageConversionError on bad data)."""
         return compressed_to_rgb8(msg) if compressed else image_to_rgb8(msg)
+
+    def prepare(self, msg: Any, compressed: bool, s: Settings) -> DecodedFrame:
+        """Input message -> the engine's input and its camera model; ``s`` has this camera's overrides.
+
+        Steps (issue 13), each refusing the frame with an ImageConversionError that names the fix:
+        1. size from the message (raw) or the JPEG/PNG header (compressed) against ``max_input_pixels``;
+        2. decode; compressed input far above processing_res at 1/2, 1/4 or 1/8 size (``reduce_large_input``);
+        3. too thin for the network at processing_res (the VAE needs 8 px per side);
+        4. CameraInfo matched to the image (scaled to a reduced decode) and, with ``rectify``, the image
+           undistorted and rectified with it; the outputs then carry that camera model.
+        """
+        from geodiff_ros.engine.preprocess import processing_size_problem  # torch: loaded with the engine by now
+
+        limit = int(s['max_input_pixels'])
+        res = int(s['processing_res'])
+        if compressed:
+            rgb, factor = decode_compressed(msg, limit, 2 * res if s['reduce_large_input'] else 0)
+            src_w, src_h = compressed_image_size(msg.data)[1:] if factor > 1 else (rgb.shape[1], rgb.shape[0])
+        else:
+            check_input_pixels(int(msg.width), int(msg.height), limit, what=f'image ({msg.encoding})')
+            rgb, factor = image_to_rgb8(msg), 1
+            src_w, src_h = rgb.shape[1], rgb.shape[0]
+        problem = processing_size_problem(rgb.shape[0], rgb.shape[1], res)
+        if problem:
+            raise ImageConversionError(f'{problem}; frame dropped')
+        return self._with_camera(msg.header, rgb, src_w, src_h, factor, bool(s['rectify']))
+
+    def _with_camera(self, header: Any, rgb: np.ndarray, src_w: int, src_h: int, factor: int,
+                     rectify: bool) -> DecodedFrame:
+        """The latest CameraInfo for an image decoded from a ``src_w x src_h`` message at 1/``factor`` size,
+        rectifying the image with it when asked; without a usable CameraInfo the frame goes on without one."""
+        info, intr = self.camera_model(src_w, src_h)
+        if info is None:
+            if rectify:
+                self.log.warning('rectify: no usable CameraInfo for this image; processed unrectified (no cloud)',
+                                 throttle_duration_sec=THROTTLE_S)
+            return DecodedFrame(rgb, None, None)
+        if factor == 1 and not rectify:
+            return DecodedFrame(rgb, info, intr)  # published as received (binning and ROI kept)
+        height, width = rgb.shape[:2]
+        out = camera_info_with_size(info, header, width, height, scale=1.0 / factor if factor > 1 else None)
+        if rectify:
+            model = CameraModel(width, height, str(out.distortion_model), tuple(out.d), tuple(out.k), tuple(out.r),
+                                tuple(out.p))
+            if model.needs_rectification():
+                try:
+                    rgb = self._rectifier(rgb, model)
+                except Exception as err:  # noqa: BLE001 - InvalidCameraInfo, or cv2.error on absurd numbers
+                    self.log.warning(f'rectify: {err}; processed unrectified (no cloud)',
+                                     throttle_duration_sec=THROTTLE_S)
+                    return DecodedFrame(rgb, None, None)
+                rect = model.rectified()
+                out.d, out.k, out.r, out.p = list(rect.d), list(rect.k), list(rect.r), list(rect.p)
+        return DecodedFrame(rgb, out, intrinsics_from_msg(out))
 
     def make_aligner(self, s: Settings) -> TemporalAligner:
         fixed = float(s['alignment.fixed_scale'])
@@ -269,6 +347,10 @@ class CameraChannel:
             return self._sparse_to_grid(kind, msg, header, width, height, intr)
         except ImageConversionError as err:
             self.log.warning(f'sparse input ignored: {err}', throttle_duration_sec=THROTTLE_S)
+            return None
+        except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the camera frame
+            self.log.warning(f'sparse input ignored: unreadable sparse_{kind} message ({type(err).__name__}: '
+                             f'{err}); fix its publisher', throttle_duration_sec=THROTTLE_S)
             return None
 
     def _sparse_to_grid(self, kind: str, msg: Any, header: Any, width: int, height: int,
@@ -331,7 +413,8 @@ class CameraChannel:
             result = fit_scale_shift(
                 relative, sparse, method=s['alignment.method'], min_points=int(s['alignment.min_points']),
                 min_inlier_ratio=float(s['alignment.min_inlier_ratio']),
-                inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']))
+                inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']),
+                depth_range=(float(s['min_depth']), float(s['max_depth'])))
             if not result.ok:
                 self.log.warning(f'no metric fit this frame: {result.reason}', throttle_duration_sec=THROTTLE_S)
         state = self.aligner.update(result, stamp * 1e-9)
@@ -350,7 +433,8 @@ class CameraChannel:
 
     def finish(self, s: Settings, msg: Any, rgb: np.ndarray, relative: torch.Tensor | None,
                normals: torch.Tensor | None, staging: HostStaging, *, rebuild_aligner: bool = False,
-               latency_from: float = 0.0, now: Callable[[], float] = time.monotonic) -> None:
+               latency_from: float = 0.0, now: Callable[[], float] = time.monotonic,
+               camera: tuple[CameraInfo | None, PinholeIntrinsics | None] | None = None) -> None:
         """Steps after the engine for this camera's frame: align -> metric depth, views, cloud -> publish.
 
         Runs on the node's post-processing thread. The per-pixel work runs in torch where the engine's outputs
@@ -364,6 +448,8 @@ class CameraChannel:
                 (engine device).
             rebuild_aligner: alignment parameters changed (take_aligner_dirty).
             latency_from: monotonic receive time of the frame; now: the clock for the latency.
+            camera: (CameraInfo, intrinsics) of ``rgb`` from :meth:`prepare` (DecodedFrame.camera: reduced or
+                rectified input); None: the latest CameraInfo if it has the size of ``rgb``.
         """
         import torch  # the node imports torch only once configured (start-up errors stay fast)
 
@@ -371,7 +457,7 @@ class CameraChannel:
 
         header = msg.header
         height, width = rgb.shape[:2]
-        info, intr = self.camera_model(width, height)
+        info, intr = camera if camera is not None else self.camera_model(width, height)
         t0 = time.perf_counter()
         stream = staging.stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():

@@ -10,12 +10,17 @@ semantics follow ROS 2 cv_bridge's ``imgmsg_to_cv2(msg, 'passthrough')`` / ``cv2
 Every reader is duck-typed on the message attributes (``encoding``, ``width``, ``height``, ``step``,
 ``is_bigendian``, ``data``), so the same functions work on rclpy messages and on messages deserialised by
 ``rosbags`` (whose ``data`` is a numpy ``uint8`` array). Only the ``*_msg`` builders import ``sensor_msgs``.
+
+Compressed images (issue 13) are decoded with OpenCV (``cv2.imdecode``): it is what image_transport's
+compressed plugin itself uses, decodes JPEG at 1/2, 1/4 or 1/8 size inside libjpeg (``IMREAD_REDUCED_*``:
+cheaper than decoding in full and resizing), and refuses corrupt or truncated data instead of guessing.
+The size is read from the JPEG/PNG header first, so an image whose header announces more pixels than the caller
+allows (a 631-byte JPEG can announce 13000x13000) is refused before any pixel buffer is allocated.
 """
 
 from __future__ import annotations
 
 import array
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +34,19 @@ if TYPE_CHECKING:
 __all__ = [
     'ENCODINGS',
     'ImageConversionError',
+    'InputTooLarge',
     'camera_info_with_size',
+    'check_input_pixels',
+    'compressed_image_size',
     'compressed_to_rgb8',
+    'decode_compressed',
     'depth_to_metres',
     'image_to_numpy',
     'image_to_rgb8',
     'intrinsics_from_msg',
     'numpy_to_image',
     'numpy_to_image_fields',
+    'reduction_factor',
     'stamp_ns',
     'to_uint8_array',
 ]
@@ -44,6 +54,10 @@ __all__ = [
 
 class ImageConversionError(ValueError):
     """An image message cannot be converted (unsupported encoding, truncated data, bad step)."""
+
+
+class InputTooLarge(ImageConversionError):
+    """An image has more pixels than the configured limit (checked before decoding)."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +157,100 @@ def image_to_rgb8(msg: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def compressed_to_rgb8(msg: Any) -> np.ndarray:
-    """Decode a CompressedImage-like message (JPEG or PNG) to ``[H,W,3]`` uint8 RGB with Pillow."""
-    from PIL import Image as PILImage
+def check_input_pixels(width: int, height: int, max_pixels: int, what: str = 'image',
+                       parameter: str = 'max_input_pixels') -> None:
+    """Refuse an image of ``width x height`` above ``max_pixels`` (0 = no limit) before it is decoded.
+
+    A frame far above the camera sizes a node is set up for costs gigabytes at the output size (the engine's
+    outputs match the input) and stalls the worker for tens of seconds; it is a broken or hostile publisher.
+
+    Raises:
+        InputTooLarge: naming the size, the limit and ``parameter``.
+    """
+    pixels = int(width) * int(height)
+    if max_pixels > 0 and pixels > max_pixels:
+        msg = (f'{what} is {width}x{height} = {pixels / 1e6:.1f} MP, above {parameter} = {max_pixels} '
+               f'({max_pixels / 1e6:.1f} MP): dropped before decoding; publish a smaller image (image_proc resize) '
+               f'or raise {parameter}')
+        raise InputTooLarge(msg)
+
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _jpeg_size(data: memoryview) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame segment of a JPEG, walking the segment lengths."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise ImageConversionError(f'corrupt JPEG header: no segment marker at byte {i}')
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # stand-alone markers: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise ImageConversionError('corrupt JPEG: image data starts before any frame header (no size)')
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                break
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            if width == 0 or height == 0:
+                raise ImageConversionError(f'JPEG frame header gives size {width}x{height} (DNL-defined height '
+                                           'is not supported); publish a baseline or progressive JPEG')
+            return width, height
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    raise ImageConversionError(f'JPEG header truncated after {n} B: no frame header (size) found')
+
+
+def compressed_image_size(data: Any) -> tuple[str, int, int]:
+    """(``'jpeg'`` or ``'png'``, width, height) read from the header bytes only, nothing decoded.
+
+    Raises:
+        ImageConversionError: neither JPEG nor PNG, or the header is cut or corrupt.
+    """
+    buf = to_uint8_array(data)
+    view = memoryview(buf)
+    if buf.size >= 24 and bytes(view[:8]) == _PNG_SIGNATURE:
+        if bytes(view[12:16]) != b'IHDR':
+            raise ImageConversionError('corrupt PNG: the first chunk is not IHDR (no size)')
+        return 'png', int.from_bytes(view[16:20], 'big'), int.from_bytes(view[20:24], 'big')
+    if buf.size >= 4 and view[0] == 0xFF and view[1] == 0xD8:
+        width, height = _jpeg_size(view)
+        return 'jpeg', width, height
+    head = bytes(view[:8])
+    raise ImageConversionError(f'cannot decode compressed image: neither JPEG nor PNG (starts with {head!r}, '
+                               f'{buf.size} B); publish jpeg or png (image_transport compressed)')
+
+
+def reduction_factor(width: int, height: int, keep_long_edge: int) -> int:
+    """Largest of 8, 4, 2 that leaves the longest edge at least ``keep_long_edge`` px; 1 if none (or <= 0).
+
+    The node keeps twice processing_res: the network never sees more than processing_res, so decoding a 4K JPEG in
+    full only to shrink it for the network (and to upsample every output back to 4K) is wasted work.
+    """
+    if keep_long_edge <= 0:
+        return 1
+    longest = max(int(width), int(height))
+    return next((f for f in (8, 4, 2) if longest // f >= keep_long_edge), 1)
+
+
+def decode_compressed(msg: Any, max_pixels: int = 0, keep_long_edge: int = 0) -> tuple[np.ndarray, int]:
+    """Decode a CompressedImage-like message (JPEG or PNG) to ``[H,W,3]`` uint8 RGB with OpenCV.
+
+    The header is read first: more than ``max_pixels`` (0 = no limit) raises ``InputTooLarge`` before decoding.
+    With ``keep_long_edge`` > 0 the image is decoded at 1/f size (``reduction_factor``; JPEG is scaled inside
+    libjpeg, PNG decoded then shrunk), f returned with the image (1 = full size: the image is the header's size).
+    EXIF orientation is ignored, as camera drivers and CameraInfo assume the sensor's pixel grid.
+
+    Raises:
+        ImageConversionError: empty, a depth transport, not JPEG/PNG, corrupt or truncated data.
+    """
+    import cv2
 
     buf = to_uint8_array(msg.data)
     if buf.size == 0:
@@ -155,18 +260,32 @@ def compressed_to_rgb8(msg: Any) -> np.ndarray:
         msg_ = (f'compressed format {fmt!r} is a depth transport; subscribe to a colour image '
                 '(input_transport: raw, or a jpeg/png compressed colour topic)')
         raise ImageConversionError(msg_)
+    kind, width, height = compressed_image_size(buf)
+    check_input_pixels(width, height, max_pixels, what=f'compressed {kind.upper()} image')
+    if kind == 'jpeg' and b'\xff\xd9' not in bytes(memoryview(buf)[-32:]):
+        # No end-of-image marker: cut in transit. OpenCV 5 refuses such data itself, but OpenCV 4 (Ubuntu's
+        # python3-opencv) returns the picture with its missing part grey. FF D9 cannot occur in entropy-coded data.
+        msg_ = (f'cannot decode compressed JPEG {width}x{height} (format field {fmt!r}, {buf.size} B): truncated '
+                '(no end-of-image marker)')
+        raise ImageConversionError(msg_)
+    factor = reduction_factor(width, height, keep_long_edge)
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
     try:
-        with PILImage.open(io.BytesIO(buf.tobytes())) as im:
-            if im.format not in ('JPEG', 'PNG'):
-                msg_ = f'compressed image is {im.format}, expected JPEG or PNG (format field {fmt!r})'
-                raise ImageConversionError(msg_)
-            rgb = np.asarray(im.convert('RGB'))  # [H,W,3]
-    except ImageConversionError:
-        raise
-    except Exception as err:  # PIL raises several types for corrupt data
-        msg_ = f'cannot decode compressed image (format field {fmt!r}, {buf.size} B): {err}'
+        bgr = cv2.imdecode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION)  # [h,w,3] BGR
+    except cv2.error as err:
+        msg_ = f'cannot decode compressed {kind.upper()} (format field {fmt!r}, {buf.size} B): {err}'
         raise ImageConversionError(msg_) from err
-    return np.ascontiguousarray(rgb)
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+        msg_ = (f'cannot decode compressed {kind.upper()} image {width}x{height} (format field {fmt!r}, '
+                f'{buf.size} B): corrupt or truncated data')
+        raise ImageConversionError(msg_)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), factor
+
+
+def compressed_to_rgb8(msg: Any, max_pixels: int = 0) -> np.ndarray:
+    """Decode a CompressedImage-like message (JPEG or PNG) at full size to ``[H,W,3]`` uint8 RGB (OpenCV)."""
+    return decode_compressed(msg, max_pixels)[0]
 
 
 def depth_to_metres(msg: Any) -> np.ndarray:
@@ -245,11 +364,14 @@ def intrinsics_from_msg(info: Any) -> PinholeIntrinsics:
         int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height))
 
 
-def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int) -> CameraInfo:
+def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int,
+                          scale: float | None = None) -> CameraInfo:
     """Copy a CameraInfo with a new header, rescaled to ``width x height`` when the size differs.
 
     Binning and ROI are folded in first (image_geometry semantics) so the copy describes the published image
     directly: binning 0, ROI all zero. K and P scale per axis, D and R are kept (spec: ros-anchors 2.3).
+    ``scale`` fixes the factor for both axes instead of ``width / source width`` (a JPEG decoded at 1/f size has
+    ``ceil(W / f)`` columns, but its pixels are exactly f source pixels wide).
     """
     from sensor_msgs.msg import CameraInfo
 
@@ -263,6 +385,8 @@ def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int
     y0 = 0 if full_roi else int(roi.y_offset)
     sx = width / src_w if src_w else 1.0
     sy = height / src_h if src_h else 1.0
+    if scale is not None:
+        sx = sy = float(scale)
 
     k = np.array(info.k, dtype=np.float64).reshape(3, 3)
     p = np.array(info.p, dtype=np.float64).reshape(3, 4)

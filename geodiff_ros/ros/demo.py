@@ -24,7 +24,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from geodiff_ros.ros.environment import ensure_ros_env, fastdds_profile, share_file
+
 __all__ = ['ensure_ros_env', 'fastdds_profile', 'main', 'write_synthetic_bag']
 
 LOG = logging.getLogger('geodiff_demo')
 
-PACKAGE = 'geodiff_ros'
 _PKG_ROOT = Path(__file__).resolve().parents[2]  # folder holding the geodiff_ros package (repo root in a checkout)
 DEPTH_HUB_ID = 'GonzaloMG/marigold-e2e-ft-depth'
 NORMALS_HUB_ID = 'GonzaloMG/marigold-e2e-ft-normals'
@@ -49,51 +49,6 @@ OUTPUTS = ('/depth/relative', '/depth/image', '/depth/camera_info', '/normals/im
 
 
 # ------------------------------------------------------------------------------------------------ environment
-
-
-def _share_file(*parts: str) -> Path | None:
-    """A file installed in the package's share folder (ament index), else the one in the source checkout."""
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        path = Path(get_package_share_directory(PACKAGE), *parts)
-        if path.is_file():
-            return path
-    except Exception:  # noqa: BLE001 - no AMENT_PREFIX_PATH or package not installed
-        pass
-    for base in (_PKG_ROOT, Path(sys.prefix) / 'share' / PACKAGE):
-        path = base.joinpath(*parts)
-        if path.is_file():
-            return path
-    return None
-
-
-def fastdds_profile() -> Path | None:
-    """The project's loopback Fast DDS profile (installed share dir or checkout)."""
-    return _share_file('config', 'fastdds_localhost.xml')
-
-
-def ensure_ros_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Keep DDS traffic on this machine unless the user chose otherwise; returns the variables it set.
-
-    Sets (only where unset) ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, ROS_LOCALHOST_ONLY=1, the Fast DDS profile
-    with a 16 MB shared-memory segment (big images under best effort, ros2-from-pypi.md), a ROS_DOMAIN_ID and a
-    log folder. Must run before ``rclpy.init``; child processes inherit it.
-    """
-    env = os.environ if env is None else env
-    wanted = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOCALHOST_ONLY': '1', 'ROS_DOMAIN_ID': '42'}
-    profile = env.get('FASTDDS_DEFAULT_PROFILES_FILE') or env.get('FASTRTPS_DEFAULT_PROFILES_FILE') or fastdds_profile()
-    if profile:
-        # Fast DDS 2.14 (Jazzy's rmw_fastrtps) reads only FASTRTPS_DEFAULT_PROFILES_FILE; Fast DDS 3 (kilted) reads
-        # FASTDDS_DEFAULT_PROFILES_FILE. Without the first, Jazzy keeps the 512 KB shared-memory segment and loses
-        # 640x480 images under best effort (checked here: the 16 MB segment appears only with FASTRTPS_...).
-        wanted['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
-        wanted['FASTRTPS_DEFAULT_PROFILES_FILE'] = str(profile)
-    if not (env.get('HOME') or env.get('ROS_LOG_DIR') or env.get('ROS_HOME')):
-        wanted['ROS_LOG_DIR'] = str(Path(tempfile.gettempdir()) / 'geodiff_ros_logs')
-    changed = {k: v for k, v in wanted.items() if not env.get(k)}
-    env.update(changed)
-    return changed
 
 
 def _child_env() -> dict[str, str]:
@@ -126,7 +81,7 @@ def write_synthetic_bag(path: Path, frames: int = 4, width: int = 160, height: i
     Floor plane 1.2 m below the camera, a back wall at 4 m and a box at 2 m; the camera moves sideways 2 cm a
     frame so frames differ. Used when the shared data is absent, and by the tests.
     """
-    from geodiff_ros.ros.bag_io import BagWriter
+    from geodiff_ros.bag.storage import BagWriter
 
     fx = fy = 0.8 * width
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
@@ -245,7 +200,7 @@ def _percentile(values: list[float], q: float) -> float:
 def _summarise(out_bag: Path, ns: str, dense: dict[int, np.ndarray], sent: dict[int, float],
                received: dict[int, float], kept_masks: dict[int, np.ndarray]) -> dict[str, Any]:
     """Read the recorded outputs back: per-topic table, metric scale, accuracy on held-out depth, latency."""
-    from geodiff_ros.ros.bag_io import open_bag
+    from geodiff_ros.bag.storage import open_bag
     from geodiff_ros.ros.conversions import image_to_numpy
 
     topics: dict[str, dict[str, Any]] = {}
@@ -300,7 +255,8 @@ def _summarise(out_bag: Path, ns: str, dense: dict[int, np.ndarray], sent: dict[
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from geodiff_ros.ros.bag_tool import _out, _table
+    from geodiff_ros.bag.report import format_table as _table
+    from geodiff_ros.bag.report import print_out as _out
 
     rows = [[t, r['type'].split('/')[-1], str(r['count']), r['encodings'], r['size']]
             for t, r in sorted(summary['topics'].items())]
@@ -365,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry ``geodiff_demo``; 0 on success, 1 if the node failed or nothing came back, 2 bad input."""
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s', stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    from geodiff_ros.ros.bag_io import BagError
+    from geodiff_ros.bag.storage import BagError
 
     try:
         return _run(args)
@@ -383,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
     out_dir.mkdir(parents=True, exist_ok=True)
     out_bag = out_dir / 'outputs'
     if out_bag.exists():
-        from geodiff_ros.ros.bag_io import BagError
+        from geodiff_ros.bag.storage import BagError
 
         msg = f'{out_bag} exists; pass a new --out folder'
         raise BagError(msg)
@@ -398,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
                 LOG.info('shared TUM bag not found: writing a synthetic RGB-D bag to %s', bag_path)
                 write_synthetic_bag(bag_path)
         LOG.info('input bag: %s', bag_path)
-        from geodiff_ros.ros.bag_io import open_bag
+        from geodiff_ros.bag.storage import open_bag
 
         with open_bag(bag_path) as bag:  # topic names checked before the model loads
             bag.select([t for t in (args.image_topic, args.camera_info_topic, args.depth_topic) if t])
@@ -420,7 +376,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
                 write_tiny_checkpoint(ckpt / 'normals', 'normals'))
         device, dtype = args.device or 'cpu', args.dtype or 'fp32'
         processing_res = args.processing_res if args.processing_res is not None else 256
-    params_file = _share_file('config', 'geodiff.yaml')
+    params_file = share_file('config', 'geodiff.yaml')
     cmd = [sys.executable, '-m', 'geodiff_ros.ros.node', '--ros-args']
     if params_file is not None:
         cmd += ['--params-file', str(params_file)]
@@ -465,9 +421,9 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
-    from geodiff_ros.ros.bag_io import BagWriter, open_bag
-    from geodiff_ros.ros.bag_live import Player, PlayOptions, Recorder
-    from geodiff_ros.ros.bag_process import sparse_depth_image
+    from geodiff_ros.bag.live import Player, PlayOptions, Recorder
+    from geodiff_ros.bag.process import sparse_depth_image
+    from geodiff_ros.bag.storage import BagWriter, open_bag
     from geodiff_ros.ros.conversions import depth_to_metres, numpy_to_image_fields
 
     stop = threading.Event()

@@ -39,6 +39,8 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
 
 from geodiff_ros.ros.camera import CameraChannel
 from geodiff_ros.ros.conversions import ImageConversionError
@@ -50,18 +52,34 @@ from geodiff_ros.ros.params import (
     declare_all,
     declare_camera_overrides,
     engine_config_kwargs,
+    name_launch_arguments,
     read_settings,
     validate_changes,
 )
 from geodiff_ros.ros.qos import DIAGNOSTICS_QOS, make_qos
 from geodiff_ros.ros.scheduler import BatchStats, FrameScheduler, Handoff
+from geodiff_ros.ros.shutdown import ShutdownRequest
 
 __all__ = ['GeoDiffNode', 'main']
 
 NODE_NAME = 'geodiff'
 _THROTTLE_S = 5.0  # per-frame warnings at most this often
 _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
-_POLL_S = 0.2  # worker threads re-check their stop flag this often while idle
+_POLL_S = 0.05  # executor spin slice of the main loop: how soon a shutdown request is acted on
+
+
+class _LoadAbandoned(BaseException):
+    """Raised by the signal handler into an engine load in progress: the process is shutting down. A
+    BaseException (like KeyboardInterrupt) so that no ``except Exception`` in the loading libraries swallows it."""
+
+
+def _is_engine_error(err: BaseException) -> bool:
+    """Whether ``err`` is a ``geodiff_ros.engine.GeoDiffError`` (its message already names the fix). Checked without
+    importing the engine: when importing it is what failed, that error must still be reported."""
+    errors = sys.modules.get('geodiff_ros.engine.errors')
+    return errors is not None and isinstance(err, errors.GeoDiffError)
+
+_WORKER_POLL_S = 0.2  # worker threads re-check their stop flag this often while idle
 
 
 class _WarmUpStopped(Exception):
@@ -78,6 +96,7 @@ class _Frame:
     rgb: Any  # [H,W,3] uint8 decoded input (host)
     relative: Any = None  # [H,W] torch tensor on the engine's device, or None
     normals: Any = None  # [H,W,3] torch tensor on the engine's device, or None
+    camera: Any = None  # (CameraInfo, intrinsics) of rgb (DecodedFrame.camera: reduced or rectified input)
 
 
 @dataclass
@@ -107,6 +126,7 @@ class GeoDiffNode(LifecycleNode):
 
         self._engine: Any = None
         self._batch_stats = BatchStats()
+        self._loading = False  # main thread only: an engine load is in progress (see request_shutdown)
         # The pipeline threads (engine, post), their stop flag, and what pauses them (see the module docstring).
         self._threads: list[threading.Thread] = []
         self._quit = threading.Event()
@@ -181,8 +201,6 @@ class GeoDiffNode(LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Load the engine and create publishers; FAILURE (back to unconfigured) with the fix in the log."""
-        from geodiff_ros.engine import EngineConfig, GeoDiffEngine, GeoDiffError
-
         settings = self._settings
         if settings.cameras() != [cam.name for cam in self._cams if cam.name]:
             self._build_cameras(settings.cameras())  # `cameras` was changed while unconfigured
@@ -192,17 +210,25 @@ class GeoDiffNode(LifecycleNode):
             f'device={kwargs["device"]} dtype={kwargs["dtype"]} processing_res={kwargs["processing_res"]} '
             f'optimize={kwargs["optimize"]}')
         try:
-            self._engine = GeoDiffEngine(EngineConfig(**kwargs))
-        except GeoDiffError as err:
-            self._set_error(str(err))
-            self.get_logger().error(f'configure failed: {err}')
+            engine = self._load_engine(kwargs)
+        except _LoadAbandoned:
+            self.get_logger().info('configure abandoned: the process is shutting down')
             return TransitionCallbackReturn.FAILURE
         except Exception as err:  # noqa: BLE001 - any loader failure must leave the node alive and unconfigured
+            if _is_engine_error(err):
+                self._set_error(str(err))
+                self.get_logger().error(name_launch_arguments(f'configure failed: {err}'))
+                return TransitionCallbackReturn.FAILURE
             self._set_error(f'{type(err).__name__}: {err}')
-            self.get_logger().error(
+            self.get_logger().error(name_launch_arguments(
                 f'configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / '
-                'model_normals (hub id or folder in hub layout), device and dtype')
+                'model_normals (hub id or folder in hub layout), device and dtype'))
             return TransitionCallbackReturn.FAILURE
+        if str(engine.device) != kwargs['device']:
+            # CPU fallback: `ros2 param get <node> device` shows the device in use (set while still unconfigured:
+            # device is fixed once configured).
+            self.set_parameters([Parameter('device', value=str(engine.device))])
+        self._engine = engine
         optimize = self._engine.optimize  # 'auto' resolved for the device
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device} '
                                f'({str(self._engine.dtype).replace("torch.", "")}, optimize {optimize})')
@@ -219,7 +245,7 @@ class GeoDiffNode(LifecycleNode):
                 + (f'; {aot} stage(s) load AOT packages (geodiff_compile)' if aot else ''))
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
-            cam.create_publishers(out_qos)
+            cam.create_publishers(out_qos, self._engine.tasks)
             cam.aligner = cam.make_aligner(settings.for_camera(cam.overrides))
         if self._multi:
             self.get_logger().info(
@@ -227,6 +253,32 @@ class GeoDiffNode(LifecycleNode):
                 f'up to {settings["batch_size"]} frames per engine call')
         self._state_label = 'inactive'
         return super().on_configure(state)
+
+    def request_shutdown(self) -> None:
+        """Called from the signal handler (main thread, between two bytecodes) when the process is to exit: an
+        engine load in progress on the main thread is abandoned by raising ``_LoadAbandoned`` into it."""
+        if self._loading:
+            self._loading = False
+            raise _LoadAbandoned
+
+    def _load_engine(self, kwargs: dict[str, Any]) -> Any:
+        """Import and build the engine; a shutdown signal meanwhile abandons it (issue 13, bug 7).
+
+        Loading takes seconds (tiny model) to minutes (real weights from a slow disk), and SIGTERM meanwhile must
+        still end the process within 2 s. The load runs on the calling thread (the main thread: autostart, and
+        the executor, which spins there too): on another thread, torch's CPU kernels ran 4-5x slower in the
+        worker afterwards (measured; the CPU thread pools are set up by the first thread that computes). Python
+        runs signal handlers on the main thread between bytecodes, so :meth:`request_shutdown` can raise into the
+        load; a load started from another thread just finishes.
+        """
+        on_main = threading.current_thread() is threading.main_thread()
+        try:
+            self._loading = on_main
+            from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+
+            return GeoDiffEngine(EngineConfig(**kwargs))
+        finally:
+            self._loading = False
 
     def _set_error(self, text: str) -> None:
         for cam in self._cams:
@@ -329,11 +381,11 @@ class GeoDiffNode(LifecycleNode):
         """Engine thread: warm up, then decode -> engine call for the frames that are ready, hand them on."""
         self._warm_up(engine, quit_)
         while not quit_.is_set():
-            if not self._active.wait(_POLL_S) or not self._handoff.wait_free(_POLL_S):
+            if not self._active.wait(_WORKER_POLL_S) or not self._handoff.wait_free(_WORKER_POLL_S):
                 continue
             s = self._settings
             window = float(s['batch_window_s']) if self._multi else 0.0
-            picked = self._sched.take(int(s['batch_size']), window, timeout=_POLL_S)
+            picked = self._sched.take(int(s['batch_size']), window, timeout=_WORKER_POLL_S)
             if not picked or quit_.is_set():
                 continue
             epoch = self._epoch
@@ -353,13 +405,14 @@ class GeoDiffNode(LifecycleNode):
             cam = self._cams[index]
             t0 = time.perf_counter()
             try:
-                rgb = cam.decode(msg, compressed)  # [H,W,3] uint8
+                # size checks, decode, rectify (cam.decode alone skips the checks)
+                decoded = cam.prepare(msg, compressed, self._settings.for_camera(cam.overrides))
             except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
                 if not self._drop(cam, err, quit_):
                     return None
                 continue
             cam.stats.on_stage('decode', time.perf_counter() - t0)
-            frames.append(_Frame(cam, msg, t_recv, rgb))
+            frames.append(_Frame(cam, msg, t_recv, decoded.rgb, camera=decoded.camera))  # rgb [H,W,3] uint8
         if not frames:
             return []
         t0 = time.perf_counter()
@@ -381,7 +434,7 @@ class GeoDiffNode(LifecycleNode):
 
         staging = HostStaging(engine.device)
         while not quit_.is_set():
-            batch = self._handoff.take(_POLL_S)
+            batch = self._handoff.take(_WORKER_POLL_S)
             if batch is None:
                 continue
             for frame in batch.frames:
@@ -392,7 +445,7 @@ class GeoDiffNode(LifecycleNode):
                 s = self._settings.for_camera(cam.overrides)
                 try:
                     cam.finish(s, frame.msg, frame.rgb, frame.relative, frame.normals, staging,
-                               rebuild_aligner=rebuild, latency_from=frame.t_recv)
+                               rebuild_aligner=rebuild, latency_from=frame.t_recv, camera=frame.camera)
                 except Exception as err:  # noqa: BLE001 - bad input must never kill the worker
                     if not self._drop(cam, err, quit_):
                         return
@@ -504,57 +557,86 @@ class GeoDiffNode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """Console entry ``geodiff_node``: run the node, autostarting it unless ``autostart:=false``.
 
-    Exit codes: 0 on Ctrl-C / SIGTERM / normal shutdown, 1 when autostart's configure failed (the log says
-    why), 2 for invalid parameters at start-up. Ends the process itself (``os._exit``) once ROS is shut down, so
-    call it as a program, not from code that should keep running.
+    Exit codes: 0 on Ctrl-C / SIGTERM / SIGHUP / normal shutdown (also when the signal arrives during configure),
+    1 when autostart's configure failed (the log says why), 2 for invalid parameters at start-up. Ends the process
+    itself (``os._exit``) once ROS is shut down, so call it as a program, not from code that should keep running.
+
+    Signals (issue 13): our own handlers, not rclpy's, so the first SIGINT/SIGTERM/SIGHUP requests one orderly
+    shutdown and any further one (``ros2 launch`` + Ctrl-C sends SIGINT twice, then maybe SIGTERM) is only
+    noted; see shutdown.py. The executor therefore spins in short slices and checks the request in between.
     """
-    rclpy.init(args=args)
+    shutdown = ShutdownRequest.install()  # before rclpy.init: no signal finds the default handler
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     code = 0
     node: GeoDiffNode | None = None
     executor: SingleThreadedExecutor | None = None
     try:
-        try:
-            node = GeoDiffNode()
-        except Exception as err:  # noqa: BLE001 - parameter errors from rclpy come as several types
-            rclpy.logging.get_logger(NODE_NAME).fatal(f'cannot start: {err}')
+        node = _create_node()
+        if node is None:
             code = 2
-            return code
-        # ONE executor thread for inputs (trivial callbacks), the diagnostics timer and parameter/lifecycle
-        # services; inference runs on the worker thread, so services still answer during it. Not the
-        # MultiThreadedExecutor (issue 7): it re-yields and re-submits every callback its pool has not started yet,
-        # so while the worker holds the GIL its spin loop busy-waits (measured: 64-84% of a core with 4 cameras at
-        # 30 Hz, the worker starved to 2 frames/s per camera) instead of 20% here. Its pool also could not run
-        # services concurrently anyway: they share the node's default mutually exclusive callback group.
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        if node.get_parameter('autostart').value:
-            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal('autostart: configure failed (see the error above); exiting')
-                code = 1
-                return code
-            if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().fatal('autostart: activate failed; exiting')
-                code = 1
-                return code
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        else:
+            shutdown.on_request(node.request_shutdown)
+            # ONE executor thread for inputs (trivial callbacks), the diagnostics timer and parameter/lifecycle
+            # services; inference runs on the worker thread, so services still answer during it. Not the
+            # MultiThreadedExecutor (issue 7): it re-yields and re-submits every callback its pool has not started
+            # yet, so while the worker holds the GIL its spin loop busy-waits (measured: 64-84% of a core with 4
+            # cameras at 30 Hz, the worker starved to 2 frames/s per camera) instead of 20% here. Its pool also
+            # could not run services concurrently anyway: they share the node's default mutually exclusive
+            # callback group.
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            code = _autostart(node, shutdown)
+            while code == 0 and not shutdown.requested and rclpy.ok():
+                executor.spin_once(timeout_sec=_POLL_S)
+    except ExternalShutdownException:
         pass
     except Exception:  # noqa: BLE001
-        # A signal can shut the context down while spin() builds its next wait set; rclpy then raises RCLError
-        # ("the given context is not valid"). That is a normal shutdown; anything else is a real error.
-        if rclpy.ok():
+        # The context can be shut down while spin_once() builds its wait set (RCLError "the given context is
+        # not valid"). That is a normal shutdown; anything else is a real error.
+        if rclpy.ok() and not shutdown.requested:
             raise
     finally:
         if node is not None:
+            if shutdown.requested:
+                node.get_logger().info(f'{shutdown.reason} received: shutting down')
             node.stop()
             if executor is not None:
                 executor.shutdown(timeout_sec=0.5)
+            if len(shutdown.received) > 1:
+                node.get_logger().info(f'also received during the shutdown (noted, no action): '
+                                       f'{", ".join(shutdown.received[1:])}')
             node.destroy_node()
         rclpy.try_shutdown()
     # Everything ROS is closed now. Interpreter teardown of torch/diffusers takes ~1.5 s on 2 cores, and a worker
-    # stuck in a long GPU call would block it further; exit right away so SIGINT/SIGTERM finish within 2 s.
+    # stuck in a long GPU call (or an abandoned model load) would block it further; exit right away so
+    # SIGINT/SIGTERM finish within 2 s.
     _exit_now(code)
     return code  # not reached; keeps the console_scripts contract (main returns the exit code)
+
+
+def _create_node() -> GeoDiffNode | None:
+    """The node, or None (logged) when its start-up parameters are invalid."""
+    try:
+        return GeoDiffNode()
+    except Exception as err:  # noqa: BLE001 - parameter errors from rclpy come as several types
+        rclpy.logging.get_logger(NODE_NAME).fatal(name_launch_arguments(f'cannot start: {err}'))
+        return None
+
+
+def _autostart(node: GeoDiffNode, shutdown: ShutdownRequest) -> int:
+    """Configure and activate unless ``autostart:=false``; the exit code (1 = failed, 0 = fine or shut down)."""
+    if not node.get_parameter('autostart').value:
+        return 0
+    for name, trigger in (('configure', node.trigger_configure), ('activate', node.trigger_activate)):
+        if shutdown.requested:
+            return 0
+        if trigger() != TransitionCallbackReturn.SUCCESS:
+            if shutdown.requested:
+                return 0  # abandoned because of the signal: a normal shutdown
+            reason = ' (see the error above)' if name == 'configure' else ''
+            node.get_logger().fatal(f'autostart: {name} failed{reason}; exiting')
+            return 1
+    return 0
 
 
 def _exit_now(code: int) -> None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rclpy.node import Node
 
 __all__ = [
+    'LAUNCH_ARGUMENTS',
     'PARAMS',
     'PER_CAMERA',
     'ParamSpec',
@@ -30,6 +31,7 @@ __all__ = [
     'declare_all',
     'declare_camera_overrides',
     'engine_config_kwargs',
+    'name_launch_arguments',
     'read_settings',
     'validate_changes',
 ]
@@ -59,6 +61,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               configure_time=True),
     ParamSpec('model_normals', 'GonzaloMG/marigold-e2e-ft-normals',
               'Normals model: Hugging Face hub id or local folder; "" disables normals.', configure_time=True),
+    ParamSpec('check_model_task', True,
+              'Refuse a model whose model_index.json (geodiff_task) or own folder / repo name says it is the other '
+              'task (swapped model_depth / model_normals). false trusts the parameter it was given in.',
+              configure_time=True),
     ParamSpec('tasks', ['depth', 'normals'],
               'Which of the configured models to run (subset of depth, normals).',
               choices=('depth', 'normals'), configure_time=True),
@@ -104,6 +110,19 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=('best_effort', 'reliable'), configure_time=True),
     ParamSpec('qos.output.depth', 2, 'History depth of the output publishers.', lo=1, hi=1000,
               configure_time=True),
+    # --- input checks and preparation (runtime; issue 13) ---
+    ParamSpec('max_input_pixels', 40_000_000,
+              'Largest input image in pixels (width x height; 40 MP holds 8K UHD); a larger frame is dropped with a '
+              'warning before it is decoded (compressed: size read from the JPEG/PNG header). 0 = no limit.',
+              lo=0, hi=2_000_000_000),
+    ParamSpec('reduce_large_input', True,
+              'Compressed input at least 4x processing_res on its longest edge is decoded at 1/2, 1/4 or 1/8 size '
+              '(libjpeg scaling, still >= 2x processing_res); outputs and depth/camera_info then have that size. '
+              'false: outputs always at the input size.'),
+    ParamSpec('rectify', False,
+              'Undistort and rectify each image with its CameraInfo (D, K, R, P; OpenCV maps cached per '
+              'CameraInfo) before inference, as image_proc does: for a lens with distortion and no image_proc '
+              'upstream, so clouds are right. Outputs then carry the rectified CameraInfo (D = 0, R = I, K = P).'),
     # --- cameras and batching (issue 7) ---
     ParamSpec('cameras', [],
               'Camera names served by this node, e.g. [front, left]: each uses topics under its own prefix '
@@ -140,7 +159,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               'Largest stamp difference in seconds between an image and the sparse depth matched to it.',
               lo=0.0, hi=10.0),
     ParamSpec('alignment.fixed_scale', 0.0,
-              'If > 0, metric depth = fixed_scale * relative with no sparse input (you vouch for the scale).',
+              'If > 0: metric depth = fixed_scale * relative for frames without a metric fit (no sparse input, or '
+              'none usable for alignment.max_fallback_age_s); you vouch for the scale. A fit to sparse input, when '
+              'there is one, wins.',
               lo=0.0, hi=100000.0),
     ParamSpec('min_depth', 0.1, 'Metric depth below this is published as NaN (metres).', lo=0.0, hi=100000.0),
     ParamSpec('max_depth', 100.0, 'Metric depth above this is published as NaN (metres).', lo=0.0, hi=100000.0),
@@ -152,6 +173,26 @@ PARAMS: tuple[ParamSpec, ...] = (
 )
 
 _BY_NAME = {p.name: p for p in PARAMS}
+
+# Launch arguments (launch/depth.launch.py, multi_gpu.launch.py) that set one parameter each: the launch files
+# declare them from this table, and messages that name such a parameter also name its argument (name_launch_arguments).
+LAUNCH_ARGUMENTS: dict[str, str] = {
+    'model_depth': 'model', 'model_normals': 'model_normals', 'device': 'device', 'dtype': 'dtype',
+    'allow_cpu_fallback': 'allow_cpu_fallback', 'local_files_only': 'local_files_only',
+    'processing_res': 'processing_res', 'optimize': 'optimize', 'cpu_threads': 'cpu_threads',
+    'batch_size': 'batch_size', 'input_transport': 'input_transport', 'autostart': 'autostart',
+    'publish_cloud': 'publish_cloud', 'cloud_stride': 'cloud_stride', 'alignment.fixed_scale': 'fixed_scale',
+    'max_depth': 'max_depth',
+}
+
+
+def name_launch_arguments(text: str) -> str:
+    """``text`` plus the launch arguments of the parameters it names, e.g. "... (ros2 launch: model:=...)"."""
+    named = [arg for param, arg in LAUNCH_ARGUMENTS.items()
+             if re.search(rf'(?<![\w.]){re.escape(param)}(?!\w)', text)]
+    if not named:
+        return text
+    return f'{text} (ros2 launch: {", ".join(f"{arg}:=..." for arg in dict.fromkeys(named))})'
 
 # Runtime parameters a camera may override as camera.<name>.<parameter> (scale, range and cloud differ per camera).
 PER_CAMERA: tuple[str, ...] = ('alignment.fixed_scale', 'alignment.sparse_max_dt', 'min_depth', 'max_depth',
@@ -352,4 +393,5 @@ def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
         'batch_size': int(settings['batch_size']),
         'optimize': str(settings['optimize']),
         'cpu_threads': int(settings['cpu_threads']),
+        'check_model_task': bool(settings['check_model_task']),
     }

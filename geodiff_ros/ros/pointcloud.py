@@ -107,8 +107,15 @@ def cloud_to_msg(points: np.ndarray, header: Any = None) -> PointCloud2:
 
 
 def read_cloud(msg: Any) -> np.ndarray:
-    """Structured numpy ``[height,width]`` view of a PointCloud2-like message (fields at their offsets)."""
+    """Structured numpy ``[height,width]`` view of a PointCloud2-like message (fields at their offsets).
+
+    The layout is checked first (issue 13, bug 5): point_step > 0, unique field names, every field inside the
+    point. numpy would otherwise raise its own ValueError (or try to allocate a field of a billion elements).
+    """
     fields = list(msg.fields)
+    point_step = int(msg.point_step)
+    if point_step <= 0 or not fields:
+        raise PointCloudError(f'PointCloud2 has point_step {point_step} and {len(fields)} fields; nothing to read')
     names, formats, offsets = [], [], []
     order = '>' if msg.is_bigendian else '<'
     for f in fields:
@@ -117,10 +124,18 @@ def read_cloud(msg: Any) -> np.ndarray:
             msg_ = f'PointField {f.name!r} has unknown datatype {f.datatype}'
             raise PointCloudError(msg_)
         count = int(f.count) or 1
-        names.append(str(f.name))
+        name, offset = str(f.name), int(f.offset)
+        end = offset + count * np.dtype(base).itemsize
+        if name in names or offset < 0 or end > point_step:
+            why = 'is listed twice' if name in names else f'spans bytes {offset}..{end} of a {point_step}-byte point'
+            raise PointCloudError(f'PointField {name!r} {why}; the publisher\'s cloud layout is broken')
+        names.append(name)
         formats.append((order + base) if count == 1 else (f'{count}{order}{base}'))
-        offsets.append(int(f.offset))
-    dtype = np.dtype({'names': names, 'formats': formats, 'offsets': offsets, 'itemsize': int(msg.point_step)})
+        offsets.append(offset)
+    try:
+        dtype = np.dtype({'names': names, 'formats': formats, 'offsets': offsets, 'itemsize': point_step})
+    except (TypeError, ValueError) as err:  # e.g. overlapping fields numpy refuses
+        raise PointCloudError(f'PointCloud2 field layout unreadable: {err}') from err
     height, width = int(msg.height), int(msg.width)
     row_step = int(msg.row_step) or width * int(msg.point_step)
     buf = to_uint8_array(msg.data)

@@ -143,5 +143,7 @@ def write_tiny_checkpoint(folder: str | Path, task: str = "depth", seed: int = 0
     scheduler = DDIMScheduler.from_config(E2E_SCHEDULER_CONFIG)
     scheduler.save_pretrained(str(root / "scheduler"))
 
-    (root / "model_index.json").write_text(json.dumps(HUB_MODEL_INDEX, indent=2), encoding="utf-8")
+    # geodiff_task: the task is stated, not guessed from the folder name (as geodiff_train's export does).
+    index = dict(HUB_MODEL_INDEX, geodiff_task=task)
+    (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return root

@@ -10,6 +10,12 @@ Every dataset returns a dict of tensors:
 Model normal frame: the E2E-FT checkpoints predict normals in DSINE "LUB" (x left, y up, z towards
 the camera; spec A.1-18). The ROS optical frame (x right, y down, z forward) is its exact negation,
 so ``n_model = -n_optical``. A horizontal flip negates x in either frame.
+
+Hypersim and Virtual KITTI 2 default to ``preprocess="official"``: the samples the paper's loader
+(``training/dataloaders/load.py`` of the E2E-FT repository) produces, bit for bit: PIL images flipped and
+resized as uint8, Hypersim normals oriented in float64 and re-quantised to uint8 by truncation, a flipped
+normal map's x stored as ``255 - x``, normals supervised wherever depth is valid. ``preprocess="float"``
+keeps everything in float and resizes with torch (no quantisation; not the paper's numbers).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = [
 
 HYPERSIM_FOCAL_PX = 886.81  # spec A.1-18 / B.4: focal length of the 1024x768 Hypersim renders
 KB_CROP_HW = (352, 1216)  # KITTI benchmark crop (spec B.4, C.1)
+PREPROCESS_MODES = ("official", "float")
 
 
 class DataError(ValueError):
@@ -158,6 +165,39 @@ def _finish_sample(
     return out
 
 
+def _draw_flip(flip_p: float) -> bool:
+    """One draw of Python's RNG per sample, mapped as the paper's loader does (flip when ``random() > 0.5``)."""
+    return random.random() > 1.0 - flip_p
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """torchvision ``ToTensor`` of a PIL image: uint8 -> float32 / 255 ``[C,H,W]``; float ("F") kept as is."""
+    arr = np.array(image, copy=True)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    t = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return t.to(torch.float32).div(255) if t.dtype == torch.uint8 else t
+
+
+def _pil_flip(image: Image.Image) -> Image.Image:
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def _flip_normal_image(image: Image.Image) -> Image.Image:
+    """Mirror a uint8 normal map and negate x as the paper's loader does: ``x -> 255 - x`` on the stored byte."""
+    arr = np.array(_pil_flip(image))
+    arr[:, :, 0] = 255 - arr[:, :, 0]
+    return Image.fromarray(arr)
+
+
+def _official_normals(normals01: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[3,H,W]`` in [0,1] (ToTensor of the uint8 map) -> unit normals, zero where depth is invalid; the mask
+    is the depth mask (the paper's angular loss uses ``val_mask``)."""
+    n = F.normalize(normals01 * 2.0 - 1.0, p=2, dim=0)
+    n[:, ~valid[0]] = 0.0
+    return n, valid.clone()
+
+
 def _hflip(
     rgb: torch.Tensor, depth: torch.Tensor, normals: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -175,6 +215,12 @@ def _check_modality(modality: str) -> None:
         raise ValueError(msg)
 
 
+def _check_preprocess(preprocess: str) -> None:
+    if preprocess not in PREPROCESS_MODES:
+        msg = f"`preprocess` must be one of {PREPROCESS_MODES}; got {preprocess!r}"
+        raise ValueError(msg)
+
+
 # ----------------------------------------------------------------------------- Hypersim
 
 _HYPERSIM_RGB_RE = re.compile(r"rgb_(cam_\d+)_fr(\d+)\.png$")
@@ -184,13 +230,16 @@ class HypersimDataset(Dataset):
     """Hypersim in Marigold's preprocessed layout (spec B.4).
 
     ``root/train/<scene>/rgb_cam_XX_frYYYY.png`` + ``depth_plane_cam_XX_frYYYY.png`` (uint16 mm,
-    planar). Normals (for ``modality="normals"``) from the E2E layout beside ``train/``:
+    planar). Normals from the E2E layout beside ``train/``:
     ``root/normals/<scene>/images/scene_cam_XX_geometry_preview/frame.YYYY.normal_cam.png``.
     Split: ``split_file`` = E2E's ``filename_meta_train.csv`` (rows with included_in_public_release
     and split_partition_name == train), or Marigold's list (``rgb depth`` per line, relative to
     ``root``); without one, every ``rgb_*.png`` under ``root/train`` is used.
+    Rows: the paper's loader keeps a row only if its rgb, depth **and normals** files exist, for depth
+    training too; ``require_normals=False`` also keeps depth-only rows (depth training on a download
+    without the normal maps; not the paper's set).
     Transform: h-flip p=0.5, resize to 480x640 (RGB/normals bilinear, depth nearest); valid
-    1e-5 < d < 65 m.
+    1e-5 < d < 65 m. ``preprocess`` (module docstring): "official" = the paper's loader bit for bit.
     """
 
     near = 1e-5
@@ -204,18 +253,26 @@ class HypersimDataset(Dataset):
         modality: str = "depth",
         size_hw: tuple[int, int] = (480, 640),
         flip_p: float = 0.5,
+        preprocess: str = "official",
+        require_normals: bool = True,
     ) -> None:
         _check_modality(modality)
+        _check_preprocess(preprocess)
         self.root = Path(root)
         self.modality = modality
         self.size_hw = size_hw
         self.flip_p = flip_p
+        self.preprocess = preprocess
+        self.require_normals = require_normals or modality == "normals"
         self.items = self._find_items(split_file)
         if not self.items:
             msg = (
                 f"No Hypersim samples found under {self.root} (split {split_file}). Expected "
                 "Marigold's preprocessed layout train/<scene>/rgb_cam_00_fr0000.png + "
-                "depth_plane_cam_00_fr0000.png (and normals/ for --modality normals)."
+                "depth_plane_cam_00_fr0000.png, and the normal maps under normals/ (the paper's loader "
+                "keeps only rows that have one"
+                + ("; for depth training without them pass --hypersim_all_depth_rows)."
+                   if modality == "depth" else ").")
             )
             raise DataError(msg)
 
@@ -254,9 +311,10 @@ class HypersimDataset(Dataset):
             normal = self._normal_path(rgb)
             if not (rgb.exists() and depth.exists()):
                 continue
-            if self.modality == "normals" and (normal is None or not normal.exists()):
-                continue  # E2E keeps only rows whose normal file exists (spec B.4)
-            items.append((rgb, depth, normal))
+            has_normal = normal is not None and normal.exists()
+            if self.require_normals and not has_normal:
+                continue  # the paper's loader keeps only rows whose normal file exists (spec B.4)
+            items.append((rgb, depth, normal if has_normal else None))
         return items
 
     def __len__(self) -> int:
@@ -264,7 +322,7 @@ class HypersimDataset(Dataset):
 
     @staticmethod
     def orient_normals(normal_cam: torch.Tensor, depth_m: torch.Tensor) -> torch.Tensor:
-        """Hypersim ``normal_cam`` (x right, y up, z backward) -> LUB, facing the camera.
+        """Hypersim ``normal_cam`` (x right, y up, z backward) -> LUB, facing the camera (float path).
 
         spec A.1-18: negate y and z (-> OpenCV), flip normals whose dot product with the camera
         ray is positive (K: f=886.81, c=(W/2,H/2)), then negate everything (-> LUB).
@@ -283,20 +341,72 @@ class HypersimDataset(Dataset):
         n[:, back] = -n[:, back]
         return -n
 
+    @staticmethod
+    def orient_normals_uint8(normal_u8: np.ndarray, depth_m: np.ndarray) -> np.ndarray:
+        """The paper's loader on a uint8 ``normal_cam`` map ``[H,W,3]``: LUB, facing the camera, re-quantised.
+
+        float64 throughout, as the loader computes it: ``n = u8/255*2-1``; y, z negated; camera points
+        ``depth * K^-1 [u, v, 1]`` (K: f=886.81, c=(W/2,H/2)); normals with ``<n, p> > 0`` flipped; all
+        negated; stored back as ``uint8((n+1)/2*255)`` (truncation, so 128 can come back as 127).
+        ``depth_m``: ``[H,W]`` float32 metres at the map's resolution.
+        """
+        n = normal_u8.astype(np.float64) / 255.0 * 2.0 - 1.0  # [H,W,3]
+        h, w = n.shape[:2]
+        n[:, :, 1:] *= -1
+        k = np.array([[HYPERSIM_FOCAL_PX, 0.0, w / 2], [0.0, HYPERSIM_FOCAL_PX, h / 2], [0.0, 0.0, 1.0]])
+        rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+        pixels = np.concatenate([np.stack((cols, rows)).reshape(2, -1), np.ones((1, h * w))], axis=0)  # [3,HW]
+        points = (depth_m * (np.linalg.inv(k) @ pixels).reshape(3, h, w)).transpose(1, 2, 0)  # [H,W,3]
+        facing_away = np.sum(n * points, axis=2) > 0
+        n[facing_away] *= -1
+        n = n * -1
+        return ((n + 1.0) / 2.0 * 255).astype(np.uint8)
+
     def __getitem__(self, idx: int) -> dict:
+        if self.preprocess == "official":
+            return self._official_sample(idx)
         rgb_path, depth_path, normal_path = self.items[idx]
         rgb = read_rgb(rgb_path)  # [3,H,W]
         depth = read_depth(depth_path, 1000.0)  # [1,H,W] mm -> m
         normals = None
         if self.modality == "normals" and normal_path is not None:
             normals = self.orient_normals(read_normals_png(normal_path), depth)
-        if random.random() < self.flip_p:
+        if _draw_flip(self.flip_p):
             rgb, depth, normals = _hflip(rgb, depth, normals)
         rgb = _resize(rgb, self.size_hw, "bilinear")
         depth = _resize(depth, self.size_hw, "nearest")
         if normals is not None:
             normals = _resize(normals, self.size_hw, "bilinear")
         return _finish_sample(rgb, depth, normals, self.near, self.far, self.modality, "hypersim")
+
+    def _official_sample(self, idx: int) -> dict:
+        """The paper's Hypersim sample: PIL uint8 flip + resize, float64 orientation, uint8 normals (spec B.4)."""
+        rgb_path, depth_path, normal_path = self.items[idx]
+        with Image.open(rgb_path) as im:
+            rgb = im.convert("RGB")
+        with Image.open(depth_path) as im:
+            depth_mm = np.array(im)
+        depth = Image.fromarray(depth_mm / 1000)  # float64 metres -> PIL "F" (float32), as the loader
+        normal = None
+        if self.modality == "normals":
+            with Image.open(normal_path) as im:
+                normal_u8 = np.array(im.convert("RGB"))
+            normal = Image.fromarray(self.orient_normals_uint8(normal_u8, np.array(depth)))
+        if _draw_flip(self.flip_p):
+            rgb, depth = _pil_flip(rgb), _pil_flip(depth)
+            if normal is not None:
+                normal = _flip_normal_image(normal)
+        size_wh = (self.size_hw[1], self.size_hw[0])
+        rgb = rgb.resize(size_wh, Image.Resampling.BILINEAR)
+        depth = depth.resize(size_wh, Image.Resampling.NEAREST)
+        rgb01, depth_m = _to_tensor(rgb), _to_tensor(depth)  # [3,H,W] in [0,1], [1,H,W] metres
+        target, valid = make_depth_target(depth_m, self.near, self.far)
+        out: dict[str, torch.Tensor | str] = {"rgb": rgb01 * 2.0 - 1.0, "depth": target, "valid_mask": valid,
+                                              "dataset": "hypersim"}
+        if normal is not None:
+            out["normals"], out["normals_mask"] = _official_normals(
+                _to_tensor(normal.resize(size_wh, Image.Resampling.BILINEAR)), valid)
+        return out
 
 
 # ----------------------------------------------------------------------------- Virtual KITTI 2
@@ -309,6 +419,7 @@ class VirtualKITTI2Dataset(Dataset):
     ``root/vkitti_2.0.3_depth/.../frames/depth/<Camera>/depth_XXXXX.png`` (uint16 cm), normals
     ``root/vkitti_DAG_normals/.../frames/normal/<Camera>/normal_XXXXX.png`` (already LUB).
     Transform: h-flip p=0.5, KITTI benchmark crop 352x1216, no resize; valid 1e-5 < d < 80 m.
+    ``preprocess`` (module docstring): "official" reads the normal map as 8-bit RGB like the paper's loader.
     """
 
     near = 1e-5
@@ -318,12 +429,14 @@ class VirtualKITTI2Dataset(Dataset):
     cameras = ("Camera_0", "Camera_1")
 
     def __init__(
-        self, root: str | Path, *, modality: str = "depth", flip_p: float = 0.5
+        self, root: str | Path, *, modality: str = "depth", flip_p: float = 0.5, preprocess: str = "official"
     ) -> None:
         _check_modality(modality)
+        _check_preprocess(preprocess)
         self.root = Path(root)
         self.modality = modality
         self.flip_p = flip_p
+        self.preprocess = preprocess
         self.items: list[tuple[Path, Path, Path]] = []
         for scene in self.scenes:
             for weather in self.weathers:
@@ -350,17 +463,41 @@ class VirtualKITTI2Dataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, idx: int) -> dict:
+        if self.preprocess == "official":
+            return self._official_sample(idx)
         rgb_path, depth_path, normal_path = self.items[idx]
         rgb = read_rgb(rgb_path)
         depth = read_depth(depth_path, 100.0)  # cm -> m
         normals = read_normals_png(normal_path) if self.modality == "normals" else None
-        if random.random() < self.flip_p:
+        if _draw_flip(self.flip_p):
             rgb, depth, normals = _hflip(rgb, depth, normals)
         rgb = kitti_benchmark_crop(rgb)
         depth = kitti_benchmark_crop(depth)
         if normals is not None:
             normals = kitti_benchmark_crop(normals)
         return _finish_sample(rgb, depth, normals, self.near, self.far, self.modality, "vkitti2")
+
+    def _official_sample(self, idx: int) -> dict:
+        """The paper's VKITTI sample: PIL flip (normal x as ``255 - x``), ToTensor, KITTI benchmark crop."""
+        rgb_path, depth_path, normal_path = self.items[idx]
+        with Image.open(rgb_path) as im:
+            rgb = im.convert("RGB")
+        depth = Image.fromarray(read_depth(depth_path, 100.0)[0].numpy())  # float32 metres, PIL "F"
+        normal = None
+        if self.modality == "normals":
+            with Image.open(normal_path) as im:
+                normal = im.convert("RGB")
+        if _draw_flip(self.flip_p):
+            rgb, depth = _pil_flip(rgb), _pil_flip(depth)
+            if normal is not None:
+                normal = _flip_normal_image(normal)
+        rgb01 = kitti_benchmark_crop(_to_tensor(rgb))
+        target, valid = make_depth_target(kitti_benchmark_crop(_to_tensor(depth)), self.near, self.far)
+        out: dict[str, torch.Tensor | str] = {"rgb": rgb01 * 2.0 - 1.0, "depth": target, "valid_mask": valid,
+                                              "dataset": "vkitti2"}
+        if normal is not None:
+            out["normals"], out["normals_mask"] = _official_normals(kitti_benchmark_crop(_to_tensor(normal)), valid)
+        return out
 
 
 # ----------------------------------------------------------------------------- generic manifest
@@ -427,7 +564,7 @@ class ManifestRGBDDataset(Dataset):
             normals = read_normals_png(self.base / e["normals"])
             if e.get("normals_frame", "optical") == "optical":
                 normals = optical_to_model_normals(normals)
-        if random.random() < self.flip_p:
+        if _draw_flip(self.flip_p):
             rgb, depth, normals = _hflip(rgb, depth, normals)
         if self.size_hw is not None:
             rgb = _resize(rgb, self.size_hw, "bilinear")

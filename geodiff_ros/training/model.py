@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..engine.checkpoint import load_components
-from ..engine.core import x0_from_prediction
+from ..engine.latent import x0_from_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TrainComponents:
     text_encoder: nn.Module
     tokenizer: object
     scheduler_config: dict
-    alphas_cumprod: torch.Tensor  # [T] float64, from the init checkpoint's scheduler (spec B.3-6)
+    alphas_cumprod: torch.Tensor  # [T] float32, from the init checkpoint's scheduler (spec B.3-6)
     prediction_type: str  # "v_prediction" | "epsilon" | "sample"
     source: str
 
@@ -99,9 +99,10 @@ def load_train_components(
     sched_cfg = dict(parts.scheduler.config)
     if expand_sd_conv_in and expand_conv_in(unet):
         logger.info("Expanded the SD UNet conv_in from 4 to 8 channels (spec B.2).")
-    # alphas_cumprod from the init scheduler's betas (spec B.3-6), computed like diffusers does.
+    # alphas_cumprod from the init scheduler's betas (spec B.3-6): the DDPM scheduler's float32 values, as the
+    # paper's code takes them (x0's square roots are then taken in float32 too, bit for bit theirs).
     ddpm = DDPMScheduler.from_config(sched_cfg)
-    alphas_cumprod = ddpm.alphas_cumprod.to(torch.float64)
+    alphas_cumprod = ddpm.alphas_cumprod
     prediction_type = str(sched_cfg.get("prediction_type", "epsilon"))
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -147,6 +148,8 @@ def e2e_forward(
     Args:
         rgb: ``[B,3,H,W]`` in [-1,1].
         text_context: ``[1,L,C]`` empty-prompt embedding (repeated to the batch).
+        alpha_prod_t: alphas_cumprod[999] as a tensor in the dtype the paper's code uses (float32, or the
+            weight dtype with half weights); a Python float is taken as float32.
 
     Returns:
         Depth ``[B,1,H,W]`` in [-1,1] or unit normals ``[B,3,H,W]``, differentiable w.r.t. the UNet.
@@ -160,11 +163,13 @@ def e2e_forward(
     unet_in = torch.cat([rgb_latent, target_latent], dim=1)  # [B,8,h,w]
     bsz = rgb.shape[0]
     timesteps = torch.full((bsz,), TIMESTEP, device=rgb.device, dtype=torch.long)
-    ctx = text_context.expand(bsz, -1, -1)  # [B,L,C]
+    ctx = text_context.repeat(bsz, 1, 1)  # [B,L,C]
     # 3. Model invocation: unet (trainable).
     out = unet(unet_in, timesteps, encoder_hidden_states=ctx).sample  # [B,4,h,w]
     # 4. x0 from the prediction type (spec B.3-6).
     x0 = x0_from_prediction(out, target_latent, alpha_prod_t, prediction_type)  # [B,4,h,w]
     # 5. Model invocation: vae.decoder (frozen weights, gradients flow through, spec B.3-7).
-    decoded = vae.decode(x0 / scale).sample  # [B,3,H,W]
+    # The UNet output comes back in fp32 under accelerate's mixed precision: decode in the VAE's dtype (the
+    # paper's code omits this cast and fails with bf16 weights; a no-op for an fp32 VAE).
+    decoded = vae.decode((x0 / scale).to(vae.dtype)).sample  # [B,3,H,W]
     return decode_prediction(decoded, modality)

@@ -10,9 +10,9 @@ Shape letters: ``B`` micro-batch, ``H,W`` training crop, ``h,w`` latent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data (at least one source)")
     d.add_argument("--hypersim_dir", help="Hypersim in Marigold's preprocessed layout (spec B.4)")
     d.add_argument("--hypersim_split", help="E2E filename_meta_train.csv or Marigold filename list")
+    d.add_argument("--hypersim_all_depth_rows", action="store_true",
+                   help="depth training: also keep Hypersim rows without a normal map (the paper's loader keeps "
+                   "only rows whose normals file exists, for depth too)")
     d.add_argument("--vkitti_dir", help="Virtual KITTI 2 root (vkitti_2.0.3_rgb/, vkitti_2.0.3_depth/)")
     d.add_argument("--manifest", action="append", default=[],
                    help="RGB-D manifest.json of your own recordings (repeatable)")
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of batch ratios in the order hypersim, vkitti, manifests; default 9,1 for "
                    "Hypersim+VKITTI (spec B.4), otherwise equal")
     d.add_argument("--flip_p", type=float, default=0.5, help="horizontal flip probability (spec B.4)")
+    d.add_argument("--preprocess", choices=("official", "float"), default="official",
+                   help="Hypersim / VKITTI samples: 'official' = the paper's loader bit for bit (PIL uint8 resizing, "
+                   "Hypersim normals re-quantised to uint8 after orientation); 'float' keeps float maps and resizes "
+                   "with torch")
     d.add_argument("--dataloader_num_workers", type=int, default=2)
     o = p.add_argument_group("optimisation (spec B.1)")
     o.add_argument("--max_train_steps", type=int, default=20000, help="optimiser steps")
@@ -91,13 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--adam_beta2", type=float, default=0.999)
     o.add_argument("--adam_weight_decay", type=float, default=1e-2)
     o.add_argument("--adam_epsilon", type=float, default=1e-8)
-    o.add_argument("--lr_warmup_steps", type=int, default=100)
+    o.add_argument("--lr_warmup_steps", "--lr_exp_warmup_steps", type=int, default=100,
+                   help="linear LR warm-up, optimiser steps")
+    o.add_argument("--lr_total_iter_length", type=int, default=20000,
+                   help="optimiser step at which the exponential decay reaches --lr_final_ratio; as in the paper's "
+                   "code it does not follow --max_train_steps (a shorter run stops before the LR has decayed)")
     o.add_argument("--lr_final_ratio", type=float, default=0.01,
-                   help="LR factor reached at the last step (exponential decay)")
+                   help="LR factor reached at --lr_total_iter_length (exponential decay), held after it")
     o.add_argument("--max_grad_norm", type=float, default=1.0)
     o.add_argument("--gradient_checkpointing", action="store_true", help="UNet activation checkpointing")
     o.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="'no' = fp32 as in the paper; losses always run in fp32")
+                   help="'no' = fp32 as in the paper; fp16/bf16 run under autocast with fp32 weights (see "
+                   "--half_weights); losses always run in fp32")
+    o.add_argument("--half_weights", action="store_true",
+                   help="with --mixed_precision bf16: the paper's code path, UNet, VAE and text encoder weights "
+                   "cast to bf16 (AdamW updates bf16 weights; ground truth and alphas in bf16 too). fp16 is "
+                   "refused: its gradient scaler cannot unscale fp16 gradients (the paper's code stops there)")
     o.add_argument("--seed", type=int, default=1234)
     o.add_argument("--cpu", action="store_true", help="train on the CPU (tests, smoke runs)")
     s = p.add_argument_group("output")
@@ -114,11 +130,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (args.hypersim_dir or args.vkitti_dir or args.manifest):
         msg = "no training data: pass --hypersim_dir, --vkitti_dir and/or --manifest"
         raise SystemExit(msg)
-    if args.max_train_steps <= args.lr_warmup_steps:
-        msg = (f"--max_train_steps ({args.max_train_steps}) must exceed --lr_warmup_steps "
+    if args.lr_total_iter_length <= args.lr_warmup_steps:
+        msg = (f"--lr_total_iter_length ({args.lr_total_iter_length}) must exceed --lr_warmup_steps "
                f"({args.lr_warmup_steps})")
         raise SystemExit(msg)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    if args.half_weights and args.mixed_precision != "bf16":
+        msg = (f"--half_weights needs --mixed_precision bf16 (got {args.mixed_precision!r}): with fp16 the "
+               "gradient scaler cannot unscale fp16 gradients, and with 'no' there is nothing to cast to")
+        raise SystemExit(msg)
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1; got {getattr(args, name)}")
 
@@ -128,9 +148,11 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[Dataset], list[float]
     sets: list[Dataset] = []
     if args.hypersim_dir:
         sets.append(HypersimDataset(args.hypersim_dir, split_file=args.hypersim_split,
-                                    modality=args.modality, flip_p=args.flip_p))
+                                    modality=args.modality, flip_p=args.flip_p, preprocess=args.preprocess,
+                                    require_normals=not args.hypersim_all_depth_rows))
     if args.vkitti_dir:
-        sets.append(VirtualKITTI2Dataset(args.vkitti_dir, modality=args.modality, flip_p=args.flip_p))
+        sets.append(VirtualKITTI2Dataset(args.vkitti_dir, modality=args.modality, flip_p=args.flip_p,
+                                         preprocess=args.preprocess))
     for m in args.manifest:
         sets.append(ManifestRGBDDataset(m, modality=args.modality, size_hw=args.manifest_size,
                                         far=args.manifest_max_depth, flip_p=args.flip_p))
@@ -185,21 +207,24 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Model: UNet trainable, VAE + text encoder frozen in fp32 (spec B.1).
+    # 1. Model: UNet trainable, VAE + text encoder frozen, all fp32 (spec B.1). --half_weights: the paper's code
+    #    under mixed precision casts all three to that dtype (after accelerate.prepare, below).
     with accelerator.main_process_first():  # one hub download, the other processes read the cache
         comps = load_train_components(args.init, local_files_only=args.local_files_only)
+    weight_dtype = torch.bfloat16 if args.half_weights else torch.float32
     unet = comps.unet
     unet.requires_grad_(True)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    vae = comps.vae.to(device)
-    text_encoder = comps.text_encoder.to(device)
+    vae = comps.vae.to(device, weight_dtype)
+    text_encoder = comps.text_encoder.to(device, weight_dtype)
     text_context = encode_empty_prompt(comps.tokenizer, text_encoder, padding=args.text_padding)  # [1,L,C]
     text_encoder.to("cpu")  # only needed once; frees GPU memory
-    alpha_t = float(comps.alphas_cumprod[TIMESTEP])
+    # alphas_cumprod in float32 (bf16 with --half_weights), as the paper's code converts them (spec B.3-6)
+    alpha_t = comps.alphas_cumprod.to(device, weight_dtype)[TIMESTEP]
 
-    # 2. Optimiser + schedule (spec B.1): AdamW, warm-up 100 then exp decay to 1 % at the last step.
+    # 2. Optimiser + schedule (spec B.1): AdamW, warm-up 100 then exp decay to 1 % at lr_total_iter_length.
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad],
         lr=args.learning_rate,
@@ -207,9 +232,11 @@ def train(args: argparse.Namespace) -> dict:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    lr_lambda = IterExponential(args.max_train_steps, args.lr_warmup_steps, args.lr_final_ratio)
+    lr_lambda = IterExponential(args.lr_total_iter_length, args.lr_warmup_steps, args.lr_final_ratio)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    if args.half_weights:
+        unet.to(dtype=weight_dtype)  # the paper's code: after prepare, so AdamW holds the bf16 parameters
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us once per optimiser step
 
     # 3. Data: one dataset per micro-batch, mixed by ratio (spec B.4); sharded over processes.
@@ -246,11 +273,13 @@ def train(args: argparse.Namespace) -> dict:
         logger.setLevel(logging.WARNING)  # one log stream, from the main process
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        "E2E fine-tuning %s from %s: %d steps, batch %d x %d processes x %d accumulation = %d, "
-        "datasets %s weights %s, %d mixed batches per epoch, precision %s, text context %s (%d tokens)",
-        args.modality, args.init, args.max_train_steps, args.train_batch_size, accelerator.num_processes,
-        args.gradient_accumulation_steps, total_batch, [type(d).__name__ for d in datasets], weights,
-        len(mixed), args.mixed_precision, args.text_padding, text_context.shape[1],
+        "E2E fine-tuning %s from %s: %d steps (LR decay over %d), batch %d x %d processes x %d accumulation = %d, "
+        "datasets %s weights %s (%s samples), %d mixed batches per epoch, precision %s%s, text context %s "
+        "(%d tokens)",
+        args.modality, args.init, args.max_train_steps, args.lr_total_iter_length, args.train_batch_size,
+        accelerator.num_processes, args.gradient_accumulation_steps, total_batch, [type(d).__name__ for d in datasets],
+        weights, args.preprocess, len(mixed), args.mixed_precision,
+        " with bf16 weights" if args.half_weights else "", args.text_padding, text_context.shape[1],
     )
     if accelerator.is_main_process:
         (out / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
@@ -273,9 +302,11 @@ def train(args: argparse.Namespace) -> dict:
         return folder
 
     # 5. Loop: optimiser steps = global_step; micro-batches accumulate (spec B.1).
+    # The logged step loss is the paper's: per micro-batch the mean over processes (a dropped NaN or an empty
+    # mask counts as 0), summed / gradient_accumulation_steps.
     losses: list[float] = []
     nan_skips = 0
-    micro_losses: list[float] = []
+    step_loss = 0.0
     t_last = time.perf_counter()
     log_path = out / "train_log.jsonl"
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -285,24 +316,27 @@ def train(args: argparse.Namespace) -> dict:
         for batch in mixed:
             with accelerator.accumulate(unet):
                 rgb = batch["rgb"].to(device, non_blocking=True)  # [B,3,H,W]
-                with accelerator.autocast():
+                # fp32 weights: the whole forward under autocast. --half_weights: as the paper's code, only the
+                # prepared UNet autocasts (accelerate hands its output back in fp32); the VAE runs in bf16.
+                with accelerator.autocast() if not args.half_weights else contextlib.nullcontext():
                     pred = e2e_forward(unet, vae, rgb, text_context, alpha_t, comps.prediction_type,
                                        args.modality)
                 if pred.shape[-2:] != rgb.shape[-2:]:
                     raise SystemExit(f"decoded size {tuple(pred.shape[-2:])} != input {tuple(rgb.shape[-2:])}: "
                                      "training sizes must be multiples of 8")
-                if args.modality == "depth":
-                    loss = affine_invariant_l1_loss(pred, batch["depth"].to(device),
+                if args.modality == "depth":  # ground truth in the weight dtype, as the paper's code
+                    loss = affine_invariant_l1_loss(pred, batch["depth"].to(device, weight_dtype),
                                                     batch["valid_mask"].to(device))
                 else:
-                    loss = angular_loss(pred, batch["normals"].to(device), batch["normals_mask"].to(device))
+                    loss = angular_loss(pred, batch["normals"].to(device, weight_dtype),
+                                        batch["normals_mask"].to(device))
                 if not torch.isfinite(loss):
                     # spec B.3-11: a NaN loss term is dropped. A zero loss over all parameters keeps the
                     # backward (and DDP's gradient all-reduce) in step on every process.
                     nan_skips += 1
                     loss = sum(p.sum() for p in params) * 0.0
-                else:
-                    micro_losses.append(float(loss.detach()))
+                step_loss += float(accelerator.gather(loss.detach().float().reshape(1)).mean()) \
+                    / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -312,8 +346,6 @@ def train(args: argparse.Namespace) -> dict:
                 continue
             lr_scheduler.step()
             global_step += 1
-            step_loss = sum(micro_losses) / len(micro_losses) if micro_losses else math.nan
-            micro_losses = []
             losses.append(step_loss)
             if global_step % args.log_every == 0 or global_step == args.max_train_steps:
                 now = time.perf_counter()
@@ -326,6 +358,7 @@ def train(args: argparse.Namespace) -> dict:
                         f.write(json.dumps(rec) + "\n")
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 save(global_step)
+            step_loss = 0.0
             if global_step >= args.max_train_steps:
                 break
         epoch += 1

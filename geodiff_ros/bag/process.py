@@ -26,6 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from geodiff_ros.bag.storage import (
+    Bag,
+    BagError,
+    BagWriter,
+    RawMessage,
+    camera_info_topic_for,
+    image_topic_is_compressed,
+)
 from geodiff_ros.geometry import (
     InvalidCameraInfo,
     TemporalAligner,
@@ -34,14 +42,6 @@ from geodiff_ros.geometry import (
     fit_scale_shift,
     intrinsics_from_camera_info,
     sparse_to_image_grid,
-)
-from geodiff_ros.ros.bag_io import (
-    Bag,
-    BagError,
-    BagWriter,
-    RawMessage,
-    camera_info_topic_for,
-    image_topic_is_compressed,
 )
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
@@ -133,6 +133,8 @@ class ProcessSummary:
     infer_seconds: float = 0.0
     damage: str | None = None
     camera_info_topic: str | None = None
+    devices: list[str] = field(default_factory=list)  # where the engine ran (bag.parallel: one worker each)
+    worker_frames: list[int] = field(default_factory=list)  # frames each device computed (bag.parallel)
 
 
 @dataclass
@@ -212,8 +214,7 @@ class _Processor:
         opts = self.opts
         for raw in self.bag.messages():
             if self.writer.has_topic(raw.topic):
-                self.writer.write(raw.topic, raw.timestamp, raw.data)
-                self.summary.passthrough[raw.topic] = self.summary.passthrough.get(raw.topic, 0) + 1
+                self._copy(raw)
             try:
                 if raw.topic == opts.image_topic:
                     msg = self.bag.deserialize(raw)
@@ -232,9 +233,18 @@ class _Processor:
                 continue
             self._drain(raw.timestamp, final=False)
         self._drain(None, final=True)
+        self._finish()
         self.summary.damage = self.bag.damage
         self.summary.seconds = time.monotonic() - t_start
         return self.summary
+
+    def _copy(self, raw: RawMessage) -> None:
+        """Copy an input message unchanged (bag.parallel defers this to keep the one-process write order)."""
+        self.writer.write(raw.topic, raw.timestamp, raw.data)
+        self.summary.passthrough[raw.topic] = self.summary.passthrough.get(raw.topic, 0) + 1
+
+    def _finish(self) -> None:
+        """End of the bag: nothing is outstanding in one process (bag.parallel waits for its workers here)."""
 
     def _fail(self, text: str) -> None:
         self.summary.frames_failed += 1
@@ -283,7 +293,8 @@ class _Processor:
 
     # -- per batch
 
-    def _process(self, frames: list[_Frame]) -> None:
+    def _decode(self, frames: list[_Frame]) -> tuple[list[_Frame], list[np.ndarray]]:
+        """The frames of a batch that decode, and their ``[H,W,3]`` uint8 images (the others are logged)."""
         rgbs: list[np.ndarray] = []
         good: list[_Frame] = []
         for frame in frames:
@@ -292,15 +303,23 @@ class _Processor:
                 good.append(frame)
             except ImageConversionError as err:
                 self._fail(f'image at stamp {frame.stamp * 1e-9:.6f} s dropped: {err}')
+        return good, rgbs
+
+    def _process(self, frames: list[_Frame]) -> None:
+        good, rgbs = self._decode(frames)
         if not good:
             return
         t0 = time.monotonic()
         pred = self.engine.predict(rgbs)  # Model invocation: VAE encode, one UNet step per task, VAE decode
         self.summary.infer_seconds += time.monotonic() - t0
+        self._emit(good, rgbs, pred.depth, pred.normals)
+
+    def _emit(self, good: list[_Frame], rgbs: list[np.ndarray], depth: Any, normals: Any) -> None:
+        """Align and write the outputs of one batch, frame by frame in stamp order (the aligner is a filter)."""
         for i, (frame, rgb) in enumerate(zip(good, rgbs, strict=True)):
-            relative = None if pred.depth is None else np.asarray(pred.depth[i])  # [H,W] in [0,1], 0 near
-            normals = None if pred.normals is None else np.asarray(pred.normals[i])  # [H,W,3] optical frame
-            self._outputs(frame, rgb, relative, normals)
+            relative = None if depth is None else np.asarray(depth[i])  # [H,W] in [0,1], 0 near
+            normal_map = None if normals is None else np.asarray(normals[i])  # [H,W,3] optical frame
+            self._outputs(frame, rgb, relative, normal_map)
             if self.progress is not None:
                 self.progress(1)
 

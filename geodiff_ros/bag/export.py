@@ -3,7 +3,7 @@
 ``OUT_DIR/rgb/000000.png`` (8-bit RGB), ``OUT_DIR/depth/000000.png`` (16-bit millimetres, ``depth_scale`` 1000,
 0 = no measurement) and ``OUT_DIR/manifest.json`` in the format :func:`geodiff_ros.manifest.read_manifest` reads
 (that of ``../shared/data/manifest.json``), so ``geodiff_train --manifest`` and ``geodiff_eval --dataset
-manifest:`` take a recording directly. No rclpy: the bag is read with ``rosbags`` (bag_io).
+manifest:`` take a recording directly. No rclpy: the bag is read with ``rosbags`` (bag.storage).
 
 The bag is read twice. The first pass decodes only headers, sizes, encodings and CameraInfos, so every check runs
 and the pairing is decided before a file is written; the second decodes and writes the kept pairs. Memory stays at
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from geodiff_ros.bag.storage import Bag, BagError, camera_info_topic_for, image_topic_is_compressed
 from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, scale_intrinsics, sparse_to_image_grid
 from geodiff_ros.manifest import write_manifest
-from geodiff_ros.ros.bag_io import Bag, BagError, camera_info_topic_for, image_topic_is_compressed
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,

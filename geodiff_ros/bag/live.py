@@ -23,7 +23,7 @@ from rclpy.duration import Duration
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 
-from geodiff_ros.ros.bag_io import Bag, BagError, BagWriter, RawMessage
+from geodiff_ros.bag.storage import Bag, BagError, BagWriter, RawMessage
 
 __all__ = [
     'PlayOptions',

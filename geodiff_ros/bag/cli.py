@@ -5,7 +5,8 @@
                        [--wait-subscribers N --wait-timeout S] [--clock [HZ]]
   geodiff_bag record OUT --topics T ... [--storage mcap|sqlite3] [--qos ...] [--duration S] [--count N]
   geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--depth-model M]
-                       [--normals-model M] [--tiny] [--device D] [--dtype D] [--processing-res N]
+                       [--normals-model M] [--tiny] [--device D | --devices D1,D2,...] [--dtype D]
+                       [--optimize MODE] [--processing-res N]
   geodiff_bag export BAG OUT_DIR --image-topic T --depth-topic T [--camera-info-topic T] [--max-dt S]
                        [--every N] [--set NAME]
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -26,27 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from geodiff_ros.ros.bag_io import Bag, BagError, BagWriter, open_bag
+from geodiff_ros.bag.report import format_table, print_out
+from geodiff_ros.bag.storage import Bag, BagError, BagWriter, open_bag
 
 __all__ = ['main']
 
 LOG = logging.getLogger('geodiff_bag')
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
-
-
-def _out(text: str = '') -> None:
-    """Command output (tables, summaries) goes to stdout; logs go to stderr."""
-    sys.stdout.write(text + '\n')
-    sys.stdout.flush()
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ['  '.join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip(),
-             '  '.join('-' * w for w in widths)]
-    lines += ['  '.join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return '\n'.join(lines)
 
 
 def _remaps(items: list[str]) -> dict[str, str]:
@@ -72,11 +62,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             problem = bag.type_problem(meta.msgtype)
             rows.append([meta.name, meta.msgtype, str(meta.count) if meta.count >= 0 else '?', rel,
                          'ok' if problem is None else f'unknown type: {problem}'])
-        _out(f'bag: {bag.path}  storage: {bag.storage}')
+        print_out(f'bag: {bag.path}  storage: {bag.storage}')
         if bag.salvaged:
             n = sum(1 for _ in bag.messages())
-            _out(f'DAMAGED: {bag.salvaged}\n  readable messages: {n}; {bag.damage or "no further damage found"}')
-        _out(_table(rows, ['topic', 'type', 'count', 'offered QoS', 'decode']))
+            print_out(f'DAMAGED: {bag.salvaged}\n  readable messages: {n}; {bag.damage or "no further damage found"}')
+        print_out(format_table(rows, ['topic', 'type', 'count', 'offered QoS', 'decode']))
         return EXIT_DAMAGED if bag.salvaged else EXIT_OK
 
 
@@ -84,11 +74,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _init_ros(name: str) -> tuple[Any, Any, threading.Event]:
-    """rclpy context + node with our own SIGINT/SIGTERM handling (a stop event), so files are always closed."""
+    """rclpy context + node with our own SIGINT/SIGTERM handling (a stop event), so files are always closed.
+
+    The node name gets this process's id and a random suffix, as ros2cli names its nodes: two players or
+    recorders at once must not share a name (ROS warns, and their logs and services would mix).
+    """
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
-    from geodiff_ros.ros.demo import ensure_ros_env
+    from geodiff_ros.ros.environment import ensure_ros_env
 
     ensure_ros_env()
     stop = threading.Event()
@@ -100,7 +94,7 @@ def _init_ros(name: str) -> tuple[Any, Any, threading.Event]:
     signal.signal(signal.SIGTERM, on_signal)
     context = rclpy.context.Context()
     rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node(name, context=context)
+    node = rclpy.create_node(f'{name}_{os.getpid()}_{secrets.token_hex(2)}', context=context)
     return context, node, stop
 
 
@@ -116,7 +110,7 @@ def _shutdown_ros(context: Any, node: Any) -> None:
 
 def cmd_play(args: argparse.Namespace) -> int:
     """Publish a bag's messages (raw CDR) with their recorded timing."""
-    from geodiff_ros.ros.bag_live import Player, PlayOptions
+    from geodiff_ros.bag.live import Player, PlayOptions
 
     opts = PlayOptions(rate=args.rate, loop=args.loop, topics=args.topics, remaps=_remaps(args.remap or []),
                        qos=args.qos, wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout,
@@ -131,13 +125,13 @@ def cmd_play(args: argparse.Namespace) -> int:
         finally:
             _shutdown_ros(context, node)
     rows = [[topic, str(n)] for topic, n in stats.published.items()]
-    _out(_table(rows, ['topic', 'published']))
-    _out(f'{sum(stats.published.values())} messages in {stats.seconds:.2f} s'
-         f'{", interrupted" if stats.stopped else ""}; loops: {stats.loops}')
+    print_out(format_table(rows, ['topic', 'published']))
+    print_out(f'{sum(stats.published.values())} messages in {stats.seconds:.2f} s'
+              f'{", interrupted" if stats.stopped else ""}; loops: {stats.loops}')
     for topic, why in stats.skipped_topics.items():
-        _out(f'skipped {topic}: {why}')
+        print_out(f'skipped {topic}: {why}')
     if stats.damage:
-        _out(f'bag damaged: {stats.damage}')
+        print_out(f'bag damaged: {stats.damage}')
         return EXIT_DAMAGED
     return EXIT_OK
 
@@ -149,7 +143,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     """Subscribe raw to topics and write them to a new bag until Ctrl-C / SIGTERM, --duration or --count."""
     from rclpy.executors import SingleThreadedExecutor
 
-    from geodiff_ros.ros.bag_live import Recorder
+    from geodiff_ros.bag.live import Recorder
 
     writer = BagWriter(args.out, storage=args.storage)
     context, node, stop = _init_ros('geodiff_bag_recorder')
@@ -181,13 +175,13 @@ def cmd_record(args: argparse.Namespace) -> int:
             writer.close()
         _shutdown_ros(context, node)
     rows = [[t, writer.types.get(t, '?'), str(n)] for t, n in writer.counts.items()]
-    _out(_table(rows, ['topic', 'type', 'recorded']))
-    _out(f'bag: {writer.path}')
+    print_out(format_table(rows, ['topic', 'type', 'recorded']))
+    print_out(f'bag: {writer.path}')
     if recorder is not None:
         for topic in recorder.pending:
-            _out(f'never published: {topic}')
+            print_out(f'never published: {topic}')
         for topic, why in recorder.errors.items():
-            _out(f'not recorded {topic}: {why}')
+            print_out(f'not recorded {topic}: {why}')
     return EXIT_OK
 
 
@@ -196,7 +190,14 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """GeoDiffEngine from the CLI flags; ``--tiny`` writes tiny checkpoints to a temporary folder (CPU plumbing)."""
-    from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+    from geodiff_ros.engine import GeoDiffEngine
+
+    return GeoDiffEngine(engine_config(args))
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """EngineConfig from the CLI flags (tiny checkpoints written once here, so every worker loads the same)."""
+    from geodiff_ros.engine import EngineConfig
 
     depth, normals = args.depth_model, args.normals_model
     device, dtype = args.device, args.dtype
@@ -209,11 +210,10 @@ def build_engine(args: argparse.Namespace) -> Any:
         device = device or 'cpu'
         dtype = dtype or 'fp32'
         LOG.info('--tiny: random tiny checkpoints in %s (plumbing only, the outputs are meaningless)', root)
-    cfg = EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or 'cuda',
-                       dtype=dtype or 'fp16', processing_res=args.processing_res,
-                       allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
-                       batch_size=args.batch_size)
-    return GeoDiffEngine(cfg)
+    return EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or 'cuda',
+                        dtype=dtype or 'fp16', processing_res=args.processing_res,
+                        allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
+                        batch_size=args.batch_size, optimize=args.optimize)
 
 
 def _median(values: list[float]) -> str:
@@ -227,8 +227,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     """Offline inference over a bag's image topic into a new bag (originals + depth, normals, points)."""
     from tqdm import tqdm
 
+    from geodiff_ros.bag.parallel import EnginePool, WorkerError, parse_devices, process_bag_parallel
+    from geodiff_ros.bag.process import ProcessOptions, process_bag
     from geodiff_ros.engine import GeoDiffError
-    from geodiff_ros.ros.bag_process import ProcessOptions, process_bag
 
     opts = ProcessOptions(
         image_topic=args.image_topic, camera_info_topic=args.camera_info_topic, sparse_topic=args.sparse_topic,
@@ -236,39 +237,67 @@ def cmd_process(args: argparse.Namespace) -> int:
         cloud=not args.no_cloud, cloud_stride=args.cloud_stride, batch_size=args.batch_size)
     if args.fixed_scale is not None:
         opts.fixed_scale = args.fixed_scale
+    from geodiff_ros.engine.accel import OPTIMIZE_MODES
+
+    if args.optimize not in OPTIMIZE_MODES:
+        msg = f'--optimize {args.optimize!r} is not a mode; use one of {", ".join(OPTIMIZE_MODES)}'
+        raise BagError(msg)
     if Path(args.out).exists():
         msg = f'output bag {args.out} exists; choose a new path or delete it first (bags are never overwritten)'
         raise BagError(msg)
+    if args.devices is not None:
+        if args.device is not None:
+            msg = 'give either --device or --devices, not both'
+            raise BagError(msg)
+        try:
+            devices = parse_devices(args.devices)
+        except ValueError as err:
+            raise BagError(str(err)) from err
+        args.device = devices[0]
     bag: Bag = open_bag(args.bag)
     try:
         bag.select([t for t in (args.image_topic, args.camera_info_topic, args.sparse_topic) if t])  # before loading
-        try:
-            engine = build_engine(args)
-        except GeoDiffError as err:
-            LOG.error('cannot load the model: %s', err)
-            return EXIT_FAILED
         total = bag.topics[args.image_topic].count if args.image_topic in bag.topics else 0
-        with BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
-                tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
-            summary = process_bag(bag, writer, engine, opts, progress=bar.update)
+        if args.devices is not None and len(devices) > 1:  # one worker process per device (bag.parallel)
+            try:
+                with EnginePool(engine_config(args), devices) as pool, \
+                        BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
+                        tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+                    summary = process_bag_parallel(bag, writer, pool, opts, progress=bar.update)
+            except WorkerError as err:
+                LOG.error('%s', err)
+                return EXIT_FAILED
+        else:
+            try:
+                engine = build_engine(args)
+            except GeoDiffError as err:
+                LOG.error('cannot load the model: %s', err)
+                return EXIT_FAILED
+            with BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
+                    tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+                summary = process_bag(bag, writer, engine, opts, progress=bar.update)
+            summary.devices = [str(engine.device)]
     finally:
         bag.close()
     rows = [[t, str(n), 'copied'] for t, n in summary.passthrough.items()]
     rows += [[t, str(n), 'new'] for t, n in summary.outputs.items()]
-    _out(_table(rows, ['topic', 'messages', '']))
+    print_out(format_table(rows, ['topic', 'messages', '']))
     per_frame = summary.infer_seconds / summary.frames_out if summary.frames_out else float('nan')
-    _out(f'frames: {summary.frames_in} in, {summary.frames_out} out, {summary.frames_metric} metric, '
-         f'{summary.frames_failed} failed; {summary.seconds:.1f} s ({per_frame:.3f} s/frame inference)')
-    _out(f'camera_info: {summary.camera_info_topic or "none (no cloud)"}; metric scale (median): '
-         f'{_median(summary.scales)}; fit residual (median, relative): {_median(summary.residuals)}')
+    print_out(f'frames: {summary.frames_in} in, {summary.frames_out} out, {summary.frames_metric} metric, '
+              f'{summary.frames_failed} failed; {summary.seconds:.1f} s ({per_frame:.3f} s/frame inference)')
+    fps = summary.frames_out / summary.seconds if summary.seconds > 0 else float('nan')
+    shares = f' (frames per worker: {", ".join(map(str, summary.worker_frames))})' if summary.worker_frames else ''
+    print_out(f'throughput: {fps:.2f} frames/s on {", ".join(summary.devices)}{shares}')
+    print_out(f'camera_info: {summary.camera_info_topic or "none (no cloud)"}; metric scale (median): '
+              f'{_median(summary.scales)}; fit residual (median, relative): {_median(summary.residuals)}')
     if summary.absrel_heldout:
-        _out(f'AbsRel of metric depth vs held-out sparse pixels (median over frames): '
-             f'{_median(summary.absrel_heldout)}')
+        print_out(f'AbsRel of metric depth vs held-out sparse pixels (median over frames): '
+                  f'{_median(summary.absrel_heldout)}')
     for topic, why in summary.skipped_topics.items():
-        _out(f'not copied {topic}: {why}')
-    _out(f'bag: {args.out}')
+        print_out(f'not copied {topic}: {why}')
+    print_out(f'bag: {args.out}')
     if summary.damage:
-        _out(f'input bag damaged, processed up to there: {summary.damage}')
+        print_out(f'input bag damaged, processed up to there: {summary.damage}')
         return EXIT_DAMAGED
     return EXIT_OK
 
@@ -280,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Colour/depth pairs of a bag -> rgb/ + depth/ PNGs and manifest.json (fine-tuning / evaluation input)."""
     from tqdm import tqdm
 
-    from geodiff_ros.ros.bag_export import ExportOptions, ExportSummary, export_bag
+    from geodiff_ros.bag.export import ExportOptions, ExportSummary, export_bag
 
     opts = ExportOptions(image_topic=args.image_topic, depth_topic=args.depth_topic,
                          camera_info_topic=args.camera_info_topic, max_dt=args.max_dt, every=args.every,
@@ -291,20 +320,21 @@ def cmd_export(args: argparse.Namespace) -> int:
             bar.refresh()
 
         summary = export_bag(bag, args.out_dir, opts, progress=bar.update, on_scanned=scanned)
-    _out(f'images: {summary.images}, depth images: {summary.depths}; pairs within {args.max_dt} s: {summary.pairs} '
-         f'(unpaired images skipped: {summary.unpaired_images}, unused depth images: {summary.unused_depths})')
-    _out(f'exported: {summary.exported} of {summary.kept} kept (every {args.every}); failed: {len(summary.failed)}; '
-         f'depth resampled to the image grid: {summary.resampled}; depth pixels beyond 65.535 m written as 0: '
-         f'{summary.beyond_range_px}')
+    print_out(f'images: {summary.images}, depth images: {summary.depths}; pairs within {args.max_dt} s: '
+              f'{summary.pairs} (unpaired images skipped: {summary.unpaired_images}, '
+              f'unused depth images: {summary.unused_depths})')
+    print_out(f'exported: {summary.exported} of {summary.kept} kept (every {args.every}); '
+              f'failed: {len(summary.failed)}; depth resampled to the image grid: {summary.resampled}; '
+              f'depth pixels beyond 65.535 m written as 0: {summary.beyond_range_px}')
     checked = summary.depth_camera_info_topic
-    _out(f'intrinsics: {summary.camera_info_topic or "none (no camera_info)"}'
-         f'{f"; depth registration checked with {checked}" if checked else ""}')
-    _out(f'manifest: {summary.manifest or "none written"}')
+    print_out(f'intrinsics: {summary.camera_info_topic or "none (no camera_info)"}'
+              f'{f"; depth registration checked with {checked}" if checked else ""}')
+    print_out(f'manifest: {summary.manifest or "none written"}')
     if summary.damage:
-        _out(f'input bag damaged, exported up to there: {summary.damage}')
+        print_out(f'input bag damaged, exported up to there: {summary.damage}')
         return EXIT_DAMAGED
     if summary.exported == 0:
-        _out('no frame could be decoded (see the warnings above)')
+        print_out('no frame could be decoded (see the warnings above)')
         return EXIT_FAILED
     return EXIT_OK
 
@@ -367,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--normals-model', default='GonzaloMG/marigold-e2e-ft-normals', help='hub id or folder; "" = off')
     p.add_argument('--tiny', action='store_true', help='generated tiny random checkpoints on the CPU (plumbing test)')
     p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default cuda; cpu with --tiny)')
+    p.add_argument('--devices', default=None, metavar='D1,D2,...',
+                   help='split the bag over several devices, one worker process each (e.g. cuda:0,cuda:1); the '
+                        'output bag is the one-device output')
     p.add_argument('--dtype', default=None, choices=('fp32', 'fp16', 'bf16'), help='default fp16 (fp32 with --tiny)')
+    p.add_argument('--optimize', default='none', metavar='MODE',
+                   help='engine speed-up: none, channels_last, graph, compile or compile+graph (EngineConfig.optimize; '
+                        'benchmarks/README.md gives the tolerance of each); default none = the official eager path')
     p.add_argument('--processing-res', type=int, default=768, help='longest edge at inference, 0 = native')
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--allow-cpu-fallback', action='store_true', help='run on the CPU if the GPU is missing')

@@ -1,0 +1,170 @@
+"""The eager engine (optimize="none") is the official E2E-FT computation, bit for bit in fp32 (issue 10, part 1).
+
+The reference below restates the official inference (spec A.1 steps 1-16: ``Marigold/marigold/marigold_pipeline.py``
+of the E2E-FT repository, driven as ``run.py`` / ``infer.py`` drive it) with diffusers building blocks on contiguous
+NCHW tensors, one image at a time, fp32 on the CPU. It is written from the spec, not from the engine, so a change of
+layout, op order or dtype in the engine shows up here. The earlier 1e-4 agreement with diffusers' own Marigold
+pipelines (test_engine.py) was too loose to see that the engine ran its networks on channels-last tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geodiff_ros.engine import EngineConfig, GeoDiffEngine, x0_from_prediction
+from geodiff_ros.geometry.normal_frames import TO_OPTICAL_SIGNS
+
+LATENT_SCALE = 0.18215  # rgb_latent_scale_factor (spec A.1-7)
+
+
+def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth gradients plus noise: structure the tiny network turns into varied depth, unlike flat noise."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w * 255.0, yy / h * 255.0, (xx + yy) % 256.0], axis=-1)
+    img += np.random.default_rng(seed).normal(0.0, 20.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task: str,
+                       steps: int = 1) -> np.ndarray:
+    """Spec A.1 restated: depth [H,W] in [0,1] or normals [H,W,3] in the checkpoint frame (LUB)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # Components loaded one by one in fp32; the scheduler's spacing set at load time (A.1, run.py).
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", timestep_spacing="trailing")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    height, width = rgb.shape[:2]
+    with torch.no_grad():
+        # 1. uint8 [3,H,W] -> a contiguous [1,3,H,W] batch (the pipeline stacks its inputs).
+        u8 = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+        # 2. Longest edge -> R: f = min(R/W, R/H), size (int(H*f), int(W*f)); antialiased resize of the uint8
+        #    image (torchvision: float, interpolate, round, back to uint8).
+        if processing_res > 0:
+            f = min(processing_res / width, processing_res / height)
+            size = (int(height * f), int(width * f))
+            u8 = F.interpolate(u8.float(), size=size, mode="bilinear", align_corners=False,
+                               antialias=True).round().to(torch.uint8)
+        # 4. [0,255] -> [-1,1].
+        x = u8 / 255.0 * 2.0 - 1.0
+        # 9. Empty prompt, do_not_pad: [1,2,C].
+        ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        context = text_encoder(ids)[0]
+        # 7. Mean of the VAE posterior x 0.18215.
+        z_img = vae.encode(x).latent_dist.mean * LATENT_SCALE
+        # 6, 8, 10, 11. Trailing timesteps, zero target latent, image latent first; x0 on the last step.
+        scheduler.set_timesteps(steps)
+        latent = torch.zeros(z_img.shape)
+        for i, t in enumerate(scheduler.timesteps):
+            pred = unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
+            step = scheduler.step(pred, t, latent)
+            latent = step.pred_original_sample if i == steps - 1 else step.prev_sample
+        # 12. Decode.
+        y = vae.decode(latent / LATENT_SCALE).sample  # [1,3,h',w']
+        if task == "depth":
+            d = (torch.clip(y.mean(dim=1, keepdim=True), -1.0, 1.0) + 1.0) / 2.0
+            d = (d - d.min()) / (d.max() - d.min())  # 14. min-max to [0,1]
+            d = F.interpolate(d, size=(height, width), mode="bilinear", align_corners=False, antialias=True)  # 15.
+            return d[0, 0].numpy().clip(0.0, 1.0)  # 16.
+        n = y / (torch.norm(y, p=2, dim=1, keepdim=True) + 1e-5)  # 12.
+        n = n / (torch.norm(n, p=2, dim=1, keepdim=True) + 1e-5)  # 14.
+        n = F.interpolate(n, size=(height, width), mode="bilinear", align_corners=False, antialias=True)  # 15.
+        return n[0].permute(1, 2, 0).numpy().clip(-1.0, 1.0)  # 16. (HWC here; the official returns CHW)
+
+
+def engine_for(task: str, folder: Path, processing_res: int) -> GeoDiffEngine:
+    models = {"depth_model": str(folder), "normals_model": None} if task == "depth" else \
+        {"depth_model": None, "normals_model": str(folder)}
+    return GeoDiffEngine(EngineConfig(device="cpu", dtype="fp32", processing_res=processing_res, **models))
+
+
+def engine_output(engine: GeoDiffEngine, task: str, rgb: np.ndarray) -> np.ndarray:
+    """The engine's output in the reference's frame: normals back from the optical frame to LUB."""
+    pred = engine.predict(rgb)
+    if task == "depth":
+        return pred.depth[0]
+    return pred.normals[0] * np.asarray(TO_OPTICAL_SIGNS["LUB"], np.float32)  # the signs are their own inverse
+
+
+@pytest.mark.parametrize("processing_res", [0, 768], ids=["native", "768"])
+@pytest.mark.parametrize("task", ["depth", "normals"])
+def test_eager_engine_equals_the_official_computation(task: str, processing_res: int, tiny_depth_ckpt: Path,
+                                                      tiny_normals_ckpt: Path) -> None:
+    """KITTI's odd size 1242x375: latents 155x46, decoder output 1240x368, resized back (spec A.1-3)."""
+    folder = tiny_depth_ckpt if task == "depth" else tiny_normals_ckpt
+    image = natural_image(375, 1242)
+    ours = engine_output(engine_for(task, folder, processing_res), task, image)
+    reference = official_reference(folder, image, processing_res, task)
+    assert ours.shape == reference.shape
+    assert np.abs(ours - reference).max() <= 1e-6
+
+
+def test_multistep_equals_the_official_loop(tiny_depth_ckpt: Path) -> None:
+    """predict_multistep with zero noise follows the official DDIM loop (x0 on the last step) just as exactly."""
+    image = natural_image(75, 98, seed=1)
+    engine = engine_for("depth", tiny_depth_ckpt, 128)
+    for steps in (1, 2):
+        ours = engine.predict_multistep(image, num_steps=steps, timestep_spacing="trailing", noise="zeros").depth
+        reference = official_reference(tiny_depth_ckpt, image, 128, "depth", steps=steps)
+        assert np.abs(ours - reference).max() <= 1e-6, steps
+
+
+def test_output_does_not_depend_on_the_memory_layout_of_the_input(tiny_depth_ckpt: Path,
+                                                                   tiny_normals_ckpt: Path) -> None:
+    """Same pixels in any numpy layout -> identical output, and every network sees a contiguous NCHW tensor."""
+    base = natural_image(45, 61, seed=2)
+    padded = np.zeros((100, 130, 3), np.uint8)
+    padded[10:55, 20:81] = base
+    spaced = np.zeros((90, 122, 3), np.uint8)
+    spaced[::2, ::2] = base
+    layouts = {
+        "NHWC": base,
+        "transposed view of CHW": np.ascontiguousarray(base.transpose(2, 0, 1)).transpose(1, 2, 0),
+        "slice of a larger image": padded[10:55, 20:81],
+        "every other pixel": spaced[::2, ::2],
+        "Fortran order": np.asfortranarray(base),
+    }
+    for res in (0, 64):
+        engine = GeoDiffEngine(EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=str(tiny_normals_ckpt),
+                                            device="cpu", dtype="fp32", processing_res=res))
+        seen: list[tuple[str, bool]] = []
+        networks = {"VAE encoder": engine.vae.encoder, "VAE decoder": engine.vae.decoder,
+                    "depth UNet": engine.models["depth"].unet, "normals UNet": engine.models["normals"].unet}
+        handles = [module.register_forward_pre_hook(
+            lambda _m, args, name=name, seen=seen: seen.append((name, args[0].is_contiguous())))
+            for name, module in networks.items()]
+        try:
+            outputs = {name: engine.predict(image) for name, image in layouts.items()}
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert {name for name, _ in seen} == set(networks)
+        assert [entry for entry in seen if not entry[1]] == [], "a network ran on a non-contiguous (NHWC) tensor"
+        first = outputs["NHWC"]
+        for name, out in outputs.items():
+            assert np.array_equal(out.depth, first.depth), (res, name)
+            assert np.array_equal(out.normals, first.normals), (res, name)
+
+
+def test_x0_is_the_scheduler_step_bit_for_bit() -> None:
+    """x0 from the v-prediction equals diffusers' DDIM pred_original_sample exactly (square roots in float32)."""
+    from diffusers import DDIMScheduler
+
+    from geodiff_ros.testing.tiny_checkpoint import E2E_SCHEDULER_CONFIG
+
+    scheduler = DDIMScheduler.from_config(E2E_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(1)
+    v = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 3.0
+    zeros = torch.zeros_like(v)
+    official = scheduler.step(v, 999, zeros).pred_original_sample
+    ours = x0_from_prediction(v, zeros, scheduler.alphas_cumprod[999], "v_prediction")
+    assert torch.equal(ours, official)
