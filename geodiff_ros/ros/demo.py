@@ -27,11 +27,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geodiff_ros.ros.environment import ensure_ros_env, fastdds_profile, share_file
+
+if TYPE_CHECKING:  # rclpy is imported only once the environment is set (main)
+    from geodiff_ros.bag.live import Recorder
 
 __all__ = ['ensure_ros_env', 'fastdds_profile', 'main', 'write_synthetic_bag']
 
@@ -317,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_other_outputs(recorder: Recorder, topics: list[str], stop: threading.Event, timeout: float = 5.0) -> None:
+    """Wait until every output topic seen so far has as many messages as depth/relative (the node publishes a
+    frame's topics one after the other, and a loaded machine delivers the last frame's camera_info or cloud
+    later than its depth), or until ``timeout``: a topic may legitimately skip frames (no metric fit)."""
+    deadline = time.monotonic() + timeout
+    time.sleep(0.2)
+    while not stop.is_set() and time.monotonic() < deadline:
+        counts = recorder.counts
+        n = counts.get(topics[0], 0)
+        if all(counts.get(t, 0) >= n for t in topics if counts.get(t, 0) > 0):
+            return
+        time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry ``geodiff_demo``; 0 on success, 1 if the node failed or nothing came back, 2 bad input."""
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s', stream=sys.stderr)
@@ -499,7 +516,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - one linear script, st
                     LOG.warning('no output for 60 s: %d of %d frames came back', n, len(sent))
                     break
                 time.sleep(0.1)
-            time.sleep(0.5)  # the last frame's other topics
+            _wait_other_outputs(recorder, [ns + o for o in OUTPUTS], stop)
         else:
             LOG.info('recording the node outputs for %.0f s (live topics %s)', args.duration, args.image_topic)
             stop.wait(args.duration)
