@@ -30,6 +30,7 @@ setup(
         "console_scripts": [
             "geodiff_node = geodiff_ros.ros.node:main",
             "geodiff_predict = geodiff_ros.cli.predict:main",
+            "geodiff_compile = geodiff_ros.cli.compile:main",
             "geodiff_demo = geodiff_ros.ros.demo:main",
             "geodiff_bag = geodiff_ros.bag.cli:main",
             "geodiff_train = geodiff_ros.training.train:main",

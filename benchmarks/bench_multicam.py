@@ -18,13 +18,14 @@ Issue 14 (camera rate out of the box) adds: --tasks depth,normals (the second mo
 cloud's normals), per-stage p50/p95 from each node's /diagnostics (decode, engine, post, publish,
 stamp_to_publish), the warm-up time and compiled stages from the node logs, and --startup: time from process
 start to the first published frame with an empty compile cache (cold) and again with the cache it left (warm
-restart), N times. Compiled kernels go to --cache-dir (default: a fresh folder per invocation, so the first
-compiled start of an invocation is cold and later runs re-use it, as a robot's per-user cache would).
+restart), N times, and with --aot once more after geodiff_compile wrote AOT packages. Compiled kernels go to
+--cache-dir (default: a fresh folder per invocation, so the first compiled start of an invocation is cold and later
+runs re-use it, as a robot's per-user cache would).
 
   .venv/bin/python benchmarks/bench_multicam.py                 # GPU, fp16, optimize auto, processing_res 768
   .venv/bin/python benchmarks/bench_multicam.py --tiny          # CPU smoke test (about 2 minutes on 2 cores)
   .venv/bin/python benchmarks/bench_multicam.py --cameras 1 --modes separate --cloud --seconds 60   # issue 14 row 1
-  .venv/bin/python benchmarks/bench_multicam.py --startup 2 --cameras 1 --modes separate            # cold + 2 warm
+  .venv/bin/python benchmarks/bench_multicam.py --startup 1 --aot --cameras 1 --modes separate      # cold, warm, AOT
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help='instead of throughput: start the nodes with an empty compile cache (cold), then N more\n'
                         'times on the cache it left (warm restart); report seconds to the first frame')
     p.add_argument('--cache-dir', type=Path, default=None,
-                   help='TORCHINDUCTOR_CACHE_DIR of the nodes (default: a fresh folder per invocation)')
+                   help='TORCHINDUCTOR_CACHE_DIR of the nodes (default: a fresh folder per invocation); their\n'
+                        'GEODIFF_AOT_DIR is <cache-dir>/aot (empty unless --aot)')
+    p.add_argument('--aot', action='store_true',
+                   help='start-up: (after the --startup starts, if any) run geodiff_compile for the models, size,\n'
+                        'dtype and batch sizes, then start on its AOT packages (reports the compile time too)')
     p.add_argument('--cloud', action='store_true',
                    help='also subscribe to <cam>/points (raw CDR, no deserialisation) with alignment.fixed_scale\n'
                         '10 so the node builds the metric cloud; reports its rate and latency too')
@@ -151,8 +156,10 @@ def checkpoints(args: argparse.Namespace) -> dict[str, str]:
     import torch
     from bench_engine import write_checkpoints
 
-    folders = write_checkpoints(args.ckpt_dir, tasks, tiny=False, device=torch.device(args.device))
-    return {task: str(folder) for task, folder in folders.items()}
+    # Both tasks at once, whatever this run needs: bench_engine rewrites the whole set when one is missing, so a
+    # depth-only run followed by a depth+normals run would write the 2 GB depth model twice.
+    folders = write_checkpoints(args.ckpt_dir, ['depth', 'normals'], tiny=False, device=torch.device(args.device))
+    return {task: str(folders[task]) for task in tasks}
 
 
 def gpu_memory_mib(pids: Sequence[int]) -> float | None:
@@ -342,6 +349,7 @@ def start_nodes(mode: str, names: list[str], args: argparse.Namespace, models: d
                 for n in names]
     env = ros_env(domain)
     env['TORCHINDUCTOR_CACHE_DIR'] = str(args.cache_dir)
+    env['GEODIFF_AOT_DIR'] = str(args.cache_dir / 'aot')  # never a user's packages from ~/.cache
     if args.torch_threads > 0:  # read when torch loads, so it must be in the child's environment
         env.update(OMP_NUM_THREADS=str(args.torch_threads), MKL_NUM_THREADS=str(args.torch_threads))
     procs = []
@@ -485,14 +493,19 @@ def run_startup(mode: str, n: int, args: argparse.Namespace, models: dict[str, s
     """Seconds from process start to every camera's first frame: once on an empty compile cache (cold), then
     ``args.startup`` times on the cache that start left (warm restart)."""
     names = [f'cam{i}' for i in range(n)]
-    shutil.rmtree(args.cache_dir, ignore_errors=True)
     rows = []
-    for attempt in range(args.startup + 1):
+    attempts = (['cold'] + ['warm'] * args.startup if args.startup else []) + (['aot'] if args.aot else [])
+    if args.startup:
+        shutil.rmtree(args.cache_dir, ignore_errors=True)  # the first start is cold
+    for attempt, cache in enumerate(attempts):
+        aot_compile_s = aot_compile(args, models, n, log_dir) if cache == 'aot' else None
         harness = Harness(domain, names, args.width, args.height, cloud=False)
         t0 = time.monotonic()
         procs = start_nodes(mode, names, args, models, domain, log_dir, tag=f'_start{attempt}')
         row: dict[str, Any] = {'kind': 'startup', 'mode': mode, 'cameras': n, 'tasks': args.tasks,
-                               'cache': 'cold' if attempt == 0 else 'warm', 'attempt': attempt}
+                               'cache': cache, 'attempt': attempt}
+        if aot_compile_s is not None:
+            row['aot_compile_s'] = aot_compile_s
         try:
             harness.start_streaming(args.hz, camera_info=not args.no_camera_info)
             if harness.wait_ready(args.startup_timeout, procs):
@@ -506,6 +519,25 @@ def run_startup(mode: str, n: int, args: argparse.Namespace, models: dict[str, s
         LOG.info('  %s', row)
         rows.append(row)
     return rows
+
+
+def aot_compile(args: argparse.Namespace, models: dict[str, str], n: int, log_dir: Path) -> float | None:
+    """Run geodiff_compile as a user would (a separate process) for the nodes' settings; seconds it took."""
+    batches = [1] if n == 1 else list(range(1, min(args.batch_size, n) + 1))
+    cmd = [sys.executable, '-m', 'geodiff_ros.cli.compile', '--model-depth', models['depth'],
+           '--model-normals', models.get('normals', ''), '--device', args.device, '--dtype', args.dtype,
+           '--processing-res', str(args.processing_res), '--size', f'{args.width}x{args.height}',
+           '--batch-sizes', *map(str, batches), '--optimize', 'compile' if args.device == 'cpu' else 'compile+graph',
+           '--local-files-only', '--out', str(args.cache_dir / 'aot')]
+    env = ros_env(0)
+    env['TORCHINDUCTOR_CACHE_DIR'] = str(args.cache_dir)
+    t0 = time.monotonic()
+    with open(log_dir / f'geodiff_compile_{n}.log', 'wb') as log:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        LOG.error('geodiff_compile failed (exit %d): %s', code, log_dir / f'geodiff_compile_{n}.log')
+        return None
+    return round(time.monotonic() - t0, 1)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -527,13 +559,13 @@ def table(result: dict[str, Any]) -> str:
             'GPU MiB', 'RSS MiB', 'frames/pass', 'cloud Hz (min)', 'cloud p95 ms', 'engine p50/p95 ms',
             'post p50/p95 ms', 'publish p50/p95 ms', 'warm-up s']
     rows = [head]
-    starts = [head[:3] + ['cache', 'first frame s', 'warm-up s', 'slowest warm-up stage']]
+    starts = [head[:3] + ['cache', 'first frame s', 'warm-up s', 'slowest warm-up stage', 'geodiff_compile s']]
     for r in result['runs']:
         if r.get('kind') == 'startup':
             slow = max((r.get('warmup_stages_s') or {'-': 0.0}).items(), key=lambda kv: kv[1])
             starts.append([r['mode'], str(r['cameras']), r['tasks'], r['cache'],
                            r.get('error') or fmt(r.get('first_frame_s'), '.1f'), fmt(r.get('warmup_s'), '.1f'),
-                           f'{slow[0]} {slow[1]:.1f} s' if slow[0] != '-' else '-'])
+                           f'{slow[0]} {slow[1]:.1f} s' if slow[0] != '-' else '-', fmt(r.get('aot_compile_s'), '.0f')])
             continue
         if 'error' in r:
             rows.append([r['mode'], str(r['cameras']), r.get('tasks', 'depth'), r['error'], *[''] * (len(head) - 4)])
@@ -593,8 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     domain = args.domain
     for n in args.cameras:
         for mode in args.modes:
-            if args.startup:
-                LOG.info('start-up: %s, %d camera(s), cold then %d warm', mode, n, args.startup)
+            if args.startup or args.aot:
+                LOG.info('start-up: %s, %d camera(s), %d warm restart(s)%s', mode, n, args.startup,
+                         ', AOT' if args.aot else '')
                 result['runs'] += run_startup(mode, n, args, models, domain, log_dir)
             else:
                 LOG.info('run: %s, %d camera(s)', mode, n)

@@ -3,10 +3,11 @@
 # diffusers). Try 1 (H100, 2026-11-25): benchmarks/results/node_multicam_h100_try1.json. Usage on the device
 # machine, with the ROS Jazzy cp312 wheels, diffusers 0.42.1 and importlib_metadata 8.7.0 in .whl/ (carried):
 #   PHASES="startup node" LIMIT=580 bash benchmarks/run_gpu_node_multicam.sh     # one device call
-#   PHASES="multicam"     LIMIT=580 bash benchmarks/run_gpu_node_multicam.sh     # a second one
+#   PHASES="aot multicam" LIMIT=580 bash benchmarks/run_gpu_node_multicam.sh     # a second one
 # Phases (each one bench_multicam.py invocation, JSON in $OUT; all share one compile cache under $OUT's machine
 # /tmp, so only the first compiled start of a call is cold):
 #   startup   1 camera, depth: cold start (empty cache) + 1 warm restart, seconds to the first published frame
+#   aot       geodiff_compile (AOT packages for 640x480, fp16, batch 1), then a start that loads them
 #   node      1 camera at 30 Hz, 60 s, depth + cloud; then depth+normals + cloud (issue 14 targets 1 and 2)
 #   multicam  4, 2, 1 cameras, one node vs N nodes, compiled (optimize auto), 20 s windows
 # env: WHL, BASEPY, OPT (node optimize, default auto), TINY=--tiny (CPU rehearsal), N_NODE/N_MULTI (extra args).
@@ -15,7 +16,7 @@
 # with run_gpu_multi.sh; it says why not `venv --system-site-packages`).
 set -u
 T0=$(date +%s); LIMIT=${LIMIT:-580}; WHL=${WHL:-.whl}; BASEPY=${BASEPY:-python3}; OUTD=${OUT:-/tmp/out}
-TINY=${TINY:-}; OPT=${OPT:-auto}; PHASES=${PHASES:-"startup node multicam"}
+TINY=${TINY:-}; OPT=${OPT:-auto}; PHASES=${PHASES:-"startup node aot multicam"}
 N_NODE=${N_NODE:-"--seconds 60 --warmup 5 --startup-timeout 300"}
 N_MULTI=${N_MULTI:-"--seconds 20 --warmup 3 --startup-timeout 200"}
 CACHE=/tmp/geodiff_inductor_cache
@@ -41,6 +42,9 @@ for phase in $PHASES; do
     startup)  # cold start, then a warm restart on the cache it left
       timeout --foreground -s INT $R $B --startup 1 --cameras 1 --modes separate --startup-timeout 300 \
         --domain 61 --out "$OUTD/startup.json" ;;
+    aot)  # restart on geodiff_compile's packages (no dynamo, no inductor at start)
+      timeout --foreground -s INT $R $B --aot --cameras 1 --modes separate --startup-timeout 300 \
+        --domain 62 --out "$OUTD/startup_aot.json" ;;
     node)  # issue 14 targets 1 and 2: 1 camera at 30 Hz, 60 s, + cloud; depth, then depth+normals
       timeout --foreground -s INT $R $B --cameras 1 --modes separate --cloud $N_NODE --domain 63 \
         --out "$OUTD/node_depth.json"

@@ -287,3 +287,39 @@ def test_kernel_outputs_are_allocated_channels_last_without_a_copy() -> None:
         buf, interior = padded_nhwc(1, 8, 5, 7, like)
     assert not [n for n in ops.names if "copy" in n or "clone" in n], ops.names  # only the border is written
     assert buf.shape == (1, 8, 6, 8) and interior.shape == (1, 8, 5, 7)
+
+
+@needs_triton
+@pytest.mark.skipif(not __import__("shutil").which("c++"), reason="AOTInductor on the CPU needs a C++ compiler")
+def test_aot_packages_leave_the_fused_vae_alone_in_the_interpreter(tiny_depth_ckpt: Path, tmp_path: Path) -> None:
+    """geodiff_compile (issue 14) and the fused VAE path (issue 11) together: only the stages torch.compile would
+    compile get packages (the UNet), a hand-scheduled VAE stage none; with the fused VAE on, every stage in use is
+    then covered (no compile workers), nothing is traced, and the result is the eager engine's."""
+    out = run_script(f"""
+        import os
+        os.environ["GEODIFF_AOT_DIR"] = {str(tmp_path / "aot")!r}
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = {str(tmp_path / "inductor")!r}
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+        import numpy as np
+        from torch._dynamo.utils import counters
+        from geodiff_ros.engine import EngineConfig, GeoDiffEngine, accel
+        from geodiff_ros.engine.aot import export_stages
+        cfg = dict(depth_model={str(tiny_depth_ckpt)!r}, normals_model=None, device="cpu", dtype="fp32",
+                   processing_res=32)
+        frames = np.random.default_rng(0).integers(0, 256, (1, 24, 32, 3), dtype=np.uint8)
+        maker = GeoDiffEngine(EngineConfig(**cfg, optimize="compile"))
+        assert maker.accelerator.set_fast_paths(accel.FastPaths()).fused_vae
+        paths = export_stages(maker, frames)
+        assert [p.name.split("-")[0] for p in paths] == ["unet"], paths  # no package for the fused VAE stages
+        engine = GeoDiffEngine(EngineConfig(**cfg, optimize="compile"))
+        acc = engine.accelerator
+        assert acc.aot_loaded == 1 and not acc.all_stages_aot()  # the compiled VAE (fast paths off) still compiles
+        assert acc.set_fast_paths(accel.FastPaths()).fused_vae and acc.all_stages_aot()
+        before = counters["stats"]["unique_graphs"]
+        depth = engine.predict(frames[0]).depth
+        assert counters["stats"]["unique_graphs"] == before, "something was traced"
+        d = np.abs(depth - GeoDiffEngine(EngineConfig(**cfg)).predict(frames[0]).depth).max()
+        assert d < 1e-4, d
+        print("OK", d)
+    """)
+    assert "OK" in out

@@ -68,3 +68,53 @@ def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest
             torch.testing.assert_close(stage(x, ctx), stage_fn(x, ctx))
     assert stage.error is None
     assert counters['stats']['unique_graphs'] - before == 2
+
+
+@pytest.mark.skipif(not __import__('shutil').which('g++') and not __import__('shutil').which('c++'),
+                    reason='AOTInductor on the CPU needs a C++ compiler')
+def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             tiny_depth_ckpt: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14, start-up: `geodiff_compile` writes one AOT package per stage; a new engine with optimize compile
+    loads them (no dynamo tracing: no compiled graph at all) and gives the eager results; a package that does not
+    load is skipped with a warning and that stage compiles as usual."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from geodiff_ros.cli.compile import main as compile_main
+    from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
+    monkeypatch.setenv('GEODIFF_AOT_DIR', str(tmp_path / 'aot'))
+    assert compile_main(['--model-depth', str(tiny_depth_ckpt), '--model-normals', '', '--device', 'cpu',
+                         '--dtype', 'fp32', '--processing-res', '64', '--size', '160x120',
+                         '--optimize', 'compile']) == 0
+    packages = sorted((tmp_path / 'aot').glob('*.pt2'))
+    assert len(packages) == 3, packages  # VAE encoder, UNet, VAE decoder
+
+    config = EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=None, device='cpu', dtype='fp32',
+                          processing_res=64)
+    rgb = np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    torch._dynamo.reset()
+    before = counters['stats']['unique_graphs']
+    engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, 'optimize': 'compile'}))
+    assert engine.accelerator.aot_loaded == 3
+    depth = engine.predict(rgb).depth
+    assert counters['stats']['unique_graphs'] == before  # nothing traced or compiled
+    reference = GeoDiffEngine(config).predict(rgb).depth
+    np.testing.assert_allclose(depth, reference, rtol=0, atol=1e-4)
+
+    # The same architecture from another folder (a moved or re-downloaded model) re-uses the packages.
+    import shutil
+
+    moved = shutil.copytree(tiny_depth_ckpt, tmp_path / 'moved-model')
+    with caplog.at_level('INFO', logger='geodiff_ros.engine.aot'):
+        assert compile_main(['--model-depth', str(moved), '--model-normals', '', '--device', 'cpu', '--dtype', 'fp32',
+                             '--processing-res', '64', '--size', '160x120', '--optimize', 'compile']) == 0
+    assert sorted((tmp_path / 'aot').glob('*.pt2')) == packages and caplog.text.count('exists') == 3
+
+    packages[0].write_bytes(packages[0].read_bytes()[:1000])  # truncated: does not load
+    with caplog.at_level('WARNING', logger='geodiff_ros.engine.aot'):
+        engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, 'optimize': 'compile'}))
+    assert engine.accelerator.aot_loaded == 2
+    assert 'compiles as usual' in caplog.text

@@ -113,8 +113,13 @@ class _Stage:
         self.fn = torch.compile(eager, dynamic=False) if compiled else eager
         self.compiled = compiled
         self.error: str | None = None
+        self.aot: dict[tuple, Callable[..., torch.Tensor]] = {}  # input signature -> AOT package (aot.py)
 
     def __call__(self, *args: Any) -> torch.Tensor:
+        if self.aot:
+            runner = self.aot.get(aot_signature(args))
+            if runner is not None:
+                return runner(*args)
         if self.fn is self.eager:
             return self.eager(*args)
         mark_batch_dynamic(args)
@@ -128,6 +133,11 @@ class _Stage:
                         self.error.splitlines()[0][:300])
             self.fn = self.eager
             return self.eager(*args)
+
+
+def aot_signature(args: Sequence[Any]) -> tuple:
+    """Shapes, dtypes and strides of a stage call's tensor arguments (the key of its AOT packages, aot.py)."""
+    return tuple((tuple(a.shape), str(a.dtype), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
 
 
 def mark_batch_dynamic(args: Sequence[Any]) -> None:
@@ -182,11 +192,6 @@ class Accelerator:
         for model in engine.models.values():
             model.unet.to(memory_format=memory_format)
         compiled = self.settings.compile
-        self.compile_cache_dir = None
-        if compiled:
-            from .startup import prepare_compile
-
-            self.compile_cache_dir = prepare_compile(self.device)  # persistent per-user cache, workers started
         self.channel_sum_groupnorm = compiled and VAE_CHANNEL_SUM_GROUPNORM
         if self.channel_sum_groupnorm:
             for vae in vaes.values():
@@ -206,6 +211,17 @@ class Accelerator:
         self._streams: dict[str, torch.cuda.Stream] = {}
         if compiled and is_cuda:
             self.set_fast_paths(FAST_PATHS)
+        self.aot_loaded = 0
+        self.compile_cache_dir = None
+        if compiled:
+            from .aot import attach_packages
+            from .startup import prepare_compile
+
+            # geodiff_compile's packages, loaded instead of compiled, for the stages in use after the fast paths
+            # are chosen: a hand-scheduled (fused) VAE stage is not compiled and gets none (aot._stages).
+            self.aot_loaded = attach_packages(self)
+            # Persistent per-user kernel cache; compile workers only if some stage may still compile.
+            self.compile_cache_dir = prepare_compile(self.device, start_workers=not self.all_stages_aot())
 
     # ---------------------------------------------------------------- stages (spec A.1 steps 2-16)
 
@@ -299,6 +315,12 @@ class Accelerator:
                 return frame.static_out, True
         return self.compute(host_in.to(self.device, non_blocking=True), tasks), False
 
+    def all_stages_aot(self) -> bool:
+        """Whether every stage in use that torch.compile would compile has at least one AOT package (then nothing
+        is likely to compile; a hand-scheduled stage needs none)."""
+        return all(stage.aot for stage in (*self.encoders.values(), *self.unets.values(), *self.decoders.values())
+                   if stage.compiled)
+
     def stage_errors(self) -> dict[str, str]:
         """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""
         errors = {s.name: s.error for s in (*self.encoders.values(), *self.unets.values(),
@@ -311,7 +333,9 @@ class Accelerator:
 
     def set_fast_paths(self, paths: FastPaths) -> FastPaths:
         """Switch the issue-11 optimisations (captured graphs are dropped); returns what is in effect: the fused
-        VAE stays off, with the reason in stage_errors(), where triton or the VAE's layers do not allow it."""
+        VAE stays off, with the reason in stage_errors(), where triton or the VAE's layers do not allow it. AOT
+        packages are attached once, at construction, to the stages then in use: a compiled VAE switched on later
+        compiles (or uses the packages it had)."""
         with self._lock:
             self._graphs.clear()
             self.encoders, self.decoders = self._compiled_vae_stages

@@ -53,8 +53,9 @@ def default_compile_cache_dir(device: torch.device) -> Path:
     return base / 'geodiff_ros' / 'inductor' / compile_cache_key(device)
 
 
-def prepare_compile(device: torch.device) -> Path:
-    """Before the first torch.compile of this process: choose the cache folder and start the compile workers.
+def prepare_compile(device: torch.device, start_workers: bool = True) -> Path:
+    """Before the first torch.compile of this process: choose the cache folder and start the compile workers
+    (unless ``start_workers`` is False: everything is AOT-compiled, aot.py).
 
     An explicit ``TORCHINDUCTOR_CACHE_DIR`` is respected. Returns the folder in use.
     """
@@ -68,6 +69,8 @@ def prepare_compile(device: torch.device) -> Path:
         return Path(os.environ.get(CACHE_ENV, '/tmp'))
     os.environ[CACHE_ENV] = str(folder)  # inductor reads it on every cache access
     LOG.info('compiled kernels cached in %s%s', folder, '' if explicit else f' (set {CACHE_ENV} to move it)')
+    if not start_workers:
+        return folder
     try:
         from torch._inductor.async_compile import AsyncCompile
 
@@ -79,18 +82,19 @@ def prepare_compile(device: torch.device) -> Path:
 
 def _wait_for_compile_workers() -> None:
     """Block until inductor's worker pool answers, so kernels compile in parallel from the first one."""
-    try:
+    try:  # private inductor API (torch 2.13); older builds simply compile as they always did
         from torch._inductor import config
-        from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+        from torch._inductor.async_compile import AsyncCompile
 
-        if get_compile_threads() <= 1:
+        threads = config.compile_threads or config.decide_compile_threads()
+        if threads <= 1:
             return
         start = time.monotonic()
         AsyncCompile.wait_pool_ready(timeout=_POOL_READY_TIMEOUT_S)
-        LOG.info('%d inductor compile workers ready after %.1f s', config.compile_threads, time.monotonic() - start)
-    except Exception as err:  # noqa: BLE001 - compiling in this thread is slower but correct
-        LOG.warning('inductor compile workers did not start (%s: %s): compiling in one thread', type(err).__name__,
-                    err)
+        LOG.info('%d inductor compile workers ready after %.1f s', threads, time.monotonic() - start)
+    except Exception as err:  # noqa: BLE001 - compiling in this thread until the pool is up is slower, not wrong
+        LOG.warning('could not wait for inductor\'s compile workers (%s: %s): the first kernels may compile in '
+                    'this thread', type(err).__name__, err)
 
 
 Progress = Callable[[int, int, str], None]
@@ -115,7 +119,7 @@ def warm_up_stages(engine: Any, height: int, width: int, batch_sizes: Sequence[i
                 progress(k, len(batch_sizes), f'first frame, batch {batch}')
             engine.predict([rgb] * batch, tasks)
         return time.perf_counter() - start
-    if acc.settings.compile:
+    if acc.settings.compile and not acc.all_stages_aot():
         _wait_for_compile_workers()
     steps: list[tuple[str, Callable[[], None]]] = []
     for batch in batch_sizes:
@@ -125,7 +129,7 @@ def warm_up_stages(engine: Any, height: int, width: int, batch_sizes: Sequence[i
             progress(k, len(steps), label)
         t0 = time.perf_counter()
         run()
-        LOG.info('warm-up %d/%d %s: %.1f s', k, len(steps), label, time.perf_counter() - t0)
+        LOG.debug('warm-up %d/%d %s: %.1f s', k, len(steps), label, time.perf_counter() - t0)
     return time.perf_counter() - start
 
 
@@ -133,7 +137,7 @@ def _stage_steps(engine: Any, acc: Any, rgb: np.ndarray, batch: int,
                  tasks: tuple[str, ...]) -> list[tuple[str, Callable[[], None]]]:
     """The warm-up steps of one batch size, in order; they hand intermediate results on through ``state``."""
     state: dict[str, Any] = {}
-    frames = np.ascontiguousarray(np.broadcast_to(rgb, (batch, *rgb.shape)))  # [B,H,W,3]
+    frames = np.repeat(rgb[None], batch, axis=0)  # [B,H,W,3], writable (torch.from_numpy)
 
     def encode() -> None:
         with torch.inference_mode():

@@ -1,6 +1,6 @@
 """One camera served by the ``geodiff`` node: its topics, inputs, alignment state, statistics and outputs.
 
-The node owns the engine and the one worker thread; a ``CameraChannel`` owns everything that must never mix
+The node owns the engine and the worker threads; a ``CameraChannel`` owns everything that must never mix
 between cameras: the latest CameraInfo, the sparse-depth ring, the temporal aligner, the publishers and the
 pipeline counters. The single-camera node is one channel with an empty prefix, so its topics stay ``image``,
 ``depth/image``, ... exactly; a named camera ``front`` uses ``front/image``, ``front/depth/image``, ...

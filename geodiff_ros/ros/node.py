@@ -235,8 +235,14 @@ class GeoDiffNode(LifecycleNode):
         if optimize != 'none':
             # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the engine
             # thread warms up on activation (warmup_size) and compiles any other input size on its first frame.
-            self.get_logger().info(f'optimize={optimize}: the warm-up on activation compiles or captures (progress in '
-                                   '/diagnostics); other input sizes do so on their first frame')
+            acc = self._engine.accelerator
+            aot = getattr(acc, 'aot_loaded', 0)
+            cache = getattr(acc, 'compile_cache_dir', None)
+            self.get_logger().info(
+                f'optimize={optimize}: the warm-up on activation compiles or captures (progress in /diagnostics); '
+                'other input sizes do so on their first frame' + (f'; compiled kernels cached in {cache}' if cache
+                                                                  else '')
+                + (f'; {aot} stage(s) load AOT packages (geodiff_compile)' if aot else ''))
         out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
@@ -464,15 +470,24 @@ class GeoDiffNode(LifecycleNode):
             batches = list(range(1, min(int(self._settings['batch_size']), len(self._cams)) + 1))
         start = self._warm_start = time.monotonic()
         self._warm_status = 'warming up'
+        current: list[Any] = []  # (k, n, label, start) of the running stage
+
+        def stage_done() -> None:
+            if current:
+                k, n, label, t0 = current.pop()
+                self.get_logger().info(f'warm-up {k}/{n} {label}: {time.monotonic() - t0:.1f} s')
 
         def progress(k: int, n: int, label: str) -> None:
+            stage_done()
             if quit_.is_set():
                 raise _WarmUpStopped
+            current.append((k, n, label, time.monotonic()))
             if engine.accelerator is not None and engine.accelerator.settings.compile:
                 self._warm_status = f'compiling (stage {k} of {n}: {label}, {{elapsed}} s)'
 
         try:
             warm_up_stages(engine, height, width, batches, progress=progress)
+            stage_done()
         except _WarmUpStopped:
             return
         except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: real frames may still fit

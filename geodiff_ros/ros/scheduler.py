@@ -1,4 +1,4 @@
-"""Latest-frame slots for N cameras and the fair batch picker of the one worker thread (pure Python, no ROS).
+"""Latest-frame slots for N cameras and the fair batch picker of the node's engine thread (pure Python, no ROS).
 
 Each camera has a one-slot mailbox (a new frame overwrites one the worker never took: a counted drop, so no
 backlog of old frames builds up; ros-anchors 0.3). The worker takes up to ``max_batch`` frames at once so the
