@@ -30,9 +30,27 @@ def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def official_normals_ensemble(members: torch.Tensor) -> torch.Tensor:
+    """Spec A.1-13 (GeoWizard's ensemble as the E2E-FT Marigold pipeline has it): [E,3,h,w] -> one member."""
+    e = members.shape[0]
+    n = members / (torch.norm(members, p=2, dim=1).unsqueeze(1) + 1e-5)
+    phi = torch.atan2(n[:, 1, :, :], n[:, 0, :, :]).mean(dim=0)
+    theta = torch.atan2(torch.norm(n[:, :2, :, :], p=2, dim=1), n[:, 2, :, :]).mean(dim=0)
+    mean = torch.zeros(n.shape[1:])
+    mean[0, :, :] = torch.sin(theta) * torch.cos(phi)
+    mean[1, :, :] = torch.sin(theta) * torch.sin(phi)
+    mean[2, :, :] = torch.cos(theta)
+    angle = torch.acos(torch.clip(torch.cosine_similarity(mean[None], n, dim=1), -0.999, 0.999))
+    return n[torch.argmin(angle.reshape(e, -1).sum(-1))]
+
+
 def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task: str,
-                       steps: int = 1) -> np.ndarray:
-    """Spec A.1 restated: depth [H,W] in [0,1] or normals [H,W,3] in the checkpoint frame (LUB)."""
+                       steps: int = 1, noise: str = "zeros", members: int = 1) -> np.ndarray:
+    """Spec A.1 restated: depth [H,W] in [0,1] or normals [H,W,3] in the checkpoint frame (LUB).
+
+    ``noise="gaussian"`` draws from torch's global generator (seed it before the call); ``members`` > 1 runs
+    the normals ensemble as the official does on a CPU: one member per batch (find_batch_size returns 1 without
+    CUDA), each drawing its own noise in turn, then A.1-13."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -59,23 +77,30 @@ def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task:
         ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         context = text_encoder(ids)[0]
-        # 7. Mean of the VAE posterior x 0.18215.
-        z_img = vae.encode(x).latent_dist.mean * LATENT_SCALE
-        # 6, 8, 10, 11. Trailing timesteps, zero target latent, image latent first; x0 on the last step.
         scheduler.set_timesteps(steps)
-        latent = torch.zeros(z_img.shape)
-        for i, t in enumerate(scheduler.timesteps):
-            pred = unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
-            step = scheduler.step(pred, t, latent)
-            latent = step.pred_original_sample if i == steps - 1 else step.prev_sample
-        # 12. Decode.
-        y = vae.decode(latent / LATENT_SCALE).sample  # [1,3,h',w']
+        decoded = []
+        for _ in range(members):
+            # 7. Mean of the VAE posterior x 0.18215.
+            z_img = vae.encode(x).latent_dist.mean * LATENT_SCALE
+            # 6, 8, 10, 11. Trailing timesteps, zero (or Gaussian) target latent, image latent first; x0 last.
+            latent = torch.randn(z_img.shape, device="cpu", dtype=torch.float32) if noise == "gaussian" else \
+                torch.zeros(z_img.shape)
+            for i, t in enumerate(scheduler.timesteps):
+                pred = unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
+                step = scheduler.step(pred, t, latent)
+                latent = step.pred_original_sample if i == steps - 1 else step.prev_sample
+            # 12. Decode.
+            decoded.append(vae.decode(latent / LATENT_SCALE).sample)  # [1,3,h',w']
+        y = decoded[0]
         if task == "depth":
             d = (torch.clip(y.mean(dim=1, keepdim=True), -1.0, 1.0) + 1.0) / 2.0
             d = (d - d.min()) / (d.max() - d.min())  # 14. min-max to [0,1]
             d = F.interpolate(d, size=(height, width), mode="bilinear", align_corners=False, antialias=True)  # 15.
             return d[0, 0].numpy().clip(0.0, 1.0)  # 16.
         n = y / (torch.norm(y, p=2, dim=1, keepdim=True) + 1e-5)  # 12.
+        if members > 1:  # 12. for each member, then 13.
+            unit = [m / (torch.norm(m, p=2, dim=1, keepdim=True) + 1e-5) for m in decoded]
+            n = official_normals_ensemble(torch.concat(unit, dim=0))[None]
         n = n / (torch.norm(n, p=2, dim=1, keepdim=True) + 1e-5)  # 14.
         n = F.interpolate(n, size=(height, width), mode="bilinear", align_corners=False, antialias=True)  # 15.
         return n[0].permute(1, 2, 0).numpy().clip(-1.0, 1.0)  # 16. (HWC here; the official returns CHW)
@@ -116,6 +141,48 @@ def test_multistep_equals_the_official_loop(tiny_depth_ckpt: Path) -> None:
         ours = engine.predict_multistep(image, num_steps=steps, timestep_spacing="trailing", noise="zeros").depth
         reference = official_reference(tiny_depth_ckpt, image, 128, "depth", steps=steps)
         assert np.abs(ours - reference).max() <= 1e-6, steps
+
+
+def test_multistep_gaussian_noise_is_the_official_draw(tiny_depth_ckpt: Path) -> None:
+    """Gaussian start (spec A.1-8): the official draws torch.randn on the device in the model dtype from torch's
+    global generator; ``seed=s`` equals that draw right after ``torch.manual_seed(s)``, ``seed=None`` uses it."""
+    image = natural_image(75, 98, seed=3)
+    engine = engine_for("depth", tiny_depth_ckpt, 128)
+    torch.manual_seed(7)
+    reference = official_reference(tiny_depth_ckpt, image, 128, "depth", steps=2, noise="gaussian")
+    seeded = engine.predict_multistep(image, num_steps=2, timestep_spacing="trailing", seed=7).depth
+    torch.manual_seed(7)
+    global_rng = engine.predict_multistep(image, num_steps=2, timestep_spacing="trailing", seed=None).depth
+    assert np.abs(seeded - reference).max() <= 1e-6
+    assert np.array_equal(seeded, global_rng)
+    other = engine.predict_multistep(image, num_steps=2, timestep_spacing="trailing", seed=8).depth
+    assert np.abs(other - reference).max() > 1e-3  # the noise matters: the check above can fail
+
+
+def test_multistep_normals_ensemble_equals_the_official(tiny_normals_ckpt: Path) -> None:
+    """E=3 Gaussian members one at a time, GeoWizard ensemble (A.1-13), re-normalised and resized (A.1-14, 15)."""
+    image = natural_image(60, 84, seed=4)
+    engine = engine_for("normals", tiny_normals_ckpt, 96)
+    torch.manual_seed(11)
+    reference = official_reference(tiny_normals_ckpt, image, 96, "normals", steps=2, noise="gaussian", members=3)
+    ours = engine.predict_multistep(image, task="normals", num_steps=2, ensemble_size=3,
+                                    timestep_spacing="trailing", seed=11).normals
+    ours = ours * np.asarray(TO_OPTICAL_SIGNS["LUB"], np.float32)
+    assert np.abs(ours - reference).max() <= 1e-6
+
+
+@pytest.mark.parametrize("seed", [9, 10, 34, 58, 100])
+def test_normals_ensemble_picks_the_official_member(seed: int) -> None:
+    """Members close together (angles under the 0.999 clip, theta near the pole): the choice follows the official
+    formula exactly. These seeds are cases where theta = acos(z) and an unclipped angle chose another member."""
+    from geodiff_ros.engine.ensemble import ensemble_normals
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 8, 8, generator=g)
+    spread = torch.rand(4, 1, 1, 1, generator=g) * 0.1
+    members = base[None] + torch.randn(4, 3, 8, 8, generator=g) * spread
+    members = members / (members.norm(dim=1, keepdim=True) + 1e-5)
+    assert torch.equal(ensemble_normals(members), official_normals_ensemble(members))
 
 
 def test_output_does_not_depend_on_the_memory_layout_of_the_input(tiny_depth_ckpt: Path,

@@ -260,7 +260,11 @@ class GeoDiffEngine:
     def postprocess_normals(self, y: torch.Tensor, size: tuple[int, int], frame: str) -> torch.Tensor:
         """Decoder output [B,3,h',w'] -> [B,H,W,3] unit normals in the ROS optical frame (spec A.1-12..18)."""
         n = y.float()
-        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)
+        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # A.1-12: unit length after decoding
+        return self.finish_normals(n, size, frame)
+
+    def finish_normals(self, n: torch.Tensor, size: tuple[int, int], frame: str) -> torch.Tensor:
+        """Unit normals [B,3,h',w'] (after decoding or ensembling) -> [B,H,W,3] in the optical frame (A.1-14..18)."""
         n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # A.1-14 re-normalisation
         if self.config.match_input_res:
             n = resize_output(n, size, self.config.resample)  # A.1-15: not re-normalised after resizing
@@ -388,6 +392,9 @@ class GeoDiffEngine:
 
         With ``leading`` spacing and one step DDIM runs at t=1 (the bug the paper found); ``trailing`` runs t=999.
         The last step returns x0 (pred_original_sample) as the E2E-FT pipeline does (spec A.1-11).
+        ``seed``: the Gaussian draw comes from a fresh generator on the device seeded with it, which equals the
+        official draw right after ``torch.manual_seed(seed)``; ``None`` draws from torch's global generator, as
+        the official does. The E members run as one batch (the official batches them by available memory).
         """
         from diffusers import DDIMScheduler
 
@@ -399,27 +406,39 @@ class GeoDiffEngine:
         scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing=timestep_spacing)
         scheduler.set_timesteps(num_steps, device=self.device)
         x = self._network_input(frame[None])  # [1,3,h,w]
-        z_img = self.encode(x.repeat(ensemble_size, 1, 1, 1))  # [E,4,h,w]: E copies encoded, as the official
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        if noise == "gaussian":
-            latent = torch.randn(z_img.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
-        else:
-            latent = torch.zeros(z_img.shape, device=self.device, dtype=self.dtype)
-        context = self.empty_embedding.repeat(ensemble_size, 1, 1)
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        # fp32: one member at a time, as the official runs on a CPU (batch size 1; batching changes rounding) and
+        # with the same sequence of draws; fp16 / bf16: all E members in one batch.
+        groups = [1] * ensemble_size if self.bit_exact else [ensemble_size]
+        y = torch.cat([self._denoise(model, scheduler, x.repeat(n, 1, 1, 1), noise, generator) for n in groups])
         timesteps = [int(t) for t in scheduler.timesteps]
-        for i, t in enumerate(scheduler.timesteps):
-            pred = model.unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
-            step = scheduler.step(pred, t, latent)
-            latent = step.pred_original_sample if i == len(timesteps) - 1 else step.prev_sample
-        y = self.decode(latent.to(self.dtype))
         if task == "depth":
             members = decoder_to_depth(y)[:, 0]  # [E,h,w]
             agg = ensemble_depths(members)[0] if ensemble_size > 1 else members[0]
             depth = self.finish_depth(agg[None, None], size)
             return Prediction(depth=depth[0].cpu().numpy(), timesteps=timesteps)
-        member = ensemble_normals(y.float()) if ensemble_size > 1 else y[0].float()
-        normals = self.postprocess_normals(member[None], size, model.normals_frame)
+        if ensemble_size > 1:  # members unit length (A.1-12), ensembled (A.1-13), then A.1-14 onwards
+            members = y.float() / (y.float().norm(dim=1, keepdim=True) + NORMAL_EPS)
+            normals = self.finish_normals(ensemble_normals(members)[None], size, model.normals_frame)
+        else:
+            normals = self.postprocess_normals(y[:1], size, model.normals_frame)
         return Prediction(normals=normals[0].cpu().numpy(), timesteps=timesteps)
+
+    def _denoise(self, model: Any, scheduler: Any, x: torch.Tensor, noise: str,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """[B,3,h,w] network input -> [B,3,h',w'] decoder output after the DDIM loop (spec A.1-7..12)."""
+        z_img = self.encode(x)  # [B,4,h/8,w/8]
+        if noise == "gaussian":  # A.1-8: torch.randn on the device in the model dtype, as the official draws it
+            latent = torch.randn(z_img.shape, generator=generator, device=self.device, dtype=self.dtype)
+        else:
+            latent = torch.zeros(z_img.shape, device=self.device, dtype=self.dtype)
+        context = self.empty_embedding.repeat(x.shape[0], 1, 1)
+        last = len(scheduler.timesteps) - 1
+        for i, t in enumerate(scheduler.timesteps):
+            pred = model.unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
+            step = scheduler.step(pred, t, latent)
+            latent = step.pred_original_sample if i == last else step.prev_sample  # A.1-11: x0 on the last step
+        return self.decode(latent.to(self.dtype))
 
     # ---------------------------------------------------------------- helpers
 

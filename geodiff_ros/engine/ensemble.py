@@ -61,16 +61,19 @@ def ensemble_depths(
 
 
 def ensemble_normals(normals: torch.Tensor) -> torch.Tensor:
-    """GeoWizard-style normals ensemble (spec A.1-13): [E,3,H,W] -> the single member closest to the mean.
+    """GeoWizard-style normals ensemble (spec A.1-13), as the E2E-FT Marigold pipeline computes it:
+    [E,3,H,W] members (each already unit length, A.1-12) -> the single member closest to their mean direction.
 
-    Each member is converted to spherical angles (phi = atan2(y, x), theta = arccos(z)); the angles are
-    averaged, the mean vector rebuilt, and the whole member with the smallest summed per-pixel angle to that
-    mean is returned.
+    The members are normalised once more (norm + 1e-5); each pixel's mean direction is rebuilt from the averaged
+    spherical angles phi = atan2(y, x) and theta = atan2(|(x, y)|, z); the angle of every member to it is
+    acos of the cosine similarity clipped to [-0.999, 0.999] (so angles under ~2.6 deg count as 2.6 deg), and
+    the whole member with the smallest summed angle is returned. theta through atan2 rather than acos(z), and the
+    clip, change which member wins in near ties; they are kept exactly so ensembles match the official ones.
     """
-    n = normals / (normals.norm(dim=1, keepdim=True) + 1e-5)
-    phi = torch.atan2(n[:, 1], n[:, 0]).mean(dim=0)
-    theta = torch.arccos(n[:, 2].clamp(-1.0, 1.0)).mean(dim=0)
+    n = normals / (torch.norm(normals, p=2, dim=1).unsqueeze(1) + 1e-5)  # [E,3,H,W]
+    phi = torch.atan2(n[:, 1], n[:, 0]).mean(dim=0)  # [H,W]
+    theta = torch.atan2(torch.norm(n[:, :2], p=2, dim=1), n[:, 2]).mean(dim=0)  # [H,W]
     mean = torch.stack([torch.sin(theta) * torch.cos(phi), torch.sin(theta) * torch.sin(phi), torch.cos(theta)])
-    cos = (n * mean[None]).sum(dim=1).clamp(-1.0, 1.0)
-    best = torch.arccos(cos).flatten(1).sum(dim=1).argmin()
+    angle = torch.acos(torch.clip(torch.cosine_similarity(mean[None], n, dim=1), -0.999, 0.999))  # [E,H,W]
+    best = torch.argmin(angle.reshape(n.shape[0], -1).sum(-1))
     return n[best]
