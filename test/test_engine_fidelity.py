@@ -44,6 +44,34 @@ def official_normals_ensemble(members: torch.Tensor) -> torch.Tensor:
     return n[torch.argmin(angle.reshape(e, -1).sum(-1))]
 
 
+def official_depth_ensemble(depths: torch.Tensor) -> torch.Tensor:
+    """Spec A.1-13 (Marigold's older ensemble, median reduction, as the E2E-FT code calls it): [E,h,w] -> [h,w].
+    float32 parameters and objective values, as the official (BFGS's finite differences follow their dtype)."""
+    from scipy.optimize import minimize
+
+    e = depths.shape[0]
+    lo = np.min(depths.reshape((e, -1)).numpy(), axis=1)
+    hi = np.max(depths.reshape((e, -1)).numpy(), axis=1)
+    s0 = 1.0 / (hi - lo).reshape((-1, 1, 1))
+    t0 = (-1 * s0.flatten() * lo.flatten()).reshape((-1, 1, 1))
+    x0 = np.concatenate([s0, t0]).reshape(-1).astype(np.float32)
+
+    def closure(x: np.ndarray) -> np.ndarray:
+        s, t = torch.from_numpy(x[:e]).float(), torch.from_numpy(x[e:]).float()
+        aligned = depths * s.view((-1, 1, 1)) + t.view((-1, 1, 1))
+        dists = torch.concatenate([aligned[i:i + 1] - aligned[j:j + 1]
+                                   for i, j in torch.combinations(torch.arange(e))], dim=0)
+        pred = torch.median(aligned, dim=0).values
+        err = torch.sqrt(torch.mean(dists**2)) + (torch.sqrt((0 - torch.min(pred)) ** 2)
+                                                   + torch.sqrt((1 - torch.max(pred)) ** 2)) * 0.02
+        return err.detach().numpy().astype(np.float32)
+
+    x = minimize(closure, x0, method="BFGS", tol=1e-3, options={"maxiter": 2, "disp": False}).x
+    aligned = depths * torch.from_numpy(x[:e]).float().view(-1, 1, 1) + torch.from_numpy(x[e:]).float().view(-1, 1, 1)
+    agg = torch.median(aligned, dim=0).values
+    return (agg - torch.min(agg)) / (torch.max(agg) - torch.min(agg))
+
+
 def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task: str,
                        steps: int = 1, noise: str = "zeros", members: int = 1) -> np.ndarray:
     """Spec A.1 restated: depth [H,W] in [0,1] or normals [H,W,3] in the checkpoint frame (LUB).
@@ -94,6 +122,9 @@ def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task:
         y = decoded[0]
         if task == "depth":
             d = (torch.clip(y.mean(dim=1, keepdim=True), -1.0, 1.0) + 1.0) / 2.0
+            if members > 1:  # 12. for each member, then 13.
+                each = torch.concat([(torch.clip(m.mean(dim=1), -1.0, 1.0) + 1.0) / 2.0 for m in decoded])
+                d = official_depth_ensemble(each)[None, None]
             d = (d - d.min()) / (d.max() - d.min())  # 14. min-max to [0,1]
             d = F.interpolate(d, size=(height, width), mode="bilinear", align_corners=False, antialias=True)  # 15.
             return d[0, 0].numpy().clip(0.0, 1.0)  # 16.
@@ -168,6 +199,17 @@ def test_multistep_normals_ensemble_equals_the_official(tiny_normals_ckpt: Path)
     ours = engine.predict_multistep(image, task="normals", num_steps=2, ensemble_size=3,
                                     timestep_spacing="trailing", seed=11).normals
     ours = ours * np.asarray(TO_OPTICAL_SIGNS["LUB"], np.float32)
+    assert np.abs(ours - reference).max() <= 1e-6
+
+
+def test_multistep_depth_ensemble_equals_the_official(tiny_depth_ckpt: Path) -> None:
+    """E=3 Gaussian members one at a time, Marigold's depth ensemble (A.1-13), min-max and resize (A.1-14, 15)."""
+    image = natural_image(60, 84, seed=5)
+    engine = engine_for("depth", tiny_depth_ckpt, 96)
+    torch.manual_seed(12)
+    reference = official_reference(tiny_depth_ckpt, image, 96, "depth", steps=2, noise="gaussian", members=3)
+    ours = engine.predict_multistep(image, num_steps=2, ensemble_size=3, timestep_spacing="trailing",
+                                    seed=12).depth
     assert np.abs(ours - reference).max() <= 1e-6
 
 

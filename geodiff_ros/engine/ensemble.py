@@ -17,47 +17,61 @@ def ensemble_depths(
     max_iter: int = 2,
     tol: float = 1e-3,
     reduction: str = "median",
+    max_res: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Align E depth maps [E,H,W] by per-member scale and shift and reduce them (older Marigold algorithm).
 
     Objective (spec A.1-13): RMS of all pairwise differences of the aligned members
     + 0.02 * (|min(agg)| + |1 - max(agg)|), minimised with BFGS (max_iter 2, tol 1e-3), initialised from each
-    member's min/max. Returns (aggregate [H,W], uncertainty [H,W]) rescaled so the aggregate spans [0, 1].
+    member's min/max; optimised on a nearest-downscaled copy when ``max_res`` is set (the E2E-FT code passes
+    None). As the official code it runs in the members' dtype with float32 parameters and objective values:
+    BFGS's finite-difference steps follow the parameters' dtype, so a float64 objective ends elsewhere after
+    its two iterations. Returns (aggregate [H,W], uncertainty [H,W]) rescaled so the aggregate spans [0, 1].
     """
     e = depths.shape[0]
-    flat = depths.reshape(e, -1).double()
-    d_min, d_max = flat.min(dim=1).values, flat.max(dim=1).values
-    s_init = 1.0 / (d_max - d_min).clamp_min(1e-8)
-    t_init = -s_init * d_min
-    x0 = torch.cat([s_init, t_init]).cpu().numpy()
-    pairs = torch.triu_indices(e, e, offset=1)
+    work = depths
+    if max_res is not None:
+        factor = torch.min(max_res / torch.tensor(depths.shape[-2:]))
+        if factor < 1:
+            work = torch.nn.Upsample(scale_factor=factor, mode="nearest")(depths)
+    flat = work.reshape(e, -1).cpu().numpy()
+    d_min, d_max = np.min(flat, axis=1), np.max(flat, axis=1)
+    s_init = 1.0 / (d_max - d_min).reshape(-1, 1, 1)
+    t_init = (-1 * s_init.flatten() * d_min.flatten()).reshape(-1, 1, 1)
+    x0 = np.concatenate([s_init, t_init]).reshape(-1).astype(np.float32)
+    pairs = torch.combinations(torch.arange(e))  # [P,2]: (0,1), (0,2), ..., as the official loops over them
+
+    def params(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        half = len(x) // 2
+        return (torch.from_numpy(x[:half]).to(dtype=depths.dtype, device=depths.device),
+                torch.from_numpy(x[half:]).to(dtype=depths.dtype, device=depths.device))
 
     def aggregate(aligned: torch.Tensor) -> torch.Tensor:
-        return aligned.median(dim=0).values if reduction == "median" else aligned.mean(dim=0)
+        if reduction == "median":
+            return torch.median(aligned, dim=0).values
+        if reduction == "mean":
+            return torch.mean(aligned, dim=0)
+        raise ValueError(f"reduction must be median or mean, got {reduction!r}")
 
-    def objective(x: np.ndarray) -> float:
-        s = torch.from_numpy(x[:e]).to(flat)
-        t = torch.from_numpy(x[e:]).to(flat)
-        aligned = flat * s[:, None] + t[:, None]
-        diffs = aligned[pairs[0]] - aligned[pairs[1]]
+    def objective(x: np.ndarray) -> np.ndarray:
+        s, t = params(x)
+        aligned = work * s.view(-1, 1, 1) + t.view(-1, 1, 1)  # [E,h,w]
+        diffs = torch.cat([aligned[i:i + 1] - aligned[j:j + 1] for i, j in pairs.tolist()])  # [P,h,w]
         rms = torch.sqrt(torch.mean(diffs**2))
         agg = aggregate(aligned)
-        reg = torch.abs(agg.min()) + torch.abs(1.0 - agg.max())
-        return float(rms + regularizer_strength * reg)
+        near, far = torch.sqrt((0 - torch.min(agg)) ** 2), torch.sqrt((1 - torch.max(agg)) ** 2)
+        return (rms + (near + far) * regularizer_strength).detach().cpu().numpy().astype(np.float32)
 
     res = minimize(objective, x0, method="BFGS", tol=tol, options={"maxiter": max_iter, "disp": False})
-    s = torch.from_numpy(res.x[:e]).to(depths)
-    t = torch.from_numpy(res.x[e:]).to(depths)
-    aligned = depths * s[:, None, None] + t[:, None, None]
-    if reduction == "median":
-        agg = aligned.median(dim=0).values
-        uncertainty = (aligned - agg).abs().median(dim=0).values
+    s, t = params(res.x)
+    aligned = depths * s.view(-1, 1, 1) + t.view(-1, 1, 1)
+    agg = aggregate(aligned)
+    if reduction == "median":  # MAD as the uncertainty
+        uncertainty = torch.median(torch.abs(aligned - agg), dim=0).values
     else:
-        agg = aligned.mean(dim=0)
-        uncertainty = aligned.std(dim=0)
-    lo, hi = agg.min(), agg.max()
-    span = (hi - lo).clamp_min(1e-8)
-    return (agg - lo) / span, uncertainty / span
+        uncertainty = torch.std(aligned, dim=0)
+    lo, hi = torch.min(agg), torch.max(agg)
+    return (agg - lo) / (hi - lo), uncertainty / (hi - lo)
 
 
 def ensemble_normals(normals: torch.Tensor) -> torch.Tensor:
