@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from geodiff_ros.geometry import PinholeIntrinsics, apply_alignment, backproject
+from geodiff_ros.geometry.depth_units import metres_to_mm16
 from geodiff_ros.geometry.device import (
     HostStaging,
     cloud_points,
     colorize_depth_t,
+    metres_to_mm16_t,
     metric_depth_t,
     normals_to_rgb_t,
 )
@@ -57,6 +59,20 @@ def test_metric_depth_equals_apply_alignment(scale: float, shift: float, lo: flo
     rel = _relative(1)
     _same(metric_depth_t(torch.from_numpy(rel), scale, shift, lo, hi).numpy(),
           apply_alignment(rel, scale, shift, lo, hi))
+
+
+def test_millimetres_equal_numpy_and_follow_rep_118() -> None:
+    """16UC1 depth: rounded millimetres; NaN, inf, negative, under 0.5 mm and beyond 65.535 m are 0 (none)."""
+    depth = apply_alignment(_relative(2), 80.0, -5.0, 0.0, math.inf)  # [H,W] m, up to 75 m, NaN where invalid
+    depth[2, :8] = [0.0004, 0.00049, 0.0015, 65.535, 65.5354, 65.5356, 1e9, -1.0]
+    mm = metres_to_mm16_t(torch.from_numpy(depth)).numpy()
+    expected, far = metres_to_mm16(depth)
+    _same(mm, expected)
+    assert mm.dtype == np.uint16 and far > 0
+    assert list(mm[2, :8]) == [0, 0, 2, 65535, 65535, 0, 0, 0]
+    assert mm[0, 2] == 0 and mm[0, 3] == 0  # NaN, inf
+    finite = np.isfinite(depth) & (depth > 0) & (depth <= 65.535)
+    assert np.abs(mm[finite] / 1000.0 - depth[finite]).max() <= 0.0005 + 1e-9
 
 
 @pytest.mark.parametrize('case', ['random', 'metric', 'constant', 'all_nan', 'one_finite'])

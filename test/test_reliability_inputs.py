@@ -709,6 +709,37 @@ def test_rectify_processes_the_rectified_image_and_publishes_its_camera_info(scn
     assert np.abs(colours.astype(int) - scn.rgb).mean() > 5.0  # and that is not the raw image
 
 
+def test_depth_encoding_16uc1_publishes_millimetres(scn: Scenario) -> None:
+    """depth_encoding: 16UC1 (REP 118, for consumers that take only 16-bit depth): depth/image in rounded
+    millimetres, 0 where the metric depth is invalid; switched at runtime, back to 32FC1 metres after."""
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        mm_stamp, m_stamp = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        _set(scn, depth_encoding='16UC1', alignment__fixed_scale=30.0, max_depth=25.0)
+        try:
+            out_mm = scn.frame(mm_stamp, expect=('depth/relative', 'normals/image', 'depth/image'))
+        finally:
+            _set(scn, depth_encoding='32FC1', alignment__fixed_scale=0.0, max_depth=100.0)
+        _set(scn, alignment__fixed_scale=30.0, max_depth=25.0)
+        try:
+            out_m = scn.frame(m_stamp, expect=('depth/relative', 'normals/image', 'depth/image'))
+        finally:
+            _set(scn, alignment__fixed_scale=0.0, max_depth=100.0)
+        return {mm_stamp: out_mm, m_stamp: out_m}, {'mm': mm_stamp, 'm': m_stamp}
+
+    res = scn.run_case('depth_encoding', body)
+    out_mm, out_m = res.outputs[res.stamps['mm']], res.outputs[res.stamps['m']]
+    assert out_mm['depth/image'] is not None and out_m['depth/image'] is not None, scn.node.log()[-3000:]
+    assert out_mm['depth/image'].encoding == '16UC1' and out_m['depth/image'].encoding == '32FC1'
+    mm = image_to_numpy(out_mm['depth/image'])
+    metres = np.float32(30.0) * image_to_numpy(out_mm['depth/relative']).astype(np.float32)  # fixed scale, shift 0
+    valid = (metres > 0.1) & (metres <= 25.0)
+    assert valid.any() and (~valid).any(), 'the frame should have depths on both sides of max_depth'
+    np.testing.assert_array_equal(mm[valid], np.rint(metres[valid].astype(np.float64) * 1000.0).astype(np.uint16))
+    assert not mm[~valid].any()  # invalid -> 0
+    assert out_mm['depth/image'].step == 2 * out_mm['depth/image'].width
+
+
 # -------------------------------------------------------------------------------------------------- time jumps
 
 def _backwards(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:

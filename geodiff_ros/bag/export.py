@@ -41,10 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from geodiff_ros.bag.storage import Bag, BagError, camera_info_topic_for, image_topic_is_compressed
 from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, scale_intrinsics, sparse_to_image_grid
+from geodiff_ros.geometry.depth_units import MM_PER_M, metres_to_mm16
 from geodiff_ros.manifest import write_manifest
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
@@ -67,7 +66,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-DEPTH_SCALE = 1000.0  # stored value / DEPTH_SCALE = metres (16-bit PNG millimetres, like NYUv2 and ScanNet)
+DEPTH_SCALE = MM_PER_M  # stored value / DEPTH_SCALE = metres (16-bit PNG millimetres, like NYUv2 and ScanNet)
 _IMAGE = 'sensor_msgs/msg/Image'
 _INFO = 'sensor_msgs/msg/CameraInfo'
 _COLOUR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')
@@ -148,19 +147,6 @@ def pair_by_stamp(image_stamps: Sequence[int], depth_stamps: Sequence[int],
         if dt <= max_dt_ns and (j not in best or dt < best[j][0]):
             best[j] = (dt, i)
     return sorted((i, j) for j, (_, i) in best.items()), nearest
-
-
-def metres_to_mm16(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
-    """``[H,W]`` metres (NaN / 0 / negative = none) -> ``(uint16 millimetres, pixels beyond 65.535 m)``.
-
-    0 means no measurement; depth beyond the 16-bit range becomes 0 too (see the module docstring), as does
-    depth under 0.5 mm, which rounds to 0.
-    """
-    with np.errstate(invalid='ignore'):
-        mm = np.rint(np.nan_to_num(np.asarray(depth_m, np.float64), nan=0.0, posinf=0.0, neginf=0.0) * DEPTH_SCALE)
-    far = mm > 65535
-    mm[far | (mm < 0)] = 0
-    return mm.astype(np.uint16), int(far.sum())  # [H,W]
 
 
 class _Exporter:

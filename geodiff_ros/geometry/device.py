@@ -20,8 +20,10 @@ import torch
 
 from geodiff_ros.geometry.backproject import ray_grid
 from geodiff_ros.geometry.camera import PinholeIntrinsics
+from geodiff_ros.geometry.depth_units import MAX_MM, MM_PER_M
 
-__all__ = ['HostStaging', 'cloud_points', 'colorize_depth_t', 'metric_depth_t', 'normals_to_rgb_t', 'rays_on']
+__all__ = ['HostStaging', 'cloud_points', 'colorize_depth_t', 'metres_to_mm16_t', 'metric_depth_t', 'normals_to_rgb_t',
+           'rays_on']
 
 _OPTICAL_TO_VIEW = (1.0, -1.0, -1.0)  # visualize.normals_to_rgb: optical frame -> Marigold colour convention
 
@@ -34,6 +36,14 @@ def metric_depth_t(relative: torch.Tensor, scale: float, shift: float, min_depth
     bad = ~torch.isfinite(metric) | (metric <= max(min_depth, 0.0)) | (metric > max_depth)
     return metric.masked_fill_(bad, math.nan)
 
+
+
+def metres_to_mm16_t(depth_m: torch.Tensor) -> torch.Tensor:
+    """``[H,W]`` metres (NaN invalid) -> ``[H,W]`` uint16 millimetres, 0 = none and beyond 65.535 m
+    (depth_units.metres_to_mm16, the same float64 operations): half the bytes of 32FC1 cross to the host."""
+    mm = torch.round(torch.nan_to_num(depth_m.double(), nan=0.0, posinf=0.0, neginf=0.0) * MM_PER_M)
+    mm = mm.masked_fill_((mm > MAX_MM) | (mm < 0), 0.0)
+    return mm.to(torch.int32).to(torch.uint16)
 
 @lru_cache(maxsize=8)
 def _lut_on(name: str, device: torch.device) -> torch.Tensor:

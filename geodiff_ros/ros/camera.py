@@ -453,7 +453,13 @@ class CameraChannel:
         """
         import torch  # the node imports torch only once configured (start-up errors stay fast)
 
-        from geodiff_ros.geometry.device import cloud_points, colorize_depth_t, metric_depth_t, normals_to_rgb_t
+        from geodiff_ros.geometry.device import (
+            cloud_points,
+            colorize_depth_t,
+            metres_to_mm16_t,
+            metric_depth_t,
+            normals_to_rgb_t,
+        )
 
         header = msg.header
         height, width = rgb.shape[:2]
@@ -474,7 +480,8 @@ class CameraChannel:
             if state is not None:
                 metric = metric_depth_t(relative, state.scale, state.shift, float(s['min_depth']),
                                         float(s['max_depth']))  # [H,W] m, NaN invalid
-                host['depth'] = staging.to_host('depth', metric)
+                encoded = metres_to_mm16_t(metric) if s['depth_encoding'] == '16UC1' else metric
+                host['depth'] = staging.to_host('depth', encoded)  # [H,W] float32 m or uint16 mm
             if relative is not None and self._subscribed('depth_vis'):
                 host['depth_vis'] = staging.to_host('depth_vis', colorize_depth_t(metric if metric is not None
                                                                                   else relative))
@@ -505,7 +512,8 @@ class CameraChannel:
         if 'depth_vis' in host:
             pubs['depth_vis'].publish(numpy_to_image(host['depth_vis'].numpy(), 'rgb8', header))
         if 'depth' in host:
-            pubs['depth'].publish(numpy_to_image(host['depth'].numpy(), '32FC1', header))
+            depth = host['depth'].numpy()
+            pubs['depth'].publish(numpy_to_image(depth, '16UC1' if depth.dtype == np.uint16 else '32FC1', header))
         if info is not None:
             out_info = CameraInfo()
             for field in ('height', 'width', 'distortion_model', 'd', 'k', 'r', 'p', 'binning_x', 'binning_y',

@@ -165,6 +165,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               lo=0.0, hi=100000.0),
     ParamSpec('min_depth', 0.1, 'Metric depth below this is published as NaN (metres).', lo=0.0, hi=100000.0),
     ParamSpec('max_depth', 100.0, 'Metric depth above this is published as NaN (metres).', lo=0.0, hi=100000.0),
+    ParamSpec('depth_encoding', '32FC1',
+              'Encoding of depth/image (REP 118): 32FC1 metres, NaN = invalid; 16UC1 millimetres, 0 = invalid '
+              '(depth beyond 65.535 m is 0 too, never clipped), for consumers that take only 16-bit depth.',
+              choices=('32FC1', '16UC1')),
     # --- node ---
     ParamSpec('autostart', True, 'Configure and activate at start-up (off: drive it with ros2 lifecycle).',
               configure_time=True),
