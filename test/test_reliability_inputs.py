@@ -740,6 +740,58 @@ def test_depth_encoding_16uc1_publishes_millimetres(scn: Scenario) -> None:
     assert out_mm['depth/image'].step == 2 * out_mm['depth/image'].width
 
 
+LIDAR_POSE = [0.1, -0.3, 0.05, *np.round(np.array([0.2, -0.1, 0.3, 0.9]) / np.linalg.norm([0.2, -0.1, 0.3, 0.9]),
+                                          12)]  # the "lidar" frame's pose in the camera optical frame
+
+
+def _lidar_cloud(scn: Scenario, stamp: int) -> PointCloud2:
+    """The scene's sparse points expressed in a "lidar" frame (inverse of LIDAR_POSE), stamped ``stamp``."""
+    from geodiff_ros.geometry.transform import RigidTransform
+
+    optical = read_cloud(_cloud_of(scn, scn.sparse())).reshape(-1)
+    xyz = np.stack([optical['x'], optical['y'], optical['z']], -1).astype(np.float64)  # [N,3] camera frame
+    pose = RigidTransform(LIDAR_POSE)
+    lidar = (xyz - pose.translation) @ pose.rotation  # R^T (p - t): camera -> lidar
+    cloud = cloud_to_msg(cloud_array(lidar.astype(np.float32)[None]))
+    cloud.header = header(stamp, 'lidar')
+    return cloud
+
+
+def test_sparse_points_in_a_lidar_frame_use_the_static_extrinsic(scn: Scenario) -> None:
+    """A cloud in its own frame: without sparse_points.frame_id/transform it is ignored with a WARN that names
+    both parameters (and the frame is processed); with them it gives the metric fit, as in the image frame."""
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        unknown, known = scn.fresh_stamp(), scn.fresh_stamp()
+        outputs = {}
+        for stamp in (unknown, known):
+            if stamp == known:
+                _set(scn, sparse_points__frame_id='lidar', sparse_points__transform=LIDAR_POSE)
+            try:
+                since = time.monotonic()
+                scn.pubs['sparse_points'].publish(_lidar_cloud(scn, stamp))
+                scn.publish(stamp)
+                expect = ('depth/relative', 'normals/image') + (('depth/image',) if stamp == known else ())
+                outputs[stamp] = scn.collect(stamp, expect, since=since)
+            finally:
+                if stamp == known:
+                    _set(scn, sparse_points__frame_id='', sparse_points__transform=[0.0] * 6 + [1.0])
+        return outputs, {'unknown': unknown, 'known': known}
+
+    res = scn.run_case('points:lidar_frame', body)
+    out = res.outputs[res.stamps['unknown']]
+    assert_good(out, scn)
+    assert out['depth/image'] is None
+    assert_logged(res.log, r"frame 'lidar'.*sparse_points\.frame_id.*sparse_points\.transform.*tf2_echo")
+    assert_metric(res.outputs[res.stamps['known']], S, T)
+
+
+def test_a_transform_that_is_not_one_is_refused_naming_the_format(scn: Scenario) -> None:
+    for bad in ([0.0] * 7, [0.0, 0.0, 1.0]):
+        (result,) = set_parameters(scn.col, f'{NS}/{NAME}', {'sparse_points.transform': bad})
+        assert not result.successful and '[x, y, z, qx, qy, qz, qw]' in result.reason, result.reason
+
+
 # -------------------------------------------------------------------------------------------------- time jumps
 
 def _backwards(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:

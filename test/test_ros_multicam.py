@@ -260,6 +260,11 @@ def test_per_camera_parameter_at_runtime_changes_only_that_camera(three: tuple[N
     assert res.successful, res.reason
     (bad,) = set_parameters(rig.col, '/geodiff', {'camera.front.max_depth': -1.0})
     assert not bad.successful and 'camera.front.max_depth' in bad.reason
+    # A LiDAR's extrinsic differs per camera: a float-array override, validated like the node-wide one.
+    (tf,) = set_parameters(rig.col, '/geodiff', {'camera.left.sparse_points.transform': [0.0] * 6 + [1.0]})
+    assert tf.successful, tf.reason
+    (bad_tf,) = set_parameters(rig.col, '/geodiff', {'camera.left.sparse_points.transform': [0.0] * 7})
+    assert not bad_tf.successful and 'camera.left.sparse_points.transform' in bad_tf.reason, bad_tf.reason
     try:
         stamp = T0 + 50_000_000_000
         rig.col.clear()

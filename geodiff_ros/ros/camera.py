@@ -33,6 +33,7 @@ from geodiff_ros.geometry import (
     sparse_to_image_grid,
 )
 from geodiff_ros.geometry.rectify import CameraModel, Rectifier
+from geodiff_ros.geometry.transform import RigidTransform
 from geodiff_ros.ros.camera_sets import camera_prefix
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
@@ -151,6 +152,7 @@ class CameraChannel:
         self._sparse_mark = 0  # worker only: sparse arrivals before the previous frame was handled
         self._had_metric = False  # worker only: log once when metric output stops
         self._rectifier = Rectifier()  # worker only: maps of the latest camera model (rectify)
+        self._extrinsic: tuple[tuple[float, ...], RigidTransform] | None = None  # worker only: sparse_points
 
     def topic(self, base: str) -> str:
         """``depth/image`` -> ``front/depth/image`` (or unchanged for the unnamed camera)."""
@@ -328,6 +330,13 @@ class CameraChannel:
             return None, None
         return info, intr
 
+    def sparse_extrinsic(self, values: list[float]) -> RigidTransform:
+        """The parameter's transform, rebuilt only when it changes (validated when set)."""
+        key = tuple(values)
+        if self._extrinsic is None or self._extrinsic[0] != key:
+            self._extrinsic = (key, RigidTransform(values))
+        return self._extrinsic[1]
+
     def sparse_for(self, s: Settings, header: Any, width: int, height: int,
                    intr: PinholeIntrinsics | None) -> np.ndarray | None:
         """Sparse metric depth ``[H,W]`` (NaN empty) matched to this image by stamp, or None.
@@ -344,7 +353,7 @@ class CameraChannel:
             return None
         kind, msg = match
         try:
-            return self._sparse_to_grid(kind, msg, header, width, height, intr)
+            return self._sparse_to_grid(s, kind, msg, header, width, height, intr)
         except ImageConversionError as err:
             self.log.warning(f'sparse input ignored: {err}', throttle_duration_sec=THROTTLE_S)
             return None
@@ -353,7 +362,7 @@ class CameraChannel:
                              f'{err}); fix its publisher', throttle_duration_sec=THROTTLE_S)
             return None
 
-    def _sparse_to_grid(self, kind: str, msg: Any, header: Any, width: int, height: int,
+    def _sparse_to_grid(self, s: Settings, kind: str, msg: Any, header: Any, width: int, height: int,
                         intr: PinholeIntrinsics | None) -> np.ndarray | None:
         if kind == 'depth':
             # Same camera, any resolution: moved onto the image grid through the intrinsics ratio. Another aspect
@@ -368,15 +377,23 @@ class CameraChannel:
             self.log.warning('sparse_points need a valid camera_info to be projected; skipping the fit',
                              throttle_duration_sec=THROTTLE_S)
             return None
-        if msg.header.frame_id and header.frame_id and msg.header.frame_id != header.frame_id:
-            self.log.warning(
-                f'sparse_points are in frame {msg.header.frame_id!r}, the image in {header.frame_id!r}; transform '
-                'them into the camera optical frame first (no tf here)', throttle_duration_sec=THROTTLE_S)
-            return None
+        extrinsic = None
+        cloud_frame = msg.header.frame_id
+        if cloud_frame and header.frame_id and cloud_frame != header.frame_id:
+            if cloud_frame != s['sparse_points.frame_id']:
+                self.log.warning(
+                    f'sparse_points are in frame {cloud_frame!r}, the image in {header.frame_id!r}: set '
+                    f'sparse_points.frame_id to {cloud_frame!r} and sparse_points.transform to its pose in the image '
+                    f'frame (x y z qx qy qz qw, as `ros2 run tf2_ros tf2_echo {header.frame_id} {cloud_frame}` '
+                    'prints it), or transform the cloud upstream', throttle_duration_sec=THROTTLE_S)
+                return None
+            extrinsic = self.sparse_extrinsic(s['sparse_points.transform'])
         try:
             xyz = cloud_xyz(msg)  # [N,3]
         except PointCloudError as err:
             raise ImageConversionError(f'sparse_points: {err}') from err
+        if extrinsic is not None:
+            xyz = extrinsic.apply(xyz)  # [N,3] in the image's optical frame
         return project_points_to_depth(xyz, intr.fx, intr.fy, intr.cx, intr.cy, width, height)
 
     def _subscribed(self, key: str) -> bool:

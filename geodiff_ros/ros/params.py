@@ -158,6 +158,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec('alignment.sparse_max_dt', 0.1,
               'Largest stamp difference in seconds between an image and the sparse depth matched to it.',
               lo=0.0, hi=10.0),
+    ParamSpec('sparse_points.frame_id', '',
+              'Frame of sparse_points clouds that sparse_points.transform maps into the image\'s optical frame '
+              '(e.g. velodyne); empty: clouds must already be in the image frame.'),
+    ParamSpec('sparse_points.transform', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+              'Static extrinsic [x, y, z, qx, qy, qz, qw]: the pose of sparse_points.frame_id in the image\'s '
+              'optical frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it.'),
     ParamSpec('alignment.fixed_scale', 0.0,
               'If > 0: metric depth = fixed_scale * relative for frames without a metric fit (no sparse input, or '
               'none usable for alignment.max_fallback_age_s); you vouch for the scale. A fit to sparse input, when '
@@ -200,7 +206,7 @@ def name_launch_arguments(text: str) -> str:
 
 # Runtime parameters a camera may override as camera.<name>.<parameter> (scale, range and cloud differ per camera).
 PER_CAMERA: tuple[str, ...] = ('alignment.fixed_scale', 'alignment.sparse_max_dt', 'min_depth', 'max_depth',
-                               'cloud_stride')
+                               'cloud_stride', 'sparse_points.frame_id', 'sparse_points.transform')
 
 
 def camera_override_key(name: str) -> tuple[str, str] | None:
@@ -248,7 +254,8 @@ def declare_camera_overrides(node: Node, cameras: list[str]) -> None:
     from rcl_interfaces.msg import ParameterDescriptor
     from rclpy.parameter import Parameter
 
-    kinds = {bool: Parameter.Type.BOOL, int: Parameter.Type.INTEGER, float: Parameter.Type.DOUBLE}
+    kinds = {bool: Parameter.Type.BOOL, int: Parameter.Type.INTEGER, float: Parameter.Type.DOUBLE,
+             str: Parameter.Type.STRING, list: Parameter.Type.DOUBLE_ARRAY}
     for camera in cameras:
         for key in PER_CAMERA:
             name = f'camera.{camera}.{key}'
@@ -300,6 +307,14 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
             return f'warmup_size={size!r} must be two integers [width, height] ([0, 0] skips the warm-up)'
         if size != [0, 0] and not all(8 <= v <= 8192 for v in size):
             return f'warmup_size={size!r}: width and height must be within [8, 8192], or [0, 0] to skip the warm-up'
+        return None
+    if spec.name == 'sparse_points.transform':
+        from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
+
+        try:
+            RigidTransform(list(value))
+        except (InvalidTransform, TypeError) as err:
+            return f'sparse_points.transform: {err}'
         return None
     if spec.name == 'device' and not _DEVICE_RE.match(str(value)):
         return f'device={value!r} must be cpu, cuda or cuda:N'
