@@ -17,11 +17,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from rosbags.typesys import get_types_from_msg
+from scipy.spatial.transform import Rotation
 
 from geodiff_ros.bag.cli import main as bag_main
 from geodiff_ros.bag.process import ProcessOptions, process_bag
 from geodiff_ros.bag.storage import BagError, BagWriter, jazzy_typestore, open_bag
 from geodiff_ros.geometry import PinholeIntrinsics, backproject
+from geodiff_ros.geometry.transform import RigidTransform
 from geodiff_ros.ros.conversions import depth_to_metres, image_to_numpy, image_to_rgb8
 from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.pointcloud import read_cloud
@@ -205,6 +207,128 @@ def test_truncated_input_is_processed_up_to_the_damage(tmp_path: Path) -> None:
     assert 5 <= summary.frames_out < 20 and summary.frames_out == summary.frames_in
     res = _read(tmp_path / 'o')  # the output bag is complete and readable
     assert len(res['/depth/image']) == summary.frames_out
+
+
+# ------------------------------------------------------------------------------------------------ LiDAR clouds
+
+CLOUD_TOPIC = '/lidar/points'
+# A LiDAR (x forward, y left, z up) 12 cm above and 8 cm left of the camera, pitched 3 degrees: the pose of its
+# frame in the optical frame (x right, y down, z forward), as tf2_echo prints it.
+_LIDAR_ROT = Rotation.from_matrix([[0, -1, 0], [0, 0, -1], [1, 0, 0]]) * Rotation.from_euler('y', 3, degrees=True)
+LIDAR_POSE = [-0.08, -0.12, 0.03, *_LIDAR_ROT.as_quat()]
+
+
+def _cloud(store: object, header: object, xyz: np.ndarray) -> object:
+    """Unorganized PointCloud2 (rosbags) of ``[N,3]`` float32 points, fields x, y, z."""
+    field = store.types['sensor_msgs/msg/PointField']
+    data = np.ascontiguousarray(xyz, '<f4').reshape(-1).view(np.uint8)
+    return store.types['sensor_msgs/msg/PointCloud2'](
+        header=header, height=1, width=len(xyz), fields=[field(name=n, offset=4 * i, datatype=7, count=1)
+                                                         for i, n in enumerate('xyz')],
+        is_bigendian=False, point_step=12, row_step=12 * len(xyz), data=data, is_dense=True)
+
+
+def _bag_with_clouds(src: Path, dst: Path, frame_id: str, pose: list[float] | None,
+                     malformed: int | None = None) -> Path:
+    """``src`` plus a cloud per depth image: every third pixel's point (from the true depth and the camera_info) in
+    the optical frame, moved into ``frame_id`` by the inverse of ``pose`` (LiDAR-like sparse input with a known
+    truth); cloud number ``malformed`` claims more points than its data holds."""
+    with open_bag(src) as bag, BagWriter(dst, typestore=bag.typestore) as w:
+        store = bag.typestore
+        info, clouds = None, 0
+        for m in bag.messages():
+            w.add_topic(m.topic, m.msgtype)
+            w.write(m.topic, m.timestamp, m.data)
+            if m.topic == INFO_TOPIC:
+                info = bag.deserialize(m)
+            if m.topic != DEPTH_TOPIC:
+                continue
+            depth = bag.deserialize(m)
+            intr = PinholeIntrinsics(info.p[0], info.p[5], info.p[2], info.p[6], depth.width, depth.height)
+            xyz = backproject(depth_to_metres(depth), intr)[::3, ::3].reshape(-1, 3)  # [N,3] optical frame
+            xyz = xyz[np.isfinite(xyz).all(axis=1)]
+            if pose is not None:
+                extrinsic = RigidTransform(pose)  # p_optical = R p + t, so p = R^T (p_optical - t)
+                xyz = (xyz - extrinsic.translation) @ extrinsic.rotation
+            header = type(depth.header)(stamp=depth.header.stamp, frame_id=frame_id)
+            msg = _cloud(store, header, xyz.astype(np.float32))
+            if clouds == malformed:
+                msg.width *= 2  # the header promises twice the points the data holds
+            w.write_msg(CLOUD_TOPIC, m.timestamp, msg)
+            clouds += 1
+    return dst
+
+
+def _process(src: Path, out: Path, **options: object) -> tuple[object, dict[str, list[tuple[int, object]]]]:
+    with open_bag(src) as bag, BagWriter(out, typestore=bag.typestore) as writer:
+        summary = process_bag(bag, writer, AffineEngine(src), ProcessOptions(
+            image_topic=IMAGE_TOPIC, sparse_topic=CLOUD_TOPIC, **options))
+    return summary, _read(out)
+
+
+def test_lidar_cloud_through_the_extrinsic_gives_the_optical_frame_result(synth: Path, tmp_path: Path) -> None:
+    """The same points recorded in a LiDAR frame, processed with --sparse-frame/--sparse-transform, give the metric
+    depth they give in the optical frame, and that depth is the true one."""
+    lidar = _bag_with_clouds(synth, tmp_path / 'lidar', 'lidar', LIDAR_POSE)
+    optical = _bag_with_clouds(synth, tmp_path / 'optical', 'camera_color_optical_frame', None)
+    s_lidar, r_lidar = _process(lidar, tmp_path / 'o1', sparse_frame='lidar', sparse_transform=LIDAR_POSE)
+    s_opt, r_opt = _process(optical, tmp_path / 'o2')
+    assert s_lidar.frames_metric == s_opt.frames_metric == 3 and s_lidar.sparse_unused == 0
+    engine = AffineEngine(lidar)
+    for (_, img), (_, d_lidar), (_, d_opt) in zip(r_lidar[IMAGE_TOPIC], r_lidar['/depth/image'], r_opt['/depth/image'],
+                                                  strict=True):
+        a, b = image_to_numpy(d_lidar), image_to_numpy(d_opt)
+        assert np.array_equal(np.isfinite(a), np.isfinite(b))
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        truth = engine.true_depth[_key(image_to_rgb8(img))]
+        ok = np.isfinite(truth)
+        np.testing.assert_allclose(a[ok], truth[ok], rtol=2e-3)
+    assert np.allclose(s_lidar.scales, S, rtol=2e-3)
+    # Held-out evaluation works on the projected cloud pixels: fitted on 20 % of them, right on the other 80 %.
+    s_held, _ = _process(lidar, tmp_path / 'o3', sparse_frame='lidar', sparse_transform=LIDAR_POSE,
+                         sparse_fraction=0.2)
+    assert s_held.frames_metric == 3 and len(s_held.absrel_heldout) == 3 and max(s_held.absrel_heldout) < 0.01
+
+
+def test_lidar_cloud_in_an_unknown_frame_is_not_used_and_says_which_options(synth: Path, tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    lidar = _bag_with_clouds(synth, tmp_path / 'lidar', 'lidar', LIDAR_POSE)
+    caplog.set_level(logging.WARNING)
+    summary, res = _process(lidar, tmp_path / 'o')
+    assert summary.frames_out == 3 and summary.frames_metric == 0 and summary.sparse_unused == 3
+    assert '/depth/image' not in res and len(res['/depth/relative']) == 3  # never metric without a fit
+    warnings = [r.getMessage() for r in caplog.records if "'lidar'" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not once per frame
+    assert '--sparse-frame lidar --sparse-transform X Y Z QX QY QZ QW' in warnings[0]
+
+
+def test_malformed_cloud_loses_only_its_fit(synth: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lidar = _bag_with_clouds(synth, tmp_path / 'lidar', 'lidar', LIDAR_POSE, malformed=1)
+    caplog.set_level(logging.WARNING)
+    summary, res = _process(lidar, tmp_path / 'o', sparse_frame='lidar', sparse_transform=LIDAR_POSE)
+    assert summary.frames_out == 3 and summary.frames_failed == 0 and summary.sparse_unused == 1
+    assert len(res['/depth/relative']) == len(res['/normals/image']) == 3  # the image of the bad cloud too
+    assert 'sparse input at stamp 1700000000.100000 s unusable' in caplog.text and 'PointCloud2 data' in caplog.text
+
+
+def test_bad_sparse_transform_options_exit_2_and_name_the_format(synth: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    lidar = _bag_with_clouds(synth, tmp_path / 'lidar', 'lidar', LIDAR_POSE)
+    base = ['process', str(lidar), str(tmp_path / 'o'), '--image-topic', IMAGE_TOPIC, '--sparse-topic', CLOUD_TOPIC,
+            '--tiny', '--sparse-frame', 'lidar', '--sparse-transform']
+    for values in (['0', '0', '0', '0', '0', '1'], ['0', '0', '0', '0', '0', '0', '0'], ['0', 'a', '0', '0', '0',
+                                                                                         '0', '1']):
+        caplog.clear()
+        assert bag_main([*base, *values]) == 2, values
+        assert 'X Y Z QX QY QZ QW' in caplog.text and 'tf2_echo' in caplog.text, caplog.text
+    caplog.clear()
+    assert bag_main([*base[:-3], '--sparse-transform', *['0'] * 6, '1']) == 2
+    assert '--sparse-transform needs --sparse-frame' in caplog.text
+    with open_bag(lidar) as bag, BagWriter(tmp_path / 'o2', typestore=bag.typestore) as writer, \
+            pytest.raises(BagError, match='--sparse-frame / --sparse-transform place a PointCloud2'):
+        process_bag(bag, writer, AffineEngine(lidar), ProcessOptions(
+            image_topic=IMAGE_TOPIC, sparse_topic=DEPTH_TOPIC, sparse_frame='lidar'))
+    assert not (tmp_path / 'o').exists()
 
 
 # ------------------------------------------------------------------------------------------------ CLI, real engine

@@ -4,7 +4,8 @@
   geodiff_bag play BAG [--rate F] [--loop] [--topics T ...] [--remap FROM:=TO ...] [--qos reliable|best_effort]
                        [--wait-subscribers N --wait-timeout S] [--clock [HZ]]
   geodiff_bag record OUT --topics T ... [--storage mcap|sqlite3] [--qos ...] [--duration S] [--count N]
-  geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--depth-model M]
+  geodiff_bag process IN OUT --image-topic T [--camera-info-topic T] [--sparse-topic T] [--sparse-frame F
+                       --sparse-transform X Y Z QX QY QZ QW] [--depth-model M]
                        [--normals-model M] [--tiny] [--device D | --devices D1,D2,...] [--dtype D]
                        [--optimize MODE] [--processing-res N]
   geodiff_bag export BAG OUT_DIR --image-topic T --depth-topic T [--camera-info-topic T] [--max-dt S]
@@ -228,13 +229,22 @@ def cmd_process(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from geodiff_ros.bag.parallel import EnginePool, WorkerError, parse_devices, process_bag_parallel
-    from geodiff_ros.bag.process import ProcessOptions, process_bag
+    from geodiff_ros.bag.process import TRANSFORM_FORMAT, ProcessOptions, process_bag
     from geodiff_ros.engine import GeoDiffError
 
+    transform = None
+    if args.sparse_transform is not None:
+        try:
+            transform = [float(v) for v in args.sparse_transform]
+        except ValueError:
+            msg = f'--sparse-transform {" ".join(args.sparse_transform)}: not numbers; give {TRANSFORM_FORMAT}'
+            raise BagError(msg) from None
     opts = ProcessOptions(
         image_topic=args.image_topic, camera_info_topic=args.camera_info_topic, sparse_topic=args.sparse_topic,
-        sparse_fraction=args.sparse_fraction, output_namespace=args.output_namespace, visualize=args.vis,
-        cloud=not args.no_cloud, cloud_stride=args.cloud_stride, batch_size=args.batch_size)
+        sparse_fraction=args.sparse_fraction, sparse_frame=args.sparse_frame or '', sparse_transform=transform,
+        output_namespace=args.output_namespace, visualize=args.vis, cloud=not args.no_cloud,
+        cloud_stride=args.cloud_stride, batch_size=args.batch_size)
+    opts.sparse_extrinsic()  # a bad transform exits 2 before the model loads
     if args.fixed_scale is not None:
         opts.fixed_scale = args.fixed_scale
     from geodiff_ros.engine.accel import OPTIMIZE_MODES
@@ -290,6 +300,8 @@ def cmd_process(args: argparse.Namespace) -> int:
     print_out(f'throughput: {fps:.2f} frames/s on {", ".join(summary.devices)}{shares}')
     print_out(f'camera_info: {summary.camera_info_topic or "none (no cloud)"}; metric scale (median): '
               f'{_median(summary.scales)}; fit residual (median, relative): {_median(summary.residuals)}')
+    if summary.sparse_unused:
+        print_out(f'sparse input matched but not usable for {summary.sparse_unused} frame(s) (see the warnings)')
     if summary.absrel_heldout:
         print_out(f'AbsRel of metric depth vs held-out sparse pixels (median over frames): '
                   f'{_median(summary.absrel_heldout)}')
@@ -388,10 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--image-topic', required=True, help='colour Image or CompressedImage topic')
     p.add_argument('--camera-info-topic', default=None,
                    help='CameraInfo of the image (default: <image namespace>/camera_info if present; "" = none)')
-    p.add_argument('--sparse-topic', default=None, help='sparse metric depth Image (32FC1 m / 16UC1 mm)')
+    p.add_argument('--sparse-topic', default=None,
+                   help='sparse metric input matched by stamp: a depth Image of the camera (32FC1 m / 16UC1 mm) or a '
+                        'PointCloud2 (e.g. LiDAR), projected onto the image through the camera_info (nearest point '
+                        'per pixel)')
+    p.add_argument('--sparse-frame', default=None, metavar='FRAME',
+                   help='frame_id of PointCloud2 sparse input that --sparse-transform maps into the image\'s optical '
+                        'frame (clouds in other frames than this and the image\'s are not used)')
+    p.add_argument('--sparse-transform', nargs='+', default=None, metavar='V',
+                   help='static extrinsic X Y Z QX QY QZ QW of --sparse-frame in the image\'s optical frame, as '
+                        '`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity)')
     p.add_argument('--sparse-fraction', type=float, default=1.0, metavar='F',
                    help='use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera '
-                        'into LiDAR-like input); the rest measures the metric error')
+                        'into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric '
+                        'error')
     p.add_argument('--fixed-scale', type=float, default=None, help='metric = scale x relative, no sparse input')
     p.add_argument('--depth-model', default='GonzaloMG/marigold-e2e-ft-depth', help='hub id or folder; "" = off')
     p.add_argument('--normals-model', default='GonzaloMG/marigold-e2e-ft-normals', help='hub id or folder; "" = off')

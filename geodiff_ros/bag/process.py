@@ -7,8 +7,11 @@ frame_id), and each output is stored at the input image's bag time, so a replay 
 
 The bag is read once, in order. An image waits in a short queue until the camera_info and sparse depth that belong
 to it (nearest stamp) can have arrived: a later message on those topics passed its stamp, or the bag time moved on
-by ``lookahead_s``. Messages are decoded with the node's duck-typed conversions (rosbags messages carry numpy
-``data``) and outputs are serialized with the rosbags type store.
+by ``lookahead_s``. The sparse input is a depth Image of the same camera or, as the node's ``sparse_points``, a
+PointCloud2 projected onto the image grid through the camera_info (nearest point per pixel), in the image's optical
+frame or in ``sparse_frame`` moved there by the static extrinsic ``sparse_transform``. Messages are decoded
+with the node's duck-typed conversions (rosbags messages carry numpy ``data``) and outputs are serialized with the
+rosbags type store.
 
 Shapes: ``H,W`` image; ``H',W'`` after ``cloud_stride``.
 """
@@ -20,7 +23,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,7 @@ from geodiff_ros.bag.storage import (
 )
 from geodiff_ros.geometry import (
     InvalidCameraInfo,
+    PinholeIntrinsics,
     TemporalAligner,
     apply_alignment,
     backproject,
@@ -43,6 +47,7 @@ from geodiff_ros.geometry import (
     intrinsics_from_camera_info,
     sparse_to_image_grid,
 )
+from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,
@@ -52,7 +57,7 @@ from geodiff_ros.ros.conversions import (
     stamp_ns,
 )
 from geodiff_ros.ros.params import PARAMS
-from geodiff_ros.ros.pointcloud import cloud_array
+from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_sparse_depth
 
 __all__ = ['ProcessOptions', 'ProcessSummary', 'process_bag', 'sparsify', 'sparse_depth_image']
 
@@ -61,6 +66,10 @@ LOG = logging.getLogger(__name__)
 _DEFAULTS = {p.name: p.default for p in PARAMS}  # the node's parameter defaults: offline = live behaviour
 _IMAGE = 'sensor_msgs/msg/Image'
 _INFO = 'sensor_msgs/msg/CameraInfo'
+_CLOUD = 'sensor_msgs/msg/PointCloud2'
+_IDENTITY = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+TRANSFORM_FORMAT = ('X Y Z QX QY QZ QW (metres and a quaternion: the pose of the cloud frame in the image\'s optical '
+                    'frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it)')
 _FLOAT32 = 7  # sensor_msgs/PointField FLOAT32
 
 
@@ -91,8 +100,10 @@ class ProcessOptions:
 
     image_topic: str
     camera_info_topic: str | None = None  # None: <image namespace>/camera_info if the bag has it; '' = none
-    sparse_topic: str | None = None  # sparse metric depth Image (32FC1 m / 16UC1 mm) of the same camera
+    sparse_topic: str | None = None  # sparse metric depth Image (32FC1 m / 16UC1 mm) of the camera, or PointCloud2
     sparse_fraction: float = 1.0  # < 1: use only this random fraction of the sparse pixels, evaluate on the rest
+    sparse_frame: str = ''  # frame of PointCloud2 sparse input that sparse_transform maps into the optical frame
+    sparse_transform: Sequence[float] | None = None  # [x, y, z, qx, qy, qz, qw]; None = identity (node default)
     output_namespace: str = ''  # outputs at <ns>/depth/image ... ('' = root, like the node without namespace)
     visualize: bool = False  # also depth/image_vis and normals/image_vis (rgb8)
     cloud: bool = True
@@ -113,6 +124,24 @@ class ProcessOptions:
     min_depth: float = _DEFAULTS['min_depth']
     max_depth: float = _DEFAULTS['max_depth']
 
+    def sparse_extrinsic(self) -> RigidTransform:
+        """The static extrinsic of the cloud frame (checked before the model loads, so a typo costs no time).
+
+        Raises:
+            BagError: not 7 finite numbers with a non-zero quaternion, or given without ``sparse_frame``.
+        """
+        values = _IDENTITY if self.sparse_transform is None else self.sparse_transform
+        try:
+            extrinsic = RigidTransform(values)
+        except (InvalidTransform, TypeError, ValueError) as err:
+            msg = f'--sparse-transform {" ".join(map(str, values))}: {err}; give {TRANSFORM_FORMAT}'
+            raise BagError(msg) from err
+        if self.sparse_transform is not None and not self.sparse_frame:
+            msg = ('--sparse-transform needs --sparse-frame FRAME: the frame_id of the clouds it maps into the '
+                   'image\'s optical frame')
+            raise BagError(msg)
+        return extrinsic
+
 
 @dataclass
 class ProcessSummary:
@@ -122,6 +151,7 @@ class ProcessSummary:
     frames_out: int = 0
     frames_metric: int = 0
     frames_failed: int = 0
+    sparse_unused: int = 0  # frames whose matched sparse message could not be used (frame, camera_info, malformed)
     outputs: dict[str, int] = field(default_factory=dict)  # output topic -> messages written
     passthrough: dict[str, int] = field(default_factory=dict)  # input topic -> messages copied
     skipped_topics: dict[str, str] = field(default_factory=dict)
@@ -158,6 +188,8 @@ class _Processor:
         self.infos: collections.deque[tuple[int, Any]] = collections.deque()
         self.sparse: collections.deque[tuple[int, Any]] = collections.deque()
         self.last_seen = {'info': -math.inf, 'sparse': -math.inf}
+        self.extrinsic = opts.sparse_extrinsic()
+        self.warned: set[str] = set()  # one warning per kind of unusable sparse input, not one per frame
         fixed = float(opts.fixed_scale)
         self.aligner = TemporalAligner(ema_alpha=opts.ema_alpha, max_fallback_age_s=opts.max_fallback_age_s,
                                        reset_ratio=opts.reset_ratio, fixed_scale=fixed if fixed > 0 else None)
@@ -179,10 +211,16 @@ class _Processor:
         self.summary.camera_info_topic = info or None
         if opts.sparse_topic:
             bag.select([opts.sparse_topic])
-            if bag.topics[opts.sparse_topic].msgtype != _IMAGE:
+            if bag.topics[opts.sparse_topic].msgtype not in (_IMAGE, _CLOUD):
                 msg = (f'--sparse-topic {opts.sparse_topic} has type {bag.topics[opts.sparse_topic].msgtype}; '
-                       f'it must be a depth {_IMAGE} (32FC1 metres or 16UC1 millimetres)')
+                       f'it must be a depth {_IMAGE} (32FC1 metres or 16UC1 millimetres) or a {_CLOUD}')
                 raise BagError(msg)
+        self.sparse_is_cloud = bool(opts.sparse_topic) and bag.topics[opts.sparse_topic].msgtype == _CLOUD
+        if (opts.sparse_frame or opts.sparse_transform is not None) and not self.sparse_is_cloud:
+            msg = ('--sparse-frame / --sparse-transform place a PointCloud2 --sparse-topic in the image\'s optical '
+                   f'frame; {opts.sparse_topic or "no --sparse-topic"} is not one (a sparse depth Image is already '
+                   'on the camera grid): drop them or give the cloud topic')
+            raise BagError(msg)
         if not 0.0 < opts.sparse_fraction <= 1.0:
             msg = f'--sparse-fraction must be in (0, 1], got {opts.sparse_fraction}'
             raise BagError(msg)
@@ -354,9 +392,17 @@ class _Processor:
             held = None
             sparse_msg = self._nearest(self.sparse, frame.stamp, opts.sparse_max_dt * 1e9) if opts.sparse_topic \
                 else None
+            sparse_m = None
             if sparse_msg is not None:
                 try:
-                    sparse_m = depth_to_metres(sparse_msg)  # [h,w] metres, NaN = none
+                    sparse_m = self._sparse_metres(sparse_msg, header, width, height, intr)  # [h,w] m, NaN none
+                except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the frame
+                    LOG.warning('sparse input at stamp %.6f s unusable, frame processed without it: %s (%s)',
+                                frame.stamp * 1e-9, err, type(err).__name__)
+                if sparse_m is None:
+                    self.summary.sparse_unused += 1
+            if sparse_m is not None:
+                try:
                     if opts.sparse_fraction < 1.0:
                         sparse_m, held = sparsify(sparse_m, opts.sparse_fraction, seed=frame.stamp % (2**32))
                         held = sparse_to_image_grid(held, width, height)
@@ -402,6 +448,32 @@ class _Processor:
             nrm = normals[::stride, ::stride] if (normals is not None and opts.cloud_normals) else None
             self._write('points', bag_time, self._cloud(cloud_array(xyz, colours, nrm), header))
         self.summary.frames_out += 1
+
+    def _sparse_metres(self, msg: Any, header: Any, width: int, height: int,
+                       intr: PinholeIntrinsics | None) -> np.ndarray | None:
+        """Sparse metres, NaN = none: a depth Image on its own grid; a cloud projected onto the image grid (the
+        node's code path), or None when it cannot be placed (warned once per cause, naming the option to fix)."""
+        if not self.sparse_is_cloud:
+            return depth_to_metres(msg)  # [h,w]
+        if intr is None:
+            self._warn_once('intr', 'sparse clouds on %s need a usable camera_info of the image to be projected: '
+                            'not used for the metric fit (give --camera-info-topic)', self.opts.sparse_topic)
+            return None
+        depth = cloud_to_sparse_depth(msg, header.frame_id, self.opts.sparse_frame, self.extrinsic, intr, width,
+                                      height)  # [H,W]
+        if depth is None:
+            cloud_frame = msg.header.frame_id
+            self._warn_once(
+                f'frame:{cloud_frame}', 'sparse clouds on %s are in frame %r, the image in %r: not used for the '
+                'metric fit; give --sparse-frame %s --sparse-transform X Y Z QX QY QZ QW (its pose in the image '
+                'frame, as `ros2 run tf2_ros tf2_echo %s %s` prints it)', self.opts.sparse_topic, cloud_frame,
+                header.frame_id, cloud_frame, header.frame_id, cloud_frame)
+        return depth
+
+    def _warn_once(self, key: str, text: str, *args: Any) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            LOG.warning(text + ' (warned once; the summary counts the frames)', *args)
 
     def _write(self, key: str, bag_time: int, msg: Any) -> None:
         topic = self.out[key]

@@ -50,7 +50,7 @@ from geodiff_ros.ros.conversions import (
 )
 from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats
 from geodiff_ros.ros.params import Settings
-from geodiff_ros.ros.pointcloud import PointCloudError, cloud_to_msg, cloud_xyz, project_points_to_depth
+from geodiff_ros.ros.pointcloud import PointCloudError, cloud_to_msg, cloud_to_sparse_depth
 
 if TYPE_CHECKING:
     import torch
@@ -377,24 +377,19 @@ class CameraChannel:
             self.log.warning('sparse_points need a valid camera_info to be projected; skipping the fit',
                              throttle_duration_sec=THROTTLE_S)
             return None
-        extrinsic = None
-        cloud_frame = msg.header.frame_id
-        if cloud_frame and header.frame_id and cloud_frame != header.frame_id:
-            if cloud_frame != s['sparse_points.frame_id']:
-                self.log.warning(
-                    f'sparse_points are in frame {cloud_frame!r}, the image in {header.frame_id!r}: set '
-                    f'sparse_points.frame_id to {cloud_frame!r} and sparse_points.transform to its pose in the image '
-                    f'frame (x y z qx qy qz qw, as `ros2 run tf2_ros tf2_echo {header.frame_id} {cloud_frame}` '
-                    'prints it), or transform the cloud upstream', throttle_duration_sec=THROTTLE_S)
-                return None
-            extrinsic = self.sparse_extrinsic(s['sparse_points.transform'])
         try:
-            xyz = cloud_xyz(msg)  # [N,3]
+            depth = cloud_to_sparse_depth(msg, header.frame_id, s['sparse_points.frame_id'],
+                                          self.sparse_extrinsic(s['sparse_points.transform']), intr, width, height)
         except PointCloudError as err:
             raise ImageConversionError(f'sparse_points: {err}') from err
-        if extrinsic is not None:
-            xyz = extrinsic.apply(xyz)  # [N,3] in the image's optical frame
-        return project_points_to_depth(xyz, intr.fx, intr.fy, intr.cx, intr.cy, width, height)
+        if depth is None:
+            cloud_frame = msg.header.frame_id
+            self.log.warning(
+                f'sparse_points are in frame {cloud_frame!r}, the image in {header.frame_id!r}: set '
+                f'sparse_points.frame_id to {cloud_frame!r} and sparse_points.transform to its pose in the image '
+                f'frame (x y z qx qy qz qw, as `ros2 run tf2_ros tf2_echo {header.frame_id} {cloud_frame}` '
+                'prints it), or transform the cloud upstream', throttle_duration_sec=THROTTLE_S)
+        return depth
 
     def _subscribed(self, key: str) -> bool:
         pub = self.pubs.get(key)

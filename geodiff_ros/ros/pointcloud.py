@@ -21,10 +21,14 @@ from geodiff_ros.ros.conversions import to_uint8_array
 if TYPE_CHECKING:
     from sensor_msgs.msg import PointCloud2
 
+    from geodiff_ros.geometry import PinholeIntrinsics
+    from geodiff_ros.geometry.transform import RigidTransform
+
 __all__ = [
     'PointCloudError',
     'cloud_array',
     'cloud_to_msg',
+    'cloud_to_sparse_depth',
     'cloud_xyz',
     'pack_rgb',
     'project_points_to_depth',
@@ -178,3 +182,24 @@ def project_points_to_depth(
     np.minimum.at(depth, v * width + u, z)  # z-buffer: nearest wins
     depth[np.isinf(depth)] = np.nan
     return depth.reshape(height, width).astype(np.float32)
+
+
+def cloud_to_sparse_depth(
+    msg: Any, image_frame: str, points_frame: str, extrinsic: RigidTransform, intr: PinholeIntrinsics,
+    width: int, height: int,
+) -> np.ndarray | None:
+    """Sparse metric depth ``[H,W]`` (NaN empty) of a PointCloud2-like message on the image's grid, or None.
+
+    The node's ``sparse_points`` rule, shared with ``geodiff_bag process``: a cloud in the image's optical frame
+    (or either frame_id empty) is projected as it is; a cloud in ``points_frame`` goes through ``extrinsic``
+    (``p_optical = R p + t``) first; a cloud in any other frame gives None, and the caller names the setting to fix
+    (node parameter or bag option). Raises PointCloudError when the cloud cannot be read.
+    """
+    cloud_frame = msg.header.frame_id
+    use_extrinsic = bool(cloud_frame and image_frame and cloud_frame != image_frame)
+    if use_extrinsic and cloud_frame != points_frame:
+        return None
+    xyz = cloud_xyz(msg)  # [N,3]
+    if use_extrinsic:
+        xyz = extrinsic.apply(xyz)  # [N,3] in the image's optical frame
+    return project_points_to_depth(xyz, intr.fx, intr.fy, intr.cx, intr.cy, width, height)
