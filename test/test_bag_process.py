@@ -331,6 +331,73 @@ def test_bad_sparse_transform_options_exit_2_and_name_the_format(synth: Path, tm
     assert not (tmp_path / 'o').exists()
 
 
+@pytest.mark.parametrize('frame', ['000114'])
+def test_cli_real_kitti_velodyne_through_the_calibration(shared_data: Path, tmp_path: Path, frame: str,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A real KITTI frame (colour image, P2 camera_info, raw Velodyne scan in its own frame) through the CLI with
+    --sparse-frame/--sparse-transform from the dataset calibration: the metric fit lands on the dataset's own
+    projected LiDAR depth. The stand-in engine's relative depth is that projection (``(d - T) / S``), so a wrong
+    extrinsic, projection or stamp match cannot give the right metric depth."""
+    from PIL import Image as PILImage
+
+    from geodiff_ros.testing.kitti import kitti_velodyne_to_camera2
+
+    root = shared_data / 'outdoor' / 'kitti_object_lidar'
+    pose, p2 = kitti_velodyne_to_camera2(root / 'calib' / f'{frame}.txt')
+    rgb = np.asarray(PILImage.open(root / 'image_2' / f'{frame}.png').convert('RGB'))  # [H,W,3]
+    expected = np.asarray(PILImage.open(root / 'proj_depth_velodyne' / f'{frame}.png'), np.float64) / 256.0
+    height, width = expected.shape
+    scan = np.fromfile(root / 'velodyne' / f'{frame}.bin', np.float32).reshape(-1, 4)  # x, y, z, intensity
+    # The dataset's projection sits one pixel up-left of round(u), round(v) (test_geometry_transform): undo it.
+    truth = np.full((height, width), np.nan)
+    truth[1:, 1:] = np.where(expected[:-1, :-1] > 0, expected[:-1, :-1], np.nan)
+    relative = np.where(np.isfinite(truth), (truth - T) / S, 0.5).astype(np.float32)  # no truth: an outlier
+
+    src = tmp_path / 'kitti'
+    stamp = 1_700_000_000_000_000_000
+    with BagWriter(src) as w:
+        types = w.typestore.types
+        header = types['std_msgs/msg/Header'](stamp=types['builtin_interfaces/msg/Time'](sec=stamp // 10**9,
+                                                                                          nanosec=0),
+                                              frame_id='camera2_optical')
+        w.write_msg('/kitti/image', stamp, types['sensor_msgs/msg/Image'](
+            header=header, height=height, width=width, encoding='rgb8', is_bigendian=0, step=width * 3,
+            data=rgb.reshape(-1)))
+        k = p2[:, :3].reshape(-1)
+        w.write_msg('/kitti/camera_info', stamp, types['sensor_msgs/msg/CameraInfo'](
+            header=header, height=height, width=width, distortion_model='plumb_bob', d=np.zeros(5), k=k,
+            r=np.eye(3).reshape(-1), p=p2.reshape(-1), binning_x=0, binning_y=0,
+            roi=types['sensor_msgs/msg/RegionOfInterest'](x_offset=0, y_offset=0, height=0, width=0,
+                                                          do_rectify=False)))
+        field = types['sensor_msgs/msg/PointField']
+        cloud = types['sensor_msgs/msg/PointCloud2'](
+            header=types['std_msgs/msg/Header'](stamp=header.stamp, frame_id='velodyne'), height=1, width=len(scan),
+            fields=[field(name=n, offset=4 * i, datatype=7, count=1) for i, n in enumerate(('x', 'y', 'z',
+                                                                                            'intensity'))],
+            is_bigendian=False, point_step=16, row_step=16 * len(scan), data=scan.reshape(-1).view(np.uint8),
+            is_dense=True)
+        w.write_msg('/velodyne_points', stamp + 20_000_000, cloud)  # arrives after the image, as in a recording
+
+    engine = SimpleNamespace(device='cpu', predict=lambda images: SimpleNamespace(depth=[relative], normals=None))
+    monkeypatch.setattr('geodiff_ros.bag.cli.build_engine', lambda args: engine)
+    out = tmp_path / 'out'
+    code = bag_main(['process', str(src), str(out), '--image-topic', '/kitti/image', '--sparse-topic',
+                     '/velodyne_points', '--sparse-frame', 'velodyne', '--sparse-transform',
+                     *(f'{v:.12f}' for v in pose)])
+    text = capsys.readouterr().out
+    assert code == 0 and 'frames: 1 in, 1 out, 1 metric' in text, text
+    metric = image_to_numpy(_read(out)['/depth/image'][0][1])
+    ok = np.isfinite(truth) & (truth < 100.0)  # max_depth
+    assert ok.sum() > 5000
+    assert np.mean(np.abs(metric[ok] - truth[ok]) <= 0.01 * truth[ok]) >= 0.97
+
+    code = bag_main(['process', str(src), str(tmp_path / 'no_extrinsic'), '--image-topic', '/kitti/image',
+                     '--sparse-topic', '/velodyne_points'])
+    text = capsys.readouterr().out
+    assert code == 0 and '1 metric' not in text and 'not usable for 1 frame' in text
+
+
 # ------------------------------------------------------------------------------------------------ CLI, real engine
 
 

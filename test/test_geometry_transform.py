@@ -13,6 +13,7 @@ from scipy.spatial.transform import Rotation
 
 from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
 from geodiff_ros.ros.pointcloud import project_points_to_depth
+from geodiff_ros.testing.kitti import kitti_velodyne_to_camera2
 
 
 def test_quaternion_convention_is_tf2s() -> None:
@@ -33,11 +34,6 @@ def test_bad_transforms_say_what_a_transform_is(values: list[float]) -> None:
         RigidTransform(values)
 
 
-def _calib(path: Path) -> dict[str, np.ndarray]:
-    rows = (line.split(':', 1) for line in path.read_text().splitlines() if ':' in line)
-    return {k: np.array([float(v) for v in rest.split()]) for k, rest in rows}
-
-
 @pytest.mark.parametrize('frame', ['000114', '000000'])
 def test_kitti_velodyne_through_the_extrinsic_lands_on_the_datasets_projection(shared_data: Path,
                                                                               frame: str) -> None:
@@ -45,16 +41,8 @@ def test_kitti_velodyne_through_the_extrinsic_lands_on_the_datasets_projection(s
     tf2 would print it (quaternion + translation), projected with P2's intrinsics: the same sparse depth as the
     dataset's own projection (``proj_depth_velodyne``, P2 R0_rect Tr_velo_to_cam, nearest point kept)."""
     root = shared_data / 'outdoor' / 'kitti_object_lidar'
-    cal = _calib(root / 'calib' / f'{frame}.txt')
-    p2 = cal['P2'].reshape(3, 4)
-    velo_to_cam0 = np.vstack([cal['Tr_velo_to_cam'].reshape(3, 4), [0, 0, 0, 1]])
-    rect = np.eye(4)
-    rect[:3, :3] = cal['R0_rect'].reshape(3, 3)
-    cam0_to_cam2 = np.eye(4)
-    cam0_to_cam2[:3, 3] = np.linalg.solve(p2[:, :3], p2[:, 3])  # P2 = K [I | t]
-    matrix = cam0_to_cam2 @ rect @ velo_to_cam0  # [4,4] velodyne -> camera 2 (rectified, optical)
-    rot = Rotation.from_matrix(matrix[:3, :3] / np.cbrt(np.linalg.det(matrix[:3, :3])))  # R0_rect: 1e-7 off
-    extrinsic = RigidTransform([*matrix[:3, 3], *rot.as_quat()])
+    pose, p2 = kitti_velodyne_to_camera2(root / 'calib' / f'{frame}.txt')
+    extrinsic = RigidTransform(pose)
 
     scan = np.fromfile(root / 'velodyne' / f'{frame}.bin', np.float32).reshape(-1, 4)[:, :3]  # [N,3] velodyne
     expected = np.asarray(PILImage.open(root / 'proj_depth_velodyne' / f'{frame}.png'), np.float64) / 256.0

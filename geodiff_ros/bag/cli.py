@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'frame (clouds in other frames than this and the image\'s are not used)')
     p.add_argument('--sparse-transform', nargs='+', default=None, metavar='V',
                    help='static extrinsic X Y Z QX QY QZ QW of --sparse-frame in the image\'s optical frame, as '
-                        '`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity)')
+                        '`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity; write '
+                        'negatives as -0.0012, not -1.2e-3)')
     p.add_argument('--sparse-fraction', type=float, default=1.0, metavar='F',
                    help='use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera '
                         'into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric '
