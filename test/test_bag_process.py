@@ -331,6 +331,18 @@ def test_bad_sparse_transform_options_exit_2_and_name_the_format(synth: Path, tm
     assert not (tmp_path / 'o').exists()
 
 
+def test_sparse_transform_takes_numbers_in_any_notation() -> None:
+    """tf2_echo or a calibration file may give -1.2e-3: argparse alone reads that as an unknown option."""
+    from geodiff_ros.bag.cli import build_parser, transform_in_fixed_notation
+
+    values = ['1e-3', '-1.2e-3', '-5', '-0.25', '0', '-7.071067811865476e-01', '0.7071067811865476']
+    argv = ['process', 'IN', 'OUT', '--image-topic', IMAGE_TOPIC, '--sparse-transform', *values, '--tiny']
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    args = build_parser().parse_args(transform_in_fixed_notation(argv))
+    assert [float(v) for v in args.sparse_transform] == [float(v) for v in values] and args.tiny
+
+
 @pytest.mark.parametrize('frame', ['000114'])
 def test_cli_real_kitti_velodyne_through_the_calibration(shared_data: Path, tmp_path: Path, frame: str,
                                                          monkeypatch: pytest.MonkeyPatch,

@@ -409,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'frame (clouds in other frames than this and the image\'s are not used)')
     p.add_argument('--sparse-transform', nargs='+', default=None, metavar='V',
                    help='static extrinsic X Y Z QX QY QZ QW of --sparse-frame in the image\'s optical frame, as '
-                        '`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity; write '
-                        'negatives as -0.0012, not -1.2e-3)')
+                        '`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity)')
     p.add_argument('--sparse-fraction', type=float, default=1.0, metavar='F',
                    help='use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera '
                         'into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric '
@@ -454,10 +453,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def transform_in_fixed_notation(argv: list[str]) -> list[str]:
+    """The numbers after ``--sparse-transform`` in fixed notation (the same doubles): argparse takes a token like
+    ``-1.2e-3`` for an option, since only ``-1`` / ``-1.5`` look like negative numbers to it."""
+    import numpy as np
+
+    out = list(argv)
+    for i, token in enumerate(argv):
+        if token != '--sparse-transform':
+            continue
+        for j in range(i + 1, min(i + 8, len(out))):
+            try:
+                out[j] = np.format_float_positional(float(out[j]), trim='-')
+            except ValueError:
+                break
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry ``geodiff_bag``; returns the exit code (see the module docstring)."""
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s', stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(transform_in_fixed_notation(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except BagError as err:
