@@ -25,7 +25,10 @@ def test_quaternion_convention_is_tf2s() -> None:
     q = Rotation.from_euler('xyz', [0.3, -1.1, 2.0]).as_quat()  # scipy: x, y, z, w as tf2
     rot = RigidTransform([0.0, 0.0, 0.0, *(2.0 * q)])  # not normalised: normalised on the way in
     np.testing.assert_allclose(rot.rotation, Rotation.from_quat(q).as_matrix(), atol=1e-12)
-    assert RigidTransform([0, 0, 0, 0, 0, 0, 1]).is_identity
+    points = np.array([[1.5, -2.0, 7.0], [np.nan, 0.0, 1.0]])
+    moved = RigidTransform([0, 0, 0, 0, 0, 0, 1]).apply(points)
+    np.testing.assert_array_equal(moved[0], points[0])
+    assert np.isnan(moved[1]).all()  # a row with NaN stays invalid (projection drops it)
 
 
 @pytest.mark.parametrize('values', [[0.0] * 7, [0.0] * 6, [0, 0, 0, 0, 0, 0, math.nan]])

@@ -39,21 +39,6 @@ class RigidTransform:
         ])
         self.translation = np.asarray(values[:3], np.float64)  # [3]
 
-    @classmethod
-    def from_matrix(cls, matrix: np.ndarray) -> RigidTransform:
-        """From a 3x4 or 4x4 ``[R | t]`` (e.g. KITTI's Tr_velo_to_cam); R must be a rotation."""
-        m = np.asarray(matrix, np.float64)
-        rot, t = m[:3, :3], m[:3, 3]
-        if not np.allclose(rot @ rot.T, np.eye(3), atol=1e-5) or np.linalg.det(rot) <= 0:
-            raise InvalidTransform('the 3x3 block is not a rotation')
-        out = cls([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
-        out.rotation, out.translation = rot.copy(), t.copy()
-        return out
-
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.array_equal(self.rotation, np.eye(3)) and not self.translation.any())
-
     def apply(self, xyz: np.ndarray) -> np.ndarray:
         """``[N,3]`` points -> ``[N,3]`` float64 points in the target frame (NaN rows stay NaN)."""
         pts = np.asarray(xyz, np.float64).reshape(-1, 3)
