@@ -418,7 +418,8 @@ class GeoDiffEngine:
             depth = self.finish_depth(agg[None, None], size)
             return Prediction(depth=depth[0].cpu().numpy(), timesteps=timesteps)
         if ensemble_size > 1:  # members unit length (A.1-12), ensembled (A.1-13), then A.1-14 onwards
-            members = y.float() / (y.float().norm(dim=1, keepdim=True) + NORMAL_EPS)
+            members = y.float()
+            members = members / (members.norm(dim=1, keepdim=True) + NORMAL_EPS)
             normals = self.finish_normals(ensemble_normals(members)[None], size, model.normals_frame)
         else:
             normals = self.postprocess_normals(y[:1], size, model.normals_frame)
