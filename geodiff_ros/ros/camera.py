@@ -61,6 +61,9 @@ __all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'DecodedFrame', 'SparseRing', 'clou
 
 THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
 _SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
+# Start-up: image and CameraInfo are two topics with no order between them, so the first image can overtake the
+# first CameraInfo; it waits this long for it (only while none has come and a publisher exists).
+FIRST_INFO_WAIT_S = 0.5
 
 # key -> (type, topic relative to the camera prefix); the issue-3 output set, per camera.
 OUTPUT_TOPICS: dict[str, tuple[type, str]] = {
@@ -148,6 +151,8 @@ class CameraChannel:
         self.subs: list[Any] = []
         self._info_lock = threading.Lock()
         self._latest_info: CameraInfo | None = None
+        self._info_arrived = threading.Event()  # set by the first CameraInfo (cleared on reset_inputs)
+        self._info_sub: Any = None
         self._last_stamp_ns: int | None = None  # worker only: detects time going backwards
         self._sparse_mark = 0  # worker only: sparse arrivals before the previous frame was handled
         self._had_metric = False  # worker only: log once when metric output stops
@@ -219,9 +224,10 @@ class CameraChannel:
         else:
             self.subs.append(node.create_subscription(Image, self.topic('image'), on_image, qos,
                                                       callback_group=group, event_callbacks=watched))
+        self._info_sub = node.create_subscription(CameraInfo, self.topic('camera_info'), self._on_camera_info, qos,
+                                                  callback_group=group, event_callbacks=quiet)
         self.subs += [
-            node.create_subscription(CameraInfo, self.topic('camera_info'), self._on_camera_info, qos,
-                                     callback_group=group, event_callbacks=quiet),
+            self._info_sub,
             node.create_subscription(Image, self.topic('sparse_depth'), lambda m: self.sparse.add('depth', m), qos,
                                      callback_group=group, event_callbacks=quiet),
             node.create_subscription(PointCloud2, self.topic('sparse_points'), lambda m: self.sparse.add('points', m),
@@ -229,6 +235,7 @@ class CameraChannel:
         ]
 
     def unsubscribe(self) -> None:
+        self._info_sub = None
         for sub in self.subs:
             self.node.destroy_subscription(sub)
         self.subs = []
@@ -237,11 +244,27 @@ class CameraChannel:
         """Forget CameraInfo and sparse depth (cleanup), so a reconfigured node never uses stale ones."""
         with self._info_lock:
             self._latest_info = None
+            self._info_arrived.clear()
         self.sparse.clear()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         with self._info_lock:
             self._latest_info = msg
+            self._info_arrived.set()
+
+    def _wait_first_camera_info(self) -> None:
+        """Worker: before any CameraInfo has come, give a live camera_info publisher FIRST_INFO_WAIT_S to deliver
+        one, so the first frame is not published without depth/camera_info and cloud (nothing waits afterwards, or
+        when no camera_info publisher exists)."""
+        sub = self._info_sub
+        if self._info_arrived.is_set() or sub is None:
+            return
+        try:
+            publishers = sub.get_publisher_count()
+        except Exception:  # noqa: BLE001 - destroyed by a concurrent cleanup: nothing to wait for
+            return
+        if publishers > 0:
+            self._info_arrived.wait(FIRST_INFO_WAIT_S)
 
     # ------------------------------------------------------------------ worker steps
 
@@ -280,6 +303,7 @@ class CameraChannel:
                      rectify: bool) -> DecodedFrame:
         """The latest CameraInfo for an image decoded from a ``src_w x src_h`` message at 1/``factor`` size,
         rectifying the image with it when asked; without a usable CameraInfo the frame goes on without one."""
+        self._wait_first_camera_info()
         info, intr = self.camera_model(src_w, src_h)
         if info is None:
             if rectify:
