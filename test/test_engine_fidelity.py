@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from geodiff_ros.engine import EngineConfig, GeoDiffEngine, x0_from_prediction
 from geodiff_ros.geometry.normal_frames import TO_OPTICAL_SIGNS
@@ -107,9 +108,12 @@ def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task:
         context = text_encoder(ids)[0]
         scheduler.set_timesteps(steps)
         decoded = []
-        for _ in range(members):
+        # 5. The input repeated `members` times and iterated through a DataLoader of batch size 1 (find_batch_size
+        #    on a CPU): starting the iteration takes the loader's base seed from torch's global CPU generator.
+        loader = DataLoader(TensorDataset(x.expand(members, -1, -1, -1)), batch_size=1, shuffle=False)
+        for (batch,) in loader:
             # 7. Mean of the VAE posterior x 0.18215.
-            z_img = vae.encode(x).latent_dist.mean * LATENT_SCALE
+            z_img = vae.encode(batch).latent_dist.mean * LATENT_SCALE
             # 6, 8, 10, 11. Trailing timesteps, zero (or Gaussian) target latent, image latent first; x0 last.
             latent = torch.randn(z_img.shape, device="cpu", dtype=torch.float32) if noise == "gaussian" else \
                 torch.zeros(z_img.shape)
@@ -190,27 +194,35 @@ def test_multistep_gaussian_noise_is_the_official_draw(tiny_depth_ckpt: Path) ->
     assert np.abs(other - reference).max() > 1e-3  # the noise matters: the check above can fail
 
 
-def test_multistep_normals_ensemble_equals_the_official(tiny_normals_ckpt: Path) -> None:
-    """E=3 Gaussian members one at a time, GeoWizard ensemble (A.1-13), re-normalised and resized (A.1-14, 15)."""
-    image = natural_image(60, 84, seed=4)
-    engine = engine_for("normals", tiny_normals_ckpt, 96)
-    torch.manual_seed(11)
-    reference = official_reference(tiny_normals_ckpt, image, 96, "normals", steps=2, noise="gaussian", members=3)
-    ours = engine.predict_multistep(image, task="normals", num_steps=2, ensemble_size=3,
-                                    timestep_spacing="trailing", seed=11).normals
-    ours = ours * np.asarray(TO_OPTICAL_SIGNS["LUB"], np.float32)
-    assert np.abs(ours - reference).max() <= 1e-6
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("task", ["depth", "normals"])
+def test_multistep_gaussian_ensemble_equals_the_official(task: str, steps: int, tiny_depth_ckpt: Path,
+                                                         tiny_normals_ckpt: Path) -> None:
+    """E=3 Gaussian members one at a time, each drawing its noise in turn after the DataLoader's base-seed draw,
+    then the task's ensemble (Marigold's depth BFGS / GeoWizard's normals pick), min-max or re-normalisation and
+    the resize. ``seed=s`` and ``seed=None`` after ``torch.manual_seed(s)`` both give the official output, and
+    ``seed=None`` leaves torch's global generator where the official call leaves it."""
+    folder = tiny_depth_ckpt if task == "depth" else tiny_normals_ckpt
+    image = natural_image(60, 84, seed=6)
+    engine = engine_for(task, folder, 96)
 
+    def ours(seed: int | None) -> np.ndarray:
+        pred = engine.predict_multistep(image, task=task, num_steps=steps, ensemble_size=3,
+                                        timestep_spacing="trailing", seed=seed)
+        if task == "depth":
+            return pred.depth
+        return pred.normals * np.asarray(TO_OPTICAL_SIGNS["LUB"], np.float32)
 
-def test_multistep_depth_ensemble_equals_the_official(tiny_depth_ckpt: Path) -> None:
-    """E=3 Gaussian members one at a time, Marigold's depth ensemble (A.1-13), min-max and resize (A.1-14, 15)."""
-    image = natural_image(60, 84, seed=5)
-    engine = engine_for("depth", tiny_depth_ckpt, 96)
-    torch.manual_seed(12)
-    reference = official_reference(tiny_depth_ckpt, image, 96, "depth", steps=2, noise="gaussian", members=3)
-    ours = engine.predict_multistep(image, num_steps=2, ensemble_size=3, timestep_spacing="trailing",
-                                    seed=12).depth
-    assert np.abs(ours - reference).max() <= 1e-6
+    torch.manual_seed(1234)
+    reference = official_reference(folder, image, 96, task, steps=steps, noise="gaussian", members=3)
+    after_official = torch.randn(8)
+    seeded = ours(1234)
+    torch.manual_seed(1234)
+    global_rng = ours(None)
+    after_ours = torch.randn(8)
+    assert np.abs(seeded - reference).max() <= 1e-6
+    assert np.abs(global_rng - reference).max() <= 1e-6
+    assert torch.equal(after_ours, after_official)
 
 
 @pytest.mark.parametrize("seed", [9, 10, 34, 58, 100])

@@ -392,9 +392,14 @@ class GeoDiffEngine:
 
         With ``leading`` spacing and one step DDIM runs at t=1 (the bug the paper found); ``trailing`` runs t=999.
         The last step returns x0 (pred_original_sample) as the E2E-FT pipeline does (spec A.1-11).
-        ``seed``: the Gaussian draw comes from a fresh generator on the device seeded with it, which equals the
-        official draw right after ``torch.manual_seed(seed)``; ``None`` draws from torch's global generator, as
-        the official does. The E members run as one batch (the official batches them by available memory).
+        ``seed`` (Gaussian noise): ``seed=s`` gives the official noise of a call made right after
+        ``torch.manual_seed(s)``, drawn from a fresh generator (torch's global generators are left alone);
+        ``seed=None`` draws from torch's global generators exactly as the official call does. The official
+        pipeline iterates a ``DataLoader`` over the input before its first ``randn``, and starting that iteration
+        takes one int64 draw from the global CPU generator (the loader's base seed). So on the CPU the noise is the
+        draw after that int64 draw; on CUDA the noise comes from the CUDA generator, which the loader's CPU draw
+        does not advance (the global CPU generator still loses one int64 with ``seed=None``, as in the official).
+        fp32 members run one at a time (the official batch size on a CPU), fp16 / bf16 members as one batch.
         """
         from diffusers import DDIMScheduler
 
@@ -406,7 +411,7 @@ class GeoDiffEngine:
         scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing=timestep_spacing)
         scheduler.set_timesteps(num_steps, device=self.device)
         x = self._network_input(frame[None])  # [1,3,h,w]
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        generator = _official_noise_generator(self.device, seed)
         # fp32: one member at a time, as the official runs on a CPU (batch size 1; batching changes rounding) and
         # with the same sequence of draws; fp16 / bf16: all E members in one batch.
         groups = [1] * ensemble_size if self.bit_exact else [ensemble_size]
@@ -483,6 +488,23 @@ class GeoDiffEngine:
             groups.setdefault(frame.shape[:2], []).append(i)
         size = max(1, self.config.batch_size)
         return [idx[k:k + size] for idx in groups.values() for k in range(0, len(idx), size)]
+
+
+def _official_noise_generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    """The generator whose next ``randn`` on ``device`` is the official pipeline's first noise draw (None: torch's
+    global generator, with the global CPU generator advanced as the official advances it).
+
+    The official pipeline starts iterating a ``torch.utils.data.DataLoader`` over the input before drawing noise;
+    the loader's iterator takes its base seed as one int64 draw from the global CPU generator
+    (``torch.empty((), dtype=torch.int64).random_()``). That draw moves the CPU generator only.
+    """
+    if seed is None:
+        torch.empty((), dtype=torch.int64).random_()  # the loader's base seed, from the global CPU generator
+        return None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if generator.device.type == "cpu":
+        torch.empty((), dtype=torch.int64).random_(generator=generator)  # the same draw on the fresh generator
+    return generator
 
 
 def decoder_to_depth(y: torch.Tensor) -> torch.Tensor:
