@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             result[name] = fn()
-        except Exception as exc:  # noqa: BLE001 - keep the other measurements
+        except Exception as exc:
             LOG.exception("%s failed", name)
             result.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}")
         result.setdefault("step_s", {})[name] = round(time.perf_counter() - start, 1)

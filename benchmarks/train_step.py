@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from geodiff_ros.training.losses import affine_invariant_l1_loss  # noqa: E402
-from geodiff_ros.training.model import e2e_forward  # noqa: E402
+from geodiff_ros.training.losses import affine_invariant_l1_loss
+from geodiff_ros.training.model import e2e_forward
 
 ALPHA_999 = 0.0046601  # scaled_linear 0.00085-0.012 at t=999 (spec A.1-11)
 
@@ -158,20 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         "size_hw": [args.height, args.width], "gradient_checkpointing": args.gradient_checkpointing,
         "paper": "20k steps x 16 accumulation x batch 2, about 3 days on one H100 (spec B.1)", "results": rows,
     }
-    print(f"E2E train micro-step on {card}: batch {args.batch} at {args.height}x{args.width}, "  # noqa: T201
+    print(f"E2E train micro-step on {card}: batch {args.batch} at {args.height}x{args.width}, "
           f"gradient checkpointing {args.gradient_checkpointing}, tiny={args.tiny}")
-    print("| precision | s / micro-step | peak mem [GiB] | projected paper run [days] |")  # noqa: T201
-    print("|---|---|---|---|")  # noqa: T201
+    print("| precision | s / micro-step | peak mem [GiB] | projected paper run [days] |")
+    print("|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['precision']} | {r['error']} | | |")  # noqa: T201
+            print(f"| {r['precision']} | {r['error']} | | |")
         else:
-            print(f"| {r['precision']} | {r['sec_per_micro_step_median']:.3f} | {r['peak_mem_gib']:.2f} | "  # noqa: T201
+            print(f"| {r['precision']} | {r['sec_per_micro_step_median']:.3f} | {r['peak_mem_gib']:.2f} | "
                   f"{r['projected_days_paper_run']:.2f} |")
     out = Path(args.json) if args.json else Path(__file__).parent / "results" / f"train_step_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")  # noqa: T201
+    print(f"wrote {out}")
     return 0
 
 

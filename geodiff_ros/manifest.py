@@ -35,7 +35,7 @@ def read_manifest(manifest: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     if isinstance(entries, dict):
         entries = entries.get("frames", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        msg = f"RGB-D manifest {path} must hold a list of frame entries (or {{\"frames\": [...]}})"
+        msg = f'RGB-D manifest {path} must hold a list of frame entries (or {{"frames": [...]}})'
         raise ManifestError(msg)
     return path.parent, entries
 

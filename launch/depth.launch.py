@@ -50,46 +50,46 @@ def _arg(context, name: str) -> str:
 
 def _rviz(context, share: str, cameras: list[str], normals: bool, namespace: str, use_sim_time: bool) -> list:
     """RViz with this run's layout (every camera's displays), written to a temporary file removed at shutdown."""
-    path = write_rviz_layout(share, cameras, normals, _arg(context, 'fixed_frame'))
+    path = write_rviz_layout(share, cameras, normals, _arg(context, "fixed_frame"))
     # rviz/geodiff.rviz uses relative topic names, resolved in the same namespace as the node's outputs.
     return [
-        Node(package='rviz2', executable='rviz2', name='rviz2', namespace=namespace, arguments=['-d', path],
-             parameters=[{'use_sim_time': use_sim_time}]),
+        Node(package="rviz2", executable="rviz2", name="rviz2", namespace=namespace, arguments=["-d", path],
+             parameters=[{"use_sim_time": use_sim_time}]),
         RegisterEventHandler(OnShutdown(on_shutdown=[OpaqueFunction(function=lambda _ctx: os.remove(path))])),
     ]
 
 
 def _nodes(context, *_args, **_kwargs):
     """Build the nodes once the arguments are known, so empty overrides leave the params files alone."""
-    share = get_package_share_directory('geodiff_ros')
-    want_rviz = rviz_requested(_arg(context, 'rviz'))  # rviz2 missing: stops here, before any process starts
-    use_sim_time = truthy(_arg(context, 'use_sim_time'))
-    overrides = {'use_sim_time': use_sim_time,
+    share = get_package_share_directory("geodiff_ros")
+    want_rviz = rviz_requested(_arg(context, "rviz"))  # rviz2 missing: stops here, before any process starts
+    use_sim_time = truthy(_arg(context, "use_sim_time"))
+    overrides = {"use_sim_time": use_sim_time,
                  **parameter_overrides({arg: _arg(context, arg) for arg in LAUNCH_ARGUMENTS.values()})}
-    namespace = _arg(context, 'namespace')
+    namespace = _arg(context, "namespace")
     # "[front, left]" (YAML) or "front,left"; [] / "" = one camera on today's topics.
-    cameras = parse_camera_list(yaml.safe_load(_arg(context, 'cameras') or '[]'))
+    cameras = parse_camera_list(yaml.safe_load(_arg(context, "cameras") or "[]"))
     if cameras:
-        overrides['cameras'] = cameras
+        overrides["cameras"] = cameras
         patterns = {topic: _arg(context, arg) for arg, topic in INPUT_PATTERNS}
         remappings = camera_remappings(cameras, patterns)
     else:
-        remappings = [(topic, _arg(context, topic)) for topic in ('image', 'camera_info', 'sparse_depth',
-                                                                   'sparse_points')]
+        remappings = [(topic, _arg(context, topic)) for topic in ("image", "camera_info", "sparse_depth",
+                                                                   "sparse_points")]
     actions = [Node(
-        package='geodiff_ros',
-        executable='geodiff_node',
-        name='geodiff',
+        package="geodiff_ros",
+        executable="geodiff_node",
+        name="geodiff",
         namespace=namespace,
-        output='screen',
+        output="screen",
         emulate_tty=True,
         # The shipped defaults, then the user's file on top (only what it sets), then the launch arguments given.
-        parameters=[*params_files(share, _arg(context, 'params_file')), overrides],
-        arguments=['--ros-args', '--log-level', _arg(context, 'log_level')],
+        parameters=[*params_files(share, _arg(context, "params_file")), overrides],
+        arguments=["--ros-args", "--log-level", _arg(context, "log_level")],
         remappings=remappings,
     )]
     if want_rviz:
-        actions += _rviz(context, share, cameras, overrides.get('model_normals') != '', namespace, use_sim_time)
+        actions += _rviz(context, share, cameras, overrides.get("model_normals") != "", namespace, use_sim_time)
     return actions
 
 
@@ -97,8 +97,8 @@ def _parameter_arguments() -> list:
     """One launch argument per commonly overridden parameter (params.LAUNCH_ARGUMENTS; launch silently ignores
     undeclared ones, so each is declared); empty = the params files decide."""
     specs = {spec.name: spec for spec in PARAMS}
-    notes = {'model_depth': ' (hub id or folder)', 'model_normals': ' (hub id or folder; none disables normals)'}
-    return [DeclareLaunchArgument(arg, default_value='',
+    notes = {"model_depth": " (hub id or folder)", "model_normals": " (hub id or folder; none disables normals)"}
+    return [DeclareLaunchArgument(arg, default_value="",
                                   description=f'Override {param}{notes.get(param, "")}: {specs[param].description} '
                                               f'Empty: the params files decide (default {specs[param].default!r}).')
             for param, arg in LAUNCH_ARGUMENTS.items()]
@@ -106,40 +106,40 @@ def _parameter_arguments() -> list:
 
 def generate_launch_description() -> LaunchDescription:
     return LaunchDescription([
-        DeclareLaunchArgument('namespace', default_value='', description='Namespace of the node and its outputs.'),
-        DeclareLaunchArgument('image', default_value='/camera/color/image_raw',
-                              description='Colour image topic (rectified preferred); with input_transport '
-                                          'compressed the node subscribes to <image>/compressed.'),
-        DeclareLaunchArgument('camera_info', default_value='/camera/color/camera_info',
-                              description='CameraInfo of the image (needed for the point cloud).'),
-        DeclareLaunchArgument('sparse_depth', default_value='sparse_depth',
-                              description='Sparse metric depth image (32FC1 m or 16UC1 mm) of the same camera.'),
-        DeclareLaunchArgument('sparse_points', default_value='sparse_points',
-                              description='Sparse PointCloud2 already in the camera optical frame.'),
-        DeclareLaunchArgument('cameras', default_value='[]',
+        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node and its outputs."),
+        DeclareLaunchArgument("image", default_value="/camera/color/image_raw",
+                              description="Colour image topic (rectified preferred); with input_transport "
+                                          "compressed the node subscribes to <image>/compressed."),
+        DeclareLaunchArgument("camera_info", default_value="/camera/color/camera_info",
+                              description="CameraInfo of the image (needed for the point cloud)."),
+        DeclareLaunchArgument("sparse_depth", default_value="sparse_depth",
+                              description="Sparse metric depth image (32FC1 m or 16UC1 mm) of the same camera."),
+        DeclareLaunchArgument("sparse_points", default_value="sparse_points",
+                              description="Sparse PointCloud2 already in the camera optical frame."),
+        DeclareLaunchArgument("cameras", default_value="[]",
                               description='Several cameras in one node, e.g. "[front, left]": topics under each '
                                           'name (front/image, front/depth/image, ...); [] = one camera.'),
-        DeclareLaunchArgument('image_pattern', default_value='',
-                              description='With cameras: image topic of each camera, {camera} = its name, e.g. '
-                                          '/{camera}/color/image_raw; empty = <namespace>/<camera>/image.'),
-        DeclareLaunchArgument('camera_info_pattern', default_value='',
-                              description='With cameras: CameraInfo topic pattern, e.g. /{camera}/color/camera_info.'),
-        DeclareLaunchArgument('sparse_depth_pattern', default_value='',
-                              description='With cameras: sparse depth topic pattern, e.g. /{camera}/lidar_depth.'),
-        DeclareLaunchArgument('sparse_points_pattern', default_value='',
-                              description='With cameras: sparse PointCloud2 topic pattern (camera optical frame).'),
-        DeclareLaunchArgument('params_file', default_value='',
-                              description='Your parameters YAML (/**: ros__parameters:), applied on top of the '
-                                          'shipped config/geodiff.yaml: it only needs what you change.'),
+        DeclareLaunchArgument("image_pattern", default_value="",
+                              description="With cameras: image topic of each camera, {camera} = its name, e.g. "
+                                          "/{camera}/color/image_raw; empty = <namespace>/<camera>/image."),
+        DeclareLaunchArgument("camera_info_pattern", default_value="",
+                              description="With cameras: CameraInfo topic pattern, e.g. /{camera}/color/camera_info."),
+        DeclareLaunchArgument("sparse_depth_pattern", default_value="",
+                              description="With cameras: sparse depth topic pattern, e.g. /{camera}/lidar_depth."),
+        DeclareLaunchArgument("sparse_points_pattern", default_value="",
+                              description="With cameras: sparse PointCloud2 topic pattern (camera optical frame)."),
+        DeclareLaunchArgument("params_file", default_value="",
+                              description="Your parameters YAML (/**: ros__parameters:), applied on top of the "
+                                          "shipped config/geodiff.yaml: it only needs what you change."),
         *_parameter_arguments(),
-        DeclareLaunchArgument('use_sim_time', default_value='false',
-                              description='Use /clock (bag playback with --clock).'),
-        DeclareLaunchArgument('rviz', default_value='false',
-                              description='Also start RViz 2 with rviz/geodiff.rviz, with displays for every '
-                                          'camera (checked first: launch stops with a message if rviz2 is missing).'),
-        DeclareLaunchArgument('fixed_frame', default_value='camera_color_optical_frame',
-                              description='RViz fixed frame (the camera optical frame works without TF).'),
-        DeclareLaunchArgument('log_level', default_value='info',
-                              description='Log level of the node (debug, info, warn, error, fatal).'),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="Use /clock (bag playback with --clock)."),
+        DeclareLaunchArgument("rviz", default_value="false",
+                              description="Also start RViz 2 with rviz/geodiff.rviz, with displays for every "
+                                          "camera (checked first: launch stops with a message if rviz2 is missing)."),
+        DeclareLaunchArgument("fixed_frame", default_value="camera_color_optical_frame",
+                              description="RViz fixed frame (the camera optical frame works without TF)."),
+        DeclareLaunchArgument("log_level", default_value="info",
+                              description="Log level of the node (debug, info, warn, error, fatal)."),
         OpaqueFunction(function=_nodes),
     ])

@@ -22,18 +22,18 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-FASTDDS_PROFILE = REPO / 'config' / 'fastdds_localhost.xml'
-PARAMS_FILE = REPO / 'config' / 'geodiff.yaml'
+FASTDDS_PROFILE = REPO / "config" / "fastdds_localhost.xml"
+PARAMS_FILE = REPO / "config" / "geodiff.yaml"
 
 
 def is_install_under_test() -> bool:
     """True when the suite tests the installed package (``colcon test``; conftest decides), False in a checkout."""
-    return os.environ.get('GEODIFF_TEST_INSTALLED') == '1'
+    return os.environ.get("GEODIFF_TEST_INSTALLED") == "1"
 
 
 def source_pythonpath(env: dict[str, str]) -> str:
     """PYTHONPATH for a subprocess: the source folder first in a checkout, unchanged when testing the install."""
-    parts = [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if not is_install_under_test() and str(REPO) not in parts:
         parts.insert(0, str(REPO))
     return os.pathsep.join(parts)
@@ -51,33 +51,33 @@ def launch_file(name: str) -> Path:
     if is_install_under_test():
         from ament_index_python.packages import get_package_share_directory
 
-        return Path(get_package_share_directory('geodiff_ros')) / 'launch' / name
-    return REPO / 'launch' / name
+        return Path(get_package_share_directory("geodiff_ros")) / "launch" / name
+    return REPO / "launch" / name
 
 
 # console_scripts of setup.py: launch_ros starts executables from <prefix>/lib/geodiff_ros/.
-CONSOLE_SCRIPTS = {'geodiff_node': 'geodiff_ros.ros.node', 'geodiff_bag': 'geodiff_ros.bag.cli',
-                   'geodiff_demo': 'geodiff_ros.ros.demo', 'geodiff_predict': 'geodiff_ros.cli.predict'}
+CONSOLE_SCRIPTS = {"geodiff_node": "geodiff_ros.ros.node", "geodiff_bag": "geodiff_ros.bag.cli",
+                   "geodiff_demo": "geodiff_ros.ros.demo", "geodiff_predict": "geodiff_ros.cli.predict"}
 
 
 def checkout_ament_prefix(folder: Path) -> Path:
     """An ament prefix in ``folder`` whose geodiff_ros is this checkout: share/geodiff_ros links the files of
     launch/, config/ and rviz/, lib/geodiff_ros holds the executables (this interpreter). Put first on
     AMENT_PREFIX_PATH, ``ros2 launch geodiff_ros ...`` then runs the checkout's files, not a stale install."""
-    share = folder / 'share' / 'geodiff_ros'
-    for sub in ('launch', 'config', 'rviz'):  # folders of links: ros2 launch's file search does not enter links
+    share = folder / "share" / "geodiff_ros"
+    for sub in ("launch", "config", "rviz"):  # folders of links: ros2 launch's file search does not enter links
         (share / sub).mkdir(parents=True)
         for path in (REPO / sub).iterdir():
             (share / sub / path.name).symlink_to(path)
-    (share / 'package.xml').symlink_to(REPO / 'package.xml')
-    index = folder / 'share' / 'ament_index' / 'resource_index' / 'packages'
+    (share / "package.xml").symlink_to(REPO / "package.xml")
+    index = folder / "share" / "ament_index" / "resource_index" / "packages"
     index.mkdir(parents=True)
-    (index / 'geodiff_ros').write_text('')
-    lib = folder / 'lib' / 'geodiff_ros'
+    (index / "geodiff_ros").write_text("")
+    lib = folder / "lib" / "geodiff_ros"
     lib.mkdir(parents=True)
     for exe, module in CONSOLE_SCRIPTS.items():
         script = lib / exe
-        script.write_text(f'#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n')
+        script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n")
         script.chmod(0o755)
     return folder
 
@@ -88,52 +88,52 @@ def package_prefix_env(domain_id: int, folder: Path) -> dict[str, str]:
     env = ros_env(domain_id)
     if not is_install_under_test():
         prefix = checkout_ament_prefix(folder)
-        env['AMENT_PREFIX_PATH'] = os.pathsep.join(p for p in (str(prefix), env.get('AMENT_PREFIX_PATH', '')) if p)
+        env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (str(prefix), env.get("AMENT_PREFIX_PATH", "")) if p)
     return env
 
 
 def shared_data_dir() -> Path | None:
     """``../shared/data`` beside the checkout (or ``$GEODIFF_SHARED_DATA``), None if absent."""
-    env = os.environ.get('GEODIFF_SHARED_DATA')
-    path = Path(env) if env else REPO.parent / 'shared' / 'data'
-    return path if (path / 'manifest.json').is_file() else None
+    env = os.environ.get("GEODIFF_SHARED_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if (path / "manifest.json").is_file() else None
 
 
 def ros_env(domain_id: int) -> dict[str, str]:
     """Environment for a ROS subprocess: loopback discovery, big SHM segment, own domain, logs in /tmp."""
     env = dict(os.environ)
     env.update({
-        'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
-        'ROS_LOCALHOST_ONLY': '1',
-        'FASTDDS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),
-        'FASTRTPS_DEFAULT_PROFILES_FILE': str(FASTDDS_PROFILE),  # the name Jazzy's Fast DDS 2.14 reads
-        'ROS_DOMAIN_ID': str(domain_id),
-        'PYTHONPATH': source_pythonpath(env),
-        'PYTHONUNBUFFERED': '1',
-        'RCUTILS_COLORIZED_OUTPUT': '0',
+        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+        "ROS_LOCALHOST_ONLY": "1",
+        "FASTDDS_DEFAULT_PROFILES_FILE": str(FASTDDS_PROFILE),
+        "FASTRTPS_DEFAULT_PROFILES_FILE": str(FASTDDS_PROFILE),  # the name Jazzy's Fast DDS 2.14 reads
+        "ROS_DOMAIN_ID": str(domain_id),
+        "PYTHONPATH": source_pythonpath(env),
+        "PYTHONUNBUFFERED": "1",
+        "RCUTILS_COLORIZED_OUTPUT": "0",
     })
-    env.setdefault('ROS_LOG_DIR', str(Path(tempfile.gettempdir()) / 'geodiff_ros_test_logs'))
-    env.setdefault('HOME', tempfile.gettempdir())
+    env.setdefault("ROS_LOG_DIR", str(Path(tempfile.gettempdir()) / "geodiff_ros_test_logs"))
+    env.setdefault("HOME", tempfile.gettempdir())
     return env
 
 
 def apply_ros_env(domain_id: int) -> None:
     """Set the same variables in this process (before ``rclpy.init``), so the test's own node matches."""
     for key, value in ros_env(domain_id).items():
-        if key.startswith(('ROS_', 'FASTDDS_', 'FASTRTPS_', 'RCUTILS_')) or key == 'HOME':
+        if key.startswith(("ROS_", "FASTDDS_", "FASTRTPS_", "RCUTILS_")) or key == "HOME":
             os.environ[key] = value
 
 
 def _param_arg(name: str, value: Any) -> str:
     if isinstance(value, bool):
-        text = 'true' if value else 'false'
+        text = "true" if value else "false"
     elif isinstance(value, (list, tuple)):
         text = json.dumps(list(value))
-    elif value == '':
+    elif value == "":
         text = "''"  # rcl cannot parse an empty override; YAML's empty string
     else:
         text = str(value)
-    return f'{name}:={text}'
+    return f"{name}:={text}"
 
 
 class LoggedProcess:
@@ -148,14 +148,14 @@ class LoggedProcess:
     def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path,
                  **popen_kwargs: Any) -> None:
         self.log_path = log_path
-        self._log = open(log_path, 'wb')  # noqa: SIM115 - closed by the subclass when the process is done
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      **popen_kwargs)
 
     def log(self) -> str:
         if not self._log.closed:
             self._log.flush()
-        return self.log_path.read_text(errors='replace')
+        return self.log_path.read_text(errors="replace")
 
     def wait_log(self, text: str, count: int = 1, timeout: float = 120.0) -> bool:
         """True once ``text`` is in the log ``count`` times; stops waiting early when the process exits."""
@@ -177,13 +177,13 @@ class NodeProcess(LoggedProcess):
                  program: list[str] | None = None, extra_env: dict[str, str] | None = None) -> None:
         """``program`` replaces ``-m geodiff_ros.ros.node`` (e.g. :func:`wrapped_node_program`); ``extra_env`` is
         added to the ROS environment of the subprocess."""
-        cmd = [sys.executable, *(program or ['-m', 'geodiff_ros.ros.node']), '--ros-args']
+        cmd = [sys.executable, *(program or ["-m", "geodiff_ros.ros.node"]), "--ros-args"]
         if params_file is not None:
-            cmd += ['--params-file', str(params_file)]
+            cmd += ["--params-file", str(params_file)]
         for name, value in params.items():
-            cmd += ['-p', _param_arg(name, value)]
+            cmd += ["-p", _param_arg(name, value)]
         for src, dst in (remaps or {}).items():
-            cmd += ['-r', f'{src}:={dst}']
+            cmd += ["-r", f"{src}:={dst}"]
         env = ros_env(domain_id)
         env.update(extra_env or {})
         super().__init__(cmd, log_path, env, run_dir())  # the log is closed in stop()
@@ -219,7 +219,7 @@ class Collector:
     Spun by a SingleThreadedExecutor in a background thread; messages land in ``self.msgs[topic]``.
     """
 
-    def __init__(self, domain_id: int, name: str = 'geodiff_test', namespace: str = '') -> None:
+    def __init__(self, domain_id: int, name: str = "geodiff_test", namespace: str = "") -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.signals import SignalHandlerOptions
@@ -321,21 +321,21 @@ def test_scene(width: int = 160, height: int = 120) -> tuple[np.ndarray, np.ndar
     if data is not None:
         from PIL import Image as PILImage
 
-        folder = data / 'indoor' / 'tum_fr2_desk_slambook2'
-        intr = json.loads((folder / 'intrinsics.json').read_text())
-        rgb_im = PILImage.open(folder / '1.png').convert('RGB')
-        dep_im = PILImage.open(folder / '1_depth.png')
+        folder = data / "indoor" / "tum_fr2_desk_slambook2"
+        intr = json.loads((folder / "intrinsics.json").read_text())
+        rgb_im = PILImage.open(folder / "1.png").convert("RGB")
+        dep_im = PILImage.open(folder / "1_depth.png")
         w0, h0 = rgb_im.size
         rgb = np.asarray(rgb_im.resize((width, height), PILImage.BILINEAR))
         depth = np.asarray(dep_im.resize((width, height), PILImage.NEAREST)).astype(np.float32) / 5000.0
         sx, sy = width / w0, height / h0
-        fx, fy, cx, cy = (float(intr[k]) for k in ('fx', 'fy', 'cx', 'cy'))
+        fx, fy, cx, cy = (float(intr[k]) for k in ("fx", "fy", "cx", "cy"))
         return rgb, depth, (fx * sx, fy * sy, cx * sx, cy * sy)
     fx = fy = 0.8 * width
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     v, u = np.mgrid[0:height, 0:width].astype(np.float32)
     wall = np.full((height, width), 4.0, np.float32)
-    with np.errstate(divide='ignore'):
+    with np.errstate(divide="ignore"):
         floor = np.where(v > cy, 1.2 * fy / np.maximum(v - cy, 1e-3), np.inf).astype(np.float32)  # camera 1.2 m up
     depth = np.minimum(wall, floor)
     check = ((u // 8 + v // 8) % 2).astype(np.float32)
@@ -354,7 +354,7 @@ def camera_info_msg(header: Any, width: int, height: int, fx: float, fy: float, 
     info = CameraInfo()
     info.header = header
     info.width, info.height = width, height
-    info.distortion_model = 'plumb_bob'
+    info.distortion_model = "plumb_bob"
     info.d = [0.0] * 5
     info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
     info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -362,7 +362,7 @@ def camera_info_msg(header: Any, width: int, height: int, fx: float, fy: float, 
     return info
 
 
-def header(stamp_ns: int, frame_id: str = 'camera_color_optical_frame') -> Any:
+def header(stamp_ns: int, frame_id: str = "camera_color_optical_frame") -> Any:
     from std_msgs.msg import Header
 
     h = Header()
@@ -378,7 +378,7 @@ def stamp_of(msg: Any) -> int:
 def module_domain_id(offset: int) -> int:
     """A ROS domain for one test module: distinct per module (offset) and, via the pid-based base that
     conftest sets, between concurrent test runs. Range 1..100."""
-    base = int(os.environ.get('ROS_DOMAIN_ID', '0') or 0)
+    base = int(os.environ.get("ROS_DOMAIN_ID", "0") or 0)
     return (base + offset) % 100 + 1
 
 
@@ -387,13 +387,13 @@ def call_service(collector: Collector, srv_type: Any, name: str, request: Any, t
     client = collector.node.create_client(srv_type, name)
     try:
         if not client.wait_for_service(timeout_sec=timeout):
-            raise TimeoutError(f'service {name} not available')
+            raise TimeoutError(f"service {name} not available")
         future = client.call_async(request)
         deadline = time.monotonic() + timeout
         while not future.done() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not future.done():
-            raise TimeoutError(f'service {name} did not answer within {timeout} s')
+            raise TimeoutError(f"service {name} did not answer within {timeout} s")
         return future.result()
     finally:
         collector.node.destroy_client(client)
@@ -406,24 +406,24 @@ def set_parameters(collector: Collector, node_name: str, values: dict[str, Any],
 
     req = SetParameters.Request()
     req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
-    return list(call_service(collector, SetParameters, f'{node_name}/set_parameters', req, timeout).results)
+    return list(call_service(collector, SetParameters, f"{node_name}/set_parameters", req, timeout).results)
 
 
 def node_remaps(namespace: str, name: str) -> dict[str, str]:
     """Remaps that run the node as ``<namespace>/<name>``: its topics, services and /diagnostics status name are
     then its own even if another test run happens to share the ROS domain."""
-    return {'__ns': namespace, '__node': name}
+    return {"__ns": namespace, "__node": name}
 
 
 def diagnostics_of(col: Collector, node_name: str, after: float = 0.0) -> list[dict[str, str]]:
     """Values of the pipeline statuses (those with frame counters) named ``<node_name>: ...`` in the /diagnostics
     messages that arrived after monotonic ``after``, oldest first."""
     out = []
-    for t, msg in col.get_timed('/diagnostics'):
+    for t, msg in col.get_timed("/diagnostics"):
         if t > after:
             for st in msg.status:
                 values = {kv.key: kv.value for kv in st.values}
-                if st.name.startswith(f'{node_name}:') and 'received' in values:
+                if st.name.startswith(f"{node_name}:") and "received" in values:
                     out.append(values)
     return out
 
@@ -437,7 +437,7 @@ def latest_diagnostics(col: Collector, node_name: str, after: float, timeout: fl
         if got:
             return got[-1]
         time.sleep(0.05)
-    raise AssertionError(f'no /diagnostics from {node_name} within {timeout} s')
+    raise AssertionError(f"no /diagnostics from {node_name} within {timeout} s")
 
 
 def diagnostics_values(msg: Any) -> dict[str, str]:
@@ -460,7 +460,7 @@ def diagnostics_values(msg: Any) -> dict[str, str]:
 # and it always prints ``GEODIFF_TEST_THREADS_AT_EXIT [names]`` (threads still alive) right before the process
 # exits, so a test can check that no worker thread was left behind.
 OOM_MARKER = (255, 0, 255)
-_WRAPPER = r'''
+_WRAPPER = r"""
 import importlib, json, os, sys, threading
 OOM_MARKER = (255, 0, 255)
 import geodiff_ros.ros.node as node_mod
@@ -551,41 +551,41 @@ def report_and_exit(code):
 os._exit = report_and_exit
 code = node_mod.main()
 report_and_exit(int(code or 0))
-'''
+"""
 
 
 def wrapped_node_program() -> list[str]:
     """``program`` argument of :class:`NodeProcess` that runs ``node.main()`` inside the test wrapper."""
-    return ['-c', _WRAPPER]
+    return ["-c", _WRAPPER]
 
 
 def predicts_at_once(log: str) -> list[int]:
     """``GEODIFF_TEST_PREDICT_ACTIVE`` values in a wrapper log: engine calls running at once, one per call."""
-    return [int(line.split()[1]) for line in log.splitlines() if line.startswith('GEODIFF_TEST_PREDICT_ACTIVE ')]
+    return [int(line.split()[1]) for line in log.splitlines() if line.startswith("GEODIFF_TEST_PREDICT_ACTIVE ")]
 
 
 def threads_at_exit(log: str) -> list[str] | None:
     """Thread names the wrapper reported alive at exit (main thread excluded), None if it never reported."""
     for line in reversed(log.splitlines()):
-        if line.startswith('GEODIFF_TEST_THREADS_AT_EXIT '):
-            return list(json.loads(line.split(' ', 1)[1]))
+        if line.startswith("GEODIFF_TEST_THREADS_AT_EXIT "):
+            return list(json.loads(line.split(" ", 1)[1]))
     return None
 
 
 def process_stats(pid: int) -> dict[str, int]:
     """Resident memory (kB, VmRSS), thread count and open file descriptors of a live process (Linux /proc)."""
-    status = Path(f'/proc/{pid}/status').read_text()
-    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith('VmRSS:'))
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
     return {
-        'rss_kb': rss,
-        'threads': len(os.listdir(f'/proc/{pid}/task')),
-        'fds': len(os.listdir(f'/proc/{pid}/fd')),
+        "rss_kb": rss,
+        "threads": len(os.listdir(f"/proc/{pid}/task")),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
 
 
 def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc), to check that a node leaves no process behind."""
-    children = Path(f'/proc/{pid}/task/{pid}/children')
+    children = Path(f"/proc/{pid}/task/{pid}/children")
     try:
         return [int(p) for p in children.read_text().split()]
     except OSError:
@@ -602,13 +602,13 @@ def jpeg_announcing(width: int, height: int) -> bytes:
     from PIL import Image as PILImage
 
     buf = io.BytesIO()
-    PILImage.new('RGB', (16, 16), (90, 120, 150)).save(buf, format='JPEG', quality=50)
+    PILImage.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG", quality=50)
     data = bytearray(buf.getvalue())
     i = 2
     while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # walk to the start-of-frame segment
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
-    data[i + 5:i + 7] = height.to_bytes(2, 'big')
-    data[i + 7:i + 9] = width.to_bytes(2, 'big')
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 7] = height.to_bytes(2, "big")
+    data[i + 7:i + 9] = width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -618,13 +618,13 @@ def png_bomb(width: int, height: int) -> bytes:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     packer = zlib.compressobj(9)
     row = bytes(width + 1)  # filter byte 0 + one grey byte per pixel
-    idat = b''.join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------------------------------------- launch files
@@ -644,37 +644,37 @@ class _LaunchConfiguration:
         return context[self.name]
 
 
-def load_launch_with_stand_ins(path: Path, monkeypatch: Any, share: str = '/opt/share/geodiff_ros') -> Any:
+def load_launch_with_stand_ins(path: Path, monkeypatch: Any, share: str = "/opt/share/geodiff_ros") -> Any:
     """Execute a launch file with stand-in launch / launch_ros / ament_index modules (no ROS launch needed):
     its actions record their arguments. ``share`` is what get_package_share_directory returns."""
     import types
 
     mods = {name: types.ModuleType(name) for name in (
-        'launch', 'launch.actions', 'launch.conditions', 'launch.event_handlers', 'launch.substitutions',
-        'launch_ros', 'launch_ros.actions', 'ament_index_python', 'ament_index_python.packages')}
-    mods['launch'].LaunchDescription = lambda entities: list(entities)
-    for name in ('DeclareLaunchArgument', 'OpaqueFunction', 'LogInfo', 'RegisterEventHandler'):
-        setattr(mods['launch.actions'], name, type(name, (_Recorder,), {}))
-    mods['launch.conditions'].IfCondition = _Recorder
-    mods['launch.event_handlers'].OnShutdown = type('OnShutdown', (_Recorder,), {})
-    mods['launch.substitutions'].LaunchConfiguration = _LaunchConfiguration
-    mods['launch_ros.actions'].Node = type('Node', (_Recorder,), {})
-    mods['ament_index_python.packages'].get_package_share_directory = lambda pkg: share
+        "launch", "launch.actions", "launch.conditions", "launch.event_handlers", "launch.substitutions",
+        "launch_ros", "launch_ros.actions", "ament_index_python", "ament_index_python.packages")}
+    mods["launch"].LaunchDescription = lambda entities: list(entities)
+    for name in ("DeclareLaunchArgument", "OpaqueFunction", "LogInfo", "RegisterEventHandler"):
+        setattr(mods["launch.actions"], name, type(name, (_Recorder,), {}))
+    mods["launch.conditions"].IfCondition = _Recorder
+    mods["launch.event_handlers"].OnShutdown = type("OnShutdown", (_Recorder,), {})
+    mods["launch.substitutions"].LaunchConfiguration = _LaunchConfiguration
+    mods["launch_ros.actions"].Node = type("Node", (_Recorder,), {})
+    mods["ament_index_python.packages"].get_package_share_directory = lambda pkg: share
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
     source = path.read_text()
-    module = types.ModuleType(path.stem.replace('.', '_'))
-    exec(compile(source, str(path), 'exec'), module.__dict__)  # noqa: S102 - our own launch file
+    module = types.ModuleType(path.stem.replace(".", "_"))
+    exec(compile(source, str(path), "exec"), module.__dict__)
     return module
 
 
 def run_launch_with_stand_ins(module: Any, **args: str) -> tuple[dict[str, Any], list[Any]]:
     """Declared arguments (name -> default) and the actions the OpaqueFunction returns for ``args``."""
     entities = module.generate_launch_description()
-    declared = {e.args[0]: e.kwargs.get('default_value') for e in entities if type(e).__name__ ==
-                'DeclareLaunchArgument'}
+    declared = {e.args[0]: e.kwargs.get("default_value") for e in entities if type(e).__name__ ==
+                "DeclareLaunchArgument"}
     unknown = set(args) - set(declared)
-    assert not unknown, f'not launch arguments: {unknown}'
+    assert not unknown, f"not launch arguments: {unknown}"
     context = {**{k: v for k, v in declared.items() if v is not None}, **args}
-    (opaque,) = [e for e in entities if type(e).__name__ == 'OpaqueFunction']
-    return declared, opaque.kwargs['function'](context)
+    (opaque,) = [e for e in entities if type(e).__name__ == "OpaqueFunction"]
+    return declared, opaque.kwargs["function"](context)

@@ -274,7 +274,7 @@ def test_kernel_outputs_are_allocated_channels_last_without_a_copy() -> None:
             super().__init__()
             self.names: list[str] = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.names.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 

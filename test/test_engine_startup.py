@@ -16,34 +16,34 @@ from geodiff_ros.engine.startup import compile_cache_key, default_compile_cache_
 def _no_worker_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._inductor import config
 
-    monkeypatch.setattr(config, 'compile_threads', 1)  # prepare_compile would start worker processes
+    monkeypatch.setattr(config, "compile_threads", 1)  # prepare_compile would start worker processes
 
 
 def test_default_folder_is_persistent_per_user_and_keyed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
-    key = compile_cache_key(torch.device('cpu'))
-    assert key.startswith(f'torch{torch.__version__}'.lower()) and 'cpu' in key and '/' not in key
-    folder = prepare_compile(torch.device('cpu'))
-    assert folder == tmp_path / 'xdg' / 'geodiff_ros' / 'inductor' / key and folder.is_dir()
-    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(folder)  # what inductor reads
-    monkeypatch.delenv('XDG_CACHE_HOME')
-    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
-    assert default_compile_cache_dir(torch.device('cpu')) == tmp_path / 'home' / '.cache' / 'geodiff_ros' / \
-        'inductor' / key
-    assert not str(default_compile_cache_dir(torch.device('cpu'))).startswith('/tmp/torchinductor')
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    key = compile_cache_key(torch.device("cpu"))
+    assert key.startswith(f"torch{torch.__version__}".lower()) and "cpu" in key and "/" not in key
+    folder = prepare_compile(torch.device("cpu"))
+    assert folder == tmp_path / "xdg" / "geodiff_ros" / "inductor" / key and folder.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)  # what inductor reads
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_compile_cache_dir(torch.device("cpu")) == tmp_path / "home" / ".cache" / "geodiff_ros" / \
+        "inductor" / key
+    assert not str(default_compile_cache_dir(torch.device("cpu"))).startswith("/tmp/torchinductor")
 
 
 def test_an_explicit_cache_folder_is_respected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'mine'))
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
-    assert prepare_compile(torch.device('cpu')) == tmp_path / 'mine'
-    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(tmp_path / 'mine')
-    assert not (tmp_path / 'xdg').exists()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert prepare_compile(torch.device("cpu")) == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert not (tmp_path / "xdg").exists()
 
 
-@pytest.mark.skipif(not __import__('shutil').which('g++') and not __import__('shutil').which('c++'),
-                    reason='torch.compile on the CPU needs a C++ compiler')
+@pytest.mark.skipif(not __import__("shutil").which("g++") and not __import__("shutil").which("c++"),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Issue 14, several cameras: batch sizes 2, 3, 4 share one compiled graph (batch 1 has its own: dynamo
     specialises size 1), instead of one compile per batch size; results equal the eager stage's."""
@@ -51,15 +51,15 @@ def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest
 
     from geodiff_ros.engine.accel import _Stage
 
-    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
 
     def stage_fn(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.silu(conv(x)) * context.mean(dim=(1, 2))[:, None, None, None]
 
-    stage = _Stage('toy', stage_fn, compiled=True)
-    before = counters['stats']['unique_graphs']
+    stage = _Stage("toy", stage_fn, compiled=True)
+    before = counters["stats"]["unique_graphs"]
     context = torch.randn(1, 2, 8)
     with torch.inference_mode():
         for batch in (1, 2, 3, 4, 2):
@@ -67,11 +67,11 @@ def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest
             ctx = context.expand(batch, -1, -1)  # stride 0 in the batch dim, as the engine's text context
             torch.testing.assert_close(stage(x, ctx), stage_fn(x, ctx))
     assert stage.error is None
-    assert counters['stats']['unique_graphs'] - before == 2
+    assert counters["stats"]["unique_graphs"] - before == 2
 
 
-@pytest.mark.skipif(not __import__('shutil').which('g++') and not __import__('shutil').which('c++'),
-                    reason='AOTInductor on the CPU needs a C++ compiler')
+@pytest.mark.skipif(not __import__("shutil").which("g++") and not __import__("shutil").which("c++"),
+                    reason="AOTInductor on the CPU needs a C++ compiler")
 def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                              tiny_depth_ckpt: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
@@ -84,37 +84,37 @@ def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest
     from geodiff_ros.cli.compile import main as compile_main
     from geodiff_ros.engine import EngineConfig, GeoDiffEngine
 
-    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))
-    monkeypatch.setenv('GEODIFF_AOT_DIR', str(tmp_path / 'aot'))
-    assert compile_main(['--model-depth', str(tiny_depth_ckpt), '--model-normals', '', '--device', 'cpu',
-                         '--dtype', 'fp32', '--processing-res', '64', '--size', '160x120',
-                         '--optimize', 'compile']) == 0
-    packages = sorted((tmp_path / 'aot').glob('*.pt2'))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("GEODIFF_AOT_DIR", str(tmp_path / "aot"))
+    assert compile_main(["--model-depth", str(tiny_depth_ckpt), "--model-normals", "", "--device", "cpu",
+                         "--dtype", "fp32", "--processing-res", "64", "--size", "160x120",
+                         "--optimize", "compile"]) == 0
+    packages = sorted((tmp_path / "aot").glob("*.pt2"))
     assert len(packages) == 3, packages  # VAE encoder, UNet, VAE decoder
 
-    config = EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=None, device='cpu', dtype='fp32',
+    config = EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=None, device="cpu", dtype="fp32",
                           processing_res=64)
     rgb = np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)
     torch._dynamo.reset()
-    before = counters['stats']['unique_graphs']
-    engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, 'optimize': 'compile'}))
+    before = counters["stats"]["unique_graphs"]
+    engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, "optimize": "compile"}))
     assert engine.accelerator.aot_loaded == 3
     depth = engine.predict(rgb).depth
-    assert counters['stats']['unique_graphs'] == before  # nothing traced or compiled
+    assert counters["stats"]["unique_graphs"] == before  # nothing traced or compiled
     reference = GeoDiffEngine(config).predict(rgb).depth
     np.testing.assert_allclose(depth, reference, rtol=0, atol=1e-4)
 
     # The same architecture from another folder (a moved or re-downloaded model) re-uses the packages.
     import shutil
 
-    moved = shutil.copytree(tiny_depth_ckpt, tmp_path / 'moved-model')
-    with caplog.at_level('INFO', logger='geodiff_ros.engine.aot'):
-        assert compile_main(['--model-depth', str(moved), '--model-normals', '', '--device', 'cpu', '--dtype', 'fp32',
-                             '--processing-res', '64', '--size', '160x120', '--optimize', 'compile']) == 0
-    assert sorted((tmp_path / 'aot').glob('*.pt2')) == packages and caplog.text.count('exists') == 3
+    moved = shutil.copytree(tiny_depth_ckpt, tmp_path / "moved-model")
+    with caplog.at_level("INFO", logger="geodiff_ros.engine.aot"):
+        assert compile_main(["--model-depth", str(moved), "--model-normals", "", "--device", "cpu", "--dtype", "fp32",
+                             "--processing-res", "64", "--size", "160x120", "--optimize", "compile"]) == 0
+    assert sorted((tmp_path / "aot").glob("*.pt2")) == packages and caplog.text.count("exists") == 3
 
     packages[0].write_bytes(packages[0].read_bytes()[:1000])  # truncated: does not load
-    with caplog.at_level('WARNING', logger='geodiff_ros.engine.aot'):
-        engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, 'optimize': 'compile'}))
+    with caplog.at_level("WARNING", logger="geodiff_ros.engine.aot"):
+        engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, "optimize": "compile"}))
     assert engine.accelerator.aot_loaded == 2
-    assert 'compiles as usual' in caplog.text
+    assert "compiles as usual" in caplog.text

@@ -48,12 +48,12 @@ def _same(a: np.ndarray, b: np.ndarray) -> None:
     """Equal bits, NaN where NaN (assert_array_equal treats NaN == NaN)."""
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a, b)
-    if a.dtype.kind == 'f':
+    if a.dtype.kind == "f":
         np.testing.assert_array_equal(a.view(np.uint32 if a.itemsize == 4 else np.uint64),
                                       b.view(np.uint32 if b.itemsize == 4 else np.uint64))
 
 
-@pytest.mark.parametrize(('scale', 'shift', 'lo', 'hi'), [
+@pytest.mark.parametrize(("scale", "shift", "lo", "hi"), [
     (3.0, 0.5, 0.1, 100.0), (1.6, 0.0, 0.0, math.inf), (0.37, -0.2, 0.05, 0.3), (1e-3, 1e-4, 0.0, 1.0)])
 def test_metric_depth_equals_apply_alignment(scale: float, shift: float, lo: float, hi: float) -> None:
     rel = _relative(1)
@@ -75,22 +75,22 @@ def test_millimetres_equal_numpy_and_follow_rep_118() -> None:
     assert np.abs(mm[finite] / 1000.0 - depth[finite]).max() <= 0.0005 + 1e-9
 
 
-@pytest.mark.parametrize('case', ['random', 'metric', 'constant', 'all_nan', 'one_finite'])
+@pytest.mark.parametrize("case", ["random", "metric", "constant", "all_nan", "one_finite"])
 def test_colorize_depth_equals_numpy(case: str) -> None:
-    d = {'random': _relative(2), 'metric': apply_alignment(_relative(3), 7.3, 0.4, 0.1, 5.0),
-         'constant': np.full((H, W), 2.5, np.float32), 'all_nan': np.full((H, W), np.nan, np.float32),
-         'one_finite': np.where(np.arange(H * W).reshape(H, W) == 7, 3.0, np.nan).astype(np.float32)}[case]
+    d = {"random": _relative(2), "metric": apply_alignment(_relative(3), 7.3, 0.4, 0.1, 5.0),
+         "constant": np.full((H, W), 2.5, np.float32), "all_nan": np.full((H, W), np.nan, np.float32),
+         "one_finite": np.where(np.arange(H * W).reshape(H, W) == 7, 3.0, np.nan).astype(np.float32)}[case]
     _same(colorize_depth_t(torch.from_numpy(d)).numpy(), colorize_depth(d))
 
 
-@pytest.mark.filterwarnings('ignore:overflow encountered')
+@pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_normals_view_equals_numpy() -> None:
     n = _normals(4)
     _same(normals_to_rgb_t(torch.from_numpy(n)).numpy(), normals_to_rgb(n))
 
 
-@pytest.mark.parametrize('stride', [1, 2, 3])
-@pytest.mark.parametrize(('colour', 'with_normals'), [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize(("colour", "with_normals"), [(False, False), (True, False), (True, True), (False, True)])
 def test_cloud_bytes_equal_cloud_array(stride: int, colour: bool, with_normals: bool) -> None:
     from geodiff_ros.ros.pointcloud import cloud_array
 
@@ -107,12 +107,12 @@ def test_cloud_bytes_equal_cloud_array(stride: int, colour: bool, with_normals: 
 
 
 def test_cloud_checks_the_intrinsics_size() -> None:
-    with pytest.raises(ValueError, match='intrinsics describe'):
+    with pytest.raises(ValueError, match="intrinsics describe"):
         cloud_points(torch.zeros(H, W + 1), PinholeIntrinsics(1.0, 1.0, 0.0, 0.0, W, H))
 
 
 def test_host_staging_on_the_cpu_is_a_no_copy_pass_through() -> None:
-    staging = HostStaging(torch.device('cpu'))
+    staging = HostStaging(torch.device("cpu"))
     t = torch.arange(6, dtype=torch.float32)
-    assert staging.to_host('x', t).data_ptr() == t.data_ptr()
+    assert staging.to_host("x", t).data_ptr() == t.data_ptr()
     staging.wait()

@@ -22,7 +22,7 @@ def test_quaternion_convention_is_tf2s() -> None:
     t = RigidTransform([1.0, 2.0, 3.0, 0.0, 0.0, math.sin(half), math.cos(half)])
     np.testing.assert_allclose(t.apply(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])),
                                [[1.0, 3.0, 3.0], [1.0, 2.0, 4.0]], atol=1e-12)
-    q = Rotation.from_euler('xyz', [0.3, -1.1, 2.0]).as_quat()  # scipy: x, y, z, w as tf2
+    q = Rotation.from_euler("xyz", [0.3, -1.1, 2.0]).as_quat()  # scipy: x, y, z, w as tf2
     rot = RigidTransform([0.0, 0.0, 0.0, *(2.0 * q)])  # not normalised: normalised on the way in
     np.testing.assert_allclose(rot.rotation, Rotation.from_quat(q).as_matrix(), atol=1e-12)
     points = np.array([[1.5, -2.0, 7.0], [np.nan, 0.0, 1.0]])
@@ -31,24 +31,24 @@ def test_quaternion_convention_is_tf2s() -> None:
     assert np.isnan(moved[1]).all()  # a row with NaN stays invalid (projection drops it)
 
 
-@pytest.mark.parametrize('values', [[0.0] * 7, [0.0] * 6, [0, 0, 0, 0, 0, 0, math.nan]])
+@pytest.mark.parametrize("values", [[0.0] * 7, [0.0] * 6, [0, 0, 0, 0, 0, 0, math.nan]])
 def test_bad_transforms_say_what_a_transform_is(values: list[float]) -> None:
-    with pytest.raises(InvalidTransform, match=r'\[x, y, z, qx, qy, qz, qw\]'):
+    with pytest.raises(InvalidTransform, match=r"\[x, y, z, qx, qy, qz, qw\]"):
         RigidTransform(values)
 
 
-@pytest.mark.parametrize('frame', ['000114', '000000'])
+@pytest.mark.parametrize("frame", ["000114", "000000"])
 def test_kitti_velodyne_through_the_extrinsic_lands_on_the_datasets_projection(shared_data: Path,
                                                                               frame: str) -> None:
     """Velodyne points -> camera 2 through Tr_velo_to_cam, R0_rect and P2's baseline, given to RigidTransform as
     tf2 would print it (quaternion + translation), projected with P2's intrinsics: the same sparse depth as the
     dataset's own projection (``proj_depth_velodyne``, P2 R0_rect Tr_velo_to_cam, nearest point kept)."""
-    root = shared_data / 'outdoor' / 'kitti_object_lidar'
-    pose, p2 = kitti_velodyne_to_camera2(root / 'calib' / f'{frame}.txt')
+    root = shared_data / "outdoor" / "kitti_object_lidar"
+    pose, p2 = kitti_velodyne_to_camera2(root / "calib" / f"{frame}.txt")
     extrinsic = RigidTransform(pose)
 
-    scan = np.fromfile(root / 'velodyne' / f'{frame}.bin', np.float32).reshape(-1, 4)[:, :3]  # [N,3] velodyne
-    expected = np.asarray(PILImage.open(root / 'proj_depth_velodyne' / f'{frame}.png'), np.float64) / 256.0
+    scan = np.fromfile(root / "velodyne" / f"{frame}.bin", np.float32).reshape(-1, 4)[:, :3]  # [N,3] velodyne
+    expected = np.asarray(PILImage.open(root / "proj_depth_velodyne" / f"{frame}.png"), np.float64) / 256.0
     height, width = expected.shape
     depth = project_points_to_depth(extrinsic.apply(scan), p2[0, 0], p2[1, 1], p2[0, 2], p2[1, 2], width, height)
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip('sensor_msgs.msg', reason='ROS 2 message packages (ros-jazzy-sensor-msgs) not installed')
-cv2 = pytest.importorskip('cv2', reason='opencv-python-headless not installed (requirements.txt)')
+pytest.importorskip("sensor_msgs.msg", reason="ROS 2 message packages (ros-jazzy-sensor-msgs) not installed")
+cv2 = pytest.importorskip("cv2", reason="opencv-python-headless not installed (requirements.txt)")
 from ros_helpers import jpeg_announcing, png_bomb, test_scene  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, PointField  # noqa: E402
 
@@ -40,13 +40,13 @@ def _encoded(rgb: np.ndarray, fmt: str, **kwargs: object) -> CompressedImage:
 
     buf = io.BytesIO()
     PILImage.fromarray(rgb).save(buf, format=fmt.upper(), **kwargs)
-    return CompressedImage(format=f'rgb8; {fmt} compressed rgb8', data=buf.getvalue())
+    return CompressedImage(format=f"rgb8; {fmt} compressed rgb8", data=buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ sizes and the limit
 
-@pytest.mark.parametrize(('fmt', 'kwargs'), [('jpeg', {}), ('jpeg', {'progressive': True}),
-                                             ('jpeg', {'exif': b'Exif\x00\x00' + bytes(3000)}), ('png', {})])
+@pytest.mark.parametrize(("fmt", "kwargs"), [("jpeg", {}), ("jpeg", {"progressive": True}),
+                                             ("jpeg", {"exif": b"Exif\x00\x00" + bytes(3000)}), ("png", {})])
 def test_header_size_matches_the_decoded_size(fmt: str, kwargs: dict) -> None:
     rgb = test_scene(203, 101)[0]
     msg = _encoded(rgb, fmt, **kwargs)
@@ -56,17 +56,17 @@ def test_header_size_matches_the_decoded_size(fmt: str, kwargs: dict) -> None:
 
 
 def test_header_that_is_neither_jpeg_nor_png_is_refused() -> None:
-    with pytest.raises(ImageConversionError, match='neither JPEG nor PNG'):
-        compressed_image_size(b'GIF89a' + bytes(100))
-    with pytest.raises(ImageConversionError, match='truncated'):
+    with pytest.raises(ImageConversionError, match="neither JPEG nor PNG"):
+        compressed_image_size(b"GIF89a" + bytes(100))
+    with pytest.raises(ImageConversionError, match="truncated"):
         compressed_image_size(jpeg_announcing(64, 64)[:20])
 
 
-@pytest.mark.parametrize('bomb', ['jpeg_631_bytes', 'png_bomb'])
+@pytest.mark.parametrize("bomb", ["jpeg_631_bytes", "png_bomb"])
 def test_image_announcing_13000x13000_is_refused_from_its_header(bomb: str) -> None:
     """Bug 4: refused before anything is decoded: fast and without allocating the 169 MP picture."""
-    data = jpeg_announcing(13000, 13000) if bomb == 'jpeg_631_bytes' else png_bomb(13000, 13000)
-    msg = CompressedImage(format='jpeg' if bomb.startswith('jpeg') else 'png', data=data)
+    data = jpeg_announcing(13000, 13000) if bomb == "jpeg_631_bytes" else png_bomb(13000, 13000)
+    msg = CompressedImage(format="jpeg" if bomb.startswith("jpeg") else "png", data=data)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB
     t0 = time.monotonic()
     with pytest.raises(InputTooLarge) as err:
@@ -74,23 +74,23 @@ def test_image_announcing_13000x13000_is_refused_from_its_header(bomb: str) -> N
     assert time.monotonic() - t0 < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100_000  # < 100 MB (RGB: 507 MB)
     text = str(err.value)
-    assert '13000x13000' in text and 'max_input_pixels' in text and str(LIMIT) in text, text
+    assert "13000x13000" in text and "max_input_pixels" in text and str(LIMIT) in text, text
 
 
 def test_limit_zero_means_no_limit_and_limit_counts_pixels() -> None:
-    msg = _encoded(test_scene(40, 30)[0], 'png')
+    msg = _encoded(test_scene(40, 30)[0], "png")
     assert decode_compressed(msg, 0)[0].shape == (30, 40, 3)
     assert decode_compressed(msg, 1200)[0].shape == (30, 40, 3)
-    with pytest.raises(InputTooLarge, match='40x30 = 0.0 MP'):
+    with pytest.raises(InputTooLarge, match="40x30 = 0.0 MP"):
         decode_compressed(msg, 1199)
 
 
-@pytest.mark.parametrize(('fmt', 'size', 'keep', 'factor', 'shape'), [
-    ('jpeg', (640, 480), 128, 4, (120, 160)),
-    ('jpeg', (641, 481), 160, 4, (121, 161)),  # libjpeg rounds up
-    ('png', (641, 481), 160, 4, (120, 160)),  # OpenCV shrinks PNG after decoding: rounds down
-    ('jpeg', (640, 480), 400, 1, (480, 640)),  # not far above: full size
-    ('jpeg', (640, 480), 0, 1, (480, 640)),  # off
+@pytest.mark.parametrize(("fmt", "size", "keep", "factor", "shape"), [
+    ("jpeg", (640, 480), 128, 4, (120, 160)),
+    ("jpeg", (641, 481), 160, 4, (121, 161)),  # libjpeg rounds up
+    ("png", (641, 481), 160, 4, (120, 160)),  # OpenCV shrinks PNG after decoding: rounds down
+    ("jpeg", (640, 480), 400, 1, (480, 640)),  # not far above: full size
+    ("jpeg", (640, 480), 0, 1, (480, 640)),  # off
 ])
 def test_reduced_decoding(fmt: str, size: tuple[int, int], keep: int, factor: int, shape: tuple[int, int]) -> None:
     rgb = test_scene(*size)[0]
@@ -103,7 +103,7 @@ def test_reduced_decoding(fmt: str, size: tuple[int, int], keep: int, factor: in
 
 
 def test_camera_info_of_a_reduced_decode_scales_exactly_by_the_factor() -> None:
-    info = CameraInfo(width=641, height=481, distortion_model='plumb_bob')
+    info = CameraInfo(width=641, height=481, distortion_model="plumb_bob")
     info.k = [500.0, 0.0, 320.0, 0.0, 510.0, 240.0, 0.0, 0.0, 1.0]
     info.p = [500.0, 0.0, 320.0, 0.0, 0.0, 510.0, 240.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     out = camera_info_with_size(info, info.header, 161, 121, scale=0.25)  # ceil(641/4) x ceil(481/4)
@@ -115,7 +115,7 @@ def test_camera_info_of_a_reduced_decode_scales_exactly_by_the_factor() -> None:
 
 def test_thin_image_problem_names_the_size_and_the_minimum() -> None:
     text = processing_size_problem(1, 100000, 768)
-    assert text is not None and '100000x1' in text and f'{MIN_PROCESSING_SIDE} px' in text and '1042 px' in text
+    assert text is not None and "100000x1" in text and f"{MIN_PROCESSING_SIDE} px" in text and "1042 px" in text
     assert processing_size_problem(1042, 100000, 768) is None  # the minimum it names is enough
     assert processing_size_problem(480, 640, 768) is None
     assert processing_size_problem(7, 640, 0) is not None and processing_size_problem(8, 8, 0) is None
@@ -126,30 +126,30 @@ def test_thin_image_problem_names_the_size_and_the_minimum() -> None:
 def _cloud(mutate: str) -> object:
     xyz = np.ones((2, 3, 3), np.float32)
     msg = cloud_to_msg(cloud_array(xyz))
-    if mutate == 'offset_beyond_point_step':
+    if mutate == "offset_beyond_point_step":
         msg.fields[2].offset = 40
-    elif mutate == 'point_step_0':
+    elif mutate == "point_step_0":
         msg.point_step = 0
-    elif mutate == 'duplicate_field':
-        msg.fields[1].name = 'x'
-    elif mutate == 'huge_count':
+    elif mutate == "duplicate_field":
+        msg.fields[1].name = "x"
+    elif mutate == "huge_count":
         msg.fields[0].count = 1_000_000_000
-    elif mutate == 'unknown_datatype':
+    elif mutate == "unknown_datatype":
         msg.fields[0].datatype = 42
     return msg
 
 
-@pytest.mark.parametrize('mutate', ['offset_beyond_point_step', 'point_step_0', 'duplicate_field', 'huge_count',
-                                    'unknown_datatype'])
+@pytest.mark.parametrize("mutate", ["offset_beyond_point_step", "point_step_0", "duplicate_field", "huge_count",
+                                    "unknown_datatype"])
 def test_malformed_cloud_layout_raises_point_cloud_error(mutate: str) -> None:
     with pytest.raises(PointCloudError):
         cloud_xyz(_cloud(mutate))
 
 
 def test_well_formed_cloud_still_reads() -> None:
-    assert cloud_xyz(_cloud('none')).shape == (6, 3)
-    msg = _cloud('none')
-    msg.fields.append(PointField(name='pad', offset=12, datatype=PointField.FLOAT32, count=0))  # count 0 = 1
+    assert cloud_xyz(_cloud("none")).shape == (6, 3)
+    msg = _cloud("none")
+    msg.fields.append(PointField(name="pad", offset=12, datatype=PointField.FLOAT32, count=0))  # count 0 = 1
     msg.point_step = 16
     msg.row_step = 16 * msg.width
     msg.data = bytes(16 * 6)
@@ -162,12 +162,12 @@ def test_k_fallback_warning_is_bounded_and_throttled(monkeypatch: pytest.MonkeyP
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """A CameraInfo without P whose K changes every frame: one warning, a bounded memory of K values."""
     warnings = camera_module._KFallbackWarnings(size=64, period_s=30.0)
-    monkeypatch.setattr(camera_module, '_k_fallback_warnings', warnings)
+    monkeypatch.setattr(camera_module, "_k_fallback_warnings", warnings)
     caplog.set_level(logging.WARNING, logger=camera_module.__name__)
     for i in range(2000):
         fx = 500.0 + i * 1e-3
         intrinsics_from_camera_info([fx, 0, 320, 0, fx, 240, 0, 0, 1], [0.0] * 12, 640, 480)
-    lines = [r for r in caplog.records if 'P is unset' in r.getMessage()]
+    lines = [r for r in caplog.records if "P is unset" in r.getMessage()]
     assert len(lines) == 1
     assert len(warnings._seen) <= 64
 
@@ -191,7 +191,7 @@ def test_rectify_moves_points_to_where_the_pinhole_model_p_puts_them() -> None:
     d = [-0.28, 0.08, 0.0005, -0.0004, 0.0]
     new_f, new_c = 230.0, (160.0, 118.0)  # P differs from K, as camera_calibration computes it
     p = [new_f, 0.0, new_c[0], 0.0, 0.0, new_f, new_c[1], 0.0, 0.0, 0.0, 1.0, 0.0]
-    model = CameraModel(w, h, 'plumb_bob', tuple(d), tuple(k), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), tuple(p))
+    model = CameraModel(w, h, "plumb_bob", tuple(d), tuple(k), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), tuple(p))
     assert model.needs_rectification()
     rays = [(x, y) for x in (-0.55, -0.25, 0.0, 0.3, 0.55) for y in (-0.4, 0.0, 0.4)]
     v, u = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -215,7 +215,7 @@ def test_rectify_moves_points_to_where_the_pinhole_model_p_puts_them() -> None:
         worst_rect = max(worst_rect, float(np.hypot(got[0] - ideal[0], got[1] - ideal[1])))
         xd, yd = _distort(np.array(x), np.array(y), d)
         worst_raw = max(worst_raw, float(np.hypot(f * xd + 159.5 - ideal[0], f * yd + 119.5 - ideal[1])))
-    assert worst_rect < 0.3, f'rectified blobs off by up to {worst_rect:.2f} px'
+    assert worst_rect < 0.3, f"rectified blobs off by up to {worst_rect:.2f} px"
     assert worst_raw > 5.0  # the test would notice a no-op
 
 
@@ -223,13 +223,13 @@ def test_rectified_model_and_no_op_cases() -> None:
     k = (300.0, 0.0, 160.0, 0.0, 300.0, 120.0, 0.0, 0.0, 1.0)
     p = (300.0, 0.0, 160.0, 0.0, 0.0, 300.0, 120.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     eye = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    assert not CameraModel(320, 240, 'plumb_bob', (0.0,) * 5, k, eye, p).needs_rectification()
-    assert not CameraModel(320, 240, '', (), k, (0.0,) * 9, (0.0,) * 12).needs_rectification()  # R, P unset
-    distorted = CameraModel(320, 240, 'plumb_bob', (-0.2, 0.0, 0.0, 0.0, 0.0), k, eye, (0.0,) * 12)
+    assert not CameraModel(320, 240, "plumb_bob", (0.0,) * 5, k, eye, p).needs_rectification()
+    assert not CameraModel(320, 240, "", (), k, (0.0,) * 9, (0.0,) * 12).needs_rectification()  # R, P unset
+    distorted = CameraModel(320, 240, "plumb_bob", (-0.2, 0.0, 0.0, 0.0, 0.0), k, eye, (0.0,) * 12)
     rect = distorted.rectified()
     assert rect.d == (0.0,) * 5 and rect.r == eye and rect.k == k and rect.p == p  # P unset: from K
     img = np.full((240, 320, 3), 200, np.uint8)
     out = Rectifier()(img, distorted)
     assert out.shape == img.shape and out[120, 160, 0] == 200
-    with pytest.raises(camera_module.InvalidCameraInfo, match='not be rectified|cannot be rectified'):
-        Rectifier()(img, CameraModel(320, 240, 'fancy_lens', (0.1,), k, eye, p))
+    with pytest.raises(camera_module.InvalidCameraInfo, match="not be rectified|cannot be rectified"):
+        Rectifier()(img, CameraModel(320, 240, "fancy_lens", (0.1,), k, eye, p))

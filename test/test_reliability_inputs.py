@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from lifecycle_msgs.msg import Transition  # noqa: E402
-from lifecycle_msgs.srv import ChangeState  # noqa: E402
-from ros_helpers import (  # noqa: E402
+pytest.importorskip("rclpy", reason="rclpy (ros-jazzy-rclpy) not installed")
+from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
+from ros_helpers import (
     Collector,
     NodeProcess,
     call_service,
@@ -49,20 +49,20 @@ from ros_helpers import (  # noqa: E402
     test_scene,
     wrapped_node_program,
 )
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from geodiff_ros.geometry import PinholeIntrinsics  # noqa: E402
-from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
-from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_msg, read_cloud  # noqa: E402
+from geodiff_ros.geometry import PinholeIntrinsics
+from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image
+from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_msg, read_cloud
 
 W, H = 160, 120
-FRAME = 'camera_color_optical_frame'
-NS, NAME = '/reliability_inputs', 'geodiff_inputs'  # own names: immune to another run sharing the domain
+FRAME = "camera_color_optical_frame"
+NS, NAME = "/reliability_inputs", "geodiff_inputs"  # own names: immune to another run sharing the domain
 THROTTLE_S = 1.0  # the wrapper's throttle for per-frame warnings (the node's own is 5 s)
 S, T = 3.0, 0.5  # the affine map sparse = S * relative + T of the alignment cases
-OUTPUTS = {'depth/relative': Image, 'depth/image': Image, 'depth/camera_info': CameraInfo,
-           'normals/image': Image, 'points': PointCloud2, '/diagnostics': DiagnosticArray}
-PER_FRAME = ('depth/relative', 'depth/image', 'depth/camera_info', 'normals/image', 'points')
+OUTPUTS = {"depth/relative": Image, "depth/image": Image, "depth/camera_info": CameraInfo,
+           "normals/image": Image, "points": PointCloud2, "/diagnostics": DiagnosticArray}
+PER_FRAME = ("depth/relative", "depth/image", "depth/camera_info", "normals/image", "points")
 
 
 @dataclass(repr=False)  # outputs hold whole images: pytest must not repr them in a failure report
@@ -74,7 +74,7 @@ class CaseResult:
     stamps: dict[str, int]
 
     def __repr__(self) -> str:
-        return f'CaseResult(stamps={self.stamps})'
+        return f"CaseResult(stamps={self.stamps})"
 
 
 @dataclass(repr=False)
@@ -90,7 +90,7 @@ class Scenario:
     _relative: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        return f'Scenario(cases={list(self.cases)})'
+        return f"Scenario(cases={list(self.cases)})"
 
     # ---------------------------------------------------------------- stamps and publishing
 
@@ -104,24 +104,24 @@ class Scenario:
         return camera_info_msg(header(stamp, FRAME), W, H, i.fx, i.fy, i.cx, i.cy)
 
     def good_image(self, stamp: int) -> Image:
-        return numpy_to_image(self.rgb, 'rgb8', header(stamp, FRAME))
+        return numpy_to_image(self.rgb, "rgb8", header(stamp, FRAME))
 
-    def publish(self, stamp: int, image: Any = None, info: Any = 'default', sparse: Any = None,
+    def publish(self, stamp: int, image: Any = None, info: Any = "default", sparse: Any = None,
                 sparse_stamp: int | None = None) -> None:
         """camera_info and sparse depth first (they must be there when the image is processed), then the image."""
-        if info == 'default':
+        if info == "default":
             info = self.info(stamp)
         if info is not None:
             info.header = header(stamp, FRAME)
-            self.pubs['camera_info'].publish(info)
+            self.pubs["camera_info"].publish(info)
         if sparse is not None:
             sparse.header = header(stamp if sparse_stamp is None else sparse_stamp, FRAME)
-            self.pubs['sparse_depth'].publish(sparse)
+            self.pubs["sparse_depth"].publish(sparse)
         if info is not None or sparse is not None:
             time.sleep(0.1)
-        self.pubs['image'].publish(self.good_image(stamp) if image is None else image)
+        self.pubs["image"].publish(self.good_image(stamp) if image is None else image)
 
-    def collect(self, stamp: int, expect: tuple[str, ...] = ('depth/relative', 'normals/image'),
+    def collect(self, stamp: int, expect: tuple[str, ...] = ("depth/relative", "normals/image"),
                 timeout: float = 30.0, since: float = 0.0) -> dict[str, Any]:
         """{topic: output with ``stamp`` that arrived after monotonic ``since``, or None}; waits for ``expect``,
         then a grace period for the rest. ``since`` tells apart two frames with one stamp (sim time reset)."""
@@ -141,7 +141,7 @@ class Scenario:
                 out[topic] = find(topic)
         return out
 
-    def frame(self, stamp: int, expect: tuple[str, ...] = ('depth/relative', 'normals/image'),
+    def frame(self, stamp: int, expect: tuple[str, ...] = ("depth/relative", "normals/image"),
               **kwargs: Any) -> dict[str, Any]:
         since = time.monotonic()
         self.publish(stamp, **kwargs)
@@ -161,15 +161,15 @@ class Scenario:
             time.sleep(0.2)  # log lines of the last frame reach the file
             self.cases[name] = CaseResult(outputs, self.node.log_since(mark), stamps)
             self.last_case_t = time.monotonic()
-        assert self.node.proc.poll() is None, f'node exited ({self.node.proc.returncode}):\n{self.node.log()[-3000:]}'
+        assert self.node.proc.poll() is None, f"node exited ({self.node.proc.returncode}):\n{self.node.log()[-3000:]}"
         return self.cases[name]
 
     def relative(self) -> np.ndarray:
         """The node's relative depth for the scene image (computed once)."""
         if self._relative is None:
             out = self.frame(self.fresh_stamp())
-            assert out['depth/relative'] is not None, self.node.log()[-3000:]
-            self._relative = image_to_numpy(out['depth/relative']).copy()
+            assert out["depth/relative"] is not None, self.node.log()[-3000:]
+            self._relative = image_to_numpy(out["depth/relative"]).copy()
         return self._relative
 
     def sparse(self, scale: float = S, shift: float = T, step: int = 5) -> np.ndarray:
@@ -196,56 +196,56 @@ class Scenario:
             if later:
                 return later[0]
             time.sleep(0.05)
-        raise AssertionError('no /diagnostics message')
+        raise AssertionError("no /diagnostics message")
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def scn(tmp_path_factory: pytest.TempPathFactory, tiny_depth_ckpt: Path, tiny_normals_ckpt: Path) -> Scenario:
     domain = module_domain_id(71)
-    log = tmp_path_factory.mktemp('node') / 'geodiff.log'
+    log = tmp_path_factory.mktemp("node") / "geodiff.log"
     node = NodeProcess(domain, {
-        'model_depth': str(tiny_depth_ckpt), 'model_normals': str(tiny_normals_ckpt), 'device': 'cpu',
-        'dtype': 'fp32', 'processing_res': 64, 'qos.input.reliability': 'reliable',
-        'alignment.ema_alpha': 1.0, 'alignment.sparse_max_dt': 0.02, 'alignment.max_fallback_age_s': 1.0,
-        'diagnostics_period': 0.3,
+        "model_depth": str(tiny_depth_ckpt), "model_normals": str(tiny_normals_ckpt), "device": "cpu",
+        "dtype": "fp32", "processing_res": 64, "qos.input.reliability": "reliable",
+        "alignment.ema_alpha": 1.0, "alignment.sparse_max_dt": 0.02, "alignment.max_fallback_age_s": 1.0,
+        "diagnostics_period": 0.3,
     }, log, remaps=node_remaps(NS, NAME), program=wrapped_node_program(),
-        extra_env={'GEODIFF_TEST_LOG_THROTTLE_S': str(THROTTLE_S)})
+        extra_env={"GEODIFF_TEST_LOG_THROTTLE_S": str(THROTTLE_S)})
     col = Collector(domain, namespace=NS)
     try:
         for topic, msg_type in OUTPUTS.items():
             col.subscribe(msg_type, topic)
-        pubs = {t: col.publisher(m, t, depth=2) for t, m in (('image', Image), ('camera_info', CameraInfo),
-                                                             ('sparse_depth', Image), ('sparse_points', PointCloud2))}
+        pubs = {t: col.publisher(m, t, depth=2) for t, m in (("image", Image), ("camera_info", CameraInfo),
+                                                             ("sparse_depth", Image), ("sparse_points", PointCloud2))}
         if not col.wait_matched(pubs.values(), timeout=90.0):
-            pytest.fail(f'the node never subscribed to its inputs; log:\n{node.log()[-3000:]}')
+            pytest.fail(f"the node never subscribed to its inputs; log:\n{node.log()[-3000:]}")
         rgb, _, (fx, fy, cx, cy) = test_scene(W, H)
         yield Scenario(node, col, pubs, rgb, PinholeIntrinsics(fx, fy, cx, cy, W, H))
     finally:
         col.close()
         code, _ = node.stop()
-        assert code == 0, f'exit code {code}; log:\n{node.log()[-3000:]}'
+        assert code == 0, f"exit code {code}; log:\n{node.log()[-3000:]}"
 
 
 # -------------------------------------------------------------------------------------------------- checks
 
 def warn_lines(log: str) -> list[str]:
     """WARN / ERROR / FATAL lines of a node log slice."""
-    return [ln for ln in log.splitlines() if re.match(r'\[(WARN|ERROR|FATAL)\]', ln)]
+    return [ln for ln in log.splitlines() if re.match(r"\[(WARN|ERROR|FATAL)\]", ln)]
 
 
 def assert_logged(log: str, pattern: str) -> None:
     """A WARN/ERROR line matches ``pattern`` (case-insensitive): the user sees what is wrong."""
     lines = warn_lines(log)
     assert any(re.search(pattern, ln, re.IGNORECASE) for ln in lines), (
-        f'no WARN/ERROR line matching {pattern!r}; warnings were:\n' + '\n'.join(lines))
+        f"no WARN/ERROR line matching {pattern!r}; warnings were:\n" + "\n".join(lines))
 
 
 def assert_good(out: dict[str, Any], scn: Scenario) -> None:
     """A correctly processed frame: relative depth in [0,1] and normals, both WxH with the input frame_id."""
-    rel, nrm = out['depth/relative'], out['normals/image']
-    assert rel is not None and nrm is not None, f'good frame not processed; log:\n{scn.node.log()[-3000:]}'
-    assert (rel.encoding, rel.width, rel.height, rel.header.frame_id) == ('32FC1', W, H, FRAME)
-    assert (nrm.encoding, nrm.width, nrm.height, nrm.header.frame_id) == ('32FC3', W, H, FRAME)
+    rel, nrm = out["depth/relative"], out["normals/image"]
+    assert rel is not None and nrm is not None, f"good frame not processed; log:\n{scn.node.log()[-3000:]}"
+    assert (rel.encoding, rel.width, rel.height, rel.header.frame_id) == ("32FC1", W, H, FRAME)
+    assert (nrm.encoding, nrm.width, nrm.height, nrm.header.frame_id) == ("32FC3", W, H, FRAME)
     r = image_to_numpy(rel)
     assert np.isfinite(r).all() and r.min() >= 0.0 and r.max() <= 1.0
     norms = np.linalg.norm(image_to_numpy(nrm), axis=-1)
@@ -255,13 +255,13 @@ def assert_good(out: dict[str, Any], scn: Scenario) -> None:
 
 def assert_nothing_for(out: dict[str, Any]) -> None:
     published = [t for t in PER_FRAME if out[t] is not None]
-    assert not published, f'outputs published for a dropped message: {published}'
+    assert not published, f"outputs published for a dropped message: {published}"
 
 
 def assert_metric(out: dict[str, Any], scale: float, shift: float) -> None:
-    assert out['depth/image'] is not None, 'no metric depth'
-    np.testing.assert_allclose(image_to_numpy(out['depth/image']),
-                               scale * image_to_numpy(out['depth/relative']) + shift, rtol=1e-3, atol=1e-3)
+    assert out["depth/image"] is not None, "no metric depth"
+    np.testing.assert_allclose(image_to_numpy(out["depth/image"]),
+                               scale * image_to_numpy(out["depth/relative"]) + shift, rtol=1e-3, atol=1e-3)
 
 
 # -------------------------------------------------------------------------------------------------- bad images
@@ -275,41 +275,41 @@ def _with(msg: Image, **fields: Any) -> Image:
 def _bad_images(rgb: np.ndarray) -> dict[str, tuple[Callable[[int], Image], str]]:
     """name -> (message factory for a stamp, pattern its log line must match)."""
     def base(stamp: int) -> Image:
-        return numpy_to_image(rgb, 'rgb8', header(stamp, FRAME))
+        return numpy_to_image(rgb, "rgb8", header(stamp, FRAME))
 
     raw8 = bytes(W * H)
     return {
-        'bayer_rggb8': (lambda s: _with(base(s), encoding='bayer_rggb8', step=W, data=raw8), r'bayer_rggb8'),
-        '16UC3': (lambda s: _with(base(s), encoding='16UC3', step=W * 6, data=bytes(W * H * 6)), r'16UC3'),
-        'yuv422': (lambda s: _with(base(s), encoding='yuv422', step=W * 2, data=bytes(W * H * 2)), r'yuv422'),
-        'step_short': (lambda s: _with(base(s), step=W * 3 - 3, data=bytes((W * 3 - 3) * H)), r'step'),
-        'data_short': (lambda s: _with(base(s), data=bytes(W * 3 * (H - 1))), r'truncated|short'),
-        'zero_width': (lambda s: _with(base(s), width=0, step=0, data=b''), rf'zero|\b0x{H}\b'),
-        'zero_height': (lambda s: _with(base(s), height=0, data=b''), rf'zero|\b{W}x0\b'),
+        "bayer_rggb8": (lambda s: _with(base(s), encoding="bayer_rggb8", step=W, data=raw8), r"bayer_rggb8"),
+        "16UC3": (lambda s: _with(base(s), encoding="16UC3", step=W * 6, data=bytes(W * H * 6)), r"16UC3"),
+        "yuv422": (lambda s: _with(base(s), encoding="yuv422", step=W * 2, data=bytes(W * H * 2)), r"yuv422"),
+        "step_short": (lambda s: _with(base(s), step=W * 3 - 3, data=bytes((W * 3 - 3) * H)), r"step"),
+        "data_short": (lambda s: _with(base(s), data=bytes(W * 3 * (H - 1))), r"truncated|short"),
+        "zero_width": (lambda s: _with(base(s), width=0, step=0, data=b""), rf"zero|\b0x{H}\b"),
+        "zero_height": (lambda s: _with(base(s), height=0, data=b""), rf"zero|\b{W}x0\b"),
         # Issue 13, bug 12: was torch's "Kernel size can't be greater than actual input size".
-        'thin_100000x1': (lambda s: numpy_to_image(np.zeros((1, 100000, 3), np.uint8), 'rgb8', header(s, FRAME)),
-                          r'100000x1 .*at least \d+ px'),
+        "thin_100000x1": (lambda s: numpy_to_image(np.zeros((1, 100000, 3), np.uint8), "rgb8", header(s, FRAME)),
+                          r"100000x1 .*at least \d+ px"),
     }
 
 
-@pytest.mark.parametrize('case', list(_bad_images(np.zeros((1, 1, 3), np.uint8))))
+@pytest.mark.parametrize("case", list(_bad_images(np.zeros((1, 1, 3), np.uint8))))
 def test_bad_image_is_dropped_logged_and_the_next_frame_processed(scn: Scenario, case: str) -> None:
     make, pattern = _bad_images(scn.rgb)[case]
 
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
-        before = scn.wait_diag('bad_input', 0)
+        before = scn.wait_diag("bad_input", 0)
         scn.publish(bad, image=make(bad), info=None)
-        scn.wait_diag('bad_input', before + 1)  # taken and refused before the good frame can replace it
+        scn.wait_diag("bad_input", before + 1)  # taken and refused before the good frame can replace it
         out_good = scn.frame(good)
-        after = scn.wait_diag('bad_input', 0)
-        return {bad: scn.collect(bad, expect=()), good: out_good}, {'bad': bad, 'good': good,
-                                                                     'bad_input_delta': after - before}
+        after = scn.wait_diag("bad_input", 0)
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {"bad": bad, "good": good,
+                                                                     "bad_input_delta": after - before}
 
-    res = scn.run_case(f'image:{case}', body)
-    assert_nothing_for(res.outputs[res.stamps['bad']])
-    assert_good(res.outputs[res.stamps['good']], scn)
-    assert res.stamps['bad_input_delta'] == 1, 'the dropped frame is counted once in /diagnostics bad_input'
+    res = scn.run_case(f"image:{case}", body)
+    assert_nothing_for(res.outputs[res.stamps["bad"]])
+    assert_good(res.outputs[res.stamps["good"]], scn)
+    assert res.stamps["bad_input_delta"] == 1, "the dropped frame is counted once in /diagnostics bad_input"
     assert_logged(res.log, pattern)
 
 
@@ -317,16 +317,16 @@ def test_repeated_bad_images_log_once_per_throttle_period(scn: Scenario) -> None
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         stamps = [scn.fresh_stamp(0.05) for _ in range(6)]
         for stamp in stamps:  # 6 bad frames within 0.6 s, each taken by the worker (decode fails at once)
-            scn.publish(stamp, image=_with(scn.good_image(stamp), encoding='yuv422', step=W * 2,
+            scn.publish(stamp, image=_with(scn.good_image(stamp), encoding="yuv422", step=W * 2,
                                            data=bytes(W * H * 2)), info=None)
             time.sleep(0.1)
         good = scn.fresh_stamp(0.1)
-        return {good: scn.frame(good)}, {'good': good}
+        return {good: scn.frame(good)}, {"good": good}
 
-    res = scn.run_case('throttle', body)
-    assert_good(res.outputs[res.stamps['good']], scn)
-    lines = [ln for ln in warn_lines(res.log) if 'yuv422' in ln]
-    assert len(lines) == 1, 'expected one throttled warning for 6 bad frames in 0.6 s, got:\n' + '\n'.join(lines)
+    res = scn.run_case("throttle", body)
+    assert_good(res.outputs[res.stamps["good"]], scn)
+    lines = [ln for ln in warn_lines(res.log) if "yuv422" in ln]
+    assert len(lines) == 1, "expected one throttled warning for 6 bad frames in 0.6 s, got:\n" + "\n".join(lines)
 
 
 def test_8k_frame_is_processed_or_refused_without_crashing(scn: Scenario) -> None:
@@ -337,33 +337,33 @@ def test_8k_frame_is_processed_or_refused_without_crashing(scn: Scenario) -> Non
         rng = np.random.default_rng(0)
         small = scn.rgb[rng.integers(0, H, 4320 // 8)][:, rng.integers(0, W, 7680 // 8)]
         rgb8k = np.ascontiguousarray(np.repeat(np.repeat(small, 8, axis=0), 8, axis=1))  # [4320,7680,3]
-        received = scn.wait_diag('received', 0)
-        scn.publish(big, image=numpy_to_image(rgb8k, 'rgb8', header(big, FRAME)), info=None)
+        received = scn.wait_diag("received", 0)
+        scn.publish(big, image=numpy_to_image(rgb8k, "rgb8", header(big, FRAME)), info=None)
         del rgb8k
-        assert scn.wait_diag('received', received + 1) == received + 1, 'the 8K frame never reached the node'
+        assert scn.wait_diag("received", received + 1) == received + 1, "the 8K frame never reached the node"
         time.sleep(0.5)  # the worker has taken it: the good frame cannot replace it in the mailbox
         scn.publish(good)
         out_good = scn.collect(good, timeout=240.0)  # processed after the 8K frame (one worker, in order)
-        return {big: scn.collect(big, expect=()), good: out_good}, {'big': big, 'good': good}
+        return {big: scn.collect(big, expect=()), good: out_good}, {"big": big, "good": good}
 
     try:
-        res = scn.run_case('8k', body)
-        out = res.outputs[res.stamps['big']]
-        if out['depth/relative'] is not None:
-            rel = out['depth/relative']
-            assert (rel.width, rel.height, rel.encoding) == (7680, 4320, '32FC1')
+        res = scn.run_case("8k", body)
+        out = res.outputs[res.stamps["big"]]
+        if out["depth/relative"] is not None:
+            rel = out["depth/relative"]
+            assert (rel.width, rel.height, rel.encoding) == (7680, 4320, "32FC1")
             r = image_to_numpy(rel)
             assert np.isfinite(r).all() and r.min() >= 0.0 and r.max() <= 1.0
-            nrm = out['normals/image']
-            assert nrm is not None and (nrm.width, nrm.height, nrm.encoding) == (7680, 4320, '32FC3')
+            nrm = out["normals/image"]
+            assert nrm is not None and (nrm.width, nrm.height, nrm.encoding) == (7680, 4320, "32FC3")
             del rel, r, nrm
         else:
-            assert_logged(res.log, r'7680')
+            assert_logged(res.log, r"7680")
             assert_nothing_for(out)
         del out
-        assert_good(res.outputs[res.stamps['good']], scn)
+        assert_good(res.outputs[res.stamps["good"]], scn)
     finally:  # ~0.7 GB of 8K messages: not kept for the other cases
-        scn.cases.pop('8k', None)
+        scn.cases.pop("8k", None)
         scn.col.clear()
 
 
@@ -385,33 +385,33 @@ def _bad_infos(scn: Scenario) -> dict[str, tuple[Callable[[], CameraInfo], str]]
         return info
 
     return {
-        'size_mismatch': (lambda: camera_info_msg(header(0), 2 * W, 2 * H, 2 * i.fx, 2 * i.fy, 2 * i.cx, 2 * i.cy),
-                          rf'{2 * W}x{2 * H}'),
-        'all_zero_k_p': (zero, r'uncalibrated|zero'),
-        'nan_in_p': (nan_p, r'nan|non-finite|finite'),
+        "size_mismatch": (lambda: camera_info_msg(header(0), 2 * W, 2 * H, 2 * i.fx, 2 * i.fy, 2 * i.cx, 2 * i.cy),
+                          rf"{2 * W}x{2 * H}"),
+        "all_zero_k_p": (zero, r"uncalibrated|zero"),
+        "nan_in_p": (nan_p, r"nan|non-finite|finite"),
     }
 
 
-@pytest.mark.parametrize('case', ['size_mismatch', 'all_zero_k_p', 'nan_in_p'])
+@pytest.mark.parametrize("case", ["size_mismatch", "all_zero_k_p", "nan_in_p"])
 def test_bad_camera_info_gives_depth_but_no_cloud(scn: Scenario, case: str) -> None:
     make, pattern = _bad_infos(scn)[case]
     sparse = scn.sparse()
 
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
-        out_bad = scn.frame(bad, expect=('depth/relative', 'normals/image', 'depth/image'), info=make(),
-                            sparse=numpy_to_image(sparse, '32FC1'))
-        out_good = scn.frame(good, expect=('depth/relative', 'normals/image', 'depth/image', 'points',
-                                           'depth/camera_info'), sparse=numpy_to_image(sparse, '32FC1'))
-        return {bad: out_bad, good: out_good}, {'bad': bad, 'good': good}
+        out_bad = scn.frame(bad, expect=("depth/relative", "normals/image", "depth/image"), info=make(),
+                            sparse=numpy_to_image(sparse, "32FC1"))
+        out_good = scn.frame(good, expect=("depth/relative", "normals/image", "depth/image", "points",
+                                           "depth/camera_info"), sparse=numpy_to_image(sparse, "32FC1"))
+        return {bad: out_bad, good: out_good}, {"bad": bad, "good": good}
 
-    res = scn.run_case(f'info:{case}', body)
-    out = res.outputs[res.stamps['bad']]
+    res = scn.run_case(f"info:{case}", body)
+    out = res.outputs[res.stamps["bad"]]
     assert_good(out, scn)
     assert_metric(out, S, T)  # depth does not need the intrinsics
-    assert out['points'] is None and out['depth/camera_info'] is None  # nothing built from the bad CameraInfo
-    good = res.outputs[res.stamps['good']]
-    assert good['points'] is not None and good['depth/camera_info'] is not None, 'cloud back with a good CameraInfo'
+    assert out["points"] is None and out["depth/camera_info"] is None  # nothing built from the bad CameraInfo
+    good = res.outputs[res.stamps["good"]]
+    assert good["points"] is not None and good["depth/camera_info"] is not None, "cloud back with a good CameraInfo"
     assert_logged(res.log, pattern)
 
 
@@ -420,10 +420,10 @@ def test_bad_camera_info_gives_depth_but_no_cloud(scn: Scenario, case: str) -> N
 def _unusable_sparse(scn: Scenario) -> dict[str, tuple[Callable[[], Image], str]]:
     sparse = scn.sparse()
     return {
-        'encoding_rgb8': (lambda: numpy_to_image(np.zeros((H, W, 3), np.uint8), 'rgb8'), r'rgb8'),
-        'zero_size': (lambda: _with(numpy_to_image(sparse, '32FC1'), width=0, step=0, data=b''), r'zero|0x'),
+        "encoding_rgb8": (lambda: numpy_to_image(np.zeros((H, W, 3), np.uint8), "rgb8"), r"rgb8"),
+        "zero_size": (lambda: _with(numpy_to_image(sparse, "32FC1"), width=0, step=0, data=b""), r"zero|0x"),
         # Another aspect ratio cannot be the image's pixel grid (e.g. depth not aligned to colour).
-        'other_aspect': (lambda: numpy_to_image(np.ascontiguousarray(sparse[:, :H]), '32FC1'), rf'{H}x{H}'),
+        "other_aspect": (lambda: numpy_to_image(np.ascontiguousarray(sparse[:, :H]), "32FC1"), rf"{H}x{H}"),
     }
 
 
@@ -433,33 +433,33 @@ def _sparse_case(kind: str) -> Callable[[Scenario], tuple[dict[int, dict[str, An
         bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
         scn.publish(bad, sparse=make())
         out_bad = scn.collect(bad, timeout=10.0)  # processed within ~1 s when it is processed at all
-        out_good = scn.frame(good, expect=('depth/relative', 'normals/image', 'depth/image'),
-                             sparse=numpy_to_image(scn.sparse(), '32FC1'))
-        return {bad: out_bad, good: out_good}, {'bad': bad, 'good': good}
+        out_good = scn.frame(good, expect=("depth/relative", "normals/image", "depth/image"),
+                             sparse=numpy_to_image(scn.sparse(), "32FC1"))
+        return {bad: out_bad, good: out_good}, {"bad": bad, "good": good}
     return body
 
 
 
 
-@pytest.mark.parametrize('case', [
-    'encoding_rgb8',
-    'zero_size',
-    'other_aspect',
+@pytest.mark.parametrize("case", [
+    "encoding_rgb8",
+    "zero_size",
+    "other_aspect",
 ])
 def test_unusable_sparse_depth_is_ignored_and_the_image_still_processed(scn: Scenario, case: str) -> None:
-    res = scn.run_case(f'sparse:{case}', _sparse_case(case))
-    out = res.outputs[res.stamps['bad']]
+    res = scn.run_case(f"sparse:{case}", _sparse_case(case))
+    out = res.outputs[res.stamps["bad"]]
     assert_good(out, scn)  # the camera frame is fine: only the sparse message is dropped
-    assert out['depth/image'] is None and out['points'] is None  # no metric scale from a bad message
-    assert_metric(res.outputs[res.stamps['good']], S, T)
+    assert out["depth/image"] is None and out["points"] is None  # no metric scale from a bad message
+    assert_metric(res.outputs[res.stamps["good"]], S, T)
 
 
-@pytest.mark.parametrize('case', [
-    'encoding_rgb8', 'zero_size',
-    'other_aspect',
+@pytest.mark.parametrize("case", [
+    "encoding_rgb8", "zero_size",
+    "other_aspect",
 ])
 def test_unusable_sparse_depth_is_logged(scn: Scenario, case: str) -> None:
-    res = scn.run_case(f'sparse:{case}', _sparse_case(case))
+    res = scn.run_case(f"sparse:{case}", _sparse_case(case))
     assert_logged(res.log, _unusable_sparse(scn)[case][1])
 
 
@@ -472,15 +472,15 @@ def test_sparse_nan_inf_negative_values_are_ignored(scn: Scenario) -> None:
         codes = np.array([np.nan, np.inf, -np.inf, -1.0, -5.0], np.float32)
         sparse[holes] = codes[np.arange(int(holes.sum())) % codes.size]
         stamp = scn.fresh_stamp()
-        out = scn.frame(stamp, expect=('depth/relative', 'normals/image', 'depth/image'),
-                        sparse=numpy_to_image(sparse, '32FC1'))
-        return {stamp: out}, {'frame': stamp}
+        out = scn.frame(stamp, expect=("depth/relative", "normals/image", "depth/image"),
+                        sparse=numpy_to_image(sparse, "32FC1"))
+        return {stamp: out}, {"frame": stamp}
 
-    res = scn.run_case('sparse:invalid_values', body)
-    out = res.outputs[res.stamps['frame']]
+    res = scn.run_case("sparse:invalid_values", body)
+    out = res.outputs[res.stamps["frame"]]
     assert_good(out, scn)
     assert_metric(out, S, T)
-    depth = image_to_numpy(out['depth/image'])
+    depth = image_to_numpy(out["depth/image"])
     assert not np.isinf(depth).any() and not (depth <= 0).any()
 
 
@@ -489,59 +489,59 @@ def test_all_invalid_sparse_depth_gives_relative_only(scn: Scenario) -> None:
         invalid = np.where(np.indices((H, W)).sum(0) % 2 == 0, np.nan, -2.0).astype(np.float32)
         invalid[0, :4] = [np.inf, -np.inf, 0.0, -0.0]
         stamp = scn.fresh_stamp()
-        return {stamp: scn.frame(stamp, sparse=numpy_to_image(invalid, '32FC1'))}, {'frame': stamp}
+        return {stamp: scn.frame(stamp, sparse=numpy_to_image(invalid, "32FC1"))}, {"frame": stamp}
 
-    res = scn.run_case('sparse:all_invalid', body)
-    out = res.outputs[res.stamps['frame']]
+    res = scn.run_case("sparse:all_invalid", body)
+    out = res.outputs[res.stamps["frame"]]
     assert_good(out, scn)
-    assert out['depth/image'] is None and out['points'] is None
-    assert_logged(res.log, r'no metric fit|too few|valid')
+    assert out["depth/image"] is None and out["points"] is None
+    assert_logged(res.log, r"no metric fit|too few|valid")
 
 
 def _far_stamp(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     stamp = scn.fresh_stamp()
-    out = scn.frame(stamp, sparse=numpy_to_image(scn.sparse(), '32FC1'), sparse_stamp=stamp - 10 * 10**9)
-    return {stamp: out}, {'frame': stamp}
+    out = scn.frame(stamp, sparse=numpy_to_image(scn.sparse(), "32FC1"), sparse_stamp=stamp - 10 * 10**9)
+    return {stamp: out}, {"frame": stamp}
 
 
 def test_sparse_depth_far_from_any_image_is_not_used(scn: Scenario) -> None:
-    res = scn.run_case('sparse:far_stamp', _far_stamp)
-    out = res.outputs[res.stamps['frame']]
+    res = scn.run_case("sparse:far_stamp", _far_stamp)
+    out = res.outputs[res.stamps["frame"]]
     assert_good(out, scn)
-    assert out['depth/image'] is None and out['points'] is None
+    assert out["depth/image"] is None and out["points"] is None
 
 
 def test_sparse_depth_far_from_any_image_is_logged(scn: Scenario) -> None:
-    res = scn.run_case('sparse:far_stamp', _far_stamp)
-    assert_logged(res.log, r'sparse_max_dt')
+    res = scn.run_case("sparse:far_stamp", _far_stamp)
+    assert_logged(res.log, r"sparse_max_dt")
 
 
 def _gap(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     fit = scn.fresh_stamp()
-    out_fit = scn.frame(fit, expect=('depth/relative', 'normals/image', 'depth/image'),
-                        sparse=numpy_to_image(scn.sparse(), '32FC1'))
+    out_fit = scn.frame(fit, expect=("depth/relative", "normals/image", "depth/image"),
+                        sparse=numpy_to_image(scn.sparse(), "32FC1"))
     held = fit + int(0.5e9)  # within alignment.max_fallback_age_s = 1.0: last fit reused
-    out_held = scn.frame(held, expect=('depth/relative', 'normals/image', 'depth/image'))
+    out_held = scn.frame(held, expect=("depth/relative", "normals/image", "depth/image"))
     expired = fit + int(2.5e9)  # beyond it: relative depth only
     out_expired = scn.frame(expired)
     scn.stamp_ns = max(scn.stamp_ns, expired)
     return ({fit: out_fit, held: out_held, expired: out_expired},
-            {'fit': fit, 'held': held, 'expired': expired})
+            {"fit": fit, "held": held, "expired": expired})
 
 
 def test_frames_without_sparse_depth_fall_back_then_go_relative_only(scn: Scenario) -> None:
-    res = scn.run_case('sparse:gap', _gap)
-    fit, held, expired = (res.outputs[res.stamps[k]] for k in ('fit', 'held', 'expired'))
+    res = scn.run_case("sparse:gap", _gap)
+    fit, held, expired = (res.outputs[res.stamps[k]] for k in ("fit", "held", "expired"))
     assert_metric(fit, S, T)
     assert_metric(held, S, T)  # fallback: the last fit, same scale
     assert_good(expired, scn)
-    assert expired['depth/image'] is None and expired['points'] is None
+    assert expired["depth/image"] is None and expired["points"] is None
 
 
 def test_frames_without_sparse_depth_are_logged(scn: Scenario) -> None:
-    res = scn.run_case('sparse:gap', _gap)
-    assert any(re.search(r'sparse', ln, re.IGNORECASE) and re.search(r'relative|metric', ln, re.IGNORECASE)
-               for ln in warn_lines(res.log)), 'no warning that metric depth stopped:\n' + res.log[-2000:]
+    res = scn.run_case("sparse:gap", _gap)
+    assert any(re.search(r"sparse", ln, re.IGNORECASE) and re.search(r"relative|metric", ln, re.IGNORECASE)
+               for ln in warn_lines(res.log)), "no warning that metric depth stopped:\n" + res.log[-2000:]
 
 
 # -------------------------------------------------------------------------------------------------- issue 13
@@ -557,13 +557,13 @@ def _cloud_of(scn: Scenario, sparse: np.ndarray) -> PointCloud2:
 
 def _broken_cloud(msg: PointCloud2, kind: str) -> PointCloud2:
     fields = list(msg.fields)
-    if kind == 'offset_beyond_point_step':
+    if kind == "offset_beyond_point_step":
         fields[2].offset = 40
-    elif kind == 'point_step_0':
+    elif kind == "point_step_0":
         msg.point_step = 0
-    elif kind == 'duplicate_field':
-        fields[1].name = 'x'
-    elif kind == 'huge_count':
+    elif kind == "duplicate_field":
+        fields[1].name = "x"
+    elif kind == "huge_count":
         fields[0].count = 1_000_000_000
     msg.fields = fields
     return msg
@@ -579,42 +579,42 @@ def _bad_points_case(kind: str) -> Callable[[Scenario], tuple[dict[int, dict[str
                 cloud = _broken_cloud(cloud, kind)
             cloud.header = header(stamp, FRAME)
             since = time.monotonic()
-            scn.pubs['sparse_points'].publish(cloud)
+            scn.pubs["sparse_points"].publish(cloud)
             scn.publish(stamp)  # camera_info, then the image
-            expect = ('depth/relative', 'normals/image') + (() if broken else ('depth/image',))
+            expect = ("depth/relative", "normals/image") + (() if broken else ("depth/image",))
             outputs[stamp] = scn.collect(stamp, expect, since=since)
-        return outputs, {'bad': bad, 'good': good}
+        return outputs, {"bad": bad, "good": good}
     return body
 
 
-@pytest.mark.parametrize('kind', ['offset_beyond_point_step', 'point_step_0', 'duplicate_field', 'huge_count'])
+@pytest.mark.parametrize("kind", ["offset_beyond_point_step", "point_step_0", "duplicate_field", "huge_count"])
 def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenario, kind: str) -> None:
     """Issue 13, bug 5: a ValueError from numpy used to escape and drop the camera frame."""
-    res = scn.run_case(f'points:{kind}', _bad_points_case(kind))
-    out = res.outputs[res.stamps['bad']]
+    res = scn.run_case(f"points:{kind}", _bad_points_case(kind))
+    out = res.outputs[res.stamps["bad"]]
     assert_good(out, scn)
-    assert out['depth/image'] is None and out['points'] is None  # no metric scale from a broken cloud
-    assert_metric(res.outputs[res.stamps['good']], S, T)  # a valid cloud right after is used
-    assert_logged(res.log, r'sparse input ignored')
+    assert out["depth/image"] is None and out["points"] is None  # no metric scale from a broken cloud
+    assert_metric(res.outputs[res.stamps["good"]], S, T)  # a valid cloud right after is used
+    assert_logged(res.log, r"sparse input ignored")
 
 
 def _wrong_units(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     fit = scn.fresh_stamp()
-    out_fit = scn.frame(fit, expect=('depth/relative', 'normals/image', 'depth/image'),
-                        sparse=numpy_to_image(scn.sparse(), '32FC1'))
+    out_fit = scn.frame(fit, expect=("depth/relative", "normals/image", "depth/image"),
+                        sparse=numpy_to_image(scn.sparse(), "32FC1"))
     wrong = fit + int(0.3e9)  # within alignment.max_fallback_age_s = 1.0 of the good fit
-    out_wrong = scn.frame(wrong, expect=('depth/relative', 'normals/image', 'depth/image'),
-                          sparse=numpy_to_image(scn.sparse() * 1e6, '32FC1'))  # micrometres sent as metres
+    out_wrong = scn.frame(wrong, expect=("depth/relative", "normals/image", "depth/image"),
+                          sparse=numpy_to_image(scn.sparse() * 1e6, "32FC1"))  # micrometres sent as metres
     scn.stamp_ns = max(scn.stamp_ns, wrong)
-    return {fit: out_fit, wrong: out_wrong}, {'fit': fit, 'wrong': wrong}
+    return {fit: out_fit, wrong: out_wrong}, {"fit": fit, "wrong": wrong}
 
 
 def test_sparse_depth_in_wrong_units_is_rejected_and_the_last_fit_kept(scn: Scenario) -> None:
     """Issue 13, bug 11: the x1e6 fit was accepted and made every metric pixel NaN for max_fallback_age_s."""
-    res = scn.run_case('sparse:wrong_units', _wrong_units)
-    assert_metric(res.outputs[res.stamps['fit']], S, T)
-    assert_metric(res.outputs[res.stamps['wrong']], S, T)  # the good fit is reused; nothing all-NaN
-    assert_logged(res.log, r'wrong units.*max_depth|max_depth.*wrong units')
+    res = scn.run_case("sparse:wrong_units", _wrong_units)
+    assert_metric(res.outputs[res.stamps["fit"]], S, T)
+    assert_metric(res.outputs[res.stamps["wrong"]], S, T)  # the good fit is reused; nothing all-NaN
+    assert_logged(res.log, r"wrong units.*max_depth|max_depth.*wrong units")
 
 
 def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario) -> None:
@@ -631,15 +631,15 @@ def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario)
             outputs[stamp] = scn.frame(stamp, info=info)
         return outputs, {}
 
-    res = scn.run_case('info:k_only_changing', body)
+    res = scn.run_case("info:k_only_changing", body)
     for out in res.outputs.values():
         assert_good(out, scn)
-    lines = [ln for ln in res.log.splitlines() if 'P is unset' in ln]
-    assert len(lines) == 1, 'expected one (throttled) warning for 6 new K values:\n' + '\n'.join(lines)
+    lines = [ln for ln in res.log.splitlines() if "P is unset" in ln]
+    assert len(lines) == 1, "expected one (throttled) warning for 6 new K values:\n" + "\n".join(lines)
 
 
 def _set(scn: Scenario, **values: Any) -> None:
-    results = set_parameters(scn.col, f'{NS}/{NAME}', {k.replace('__', '.'): v for k, v in values.items()})
+    results = set_parameters(scn.col, f"{NS}/{NAME}", {k.replace("__", "."): v for k, v in values.items()})
     assert all(r.successful for r in results), [r.reason for r in results]
 
 
@@ -649,20 +649,20 @@ def test_raw_image_above_max_input_pixels_is_dropped_naming_the_parameter(scn: S
 
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
-        before = scn.wait_diag('bad_input', 0)
+        before = scn.wait_diag("bad_input", 0)
         _set(scn, max_input_pixels=limit)
         try:
             scn.publish(bad, info=None)
-            scn.wait_diag('bad_input', before + 1)
+            scn.wait_diag("bad_input", before + 1)
         finally:
             _set(scn, max_input_pixels=40_000_000)
         out_good = scn.frame(good)
-        return {bad: scn.collect(bad, expect=()), good: out_good}, {'bad': bad, 'good': good}
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {"bad": bad, "good": good}
 
-    res = scn.run_case('limit:raw', body)
-    assert_nothing_for(res.outputs[res.stamps['bad']])
-    assert_good(res.outputs[res.stamps['good']], scn)
-    assert_logged(res.log, rf'{W}x{H} .*max_input_pixels = {limit}')
+    res = scn.run_case("limit:raw", body)
+    assert_nothing_for(res.outputs[res.stamps["bad"]])
+    assert_good(res.outputs[res.stamps["good"]], scn)
+    assert_logged(res.log, rf"{W}x{H} .*max_input_pixels = {limit}")
 
 
 def _expected_rectified(rgb: np.ndarray, info: CameraInfo) -> np.ndarray:
@@ -686,21 +686,21 @@ def test_rectify_processes_the_rectified_image_and_publishes_its_camera_info(scn
         info.d = distortion
         _set(scn, rectify=True, alignment__fixed_scale=2.0)  # fixed scale: a cloud without sparse depth
         try:
-            out = scn.frame(stamp, expect=('depth/relative', 'normals/image', 'depth/camera_info', 'points'),
+            out = scn.frame(stamp, expect=("depth/relative", "normals/image", "depth/camera_info", "points"),
                             info=info)
         finally:
             _set(scn, rectify=False, alignment__fixed_scale=0.0)
-        return {stamp: out}, {'frame': stamp}
+        return {stamp: out}, {"frame": stamp}
 
-    res = scn.run_case('rectify', body)
-    out = res.outputs[res.stamps['frame']]
+    res = scn.run_case("rectify", body)
+    out = res.outputs[res.stamps["frame"]]
     assert_good(out, scn)
-    info_out = out['depth/camera_info']
-    assert info_out is not None and out['points'] is not None, scn.node.log()[-3000:]
+    info_out = out["depth/camera_info"]
+    assert info_out is not None and out["points"] is not None, scn.node.log()[-3000:]
     p = np.asarray(info_out.p).reshape(3, 4)
     assert not np.any(info_out.d) and np.allclose(np.asarray(info_out.r).reshape(3, 3), np.eye(3))
     np.testing.assert_allclose(np.asarray(info_out.k).reshape(3, 3), p[:, :3])
-    packed = read_cloud(out['points'])['rgb'].view(np.uint32).reshape(H, W)
+    packed = read_cloud(out["points"])["rgb"].view(np.uint32).reshape(H, W)
     colours = np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
     distorted = scn.info(0)
     distorted.d = distortion
@@ -715,29 +715,29 @@ def test_depth_encoding_16uc1_publishes_millimetres(scn: Scenario) -> None:
 
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         mm_stamp, m_stamp = scn.fresh_stamp(), scn.fresh_stamp(0.1)
-        _set(scn, depth_encoding='16UC1', alignment__fixed_scale=30.0, max_depth=25.0)
+        _set(scn, depth_encoding="16UC1", alignment__fixed_scale=30.0, max_depth=25.0)
         try:
-            out_mm = scn.frame(mm_stamp, expect=('depth/relative', 'normals/image', 'depth/image'))
+            out_mm = scn.frame(mm_stamp, expect=("depth/relative", "normals/image", "depth/image"))
         finally:
-            _set(scn, depth_encoding='32FC1', alignment__fixed_scale=0.0, max_depth=100.0)
+            _set(scn, depth_encoding="32FC1", alignment__fixed_scale=0.0, max_depth=100.0)
         _set(scn, alignment__fixed_scale=30.0, max_depth=25.0)
         try:
-            out_m = scn.frame(m_stamp, expect=('depth/relative', 'normals/image', 'depth/image'))
+            out_m = scn.frame(m_stamp, expect=("depth/relative", "normals/image", "depth/image"))
         finally:
             _set(scn, alignment__fixed_scale=0.0, max_depth=100.0)
-        return {mm_stamp: out_mm, m_stamp: out_m}, {'mm': mm_stamp, 'm': m_stamp}
+        return {mm_stamp: out_mm, m_stamp: out_m}, {"mm": mm_stamp, "m": m_stamp}
 
-    res = scn.run_case('depth_encoding', body)
-    out_mm, out_m = res.outputs[res.stamps['mm']], res.outputs[res.stamps['m']]
-    assert out_mm['depth/image'] is not None and out_m['depth/image'] is not None, scn.node.log()[-3000:]
-    assert out_mm['depth/image'].encoding == '16UC1' and out_m['depth/image'].encoding == '32FC1'
-    mm = image_to_numpy(out_mm['depth/image'])
-    metres = np.float32(30.0) * image_to_numpy(out_mm['depth/relative']).astype(np.float32)  # fixed scale, shift 0
+    res = scn.run_case("depth_encoding", body)
+    out_mm, out_m = res.outputs[res.stamps["mm"]], res.outputs[res.stamps["m"]]
+    assert out_mm["depth/image"] is not None and out_m["depth/image"] is not None, scn.node.log()[-3000:]
+    assert out_mm["depth/image"].encoding == "16UC1" and out_m["depth/image"].encoding == "32FC1"
+    mm = image_to_numpy(out_mm["depth/image"])
+    metres = np.float32(30.0) * image_to_numpy(out_mm["depth/relative"]).astype(np.float32)  # fixed scale, shift 0
     valid = (metres > 0.1) & (metres <= 25.0)
-    assert valid.any() and (~valid).any(), 'the frame should have depths on both sides of max_depth'
+    assert valid.any() and (~valid).any(), "the frame should have depths on both sides of max_depth"
     np.testing.assert_array_equal(mm[valid], np.rint(metres[valid].astype(np.float64) * 1000.0).astype(np.uint16))
     assert not mm[~valid].any()  # invalid -> 0
-    assert out_mm['depth/image'].step == 2 * out_mm['depth/image'].width
+    assert out_mm["depth/image"].step == 2 * out_mm["depth/image"].width
 
 
 LIDAR_POSE = [0.1, -0.3, 0.05, *np.round(np.array([0.2, -0.1, 0.3, 0.9]) / np.linalg.norm([0.2, -0.1, 0.3, 0.9]),
@@ -749,11 +749,11 @@ def _lidar_cloud(scn: Scenario, stamp: int) -> PointCloud2:
     from geodiff_ros.geometry.transform import RigidTransform
 
     optical = read_cloud(_cloud_of(scn, scn.sparse())).reshape(-1)
-    xyz = np.stack([optical['x'], optical['y'], optical['z']], -1).astype(np.float64)  # [N,3] camera frame
+    xyz = np.stack([optical["x"], optical["y"], optical["z"]], -1).astype(np.float64)  # [N,3] camera frame
     pose = RigidTransform(LIDAR_POSE)
     lidar = (xyz - pose.translation) @ pose.rotation  # R^T (p - t): camera -> lidar
     cloud = cloud_to_msg(cloud_array(lidar.astype(np.float32)[None]))
-    cloud.header = header(stamp, 'lidar')
+    cloud.header = header(stamp, "lidar")
     return cloud
 
 
@@ -766,59 +766,59 @@ def test_sparse_points_in_a_lidar_frame_use_the_static_extrinsic(scn: Scenario) 
         outputs = {}
         for stamp in (unknown, known):
             if stamp == known:
-                _set(scn, sparse_points__frame_id='lidar', sparse_points__transform=LIDAR_POSE)
+                _set(scn, sparse_points__frame_id="lidar", sparse_points__transform=LIDAR_POSE)
             try:
                 since = time.monotonic()
-                scn.pubs['sparse_points'].publish(_lidar_cloud(scn, stamp))
+                scn.pubs["sparse_points"].publish(_lidar_cloud(scn, stamp))
                 scn.publish(stamp)
-                expect = ('depth/relative', 'normals/image') + (('depth/image',) if stamp == known else ())
+                expect = ("depth/relative", "normals/image") + (("depth/image",) if stamp == known else ())
                 outputs[stamp] = scn.collect(stamp, expect, since=since)
             finally:
                 if stamp == known:
-                    _set(scn, sparse_points__frame_id='', sparse_points__transform=[0.0] * 6 + [1.0])
-        return outputs, {'unknown': unknown, 'known': known}
+                    _set(scn, sparse_points__frame_id="", sparse_points__transform=[0.0] * 6 + [1.0])
+        return outputs, {"unknown": unknown, "known": known}
 
-    res = scn.run_case('points:lidar_frame', body)
-    out = res.outputs[res.stamps['unknown']]
+    res = scn.run_case("points:lidar_frame", body)
+    out = res.outputs[res.stamps["unknown"]]
     assert_good(out, scn)
-    assert out['depth/image'] is None
+    assert out["depth/image"] is None
     assert_logged(res.log, r"frame 'lidar'.*sparse_points\.frame_id.*sparse_points\.transform.*tf2_echo")
-    assert_metric(res.outputs[res.stamps['known']], S, T)
+    assert_metric(res.outputs[res.stamps["known"]], S, T)
 
 
 def test_a_transform_that_is_not_one_is_refused_naming_the_format(scn: Scenario) -> None:
     for bad in ([0.0] * 7, [0.0, 0.0, 1.0]):
-        (result,) = set_parameters(scn.col, f'{NS}/{NAME}', {'sparse_points.transform': bad})
-        assert not result.successful and '[x, y, z, qx, qy, qz, qw]' in result.reason, result.reason
+        (result,) = set_parameters(scn.col, f"{NS}/{NAME}", {"sparse_points.transform": bad})
+        assert not result.successful and "[x, y, z, qx, qy, qz, qw]" in result.reason, result.reason
 
 
 # -------------------------------------------------------------------------------------------------- time jumps
 
 def _backwards(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
     fit = scn.fresh_stamp()
-    out_fit = scn.frame(fit, expect=('depth/relative', 'normals/image', 'depth/image'),
-                        sparse=numpy_to_image(scn.sparse(), '32FC1'))
+    out_fit = scn.frame(fit, expect=("depth/relative", "normals/image", "depth/image"),
+                        sparse=numpy_to_image(scn.sparse(), "32FC1"))
     back = fit - 60 * 10**9  # bag loop: stamps restart a minute earlier
     out_back = scn.frame(back)
     refit = back + int(0.1e9)
-    out_refit = scn.frame(refit, expect=('depth/relative', 'normals/image', 'depth/image'),
-                          sparse=numpy_to_image(scn.sparse(5.0, 1.0), '32FC1'))
-    return ({fit: out_fit, back: out_back, refit: out_refit}, {'fit': fit, 'back': back, 'refit': refit})
+    out_refit = scn.frame(refit, expect=("depth/relative", "normals/image", "depth/image"),
+                          sparse=numpy_to_image(scn.sparse(5.0, 1.0), "32FC1"))
+    return ({fit: out_fit, back: out_back, refit: out_refit}, {"fit": fit, "back": back, "refit": refit})
 
 
 def test_time_going_backwards_resets_alignment_and_processing_continues(scn: Scenario) -> None:
-    res = scn.run_case('time:backwards', _backwards)
-    fit, back, refit = (res.outputs[res.stamps[k]] for k in ('fit', 'back', 'refit'))
+    res = scn.run_case("time:backwards", _backwards)
+    fit, back, refit = (res.outputs[res.stamps[k]] for k in ("fit", "back", "refit"))
     assert_metric(fit, S, T)
     assert_good(back, scn)
     # The fit from "the future" is not carried across the jump (within the 1 s fallback it would be).
-    assert back['depth/image'] is None
+    assert back["depth/image"] is None
     assert_metric(refit, 5.0, 1.0)  # a new fit after the jump is used as is
 
 
 def test_time_going_backwards_is_logged(scn: Scenario) -> None:
-    res = scn.run_case('time:backwards', _backwards)
-    assert_logged(res.log, r'backwards|jump')
+    res = scn.run_case("time:backwards", _backwards)
+    assert_logged(res.log, r"backwards|jump")
 
 
 def _sim_reset(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
@@ -826,26 +826,26 @@ def _sim_reset(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]
     depth only from t1 on."""
     t0 = scn.fresh_stamp()
     t1 = t0 + 10**9
-    run1 = [scn.frame(t, expect=('depth/relative', 'normals/image', 'depth/image'),
-                      sparse=numpy_to_image(scn.sparse(), '32FC1')) for t in (t0, t1)]
+    run1 = [scn.frame(t, expect=("depth/relative", "normals/image", "depth/image"),
+                      sparse=numpy_to_image(scn.sparse(), "32FC1")) for t in (t0, t1)]
     reset = scn.frame(t0)  # no sparse depth of run 2 yet
-    again = scn.frame(t1, expect=('depth/relative', 'normals/image', 'depth/image'),
-                      sparse=numpy_to_image(scn.sparse(5.0, 1.0), '32FC1'))
+    again = scn.frame(t1, expect=("depth/relative", "normals/image", "depth/image"),
+                      sparse=numpy_to_image(scn.sparse(5.0, 1.0), "32FC1"))
     scn.stamp_ns = max(scn.stamp_ns, t1)
     return {0: run1[0], 1: run1[1], 2: reset, 3: again}, {}
 
 
 def test_sim_time_reset_prefers_the_new_runs_sparse_depth(scn: Scenario) -> None:
-    res = scn.run_case('time:sim_reset', _sim_reset)
+    res = scn.run_case("time:sim_reset", _sim_reset)
     assert_metric(res.outputs[1], S, T)
     assert_metric(res.outputs[3], 5.0, 1.0)  # run 2's sparse depth at t1, not run 1's at the same stamp
 
 
 def test_sim_time_reset_does_not_reuse_sparse_depth_of_the_previous_run(scn: Scenario) -> None:
-    res = scn.run_case('time:sim_reset', _sim_reset)
+    res = scn.run_case("time:sim_reset", _sim_reset)
     out = res.outputs[2]
     assert_good(out, scn)
-    assert out['depth/image'] is None, 'the frame after the reset was scaled with the previous run\'s sparse depth'
+    assert out["depth/image"] is None, "the frame after the reset was scaled with the previous run's sparse depth"
 
 
 # -------------------------------------------------------------------------------------------------- compressed
@@ -854,8 +854,8 @@ def _jpeg(rgb: np.ndarray, stamp: int) -> CompressedImage:
     from PIL import Image as PILImage
 
     buf = io.BytesIO()
-    PILImage.fromarray(rgb).save(buf, format='JPEG', quality=90)
-    msg = CompressedImage(format='rgb8; jpeg compressed rgb8')
+    PILImage.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    msg = CompressedImage(format="rgb8; jpeg compressed rgb8")
     msg.header = header(stamp, FRAME)
     msg.data = buf.getvalue()
     return msg
@@ -865,24 +865,24 @@ def _lifecycle(scn: Scenario, *transitions: int) -> None:
     for transition in transitions:
         req = ChangeState.Request()
         req.transition.id = transition
-        res = call_service(scn.col, ChangeState, f'{NS}/{NAME}/change_state', req, timeout=60.0)
-        assert res.success, f'transition {transition} failed; log:\n{scn.node.log()[-3000:]}'
+        res = call_service(scn.col, ChangeState, f"{NS}/{NAME}/change_state", req, timeout=60.0)
+        assert res.success, f"transition {transition} failed; log:\n{scn.node.log()[-3000:]}"
 
 
 def _set_transport(scn: Scenario, transport: str) -> None:
     _lifecycle(scn, Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP)
-    (res,) = set_parameters(scn.col, f'{NS}/{NAME}', {'input_transport': transport})
+    (res,) = set_parameters(scn.col, f"{NS}/{NAME}", {"input_transport": transport})
     assert res.successful, res.reason
     _lifecycle(scn, Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def compressed(scn: Scenario) -> Any:
     """The node switched to input_transport compressed through the lifecycle for the tests below (they run last),
     and back to raw at the end of the module; yields the image/compressed publisher."""
-    pub = scn.col.publisher(CompressedImage, 'image/compressed', depth=2)
+    pub = scn.col.publisher(CompressedImage, "image/compressed", depth=2)
     mark = len(scn.node.log())
-    _set_transport(scn, 'compressed')
+    _set_transport(scn, "compressed")
     try:
         assert Collector.wait_matched([pub], timeout=30.0)
         # Until the activation warm-up is over, a newer frame replaces an older one in the one-slot mailbox: a
@@ -890,12 +890,12 @@ def compressed(scn: Scenario) -> Any:
         deadline = time.monotonic() + 120.0
         while time.monotonic() < deadline:
             log = scn.node.log_since(mark)
-            if 'processing frames' in log[log.find('(compressed, '):]:
+            if "processing frames" in log[log.find("(compressed, "):]:
                 break
             time.sleep(0.1)
         yield pub
     finally:
-        _set_transport(scn, 'raw')
+        _set_transport(scn, "raw")
 
 
 def test_corrupt_jpeg_is_dropped_logged_and_the_next_frame_processed(scn: Scenario, compressed: Any) -> None:
@@ -916,17 +916,17 @@ def test_corrupt_jpeg_is_dropped_logged_and_the_next_frame_processed(scn: Scenar
         pub.publish(_jpeg(scn.rgb, good))
         out_good = scn.collect(good)
         return ({truncated: scn.collect(truncated, expect=()), garbage: scn.collect(garbage, expect=()),
-                 good: out_good}, {'truncated': truncated, 'garbage': garbage, 'good': good})
+                 good: out_good}, {"truncated": truncated, "garbage": garbage, "good": good})
 
-    res = scn.run_case('jpeg', body)
-    assert_nothing_for(res.outputs[res.stamps['truncated']])
-    garbage = res.outputs[res.stamps['garbage']]
-    if garbage['depth/relative'] is not None:
+    res = scn.run_case("jpeg", body)
+    assert_nothing_for(res.outputs[res.stamps["truncated"]])
+    garbage = res.outputs[res.stamps["garbage"]]
+    if garbage["depth/relative"] is not None:
         # Random entropy-coded data can still decode to a (noisy) picture: then it is a valid image.
         assert_good(garbage, scn)
-    good = res.outputs[res.stamps['good']]
+    good = res.outputs[res.stamps["good"]]
     assert_good(good, scn)
-    assert_logged(res.log, r'decode|jpeg|truncated')
+    assert_logged(res.log, r"decode|jpeg|truncated")
 
 
 class RssPeak:
@@ -935,14 +935,14 @@ class RssPeak:
     def __init__(self, pid: int) -> None:
         import threading
 
-        self.pid, self.start, self.peak = pid, process_stats(pid)['rss_kb'], 0
+        self.pid, self.start, self.peak = pid, process_stats(pid)["rss_kb"], 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             try:
-                self.peak = max(self.peak, process_stats(self.pid)['rss_kb'] - self.start)
+                self.peak = max(self.peak, process_stats(self.pid)["rss_kb"] - self.start)
             except (OSError, StopIteration):
                 return
 
@@ -957,11 +957,11 @@ class RssPeak:
 
 # 14000x14000 for the PNG: also above Pillow's own bomb limit (179 MP), so the pre-fix node refused it quickly
 # (with Pillow's error, not naming max_input_pixels) instead of spending gigabytes on a shared test machine.
-BOMBS = {'jpeg_631_bytes_13000x13000': ('jpeg', lambda: jpeg_announcing(13000, 13000), '13000x13000'),
-         'png_14000x14000': ('png', lambda: png_bomb(14000, 14000), '14000x14000')}
+BOMBS = {"jpeg_631_bytes_13000x13000": ("jpeg", lambda: jpeg_announcing(13000, 13000), "13000x13000"),
+         "png_14000x14000": ("png", lambda: png_bomb(14000, 14000), "14000x14000")}
 
 
-@pytest.mark.parametrize('bomb', list(BOMBS))
+@pytest.mark.parametrize("bomb", list(BOMBS))
 def test_compressed_bomb_is_dropped_from_its_header(scn: Scenario, compressed: Any, bomb: str) -> None:
     """Issue 13, bug 4: a 631-byte JPEG announcing 13000x13000 took the node from 0.5 to 6-10 GB for 20-40 s.
     Now it is refused from the header: no memory spent, a WARN naming the limit and the parameter."""
@@ -970,21 +970,21 @@ def test_compressed_bomb_is_dropped_from_its_header(scn: Scenario, compressed: A
 
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
-        before = scn.wait_diag('bad_input', 0)
-        msg = CompressedImage(format=f'rgb8; {fmt} compressed rgb8', data=data)
+        before = scn.wait_diag("bad_input", 0)
+        msg = CompressedImage(format=f"rgb8; {fmt} compressed rgb8", data=data)
         msg.header = header(bad, FRAME)
         with RssPeak(scn.node.proc.pid) as rss:
             compressed.publish(msg)
-            scn.wait_diag('bad_input', before + 1, timeout=120.0)
+            scn.wait_diag("bad_input", before + 1, timeout=120.0)
         compressed.publish(_jpeg(scn.rgb, good))
         out_good = scn.collect(good)
-        return {bad: scn.collect(bad, expect=()), good: out_good}, {'bad': bad, 'good': good, 'rss_kb': rss.peak}
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {"bad": bad, "good": good, "rss_kb": rss.peak}
 
-    res = scn.run_case(f'bomb:{bomb}', body)
-    assert_nothing_for(res.outputs[res.stamps['bad']])
-    assert_good(res.outputs[res.stamps['good']], scn)
-    assert_logged(res.log, rf'{size} .*max_input_pixels = 40000000')
-    assert res.stamps['rss_kb'] < 150_000, f'node memory rose by {res.stamps["rss_kb"] / 1e3:.0f} MB'
+    res = scn.run_case(f"bomb:{bomb}", body)
+    assert_nothing_for(res.outputs[res.stamps["bad"]])
+    assert_good(res.outputs[res.stamps["good"]], scn)
+    assert_logged(res.log, rf"{size} .*max_input_pixels = 40000000")
+    assert res.stamps["rss_kb"] < 150_000, f'node memory rose by {res.stamps["rss_kb"] / 1e3:.0f} MB'
 
 
 def test_large_compressed_input_is_decoded_reduced_with_its_camera_info(scn: Scenario, compressed: Any) -> None:
@@ -995,14 +995,14 @@ def test_large_compressed_input_is_decoded_reduced_with_its_camera_info(scn: Sce
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         stamp = scn.fresh_stamp()
         since = time.monotonic()
-        scn.pubs['camera_info'].publish(camera_info_msg(header(stamp, FRAME), 640, 480, fx, fy, cx, cy))
+        scn.pubs["camera_info"].publish(camera_info_msg(header(stamp, FRAME), 640, 480, fx, fy, cx, cy))
         time.sleep(0.1)
         compressed.publish(_jpeg(rgb, stamp))
-        return {stamp: scn.collect(stamp, ('depth/relative', 'depth/camera_info'), since=since)}, {'frame': stamp}
+        return {stamp: scn.collect(stamp, ("depth/relative", "depth/camera_info"), since=since)}, {"frame": stamp}
 
-    res = scn.run_case('reduced', body)
-    out = res.outputs[res.stamps['frame']]
-    rel, info = out['depth/relative'], out['depth/camera_info']
+    res = scn.run_case("reduced", body)
+    out = res.outputs[res.stamps["frame"]]
+    rel, info = out["depth/relative"], out["depth/camera_info"]
     assert rel is not None and info is not None, scn.node.log()[-3000:]
     assert (rel.width, rel.height) == (160, 120) and (info.width, info.height) == (160, 120)
     np.testing.assert_allclose(np.asarray(info.p).reshape(3, 4)[:2, :3],

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-pytest.importorskip('sensor_msgs.msg', reason='ROS 2 message packages (ros-jazzy-sensor-msgs) not installed')
-from ros_helpers import shared_data_dir  # noqa: E402
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
+pytest.importorskip("sensor_msgs.msg", reason="ROS 2 message packages (ros-jazzy-sensor-msgs) not installed")
+from ros_helpers import shared_data_dir
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from geodiff_ros.ros.conversions import (  # noqa: E402
+from geodiff_ros.ros.conversions import (
     ImageConversionError,
     camera_info_with_size,
     compressed_to_rgb8,
@@ -26,7 +26,7 @@ from geodiff_ros.ros.conversions import (  # noqa: E402
 
 def _msg(encoding: str, width: int, height: int, step: int, data: bytes, big: bool = False) -> Image:
     msg = Image(encoding=encoding, width=width, height=height, step=step, is_bigendian=int(big))
-    buf = array.array('B')
+    buf = array.array("B")
     buf.frombytes(data)
     msg.data = buf
     return msg
@@ -47,7 +47,7 @@ def rgb() -> np.ndarray:
 
 def test_rgb8_with_row_padding(rgb: np.ndarray) -> None:
     step = 7 * 3 + 11  # odd padding, not a multiple of the pixel size
-    msg = _msg('rgb8', 7, 5, step, _padded(rgb.reshape(5, -1), step))
+    msg = _msg("rgb8", 7, 5, step, _padded(rgb.reshape(5, -1), step))
     np.testing.assert_array_equal(image_to_numpy(msg), rgb)
     np.testing.assert_array_equal(image_to_rgb8(msg), rgb)
 
@@ -55,9 +55,9 @@ def test_rgb8_with_row_padding(rgb: np.ndarray) -> None:
 def test_bgr_and_alpha_encodings_become_rgb(rgb: np.ndarray) -> None:
     alpha = np.full((5, 7, 1), 77, np.uint8)
     cases = {
-        'bgr8': rgb[:, :, ::-1],
-        'rgba8': np.concatenate([rgb, alpha], axis=2),
-        'bgra8': np.concatenate([rgb[:, :, ::-1], alpha], axis=2),
+        "bgr8": rgb[:, :, ::-1],
+        "rgba8": np.concatenate([rgb, alpha], axis=2),
+        "bgra8": np.concatenate([rgb[:, :, ::-1], alpha], axis=2),
     }
     for encoding, pixels in cases.items():
         ch = pixels.shape[2]
@@ -68,36 +68,36 @@ def test_bgr_and_alpha_encodings_become_rgb(rgb: np.ndarray) -> None:
 
 def test_mono8_becomes_grey_rgb() -> None:
     mono = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    msg = _msg('mono8', 4, 3, 6, _padded(mono, 6))
+    msg = _msg("mono8", 4, 3, 6, _padded(mono, 6))
     out = image_to_rgb8(msg)
     assert out.shape == (3, 4, 3)
     for c in range(3):
         np.testing.assert_array_equal(out[:, :, c], mono)
 
 
-@pytest.mark.parametrize('big', [False, True])
+@pytest.mark.parametrize("big", [False, True])
 def test_16uc1_endianness_and_padding(big: bool) -> None:
     values = np.array([[0, 1, 258, 65535], [1000, 2, 3, 4]], dtype=np.uint16)
-    order = '>' if big else '<'
-    rows = values.astype(order + 'u2').view(np.uint8).reshape(2, -1)
-    msg = _msg('16UC1', 4, 2, 10, _padded(rows, 10), big=big)
+    order = ">" if big else "<"
+    rows = values.astype(order + "u2").view(np.uint8).reshape(2, -1)
+    msg = _msg("16UC1", 4, 2, 10, _padded(rows, 10), big=big)
     out = image_to_numpy(msg)
     assert out.dtype.isnative
     np.testing.assert_array_equal(out, values)
 
 
-@pytest.mark.parametrize('big', [False, True])
+@pytest.mark.parametrize("big", [False, True])
 def test_32fc1_endianness_with_padding(big: bool) -> None:
     values = np.array([[0.5, np.nan, -1.25], [3.0e3, np.inf, 7.0]], dtype=np.float32)
-    rows = values.astype(('>' if big else '<') + 'f4').view(np.uint8).reshape(2, -1)
-    msg = _msg('32FC1', 3, 2, 16, _padded(rows, 16), big=big)
+    rows = values.astype((">" if big else "<") + "f4").view(np.uint8).reshape(2, -1)
+    msg = _msg("32FC1", 3, 2, 16, _padded(rows, 16), big=big)
     np.testing.assert_array_equal(image_to_numpy(msg), values)
 
 
 def test_numpy_to_image_round_trip_and_fast_data_type() -> None:
     normals = np.random.default_rng(1).normal(size=(4, 6, 3)).astype(np.float32)
     depth = np.random.default_rng(2).random((4, 6)).astype(np.float32)
-    for arr, enc, step in ((normals, '32FC3', 6 * 12), (depth, '32FC1', 6 * 4)):
+    for arr, enc, step in ((normals, "32FC3", 6 * 12), (depth, "32FC1", 6 * 4)):
         msg = numpy_to_image(arr, enc)
         assert (msg.encoding, msg.width, msg.height, msg.step, msg.is_bigendian) == (enc, 6, 4, step, 0)
         assert isinstance(msg.data, array.array)  # stored as is by rclpy (not the slow bytes setter)
@@ -105,78 +105,78 @@ def test_numpy_to_image_round_trip_and_fast_data_type() -> None:
 
 
 def test_numpy_to_image_rejects_wrong_channel_count() -> None:
-    with pytest.raises(ImageConversionError, match='does not fit encoding'):
-        numpy_to_image(np.zeros((4, 4, 3), np.float32), '32FC1')
+    with pytest.raises(ImageConversionError, match="does not fit encoding"):
+        numpy_to_image(np.zeros((4, 4, 3), np.float32), "32FC1")
 
 
 def test_duck_typed_message_with_numpy_data(rgb: np.ndarray) -> None:
     """rosbags deserialises ``data`` as a numpy uint8 array; the same functions must work on it."""
-    msg = SimpleNamespace(encoding='bgr8', width=7, height=5, step=21, is_bigendian=0,
+    msg = SimpleNamespace(encoding="bgr8", width=7, height=5, step=21, is_bigendian=0,
                           data=np.frombuffer(rgb[:, :, ::-1].tobytes(), np.uint8))
     np.testing.assert_array_equal(image_to_rgb8(msg), rgb)
 
 
-@pytest.mark.parametrize(('kwargs', 'match'), [
-    ({'encoding': 'yuv422'}, 'unsupported image encoding'),
-    ({'step': 20}, 'shorter than one row'),
-    ({'data': bytes(21 * 4)}, 'truncated'),
-    ({'width': 0, 'step': 0, 'data': b''}, 'zero size'),
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"encoding": "yuv422"}, "unsupported image encoding"),
+    ({"step": 20}, "shorter than one row"),
+    ({"data": bytes(21 * 4)}, "truncated"),
+    ({"width": 0, "step": 0, "data": b""}, "zero size"),
 ])
 def test_bad_messages_raise_clear_errors(kwargs: dict, match: str) -> None:
-    fields = {'encoding': 'rgb8', 'width': 7, 'height': 5, 'step': 21, 'data': bytes(21 * 5)}
+    fields = {"encoding": "rgb8", "width": 7, "height": 5, "step": 21, "data": bytes(21 * 5)}
     fields.update(kwargs)
-    msg = _msg(fields['encoding'], fields['width'], 5, fields['step'], fields['data'])
+    msg = _msg(fields["encoding"], fields["width"], 5, fields["step"], fields["data"])
     with pytest.raises(ImageConversionError, match=match):
         image_to_numpy(msg)
 
 
 def test_depth_image_is_not_a_colour_input() -> None:
-    msg = numpy_to_image(np.ones((2, 2), np.float32), '32FC1')
-    with pytest.raises(ImageConversionError, match='not a colour encoding'):
+    msg = numpy_to_image(np.ones((2, 2), np.float32), "32FC1")
+    with pytest.raises(ImageConversionError, match="not a colour encoding"):
         image_to_rgb8(msg)
 
 
 def test_depth_to_metres_marks_missing_as_nan() -> None:
     mm = np.array([[0, 1500], [65535, 1]], np.uint16)
-    out = depth_to_metres(numpy_to_image(mm, '16UC1'))
+    out = depth_to_metres(numpy_to_image(mm, "16UC1"))
     np.testing.assert_allclose(out, [[np.nan, 1.5], [65.535, 0.001]], rtol=1e-6)
     m = np.array([[0.0, 2.0], [np.inf, np.nan]], np.float32)
-    np.testing.assert_array_equal(depth_to_metres(numpy_to_image(m, '32FC1')),
+    np.testing.assert_array_equal(depth_to_metres(numpy_to_image(m, "32FC1")),
                                   [[np.nan, 2.0], [np.nan, np.nan]])
-    with pytest.raises(ImageConversionError, match='REP 118'):
-        depth_to_metres(numpy_to_image(np.zeros((2, 2), np.uint8), 'mono8'))
+    with pytest.raises(ImageConversionError, match="REP 118"):
+        depth_to_metres(numpy_to_image(np.zeros((2, 2), np.uint8), "mono8"))
 
 
 def _compressed(rgb: np.ndarray, fmt: str) -> CompressedImage:
     from PIL import Image as PILImage
 
     buf = io.BytesIO()
-    PILImage.fromarray(rgb).save(buf, format=fmt.upper(), **({'quality': 95} if fmt == 'jpeg' else {}))
-    msg = CompressedImage(format=f'rgb8; {fmt} compressed rgb8')
-    msg.data = array.array('B', buf.getvalue())
+    PILImage.fromarray(rgb).save(buf, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+    msg = CompressedImage(format=f"rgb8; {fmt} compressed rgb8")
+    msg.data = array.array("B", buf.getvalue())
     return msg
 
 
 def test_compressed_png_is_lossless_and_jpeg_close() -> None:
     v, u = np.mgrid[0:32, 0:48]
     rgb = np.stack([u * 5, v * 7, (u + v) * 2], axis=-1).astype(np.uint8)  # smooth, JPEG-friendly
-    np.testing.assert_array_equal(compressed_to_rgb8(_compressed(rgb, 'png')), rgb)
-    jpg = compressed_to_rgb8(_compressed(rgb, 'jpeg'))
+    np.testing.assert_array_equal(compressed_to_rgb8(_compressed(rgb, "png")), rgb)
+    jpg = compressed_to_rgb8(_compressed(rgb, "jpeg"))
     assert jpg.shape == rgb.shape
     assert np.abs(jpg.astype(int) - rgb).mean() < 3.0
 
 
 def test_compressed_garbage_raises() -> None:
-    msg = CompressedImage(format='jpeg')
-    msg.data = array.array('B', b'not an image at all')
-    with pytest.raises(ImageConversionError, match='cannot decode'):
+    msg = CompressedImage(format="jpeg")
+    msg.data = array.array("B", b"not an image at all")
+    with pytest.raises(ImageConversionError, match="cannot decode"):
         compressed_to_rgb8(msg)
-    with pytest.raises(ImageConversionError, match='no data'):
-        compressed_to_rgb8(CompressedImage(format='jpeg'))
+    with pytest.raises(ImageConversionError, match="no data"):
+        compressed_to_rgb8(CompressedImage(format="jpeg"))
 
 
 def test_camera_info_with_size_folds_binning_roi_and_scales() -> None:
-    info = CameraInfo(width=640, height=480, binning_x=2, binning_y=2, distortion_model='plumb_bob')
+    info = CameraInfo(width=640, height=480, binning_x=2, binning_y=2, distortion_model="plumb_bob")
     info.k = [500.0, 0.0, 320.0, 0.0, 510.0, 240.0, 0.0, 0.0, 1.0]
     info.p = [500.0, 0.0, 320.0, 0.0, 0.0, 510.0, 240.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     info.roi.x_offset, info.roi.y_offset, info.roi.width, info.roi.height = 100, 40, 400, 300
@@ -192,15 +192,15 @@ def test_camera_info_with_size_folds_binning_roi_and_scales() -> None:
 def test_rosbags_messages_from_shared_bag_convert() -> None:
     data = shared_data_dir()
     if data is None:
-        pytest.skip('../shared/data is absent (set GEODIFF_SHARED_DATA to run this)')
-    rosbags_highlevel = pytest.importorskip('rosbags.highlevel')
+        pytest.skip("../shared/data is absent (set GEODIFF_SHARED_DATA to run this)")
+    rosbags_highlevel = pytest.importorskip("rosbags.highlevel")
     seen = set()
-    with rosbags_highlevel.AnyReader([data / 'bags' / 'tum_fr2_desk_rgbd_mcap']) as reader:
+    with rosbags_highlevel.AnyReader([data / "bags" / "tum_fr2_desk_rgbd_mcap"]) as reader:
         for conn, _, raw in reader.messages():
-            if conn.msgtype != 'sensor_msgs/msg/Image':
+            if conn.msgtype != "sensor_msgs/msg/Image":
                 continue
             msg = reader.deserialize(raw, conn.msgtype)
-            if msg.encoding == '16UC1':
+            if msg.encoding == "16UC1":
                 depth = depth_to_metres(msg)
                 assert depth.shape == (msg.height, msg.width)
                 finite = depth[np.isfinite(depth)]
@@ -208,4 +208,4 @@ def test_rosbags_messages_from_shared_bag_convert() -> None:
             else:
                 assert image_to_rgb8(msg).shape == (msg.height, msg.width, 3)
             seen.add(msg.encoding)
-    assert '16UC1' in seen and len(seen) == 2
+    assert "16UC1" in seen and len(seen) == 2

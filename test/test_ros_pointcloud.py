@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip('sensor_msgs.msg', reason='ROS 2 message packages (ros-jazzy-sensor-msgs) not installed')
-from sensor_msgs.msg import PointCloud2, PointField  # noqa: E402
+pytest.importorskip("sensor_msgs.msg", reason="ROS 2 message packages (ros-jazzy-sensor-msgs) not installed")
+from sensor_msgs.msg import PointCloud2, PointField
 
-from geodiff_ros.geometry import PinholeIntrinsics, backproject  # noqa: E402
-from geodiff_ros.ros.pointcloud import (  # noqa: E402
+from geodiff_ros.geometry import PinholeIntrinsics, backproject
+from geodiff_ros.ros.pointcloud import (
     PointCloudError,
     cloud_array,
     cloud_to_msg,
@@ -33,10 +33,10 @@ def _grid(h: int = 4, w: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xyz, rgb, n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize(('with_rgb', 'with_normals', 'step', 'names'), [
-    (False, False, 12, ['x', 'y', 'z']),
-    (True, False, 16, ['x', 'y', 'z', 'rgb']),
-    (True, True, 28, ['x', 'y', 'z', 'rgb', 'normal_x', 'normal_y', 'normal_z']),
+@pytest.mark.parametrize(("with_rgb", "with_normals", "step", "names"), [
+    (False, False, 12, ["x", "y", "z"]),
+    (True, False, 16, ["x", "y", "z", "rgb"]),
+    (True, True, 28, ["x", "y", "z", "rgb", "normal_x", "normal_y", "normal_z"]),
 ])
 def test_cloud_layout(with_rgb: bool, with_normals: bool, step: int, names: list[str]) -> None:
     xyz, rgb, n = _grid()
@@ -53,39 +53,39 @@ def test_cloud_round_trip_and_packed_rgb() -> None:
     xyz, rgb, n = _grid()
     pts = read_cloud(cloud_to_msg(cloud_array(xyz, rgb, n)))
     assert pts.shape == (4, 5)
-    np.testing.assert_array_equal(np.stack([pts['x'], pts['y'], pts['z']], -1), xyz)  # NaN in the same place
-    np.testing.assert_array_equal(np.stack([pts['normal_x'], pts['normal_y'], pts['normal_z']], -1), n)
-    bits = pts['rgb'].view(np.uint32)
+    np.testing.assert_array_equal(np.stack([pts["x"], pts["y"], pts["z"]], -1), xyz)  # NaN in the same place
+    np.testing.assert_array_equal(np.stack([pts["normal_x"], pts["normal_y"], pts["normal_z"]], -1), n)
+    bits = pts["rgb"].view(np.uint32)
     np.testing.assert_array_equal(bits >> 16 & 0xFF, rgb[..., 0])
     np.testing.assert_array_equal(bits >> 8 & 0xFF, rgb[..., 1])
     np.testing.assert_array_equal(bits & 0xFF, rgb[..., 2])
     assert pack_rgb(np.array([1, 2, 3], np.uint8)).view(np.uint32) == 0x010203
 
 
-@pytest.mark.parametrize('big', [False, True])
+@pytest.mark.parametrize("big", [False, True])
 def test_read_cloud_with_padding_like_depth_image_proc(big: bool) -> None:
     """depth_image_proc pads xyz to 16 B per point; rows may also be padded (row_step > width * point_step)."""
-    order = '>' if big else '<'
-    pts = np.array([[(1.0, 2.0, 3.0), (4.0, 5.0, np.nan)]], dtype=[('x', 'f4'), ('y', 'f4'), ('z', 'f4')])
+    order = ">" if big else "<"
+    pts = np.array([[(1.0, 2.0, 3.0), (4.0, 5.0, np.nan)]], dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")])
     raw = np.zeros((1, 40), np.uint8)  # point_step 16, row_step 40 (8 B row padding)
     for i in range(2):
-        raw[0, 16 * i:16 * i + 12] = np.array(list(pts[0, i]), dtype=order + 'f4').view(np.uint8)
+        raw[0, 16 * i:16 * i + 12] = np.array(list(pts[0, i]), dtype=order + "f4").view(np.uint8)
     msg = PointCloud2(height=1, width=2, point_step=16, row_step=40, is_bigendian=big, is_dense=False)
     msg.fields = [PointField(name=c, offset=4 * i, datatype=PointField.FLOAT32, count=1)
-                  for i, c in enumerate('xyz')]
-    msg.data = array.array('B', raw.tobytes())
+                  for i, c in enumerate("xyz")]
+    msg.data = array.array("B", raw.tobytes())
     np.testing.assert_array_equal(cloud_xyz(msg), [[1.0, 2.0, 3.0], [4.0, 5.0, np.nan]])
 
 
 def test_read_cloud_rejects_truncated_and_missing_xyz() -> None:
     msg = cloud_to_msg(cloud_array(*_grid()[:1]))
-    msg.data = array.array('B', bytes(10))
-    with pytest.raises(PointCloudError, match='need row_step'):
+    msg.data = array.array("B", bytes(10))
+    with pytest.raises(PointCloudError, match="need row_step"):
         read_cloud(msg)
     only_x = PointCloud2(height=1, width=1, point_step=4, row_step=4)
-    only_x.fields = [PointField(name='x', offset=0, datatype=PointField.FLOAT32, count=1)]
-    only_x.data = array.array('B', bytes(4))
-    with pytest.raises(PointCloudError, match='x, y and z are required'):
+    only_x.fields = [PointField(name="x", offset=0, datatype=PointField.FLOAT32, count=1)]
+    only_x.data = array.array("B", bytes(4))
+    with pytest.raises(PointCloudError, match="x, y and z are required"):
         cloud_xyz(only_x)
 
 
@@ -111,7 +111,7 @@ def test_vga_cloud_builds_fast() -> None:
     msg = cloud_to_msg(cloud_array(xyz, rgb, xyz))
     elapsed = time.perf_counter() - t0
     assert len(msg.data) == 480 * 640 * 28
-    assert elapsed < 0.5, f'building a VGA cloud took {elapsed:.2f} s'
+    assert elapsed < 0.5, f"building a VGA cloud took {elapsed:.2f} s"
 
 
 def test_kitti_cloud_through_messages_puts_the_road_at_camera_height() -> None:
@@ -127,23 +127,23 @@ def test_kitti_cloud_through_messages_puts_the_road_at_camera_height() -> None:
 
     data = shared_data_dir()
     if data is None:
-        pytest.skip('../shared/data is absent (set GEODIFF_SHARED_DATA to run this)')
-    entries = [e for e in json.loads((data / 'manifest.json').read_text()) if e['set'] == 'kitti_object_lidar']
+        pytest.skip("../shared/data is absent (set GEODIFF_SHARED_DATA to run this)")
+    entries = [e for e in json.loads((data / "manifest.json").read_text()) if e["set"] == "kitti_object_lidar"]
     heights = []
     for e in entries:
-        calib = (data / e['rgb']).parent.parent / 'calib' / (Path(e['rgb']).stem + '.txt')
-        p2 = next(line for line in calib.read_text().splitlines() if line.startswith('P2:')).split()[1:]
-        info = CameraInfo(width=e['width'], height=e['height'], distortion_model='plumb_bob')
+        calib = (data / e["rgb"]).parent.parent / "calib" / (Path(e["rgb"]).stem + ".txt")
+        p2 = next(line for line in calib.read_text().splitlines() if line.startswith("P2:")).split()[1:]
+        info = CameraInfo(width=e["width"], height=e["height"], distortion_model="plumb_bob")
         info.p = [float(v) for v in p2]
         info.k = [info.p[0], 0.0, info.p[2], 0.0, info.p[5], info.p[6], 0.0, 0.0, 1.0]
-        raw = np.asarray(PILImage.open(data / e['depth']), dtype=np.float32) / e['depth_scale']  # 0 = none
-        depth = depth_to_metres(numpy_to_image(raw, '32FC1'))
+        raw = np.asarray(PILImage.open(data / e["depth"]), dtype=np.float32) / e["depth_scale"]  # 0 = none
+        depth = depth_to_metres(numpy_to_image(raw, "32FC1"))
         intr = intrinsics_from_msg(info)
         pts = read_cloud(cloud_to_msg(cloud_array(backproject(depth, intr))))  # [H,W] organized, NaN invalid
         assert pts.shape == depth.shape
         h, w = depth.shape
         patch = pts[3 * h // 4:, w // 3:2 * w // 3].reshape(-1)
-        xyz = np.stack([patch['x'], patch['y'], patch['z']], -1)
+        xyz = np.stack([patch["x"], patch["y"], patch["z"]], -1)
         xyz = xyz[np.isfinite(xyz).all(axis=1)]
         road = xyz[(xyz[:, 1] > 1.0) & (xyz[:, 1] < 2.5) & (xyz[:, 2] < 20.0)]
         assert len(road) > 200

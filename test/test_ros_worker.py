@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip('rclpy', reason='rclpy (ros-jazzy-rclpy) not installed')
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from lifecycle_msgs.msg import Transition  # noqa: E402
-from lifecycle_msgs.srv import ChangeState  # noqa: E402
-from ros_helpers import (  # noqa: E402
+pytest.importorskip("rclpy", reason="rclpy (ros-jazzy-rclpy) not installed")
+from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
+from ros_helpers import (
     Collector,
     NodeProcess,
     call_service,
@@ -37,26 +37,26 @@ from ros_helpers import (  # noqa: E402
     test_scene,
     wrapped_node_program,
 )
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
-from geodiff_ros.engine import EngineConfig, GeoDiffEngine  # noqa: E402
-from geodiff_ros.geometry import (  # noqa: E402
+from geodiff_ros.engine import EngineConfig, GeoDiffEngine
+from geodiff_ros.geometry import (
     PinholeIntrinsics,
     TemporalAligner,
     apply_alignment,
     backproject,
     fit_scale_shift,
 )
-from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
-from geodiff_ros.ros.pointcloud import cloud_array  # noqa: E402
-from geodiff_ros.visualize import colorize_depth, normals_to_rgb  # noqa: E402
+from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image
+from geodiff_ros.ros.pointcloud import cloud_array
+from geodiff_ros.visualize import colorize_depth, normals_to_rgb
 
-NS, NAME = '/worker', 'geodiff_worker'
+NS, NAME = "/worker", "geodiff_worker"
 W, H = 160, 120
 T0 = 1_700_000_000_000_000_000
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def domain() -> int:
     return module_domain_id(53)
 
@@ -69,7 +69,7 @@ class Stream:
     hz: float
 
     def __post_init__(self) -> None:
-        self.pub = self.col.publisher(Image, 'image', depth=5)
+        self.pub = self.col.publisher(Image, "image", depth=5)
         self.rgb = test_scene(W, H)[0]
         self.sent: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -86,7 +86,7 @@ class Stream:
             k += 1
             with self._lock:
                 self.sent[stamp] = time.monotonic()
-            self.pub.publish(numpy_to_image(self.rgb, 'rgb8', header(stamp)))
+            self.pub.publish(numpy_to_image(self.rgb, "rgb8", header(stamp)))
 
     def sent_after(self, t: float) -> set[int]:
         with self._lock:
@@ -99,10 +99,10 @@ class Stream:
 
 def _start(domain: int, ckpt: Path, log: Path, delay_s: float, **params: object) -> NodeProcess:
     return NodeProcess(domain, {
-        'model_depth': str(ckpt), 'model_normals': '', 'device': 'cpu', 'dtype': 'fp32', 'processing_res': 64,
-        'warmup_size': [0, 0], 'qos.input.reliability': 'reliable', 'diagnostics_period': 0.25, **params,
+        "model_depth": str(ckpt), "model_normals": "", "device": "cpu", "dtype": "fp32", "processing_res": 64,
+        "warmup_size": [0, 0], "qos.input.reliability": "reliable", "diagnostics_period": 0.25, **params,
     }, log, remaps=node_remaps(NS, NAME), program=wrapped_node_program(),
-        extra_env={'GEODIFF_TEST_PREDICT_DELAY_S': str(delay_s)})
+        extra_env={"GEODIFF_TEST_PREDICT_DELAY_S": str(delay_s)})
 
 
 @pytest.fixture
@@ -116,8 +116,8 @@ def col(domain: int) -> Iterator[Collector]:
 
 def _scale_of(col: Collector, stamp: int) -> float | None:
     """metric / relative depth of one output frame (fixed scale: the same on every pixel), None if not both."""
-    rel = next((m for m in col.get('depth/relative') if stamp_of(m) == stamp), None)
-    metric = next((m for m in col.get('depth/image') if stamp_of(m) == stamp), None)
+    rel = next((m for m in col.get("depth/relative") if stamp_of(m) == stamp), None)
+    metric = next((m for m in col.get("depth/image") if stamp_of(m) == stamp), None)
     if rel is None or metric is None:
         return None
     r, z = image_to_numpy(rel), image_to_numpy(metric)
@@ -129,18 +129,18 @@ def test_alignment_parameter_applies_to_the_next_frame(tmp_path: Path, domain: i
                                                        tiny_depth_ckpt: Path) -> None:
     """Issue 13 bug 2: ``ros2 param set alignment.fixed_scale`` during an engine call was applied one change late
     (the worker rebuilt the aligner from the settings it had read before the call)."""
-    node = _start(domain, tiny_depth_ckpt, tmp_path / 'geodiff.log', delay_s=0.4, **{
-        'alignment.fixed_scale': 1.5, 'min_depth': 0.01})
-    col.subscribe(Image, 'depth/relative')
-    col.subscribe(Image, 'depth/image')
-    col.subscribe(DiagnosticArray, '/diagnostics')
+    node = _start(domain, tiny_depth_ckpt, tmp_path / "geodiff.log", delay_s=0.4, **{
+        "alignment.fixed_scale": 1.5, "min_depth": 0.01})
+    col.subscribe(Image, "depth/relative")
+    col.subscribe(Image, "depth/image")
+    col.subscribe(DiagnosticArray, "/diagnostics")
     stream = Stream(col, hz=10.0)
     try:
         assert col.wait_matched([stream.pub], timeout=90.0), node.log()[-3000:]
         stream.start()
-        assert col.wait_for('depth/image', 1, timeout=60.0), node.log()[-3000:]
+        assert col.wait_for("depth/image", 1, timeout=60.0), node.log()[-3000:]
         for scale in (1.6, 1.7, 1.8):  # each change lands during an engine call (0.4 s of every ~0.4 s)
-            (res,) = set_parameters(col, f'{NS}/{NAME}', {'alignment.fixed_scale': scale})
+            (res,) = set_parameters(col, f"{NS}/{NAME}", {"alignment.fixed_scale": scale})
             assert res.successful, res.reason
             after = time.monotonic()
             deadline = after + 20.0
@@ -153,9 +153,9 @@ def test_alignment_parameter_applies_to_the_next_frame(tmp_path: Path, domain: i
                 time.sleep(0.05)
             assert len(scales) >= 2, node.log()[-3000:]
             assert all(v == pytest.approx(scale, rel=1e-4) for v in scales.values()), \
-                f'set alignment.fixed_scale {scale}, frames after it use {sorted(set(scales.values()))}'
+                f"set alignment.fixed_scale {scale}, frames after it use {sorted(set(scales.values()))}"
             diag = latest_diagnostics(col, NAME, after=time.monotonic(), timeout=5.0)
-            assert float(diag['alignment_scale']) == pytest.approx(scale, rel=1e-4), diag
+            assert float(diag["alignment_scale"]) == pytest.approx(scale, rel=1e-4), diag
     finally:
         stream.stop()
         code, _ = node.stop(signal.SIGINT, timeout=10.0)
@@ -165,8 +165,8 @@ def test_alignment_parameter_applies_to_the_next_frame(tmp_path: Path, domain: i
 def _transition(col: Collector, node: NodeProcess, transition: int) -> None:
     req = ChangeState.Request()
     req.transition.id = transition
-    res = call_service(col, ChangeState, f'{NS}/{NAME}/change_state', req, timeout=30.0)
-    assert res.success, f'transition {transition} failed; log:\n{node.log()[-3000:]}'
+    res = call_service(col, ChangeState, f"{NS}/{NAME}/change_state", req, timeout=30.0)
+    assert res.success, f"transition {transition} failed; log:\n{node.log()[-3000:]}"
 
 
 def test_deactivate_activate_during_engine_calls_keeps_one_worker(tmp_path: Path, domain: int, col: Collector,
@@ -174,31 +174,31 @@ def test_deactivate_activate_during_engine_calls_keeps_one_worker(tmp_path: Path
     """Issue 13 bug 3: deactivate gave up waiting for a busy worker after 1.5 s and activate started another one;
     6 cycles left 7 workers inferring at once. Expected: one engine call at a time, no thread growth, and frames
     flow again after the last activation."""
-    node = _start(domain, tiny_depth_ckpt, tmp_path / 'geodiff.log', delay_s=2.5)
-    col.subscribe(Image, 'depth/relative')
+    node = _start(domain, tiny_depth_ckpt, tmp_path / "geodiff.log", delay_s=2.5)
+    col.subscribe(Image, "depth/relative")
     stream = Stream(col, hz=5.0)
     try:
         assert col.wait_matched([stream.pub], timeout=90.0), node.log()[-3000:]
         stream.start()
-        assert col.wait_for('depth/relative', 1, timeout=60.0), node.log()[-3000:]
-        threads_before = process_stats(node.proc.pid)['threads']
+        assert col.wait_for("depth/relative", 1, timeout=60.0), node.log()[-3000:]
+        threads_before = process_stats(node.proc.pid)["threads"]
         for _ in range(6):
             time.sleep(0.6)  # the worker has taken a frame: an engine call (2.5 s) is running
             _transition(col, node, Transition.TRANSITION_DEACTIVATE)
             _transition(col, node, Transition.TRANSITION_ACTIVATE)
         after = time.monotonic()
-        assert col.wait_for('depth/relative', 1, timeout=30.0,
+        assert col.wait_for("depth/relative", 1, timeout=30.0,
                             where=lambda m: stamp_of(m) in stream.sent_after(after)), node.log()[-3000:]
         time.sleep(3.0)  # any leftover worker would be inside an engine call by now
-        threads_after = process_stats(node.proc.pid)['threads']
+        threads_after = process_stats(node.proc.pid)["threads"]
     finally:
         stream.stop()
         code, elapsed = node.stop(signal.SIGINT, timeout=10.0)
     log = node.log()
     assert code == 0 and elapsed < 2.5, (code, elapsed, log[-3000:])
     at_once = predicts_at_once(log)
-    assert at_once and max(at_once) == 1, f'engine calls running at once: {at_once}'
-    assert threads_after <= threads_before, f'threads {threads_before} -> {threads_after} after 6 cycles'
+    assert at_once and max(at_once) == 1, f"engine calls running at once: {at_once}"
+    assert threads_after <= threads_before, f"threads {threads_before} -> {threads_after} after 6 cycles"
 
 
 def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: int, col: Collector,
@@ -208,26 +208,26 @@ def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: 
     visualize.colorize_depth / normals_to_rgb, backproject + pointcloud.cloud_array), and the relative depth what
     the engine gives for the image."""
     node = NodeProcess(domain, {
-        'model_depth': str(tiny_depth_ckpt), 'model_normals': str(tiny_normals_ckpt), 'device': 'cpu',
-        'dtype': 'fp32', 'processing_res': 64, 'warmup_size': [0, 0], 'qos.input.reliability': 'reliable',
-        'alignment.ema_alpha': 1.0, 'alignment.sparse_max_dt': 0.02, 'max_depth': 3.0,
-    }, tmp_path / 'geodiff.log', remaps=node_remaps(NS, NAME))
-    topics = {'depth/relative': Image, 'depth/image': Image, 'depth/image_vis': Image, 'normals/image': Image,
-              'normals/image_vis': Image, 'points': PointCloud2}
+        "model_depth": str(tiny_depth_ckpt), "model_normals": str(tiny_normals_ckpt), "device": "cpu",
+        "dtype": "fp32", "processing_res": 64, "warmup_size": [0, 0], "qos.input.reliability": "reliable",
+        "alignment.ema_alpha": 1.0, "alignment.sparse_max_dt": 0.02, "max_depth": 3.0,
+    }, tmp_path / "geodiff.log", remaps=node_remaps(NS, NAME))
+    topics = {"depth/relative": Image, "depth/image": Image, "depth/image_vis": Image, "normals/image": Image,
+              "normals/image_vis": Image, "points": PointCloud2}
     for topic, msg_type in topics.items():
         col.subscribe(msg_type, topic)
-    pubs = {'image': col.publisher(Image, 'image'), 'camera_info': col.publisher(CameraInfo, 'camera_info'),
-            'sparse_depth': col.publisher(Image, 'sparse_depth')}
+    pubs = {"image": col.publisher(Image, "image"), "camera_info": col.publisher(CameraInfo, "camera_info"),
+            "sparse_depth": col.publisher(Image, "sparse_depth")}
     rgb, _, (fx, fy, cx, cy) = test_scene(W, H)
     intr = PinholeIntrinsics(fx, fy, cx, cy, W, H)
 
     def frame(stamp: int, sparse: np.ndarray | None = None) -> dict[str, object]:
-        pubs['camera_info'].publish(camera_info_msg(header(stamp), W, H, fx, fy, cx, cy))
+        pubs["camera_info"].publish(camera_info_msg(header(stamp), W, H, fx, fy, cx, cy))
         if sparse is not None:
-            pubs['sparse_depth'].publish(numpy_to_image(sparse, '32FC1', header(stamp)))
+            pubs["sparse_depth"].publish(numpy_to_image(sparse, "32FC1", header(stamp)))
         time.sleep(0.1)
-        pubs['image'].publish(numpy_to_image(rgb, 'rgb8', header(stamp)))
-        wanted = ('depth/image', 'points') if sparse is not None else ('depth/relative',)
+        pubs["image"].publish(numpy_to_image(rgb, "rgb8", header(stamp)))
+        wanted = ("depth/image", "points") if sparse is not None else ("depth/relative",)
         for topic in wanted:
             assert col.wait_for(topic, 1, timeout=30.0, where=lambda m: stamp_of(m) == stamp), node.log()[-3000:]
         time.sleep(0.3)
@@ -235,7 +235,7 @@ def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: 
 
     try:
         assert col.wait_matched(pubs.values(), timeout=90.0), node.log()[-3000:]
-        rel0 = image_to_numpy(frame(T0)['depth/relative']).copy()
+        rel0 = image_to_numpy(frame(T0)["depth/relative"]).copy()
         mask = np.zeros((H, W), bool)
         mask[::5, ::5] = True
         sparse = np.where(mask, 3.0 * rel0 + 0.5, np.nan).astype(np.float32)
@@ -244,23 +244,23 @@ def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: 
         code, _ = node.stop(signal.SIGINT, timeout=10.0)
     assert code == 0, node.log()[-3000:]
 
-    rel = image_to_numpy(out['depth/relative'])
-    normals = image_to_numpy(out['normals/image'])
+    rel = image_to_numpy(out["depth/relative"])
+    normals = image_to_numpy(out["normals/image"])
     engine = GeoDiffEngine(EngineConfig(depth_model=str(tiny_depth_ckpt), normals_model=str(tiny_normals_ckpt),
-                                        device='cpu', dtype='fp32', processing_res=64))
+                                        device="cpu", dtype="fp32", processing_res=64))
     pred = engine.predict(rgb)
     np.testing.assert_allclose(rel, pred.depth[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(normals, pred.normals[0], rtol=0, atol=1e-6)
-    fit = fit_scale_shift(rel, sparse, method='ransac', min_points=20, min_inlier_ratio=0.3,
+    fit = fit_scale_shift(rel, sparse, method="ransac", min_points=20, min_inlier_ratio=0.3,
                           inlier_threshold_rel=0.1)
     state = TemporalAligner(ema_alpha=1.0).update(fit, (T0 + 50_000_000) * 1e-9)
     metric = apply_alignment(rel, state.scale, state.shift, 0.1, 3.0)
     assert np.isnan(metric).any() and np.isfinite(metric).any()  # max_depth cuts part of the scene
-    np.testing.assert_array_equal(image_to_numpy(out['depth/image']), metric)
-    np.testing.assert_array_equal(image_to_numpy(out['depth/image_vis']), colorize_depth(metric))
-    np.testing.assert_array_equal(image_to_numpy(out['normals/image_vis']), normals_to_rgb(normals))
+    np.testing.assert_array_equal(image_to_numpy(out["depth/image"]), metric)
+    np.testing.assert_array_equal(image_to_numpy(out["depth/image_vis"]), colorize_depth(metric))
+    np.testing.assert_array_equal(image_to_numpy(out["normals/image_vis"]), normals_to_rgb(normals))
     cloud = cloud_array(backproject(metric, intr), rgb, normals)
-    points = out['points']
+    points = out["points"]
     assert [f.name for f in points.fields] == list(cloud.dtype.names)
     assert bytes(points.data) == cloud.tobytes()
 
@@ -271,14 +271,14 @@ def test_frames_never_pile_up_behind_a_slow_engine(tmp_path: Path, domain: int, 
     three engine calls old (one in the engine, one handed to the post thread, one in the mailbox), at most three
     arrive after the camera stops, and every received frame is accounted for as processed or dropped."""
     delay = 0.3
-    node = _start(domain, tiny_depth_ckpt, tmp_path / 'geodiff.log', delay_s=delay)
-    col.subscribe(Image, 'depth/relative')
-    col.subscribe(DiagnosticArray, '/diagnostics')
+    node = _start(domain, tiny_depth_ckpt, tmp_path / "geodiff.log", delay_s=delay)
+    col.subscribe(Image, "depth/relative")
+    col.subscribe(DiagnosticArray, "/diagnostics")
     stream = Stream(col, hz=20.0)
     try:
         assert col.wait_matched([stream.pub], timeout=90.0), node.log()[-3000:]
         stream.start()
-        assert col.wait_for('depth/relative', 1, timeout=60.0), node.log()[-3000:]
+        assert col.wait_for("depth/relative", 1, timeout=60.0), node.log()[-3000:]
         time.sleep(4.0)
         stream.stop()
         stopped = time.monotonic()
@@ -288,11 +288,11 @@ def test_frames_never_pile_up_behind_a_slow_engine(tmp_path: Path, domain: int, 
         stream.stop()
         code, _ = node.stop(signal.SIGINT, timeout=10.0)
     assert code == 0, node.log()[-3000:]
-    timed = col.get_timed('depth/relative')
+    timed = col.get_timed("depth/relative")
     ages = [arrival - stream.sent[stamp_of(m)] for arrival, m in timed]
-    assert max(ages) < 3 * delay + 0.5, f'outputs up to {max(ages):.2f} s old (engine call {delay} s)'
+    assert max(ages) < 3 * delay + 0.5, f"outputs up to {max(ages):.2f} s old (engine call {delay} s)"
     after_stop = [arrival for arrival, _ in timed if arrival > stopped]
-    assert len(after_stop) <= 3, f'{len(after_stop)} outputs after the camera stopped'
-    received, processed, dropped = (int(diag[k]) for k in ('received', 'processed', 'dropped'))
+    assert len(after_stop) <= 3, f"{len(after_stop)} outputs after the camera stopped"
+    received, processed, dropped = (int(diag[k]) for k in ("received", "processed", "dropped"))
     assert processed == len(timed) and received == processed + dropped, diag
     assert dropped > processed, diag  # the camera outpaced the engine, and the newest frames were the ones kept

@@ -33,9 +33,9 @@ from typing import Any
 from geodiff_ros.bag.report import format_table, print_out
 from geodiff_ros.bag.storage import Bag, BagError, BagWriter, open_bag
 
-__all__ = ['main']
+__all__ = ["main"]
 
-LOG = logging.getLogger('geodiff_bag')
+LOG = logging.getLogger("geodiff_bag")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
 
@@ -43,9 +43,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
 def _remaps(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
-        src, sep, dst = item.partition(':=')
+        src, sep, dst = item.partition(":=")
         if not sep or not src or not dst:
-            msg = f'--remap {item!r} must look like /from:=/to'
+            msg = f"--remap {item!r} must look like /from:=/to"
             raise BagError(msg)
         out[src] = dst
     return out
@@ -59,15 +59,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     with open_bag(args.bag) as bag:
         rows = []
         for meta in bag.topics.values():
-            rel = ','.join(sorted({q.reliability.name.lower() for q in meta.qos})) or '-'
+            rel = ",".join(sorted({q.reliability.name.lower() for q in meta.qos})) or "-"
             problem = bag.type_problem(meta.msgtype)
-            rows.append([meta.name, meta.msgtype, str(meta.count) if meta.count >= 0 else '?', rel,
-                         'ok' if problem is None else f'unknown type: {problem}'])
-        print_out(f'bag: {bag.path}  storage: {bag.storage}')
+            rows.append([meta.name, meta.msgtype, str(meta.count) if meta.count >= 0 else "?", rel,
+                         "ok" if problem is None else f"unknown type: {problem}"])
+        print_out(f"bag: {bag.path}  storage: {bag.storage}")
         if bag.salvaged:
             n = sum(1 for _ in bag.messages())
             print_out(f'DAMAGED: {bag.salvaged}\n  readable messages: {n}; {bag.damage or "no further damage found"}')
-        print_out(format_table(rows, ['topic', 'type', 'count', 'offered QoS', 'decode']))
+        print_out(format_table(rows, ["topic", "type", "count", "offered QoS", "decode"]))
         return EXIT_DAMAGED if bag.salvaged else EXIT_OK
 
 
@@ -95,7 +95,7 @@ def _init_ros(name: str) -> tuple[Any, Any, threading.Event]:
     signal.signal(signal.SIGTERM, on_signal)
     context = rclpy.context.Context()
     rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node(f'{name}_{os.getpid()}_{secrets.token_hex(2)}', context=context)
+    node = rclpy.create_node(f"{name}_{os.getpid()}_{secrets.token_hex(2)}", context=context)
     return context, node, stop
 
 
@@ -117,22 +117,22 @@ def cmd_play(args: argparse.Namespace) -> int:
                        qos=args.qos, wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout,
                        clock_hz=args.clock)
     with open_bag(args.bag) as bag:
-        context, node, stop = _init_ros('geodiff_bag_player')
+        context, node, stop = _init_ros("geodiff_bag_player")
         try:
             player = Player(node, bag, opts)
-            LOG.info('playing %s: %s', bag.path, ', '.join(player.out_topic(n) for n in player.pubs))
+            LOG.info("playing %s: %s", bag.path, ", ".join(player.out_topic(n) for n in player.pubs))
             stats = player.play(stop)
             player.close()
         finally:
             _shutdown_ros(context, node)
     rows = [[topic, str(n)] for topic, n in stats.published.items()]
-    print_out(format_table(rows, ['topic', 'published']))
+    print_out(format_table(rows, ["topic", "published"]))
     print_out(f'{sum(stats.published.values())} messages in {stats.seconds:.2f} s'
               f'{", interrupted" if stats.stopped else ""}; loops: {stats.loops}')
     for topic, why in stats.skipped_topics.items():
-        print_out(f'skipped {topic}: {why}')
+        print_out(f"skipped {topic}: {why}")
     if stats.damage:
-        print_out(f'bag damaged: {stats.damage}')
+        print_out(f"bag damaged: {stats.damage}")
         return EXIT_DAMAGED
     return EXIT_OK
 
@@ -147,13 +147,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     from geodiff_ros.bag.live import Recorder
 
     writer = BagWriter(args.out, storage=args.storage)
-    context, node, stop = _init_ros('geodiff_bag_recorder')
+    context, node, stop = _init_ros("geodiff_bag_recorder")
     recorder = None
     try:
         recorder = Recorder(node, writer, args.topics, qos=args.qos)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
-        LOG.info('recording to %s (%s); Ctrl-C to stop', writer.path, args.storage)
+        LOG.info("recording to %s (%s); Ctrl-C to stop", writer.path, args.storage)
         deadline = time.monotonic() + args.duration if args.duration > 0 else None
         warned = False
         t0 = time.monotonic()
@@ -166,7 +166,7 @@ def cmd_record(args: argparse.Namespace) -> int:
                                                                for t in recorder.subscribed):
                 break
             if recorder.pending and not warned and time.monotonic() - t0 > 5.0:
-                LOG.warning('no publisher yet on: %s (still waiting)', ', '.join(recorder.pending))
+                LOG.warning("no publisher yet on: %s (still waiting)", ", ".join(recorder.pending))
                 warned = True
         executor.shutdown(timeout_sec=1.0)
     finally:
@@ -175,14 +175,14 @@ def cmd_record(args: argparse.Namespace) -> int:
         else:
             writer.close()
         _shutdown_ros(context, node)
-    rows = [[t, writer.types.get(t, '?'), str(n)] for t, n in writer.counts.items()]
-    print_out(format_table(rows, ['topic', 'type', 'recorded']))
-    print_out(f'bag: {writer.path}')
+    rows = [[t, writer.types.get(t, "?"), str(n)] for t, n in writer.counts.items()]
+    print_out(format_table(rows, ["topic", "type", "recorded"]))
+    print_out(f"bag: {writer.path}")
     if recorder is not None:
         for topic in recorder.pending:
-            print_out(f'never published: {topic}')
+            print_out(f"never published: {topic}")
         for topic, why in recorder.errors.items():
-            print_out(f'not recorded {topic}: {why}')
+            print_out(f"not recorded {topic}: {why}")
     return EXIT_OK
 
 
@@ -205,23 +205,23 @@ def engine_config(args: argparse.Namespace) -> Any:
     if args.tiny:
         from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
 
-        root = Path(tempfile.mkdtemp(prefix='geodiff_tiny_'))
-        depth = str(write_tiny_checkpoint(root / 'tiny-depth', 'depth')) if depth else None
-        normals = str(write_tiny_checkpoint(root / 'tiny-normals', 'normals')) if normals else None
-        device = device or 'cpu'
-        dtype = dtype or 'fp32'
-        LOG.info('--tiny: random tiny checkpoints in %s (plumbing only, the outputs are meaningless)', root)
-    return EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or 'cuda',
-                        dtype=dtype or 'fp16', processing_res=args.processing_res,
+        root = Path(tempfile.mkdtemp(prefix="geodiff_tiny_"))
+        depth = str(write_tiny_checkpoint(root / "tiny-depth", "depth")) if depth else None
+        normals = str(write_tiny_checkpoint(root / "tiny-normals", "normals")) if normals else None
+        device = device or "cpu"
+        dtype = dtype or "fp32"
+        LOG.info("--tiny: random tiny checkpoints in %s (plumbing only, the outputs are meaningless)", root)
+    return EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or "cuda",
+                        dtype=dtype or "fp16", processing_res=args.processing_res,
                         allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
                         batch_size=args.batch_size, optimize=args.optimize)
 
 
 def _median(values: list[float]) -> str:
     if not values:
-        return '-'
+        return "-"
     s = sorted(values)
-    return f'{s[len(s) // 2]:.4g}'
+    return f"{s[len(s) // 2]:.4g}"
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -241,7 +241,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             raise BagError(msg) from None
     opts = ProcessOptions(
         image_topic=args.image_topic, camera_info_topic=args.camera_info_topic, sparse_topic=args.sparse_topic,
-        sparse_fraction=args.sparse_fraction, sparse_frame=args.sparse_frame or '', sparse_transform=transform,
+        sparse_fraction=args.sparse_fraction, sparse_frame=args.sparse_frame or "", sparse_transform=transform,
         output_namespace=args.output_namespace, visualize=args.vis, cloud=not args.no_cloud,
         cloud_stride=args.cloud_stride, batch_size=args.batch_size)
     opts.sparse_extrinsic()  # a bad transform exits 2 before the model loads
@@ -253,11 +253,11 @@ def cmd_process(args: argparse.Namespace) -> int:
         msg = f'--optimize {args.optimize!r} is not a mode; use one of {", ".join(OPTIMIZE_MODES)}'
         raise BagError(msg)
     if Path(args.out).exists():
-        msg = f'output bag {args.out} exists; choose a new path or delete it first (bags are never overwritten)'
+        msg = f"output bag {args.out} exists; choose a new path or delete it first (bags are never overwritten)"
         raise BagError(msg)
     if args.devices is not None:
         if args.device is not None:
-            msg = 'give either --device or --devices, not both'
+            msg = "give either --device or --devices, not both"
             raise BagError(msg)
         try:
             devices = parse_devices(args.devices)
@@ -272,44 +272,44 @@ def cmd_process(args: argparse.Namespace) -> int:
             try:
                 with EnginePool(engine_config(args), devices) as pool, \
                         BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
-                        tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+                        tqdm(total=total if total > 0 else None, unit="frame", desc="geodiff", disable=None) as bar:
                     summary = process_bag_parallel(bag, writer, pool, opts, progress=bar.update)
             except WorkerError as err:
-                LOG.error('%s', err)
+                LOG.error("%s", err)
                 return EXIT_FAILED
         else:
             try:
                 engine = build_engine(args)
             except GeoDiffError as err:
-                LOG.error('cannot load the model: %s', err)
+                LOG.error("cannot load the model: %s", err)
                 return EXIT_FAILED
             with BagWriter(args.out, storage=args.storage, typestore=bag.typestore) as writer, \
-                    tqdm(total=total if total > 0 else None, unit='frame', desc='geodiff', disable=None) as bar:
+                    tqdm(total=total if total > 0 else None, unit="frame", desc="geodiff", disable=None) as bar:
                 summary = process_bag(bag, writer, engine, opts, progress=bar.update)
             summary.devices = [str(engine.device)]
     finally:
         bag.close()
-    rows = [[t, str(n), 'copied'] for t, n in summary.passthrough.items()]
-    rows += [[t, str(n), 'new'] for t, n in summary.outputs.items()]
-    print_out(format_table(rows, ['topic', 'messages', '']))
-    per_frame = summary.infer_seconds / summary.frames_out if summary.frames_out else float('nan')
-    print_out(f'frames: {summary.frames_in} in, {summary.frames_out} out, {summary.frames_metric} metric, '
-              f'{summary.frames_failed} failed; {summary.seconds:.1f} s ({per_frame:.3f} s/frame inference)')
-    fps = summary.frames_out / summary.seconds if summary.seconds > 0 else float('nan')
-    shares = f' (frames per worker: {", ".join(map(str, summary.worker_frames))})' if summary.worker_frames else ''
+    rows = [[t, str(n), "copied"] for t, n in summary.passthrough.items()]
+    rows += [[t, str(n), "new"] for t, n in summary.outputs.items()]
+    print_out(format_table(rows, ["topic", "messages", ""]))
+    per_frame = summary.infer_seconds / summary.frames_out if summary.frames_out else float("nan")
+    print_out(f"frames: {summary.frames_in} in, {summary.frames_out} out, {summary.frames_metric} metric, "
+              f"{summary.frames_failed} failed; {summary.seconds:.1f} s ({per_frame:.3f} s/frame inference)")
+    fps = summary.frames_out / summary.seconds if summary.seconds > 0 else float("nan")
+    shares = f' (frames per worker: {", ".join(map(str, summary.worker_frames))})' if summary.worker_frames else ""
     print_out(f'throughput: {fps:.2f} frames/s on {", ".join(summary.devices)}{shares}')
     print_out(f'camera_info: {summary.camera_info_topic or "none (no cloud)"}; metric scale (median): '
               f'{_median(summary.scales)}; fit residual (median, relative): {_median(summary.residuals)}')
     if summary.sparse_unused:
-        print_out(f'sparse input matched but not usable for {summary.sparse_unused} frame(s) (see the warnings)')
+        print_out(f"sparse input matched but not usable for {summary.sparse_unused} frame(s) (see the warnings)")
     if summary.absrel_heldout:
-        print_out(f'AbsRel of metric depth vs held-out sparse pixels (median over frames): '
-                  f'{_median(summary.absrel_heldout)}')
+        print_out(f"AbsRel of metric depth vs held-out sparse pixels (median over frames): "
+                  f"{_median(summary.absrel_heldout)}")
     for topic, why in summary.skipped_topics.items():
-        print_out(f'not copied {topic}: {why}')
-    print_out(f'bag: {args.out}')
+        print_out(f"not copied {topic}: {why}")
+    print_out(f"bag: {args.out}")
     if summary.damage:
-        print_out(f'input bag damaged, processed up to there: {summary.damage}')
+        print_out(f"input bag damaged, processed up to there: {summary.damage}")
         return EXIT_DAMAGED
     return EXIT_OK
 
@@ -325,28 +325,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     opts = ExportOptions(image_topic=args.image_topic, depth_topic=args.depth_topic,
                          camera_info_topic=args.camera_info_topic, max_dt=args.max_dt, every=args.every,
-                         set_name=args.set or '')
-    with open_bag(args.bag) as bag, tqdm(unit='frame', desc='export', disable=None) as bar:
+                         set_name=args.set or "")
+    with open_bag(args.bag) as bag, tqdm(unit="frame", desc="export", disable=None) as bar:
         def scanned(summary: ExportSummary) -> None:
             bar.total = summary.kept
             bar.refresh()
 
         summary = export_bag(bag, args.out_dir, opts, progress=bar.update, on_scanned=scanned)
-    print_out(f'images: {summary.images}, depth images: {summary.depths}; pairs within {args.max_dt} s: '
-              f'{summary.pairs} (unpaired images skipped: {summary.unpaired_images}, '
-              f'unused depth images: {summary.unused_depths})')
-    print_out(f'exported: {summary.exported} of {summary.kept} kept (every {args.every}); '
-              f'failed: {len(summary.failed)}; depth resampled to the image grid: {summary.resampled}; '
-              f'depth pixels beyond 65.535 m written as 0: {summary.beyond_range_px}')
+    print_out(f"images: {summary.images}, depth images: {summary.depths}; pairs within {args.max_dt} s: "
+              f"{summary.pairs} (unpaired images skipped: {summary.unpaired_images}, "
+              f"unused depth images: {summary.unused_depths})")
+    print_out(f"exported: {summary.exported} of {summary.kept} kept (every {args.every}); "
+              f"failed: {len(summary.failed)}; depth resampled to the image grid: {summary.resampled}; "
+              f"depth pixels beyond 65.535 m written as 0: {summary.beyond_range_px}")
     checked = summary.depth_camera_info_topic
     print_out(f'intrinsics: {summary.camera_info_topic or "none (no camera_info)"}'
               f'{f"; depth registration checked with {checked}" if checked else ""}')
     print_out(f'manifest: {summary.manifest or "none written"}')
     if summary.damage:
-        print_out(f'input bag damaged, exported up to there: {summary.damage}')
+        print_out(f"input bag damaged, exported up to there: {summary.damage}")
         return EXIT_DAMAGED
     if summary.exported == 0:
-        print_out('no frame could be decoded (see the warnings above)')
+        print_out("no frame could be decoded (see the warnings above)")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -356,99 +356,99 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='geodiff_bag', formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Play, record, inspect, process and export ROS 2 bags (mcap, sqlite3) without rosbag2.',
-        epilog='Exit codes: 0 ok, 1 runtime failure, 2 bad arguments or input, 3 damaged bag (partly used).')
-    sub = parser.add_subparsers(dest='command', required=True)
+        prog="geodiff_bag", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Play, record, inspect, process and export ROS 2 bags (mcap, sqlite3) without rosbag2.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad arguments or input, 3 damaged bag (partly used).")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser('info', help='list topics, types, counts and offered QoS')
-    p.add_argument('bag', help='bag directory or .mcap / .db3 file')
+    p = sub.add_parser("info", help="list topics, types, counts and offered QoS")
+    p.add_argument("bag", help="bag directory or .mcap / .db3 file")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser('play', help='publish a bag with its recorded timing')
-    p.add_argument('bag', help='bag directory or .mcap / .db3 file')
-    p.add_argument('--rate', type=float, default=1.0, help='time scale (2 = twice as fast); default 1')
-    p.add_argument('--loop', action='store_true', help='start over at the end until stopped')
-    p.add_argument('--topics', nargs='+', metavar='T', help='play only these bag topics (default: all)')
-    p.add_argument('--remap', nargs='+', metavar='FROM:=TO', help='publish bag topic FROM on TO')
-    p.add_argument('--qos', choices=('reliable', 'best_effort'),
-                   help='reliability of every publisher (default: as recorded, reliable if unknown)')
-    p.add_argument('--wait-subscribers', type=int, default=0, metavar='N',
-                   help='before the first message wait until each played topic has N subscribers (so best-effort '
-                        'replay loses nothing)')
-    p.add_argument('--wait-timeout', type=float, default=10.0, metavar='S',
-                   help='give up waiting for subscribers after S seconds and play anyway (default 10)')
-    p.add_argument('--clock', type=float, nargs='?', const=40.0, default=0.0, metavar='HZ',
-                   help='publish the bag time on /clock at HZ (default 40) for nodes run with use_sim_time:=true '
-                        '(--wait-subscribers then waits for a /clock subscriber too)')
+    p = sub.add_parser("play", help="publish a bag with its recorded timing")
+    p.add_argument("bag", help="bag directory or .mcap / .db3 file")
+    p.add_argument("--rate", type=float, default=1.0, help="time scale (2 = twice as fast); default 1")
+    p.add_argument("--loop", action="store_true", help="start over at the end until stopped")
+    p.add_argument("--topics", nargs="+", metavar="T", help="play only these bag topics (default: all)")
+    p.add_argument("--remap", nargs="+", metavar="FROM:=TO", help="publish bag topic FROM on TO")
+    p.add_argument("--qos", choices=("reliable", "best_effort"),
+                   help="reliability of every publisher (default: as recorded, reliable if unknown)")
+    p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
+                   help="before the first message wait until each played topic has N subscribers (so best-effort "
+                        "replay loses nothing)")
+    p.add_argument("--wait-timeout", type=float, default=10.0, metavar="S",
+                   help="give up waiting for subscribers after S seconds and play anyway (default 10)")
+    p.add_argument("--clock", type=float, nargs="?", const=40.0, default=0.0, metavar="HZ",
+                   help="publish the bag time on /clock at HZ (default 40) for nodes run with use_sim_time:=true "
+                        "(--wait-subscribers then waits for a /clock subscriber too)")
     p.set_defaults(func=cmd_play)
 
-    p = sub.add_parser('record', help='record topics to a new bag')
-    p.add_argument('out', help='new bag directory (must not exist)')
-    p.add_argument('--topics', nargs='+', required=True, metavar='T', help='topics to record')
-    p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
-    p.add_argument('--qos', choices=('reliable', 'best_effort'),
-                   help='subscription reliability (default: reliable only if every publisher is reliable)')
-    p.add_argument('--duration', type=float, default=0.0, metavar='S', help='stop after S seconds (0 = Ctrl-C)')
-    p.add_argument('--count', type=int, default=0, metavar='N',
-                   help='stop once every topic has N messages (0 = Ctrl-C)')
+    p = sub.add_parser("record", help="record topics to a new bag")
+    p.add_argument("out", help="new bag directory (must not exist)")
+    p.add_argument("--topics", nargs="+", required=True, metavar="T", help="topics to record")
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    p.add_argument("--qos", choices=("reliable", "best_effort"),
+                   help="subscription reliability (default: reliable only if every publisher is reliable)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S", help="stop after S seconds (0 = Ctrl-C)")
+    p.add_argument("--count", type=int, default=0, metavar="N",
+                   help="stop once every topic has N messages (0 = Ctrl-C)")
     p.set_defaults(func=cmd_record)
 
-    p = sub.add_parser('process', help='run the model over a bag offline and write a new bag')
-    p.add_argument('bag', help='input bag directory or .mcap / .db3 file')
-    p.add_argument('out', help='new output bag directory (must not exist)')
-    p.add_argument('--image-topic', required=True, help='colour Image or CompressedImage topic')
-    p.add_argument('--camera-info-topic', default=None,
+    p = sub.add_parser("process", help="run the model over a bag offline and write a new bag")
+    p.add_argument("bag", help="input bag directory or .mcap / .db3 file")
+    p.add_argument("out", help="new output bag directory (must not exist)")
+    p.add_argument("--image-topic", required=True, help="colour Image or CompressedImage topic")
+    p.add_argument("--camera-info-topic", default=None,
                    help='CameraInfo of the image (default: <image namespace>/camera_info if present; "" = none)')
-    p.add_argument('--sparse-topic', default=None,
-                   help='sparse metric input matched by stamp: a depth Image of the camera (32FC1 m / 16UC1 mm) or a '
-                        'PointCloud2 (e.g. LiDAR), projected onto the image through the camera_info (nearest point '
-                        'per pixel)')
-    p.add_argument('--sparse-frame', default=None, metavar='FRAME',
-                   help='frame_id of PointCloud2 sparse input that --sparse-transform maps into the image\'s optical '
-                        'frame (clouds in other frames than this and the image\'s are not used)')
-    p.add_argument('--sparse-transform', nargs='+', default=None, metavar='V',
-                   help='static extrinsic X Y Z QX QY QZ QW of --sparse-frame in the image\'s optical frame, as '
-                        '`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity)')
-    p.add_argument('--sparse-fraction', type=float, default=1.0, metavar='F',
-                   help='use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera '
-                        'into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric '
-                        'error')
-    p.add_argument('--fixed-scale', type=float, default=None, help='metric = scale x relative, no sparse input')
-    p.add_argument('--depth-model', default='GonzaloMG/marigold-e2e-ft-depth', help='hub id or folder; "" = off')
-    p.add_argument('--normals-model', default='GonzaloMG/marigold-e2e-ft-normals', help='hub id or folder; "" = off')
-    p.add_argument('--tiny', action='store_true', help='generated tiny random checkpoints on the CPU (plumbing test)')
-    p.add_argument('--device', default=None, help='cpu, cuda or cuda:N (default cuda; cpu with --tiny)')
-    p.add_argument('--devices', default=None, metavar='D1,D2,...',
-                   help='split the bag over several devices, one worker process each (e.g. cuda:0,cuda:1); the '
-                        'output bag is the one-device output')
-    p.add_argument('--dtype', default=None, choices=('fp32', 'fp16', 'bf16'), help='default fp16 (fp32 with --tiny)')
-    p.add_argument('--optimize', default='none', metavar='MODE',
-                   help='engine speed-up: none, channels_last, graph, compile or compile+graph (EngineConfig.optimize; '
-                        'benchmarks/README.md gives the tolerance of each); default none = the official eager path')
-    p.add_argument('--processing-res', type=int, default=768, help='longest edge at inference, 0 = native')
-    p.add_argument('--batch-size', type=int, default=4)
-    p.add_argument('--allow-cpu-fallback', action='store_true', help='run on the CPU if the GPU is missing')
-    p.add_argument('--local-files-only', action='store_true', help='never download weights')
-    p.add_argument('--output-namespace', default='', help='prefix of the output topics (default: none)')
-    p.add_argument('--vis', action='store_true', help='also write depth/image_vis and normals/image_vis (rgb8)')
-    p.add_argument('--no-cloud', action='store_true', help='do not write the points topic')
-    p.add_argument('--cloud-stride', type=int, default=1)
-    p.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap')
+    p.add_argument("--sparse-topic", default=None,
+                   help="sparse metric input matched by stamp: a depth Image of the camera (32FC1 m / 16UC1 mm) or a "
+                        "PointCloud2 (e.g. LiDAR), projected onto the image through the camera_info (nearest point "
+                        "per pixel)")
+    p.add_argument("--sparse-frame", default=None, metavar="FRAME",
+                   help="frame_id of PointCloud2 sparse input that --sparse-transform maps into the image's optical "
+                        "frame (clouds in other frames than this and the image's are not used)")
+    p.add_argument("--sparse-transform", nargs="+", default=None, metavar="V",
+                   help="static extrinsic X Y Z QX QY QZ QW of --sparse-frame in the image's optical frame, as "
+                        "`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity)")
+    p.add_argument("--sparse-fraction", type=float, default=1.0, metavar="F",
+                   help="use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera "
+                        "into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric "
+                        "error")
+    p.add_argument("--fixed-scale", type=float, default=None, help="metric = scale x relative, no sparse input")
+    p.add_argument("--depth-model", default="GonzaloMG/marigold-e2e-ft-depth", help='hub id or folder; "" = off')
+    p.add_argument("--normals-model", default="GonzaloMG/marigold-e2e-ft-normals", help='hub id or folder; "" = off')
+    p.add_argument("--tiny", action="store_true", help="generated tiny random checkpoints on the CPU (plumbing test)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda; cpu with --tiny)")
+    p.add_argument("--devices", default=None, metavar="D1,D2,...",
+                   help="split the bag over several devices, one worker process each (e.g. cuda:0,cuda:1); the "
+                        "output bag is the one-device output")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp16 (fp32 with --tiny)")
+    p.add_argument("--optimize", default="none", metavar="MODE",
+                   help="engine speed-up: none, channels_last, graph, compile or compile+graph (EngineConfig.optimize; "
+                        "benchmarks/README.md gives the tolerance of each); default none = the official eager path")
+    p.add_argument("--processing-res", type=int, default=768, help="longest edge at inference, 0 = native")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--allow-cpu-fallback", action="store_true", help="run on the CPU if the GPU is missing")
+    p.add_argument("--local-files-only", action="store_true", help="never download weights")
+    p.add_argument("--output-namespace", default="", help="prefix of the output topics (default: none)")
+    p.add_argument("--vis", action="store_true", help="also write depth/image_vis and normals/image_vis (rgb8)")
+    p.add_argument("--no-cloud", action="store_true", help="do not write the points topic")
+    p.add_argument("--cloud-stride", type=int, default=1)
+    p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     p.set_defaults(func=cmd_process)
 
-    p = sub.add_parser('export', help='write colour/depth pairs as an RGB-D manifest folder (fine-tuning input)')
-    p.add_argument('bag', help='input bag directory or .mcap / .db3 file')
-    p.add_argument('out_dir', help='new (or empty) folder for rgb/, depth/ and manifest.json')
-    p.add_argument('--image-topic', required=True, help='colour Image or CompressedImage (JPEG/PNG) topic')
-    p.add_argument('--depth-topic', required=True,
-                   help='depth Image registered to the colour camera (32FC1 m / 16UC1 mm; 0/NaN = none)')
-    p.add_argument('--camera-info-topic', default=None,
+    p = sub.add_parser("export", help="write colour/depth pairs as an RGB-D manifest folder (fine-tuning input)")
+    p.add_argument("bag", help="input bag directory or .mcap / .db3 file")
+    p.add_argument("out_dir", help="new (or empty) folder for rgb/, depth/ and manifest.json")
+    p.add_argument("--image-topic", required=True, help="colour Image or CompressedImage (JPEG/PNG) topic")
+    p.add_argument("--depth-topic", required=True,
+                   help="depth Image registered to the colour camera (32FC1 m / 16UC1 mm; 0/NaN = none)")
+    p.add_argument("--camera-info-topic", default=None,
                    help='CameraInfo of the image (default: <image namespace>/camera_info if present; "" = none)')
-    p.add_argument('--max-dt', type=float, default=0.02, metavar='S',
-                   help='largest header stamp difference of a colour/depth pair in seconds (default 0.02)')
-    p.add_argument('--every', type=int, default=1, metavar='N', help='keep every N-th pair (default 1: all)')
-    p.add_argument('--set', default=None, metavar='NAME', help='"set" of the manifest entries (default: bag name)')
+    p.add_argument("--max-dt", type=float, default=0.02, metavar="S",
+                   help="largest header stamp difference of a colour/depth pair in seconds (default 0.02)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th pair (default 1: all)")
+    p.add_argument("--set", default=None, metavar="NAME", help='"set" of the manifest entries (default: bag name)')
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -460,11 +460,11 @@ def transform_in_fixed_notation(argv: list[str]) -> list[str]:
 
     out = list(argv)
     for i, token in enumerate(argv):
-        if token != '--sparse-transform':
+        if token != "--sparse-transform":
             continue
         for j in range(i + 1, min(i + 8, len(out))):
             try:
-                out[j] = np.format_float_positional(float(out[j]), trim='-')
+                out[j] = np.format_float_positional(float(out[j]), trim="-")
             except ValueError:
                 break
     return out
@@ -472,14 +472,14 @@ def transform_in_fixed_notation(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry ``geodiff_bag``; returns the exit code (see the module docstring)."""
-    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s', stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(transform_in_fixed_notation(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except BagError as err:
-        LOG.error('%s', err)
+        LOG.error("%s", err)
         return EXIT_USAGE
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

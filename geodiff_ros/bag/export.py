@@ -56,21 +56,21 @@ from geodiff_ros.ros.conversions import (
 )
 
 __all__ = [
-    'DEPTH_SCALE',
-    'ExportOptions',
-    'ExportSummary',
-    'export_bag',
-    'metres_to_mm16',
-    'pair_by_stamp',
+    "DEPTH_SCALE",
+    "ExportOptions",
+    "ExportSummary",
+    "export_bag",
+    "metres_to_mm16",
+    "pair_by_stamp",
 ]
 
 LOG = logging.getLogger(__name__)
 
 DEPTH_SCALE = MM_PER_M  # stored value / DEPTH_SCALE = metres (16-bit PNG millimetres, like NYUv2 and ScanNet)
-_IMAGE = 'sensor_msgs/msg/Image'
-_INFO = 'sensor_msgs/msg/CameraInfo'
-_COLOUR_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')
-_DEPTH_ENCODINGS = ('32FC1', '16UC1', 'mono16')
+_IMAGE = "sensor_msgs/msg/Image"
+_INFO = "sensor_msgs/msg/CameraInfo"
+_COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3")
+_DEPTH_ENCODINGS = ("32FC1", "16UC1", "mono16")
 _FOCAL_TOL = 0.01  # registration check: focal lengths within 1 %
 _CENTRE_TOL_PX = 2.0  # ... and principal points within max(2 px, 1 % of the image size)
 
@@ -84,7 +84,7 @@ class ExportOptions:
     camera_info_topic: str | None = None  # None: <image namespace>/camera_info if the bag has it; '' = none
     max_dt: float = 0.02  # s, largest image-depth header stamp difference of a pair
     every: int = 1  # keep every N-th pair
-    set_name: str = ''  # the entries' "set"; '' = the bag's name
+    set_name: str = ""  # the entries' "set"; '' = the bag's name
 
 
 @dataclass
@@ -166,34 +166,34 @@ class _Exporter:
     def _check_options(self) -> None:
         bag, opts = self.bag, self.opts
         if opts.max_dt < 0 or not math.isfinite(opts.max_dt):
-            msg = f'--max-dt must be a non-negative number of seconds, got {opts.max_dt}'
+            msg = f"--max-dt must be a non-negative number of seconds, got {opts.max_dt}"
             raise BagError(msg)
         if opts.every < 1:
-            msg = f'--every must be 1 or more (keep every N-th pair), got {opts.every}'
+            msg = f"--every must be 1 or more (keep every N-th pair), got {opts.every}"
             raise BagError(msg)
         if opts.image_topic == opts.depth_topic:
-            msg = f'--image-topic and --depth-topic are both {opts.image_topic}; give the colour and the depth topic'
+            msg = f"--image-topic and --depth-topic are both {opts.image_topic}; give the colour and the depth topic"
             raise BagError(msg)
         bag.select([opts.image_topic, opts.depth_topic])
         self.compressed = image_topic_is_compressed(bag, opts.image_topic)
         depth_type = bag.topics[opts.depth_topic].msgtype
         if depth_type != _IMAGE:
-            msg = (f'--depth-topic {opts.depth_topic} has type {depth_type}; it must be a depth {_IMAGE} '
-                   '(32FC1 metres or 16UC1 millimetres; compressedDepth is not supported)')
+            msg = (f"--depth-topic {opts.depth_topic} has type {depth_type}; it must be a depth {_IMAGE} "
+                   "(32FC1 metres or 16UC1 millimetres; compressedDepth is not supported)")
             raise BagError(msg)
         for topic in (opts.image_topic, opts.depth_topic):
             problem = bag.type_problem(bag.topics[topic].msgtype)
             if problem:
-                raise BagError(f'cannot decode {topic}: {problem}')
+                raise BagError(f"cannot decode {topic}: {problem}")
         self.info_topic = camera_info_topic_for(bag, opts.image_topic, opts.camera_info_topic)
         if self.info_topic:
-            LOG.info('intrinsics from %s (P, as depth_image_proc)', self.info_topic)
+            LOG.info("intrinsics from %s (P, as depth_image_proc)", self.info_topic)
         else:
-            LOG.warning('no camera_info for %s (give --camera-info-topic): the manifest gets no intrinsics',
+            LOG.warning("no camera_info for %s (give --camera-info-topic): the manifest gets no intrinsics",
                         opts.image_topic)
-        depth_info = opts.depth_topic.rsplit('/', 1)[0] + '/camera_info'
+        depth_info = opts.depth_topic.rsplit("/", 1)[0] + "/camera_info"
         self.depth_info_topic = depth_info if depth_info in bag.topics and \
-            bag.topics[depth_info].msgtype == _INFO and depth_info != self.info_topic else ''
+            bag.topics[depth_info].msgtype == _INFO and depth_info != self.info_topic else ""
         self.summary.camera_info_topic = self.info_topic or None
         self.summary.depth_camera_info_topic = self.depth_info_topic or None
 
@@ -213,15 +213,15 @@ class _Exporter:
             try:
                 msg = bag.deserialize(raw)
             except Exception as err:  # noqa: BLE001 - a corrupt message must not end the export
-                self._fail(f'{raw.topic} #{ordinal} at bag time {raw.timestamp * 1e-9:.3f} s does not '
-                           f'deserialize: {err}')
+                self._fail(f"{raw.topic} #{ordinal} at bag time {raw.timestamp * 1e-9:.3f} s does not "
+                           f"deserialize: {err}")
                 continue
             if raw.topic == opts.image_topic:
                 images.append(self._image_header(ordinal, msg))
             elif raw.topic == opts.depth_topic:
                 if str(msg.encoding) not in _DEPTH_ENCODINGS:
-                    msg_ = (f'--depth-topic {opts.depth_topic} has encoding {msg.encoding!r}; a depth image is '
-                            '32FC1 metres or 16UC1 millimetres (REP 118). Is it the right topic?')
+                    msg_ = (f"--depth-topic {opts.depth_topic} has encoding {msg.encoding!r}; a depth image is "
+                            "32FC1 metres or 16UC1 millimetres (REP 118). Is it the right topic?")
                     raise BagError(msg_)
                 depths.append(_Header(ordinal, stamp_ns(msg.header), int(msg.width), int(msg.height),
                                       str(msg.header.frame_id)))
@@ -235,7 +235,7 @@ class _Exporter:
             items.sort(key=lambda item: item[0])
             self.infos[topic] = ([s for s, _ in items], [i for _, i in items])
             if not items and topic == self.info_topic:
-                LOG.warning('%s holds no readable CameraInfo: the manifest gets no intrinsics', topic)
+                LOG.warning("%s holds no readable CameraInfo: the manifest gets no intrinsics", topic)
         self.summary.damage = bag.damage
         self.summary.images, self.summary.depths = len(images), len(depths)
         pairs, nearest = pair_by_stamp([h.stamp for h in images], [h.stamp for h in depths],
@@ -245,18 +245,18 @@ class _Exporter:
         self.summary.unused_depths = len(depths) - len(pairs)
         self.summary.nearest_dt_s = None if nearest is None else nearest * 1e-9
         if not pairs:
-            near = 'no depth image' if nearest is None else f'the nearest pair is {nearest * 1e-9:.4f} s apart'
-            msg = (f'no colour/depth pairs within --max-dt {opts.max_dt} s ({len(images)} images on '
-                   f'{opts.image_topic}, {len(depths)} depth images on {opts.depth_topic}; {near}); raise --max-dt '
-                   'if the cameras are not stamped together')
+            near = "no depth image" if nearest is None else f"the nearest pair is {nearest * 1e-9:.4f} s apart"
+            msg = (f"no colour/depth pairs within --max-dt {opts.max_dt} s ({len(images)} images on "
+                   f"{opts.image_topic}, {len(depths)} depth images on {opts.depth_topic}; {near}); raise --max-dt "
+                   "if the cameras are not stamped together")
             raise BagError(msg)
         kept = [(images[i], depths[j]) for i, j in pairs][::opts.every]
         self.summary.kept = len(kept)
         for img, dep in kept:
             self._check_registration(img, dep)
         if kept[0][0].frame_id != kept[0][1].frame_id and not self.depth_info_topic:
-            LOG.warning('depth frame %r differs from the image frame %r and there is no depth camera_info to check '
-                        'that the depth is registered to the colour camera; assuming it is', kept[0][1].frame_id,
+            LOG.warning("depth frame %r differs from the image frame %r and there is no depth camera_info to check "
+                        "that the depth is registered to the colour camera; assuming it is", kept[0][1].frame_id,
                         kept[0][0].frame_id)
         return kept
 
@@ -286,13 +286,13 @@ class _Exporter:
         near = min((c for c in (k - 1, k) if 0 <= c < len(stamps)), key=lambda c: abs(stamps[c] - stamp))
         intr = values[near]
         if isinstance(intr, str):
-            msg = (f'{topic} cannot give intrinsics: {intr}. Pass another --camera-info-topic, or '
+            msg = (f"{topic} cannot give intrinsics: {intr}. Pass another --camera-info-topic, or "
                    "--camera-info-topic '' to export without intrinsics")
             raise BagError(msg)
         if width and height and (intr.width, intr.height) != (width, height):
             if (topic, width, height) not in self._warned:
                 self._warned.add((topic, width, height))
-                LOG.warning('%s describes a %dx%d image, the image is %dx%d: intrinsics scaled to the image',
+                LOG.warning("%s describes a %dx%d image, the image is %dx%d: intrinsics scaled to the image",
                             topic, intr.width, intr.height, width, height)
             intr = scale_intrinsics(intr, width, height)
         return intr
@@ -304,10 +304,10 @@ class _Exporter:
         if not (iw and ih and dw and dh):
             return
         if not self._near_aspect((dh, dw), (ih, iw)):
-            msg = (f'depth {self.opts.depth_topic} is {dw}x{dh} but the image {self.opts.image_topic} is {iw}x{ih}, '
-                   'a different aspect ratio: the depth is not registered to the colour camera. Export the depth '
-                   'aligned to the colour image (e.g. /camera/aligned_depth_to_color/image_raw, or '
-                   'depth_image_proc register)')
+            msg = (f"depth {self.opts.depth_topic} is {dw}x{dh} but the image {self.opts.image_topic} is {iw}x{ih}, "
+                   "a different aspect ratio: the depth is not registered to the colour camera. Export the depth "
+                   "aligned to the colour image (e.g. /camera/aligned_depth_to_color/image_raw, or "
+                   "depth_image_proc register)")
             raise BagError(msg)
         depth = self._intrinsics(self.depth_info_topic, dep.stamp, dw, dh)
         key = (iw, ih, dw, dh, colour, depth)
@@ -318,12 +318,12 @@ class _Exporter:
         tol_c = max(_CENTRE_TOL_PX, 0.01 * max(iw, ih))
         if (abs(scaled.fx - colour.fx) > _FOCAL_TOL * colour.fx or abs(scaled.fy - colour.fy) > _FOCAL_TOL * colour.fy
                 or abs(scaled.cx - colour.cx) > tol_c or abs(scaled.cy - colour.cy) > tol_c):
-            msg = (f'depth {self.opts.depth_topic} is not registered to the colour camera: its intrinsics '
-                   f'({self.depth_info_topic}, scaled to {iw}x{ih}: fx {scaled.fx:.1f} fy {scaled.fy:.1f} cx '
-                   f'{scaled.cx:.1f} cy {scaled.cy:.1f}) differ from the colour ones ({self.info_topic}: fx '
-                   f'{colour.fx:.1f} fy {colour.fy:.1f} cx {colour.cx:.1f} cy {colour.cy:.1f}). Export the depth '
-                   'aligned to the colour image (e.g. /camera/aligned_depth_to_color/image_raw, or depth_image_proc '
-                   'register)')
+            msg = (f"depth {self.opts.depth_topic} is not registered to the colour camera: its intrinsics "
+                   f"({self.depth_info_topic}, scaled to {iw}x{ih}: fx {scaled.fx:.1f} fy {scaled.fy:.1f} cx "
+                   f"{scaled.cx:.1f} cy {scaled.cy:.1f}) differ from the colour ones ({self.info_topic}: fx "
+                   f"{colour.fx:.1f} fy {colour.fy:.1f} cx {colour.cx:.1f} cy {colour.cy:.1f}). Export the depth "
+                   "aligned to the colour image (e.g. /camera/aligned_depth_to_color/image_raw, or depth_image_proc "
+                   "register)")
             raise BagError(msg)
 
     # -- pass 2: decode and write
@@ -331,9 +331,9 @@ class _Exporter:
     def write(self, kept: list[tuple[_Header, _Header]]) -> ExportSummary:
         """Decode and write the kept pairs and the manifest (also after an error, for what was written)."""
         opts, bag = self.opts, self.bag
-        set_name = opts.set_name or bag.path.name.removesuffix('.mcap').removesuffix('.db3')
-        (self.out_dir / 'rgb').mkdir(parents=True, exist_ok=True)
-        (self.out_dir / 'depth').mkdir(exist_ok=True)
+        set_name = opts.set_name or bag.path.name.removesuffix(".mcap").removesuffix(".db3")
+        (self.out_dir / "rgb").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "depth").mkdir(exist_ok=True)
         want_image = {img.ordinal: n for n, (img, _) in enumerate(kept)}
         want_depth = {dep.ordinal: n for n, (_, dep) in enumerate(kept)}
         held: dict[int, dict[str, Any]] = {}  # pair -> decoded messages while its partner is still to come
@@ -343,19 +343,19 @@ class _Exporter:
             for raw in bag.messages([opts.image_topic, opts.depth_topic]):
                 ordinal = ordinals[raw.topic]
                 ordinals[raw.topic] += 1
-                role = 'image' if raw.topic == opts.image_topic else 'depth'
-                pair = (want_image if role == 'image' else want_depth).get(ordinal)
+                role = "image" if raw.topic == opts.image_topic else "depth"
+                pair = (want_image if role == "image" else want_depth).get(ordinal)
                 if pair is None:
                     continue
                 try:
                     held.setdefault(pair, {})[role] = bag.deserialize(raw)
                 except Exception as err:  # noqa: BLE001 - skipped in pass one already (same bytes)
-                    self._fail(f'{raw.topic} #{ordinal} does not deserialize: {err}')
+                    self._fail(f"{raw.topic} #{ordinal} does not deserialize: {err}")
                     held.pop(pair, None)
                     continue
                 if len(held[pair]) == 2:
                     parts = held.pop(pair)
-                    entry = self._write_pair(len(entries), kept[pair], parts['image'], parts['depth'], set_name)
+                    entry = self._write_pair(len(entries), kept[pair], parts["image"], parts["depth"], set_name)
                     if entry is not None:
                         entries.append(entry)
                     if self.progress is not None:
@@ -377,27 +377,27 @@ class _Exporter:
             rgb = compressed_to_rgb8(img_msg) if self.compressed else image_to_rgb8(img_msg)  # [H,W,3]
             depth = depth_to_metres(depth_msg)  # [h,w] m, NaN = none
         except ImageConversionError as err:
-            self._fail(f'frame at stamp {img.stamp * 1e-9:.6f} s skipped: {err}')
+            self._fail(f"frame at stamp {img.stamp * 1e-9:.6f} s skipped: {err}")
             return None
         height, width = rgb.shape[:2]
         if depth.shape != (height, width):
             if not self._near_aspect(depth.shape, rgb.shape):  # checked in pass one where the size was known
-                self._fail(f'frame at stamp {img.stamp * 1e-9:.6f} s skipped: depth {depth.shape[1]}x'
-                           f'{depth.shape[0]} does not scale to the image {width}x{height}')
+                self._fail(f"frame at stamp {img.stamp * 1e-9:.6f} s skipped: depth {depth.shape[1]}x"
+                           f"{depth.shape[0]} does not scale to the image {width}x{height}")
                 return None
             depth = sparse_to_image_grid(depth, width, height)  # [H,W], nearest neighbour, z-buffer
             self.summary.resampled += 1
         mm, far = metres_to_mm16(depth)  # [H,W] uint16
         self.summary.beyond_range_px += far
-        name = f'{index:06d}.png'
-        PILImage.fromarray(rgb).save(self.out_dir / 'rgb' / name)
-        PILImage.fromarray(mm).save(self.out_dir / 'depth' / name)
-        entry: dict[str, Any] = {'rgb': f'rgb/{name}', 'depth': f'depth/{name}', 'depth_scale': DEPTH_SCALE}
+        name = f"{index:06d}.png"
+        PILImage.fromarray(rgb).save(self.out_dir / "rgb" / name)
+        PILImage.fromarray(mm).save(self.out_dir / "depth" / name)
+        entry: dict[str, Any] = {"rgb": f"rgb/{name}", "depth": f"depth/{name}", "depth_scale": DEPTH_SCALE}
         intr = self._intrinsics(self.info_topic, img.stamp, width, height)
         if intr is not None:
-            entry['intrinsics'] = {'fx': intr.fx, 'fy': intr.fy, 'cx': intr.cx, 'cy': intr.cy}
-        entry.update({'width': width, 'height': height, 'set': set_name, 'stamp': _seconds(img.stamp),
-                      'valid_frac': round(float((mm > 0).mean()), 4)})
+            entry["intrinsics"] = {"fx": intr.fx, "fy": intr.fy, "cx": intr.cx, "cy": intr.cy}
+        entry.update({"width": width, "height": height, "set": set_name, "stamp": _seconds(img.stamp),
+                      "valid_frac": round(float((mm > 0).mean()), 4)})
         return entry
 
     @staticmethod
@@ -407,7 +407,7 @@ class _Exporter:
 
     def _fail(self, text: str) -> None:
         self.summary.failed.append(text)
-        LOG.warning('%s', text)
+        LOG.warning("%s", text)
 
 
 def export_bag(bag: Bag, out_dir: str | Path, opts: ExportOptions,
@@ -424,7 +424,7 @@ def export_bag(bag: Bag, out_dir: str | Path, opts: ExportOptions,
     """
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        msg = f'output folder {out} exists and is not empty; choose a new folder or empty it (export never overwrites)'
+        msg = f"output folder {out} exists and is not empty; choose a new folder or empty it (export never overwrites)"
         raise BagError(msg)
     exporter = _Exporter(bag, out, opts, progress)
     kept = exporter.scan()

@@ -26,13 +26,13 @@ from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, Qo
 from geodiff_ros.bag.storage import Bag, BagError, BagWriter, RawMessage
 
 __all__ = [
-    'PlayOptions',
-    'PlayStats',
-    'Player',
-    'Recorder',
-    'message_class',
-    'play_qos',
-    'to_bag_qos',
+    "PlayOptions",
+    "PlayStats",
+    "Player",
+    "Recorder",
+    "message_class",
+    "play_qos",
+    "to_bag_qos",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -47,16 +47,16 @@ def message_class(msgtype: str) -> Any:
     Raises:
         BagError: the package is not installed in this Python environment, or has no such type.
     """
-    parts = msgtype.split('/')
+    parts = msgtype.split("/")
     if len(parts) == 2:
-        pkg, kind, name = parts[0], 'msg', parts[1]
+        pkg, kind, name = parts[0], "msg", parts[1]
     elif len(parts) == 3:
         pkg, kind, name = parts
     else:
-        msg = f'message type {msgtype!r} is not of the form package/msg/Type'
+        msg = f"message type {msgtype!r} is not of the form package/msg/Type"
         raise BagError(msg)
     try:
-        module = importlib.import_module(f'{pkg}.{kind}')
+        module = importlib.import_module(f"{pkg}.{kind}")
     except ImportError:
         msg = (f'message type {msgtype} is not installed in this Python environment (no module {pkg}.{kind}); '
                f'install its package (e.g. pip install ros-jazzy-{pkg.replace("_", "-")}) or leave its topics out '
@@ -64,7 +64,7 @@ def message_class(msgtype: str) -> Any:
         raise BagError(msg) from None
     cls = getattr(module, name, None)
     if cls is None:
-        msg = f'message type {msgtype} does not exist in the installed {pkg} package (version mismatch?)'
+        msg = f"message type {msgtype} does not exist in the installed {pkg} package (version mismatch?)"
         raise BagError(msg)
     return cls
 
@@ -106,7 +106,7 @@ def play_qos(recorded: list[Qos], override: str | None, depth: int = 10) -> QoSP
     also reaches best-effort subscribers; the reverse does not connect (ros-anchors 2.6).
     """
     if override is not None:
-        reliable = override == 'reliable'
+        reliable = override == "reliable"
     else:
         reliable = not recorded or any(q.reliability != QosReliability.BEST_EFFORT for q in recorded)
     transient = (override is None and bool(recorded)
@@ -158,10 +158,10 @@ class Player:
         self.bag = bag
         self.opts = options
         if not options.rate > 0:
-            msg = f'rate must be > 0 (1 = recorded speed), got {options.rate}'
+            msg = f"rate must be > 0 (1 = recorded speed), got {options.rate}"
             raise BagError(msg)
         if not 0 <= options.clock_hz <= 1000:
-            msg = f'clock rate must be within [0, 1000] Hz (0 = no /clock), got {options.clock_hz}'
+            msg = f"clock rate must be within [0, 1000] Hz (0 = no /clock), got {options.clock_hz}"
             raise BagError(msg)
         explicit = options.topics is not None
         names = bag.select(options.topics)
@@ -179,12 +179,12 @@ class Player:
                 if explicit:
                     raise
                 self.skipped[name] = str(err)
-                LOG.warning('not playing %s: %s', name, err)
+                LOG.warning("not playing %s: %s", name, err)
                 continue
             out = options.remaps.get(name, name)
             self.pubs[name] = node.create_publisher(cls, out, play_qos(meta.qos, options.qos))
         if not self.pubs:
-            msg = f'nothing to play: no topic of {bag.path} has an installed message type'
+            msg = f"nothing to play: no topic of {bag.path} has an installed message type"
             raise BagError(msg)
         self.clock = _BagClock(node, options.clock_hz, options.rate) if options.clock_hz > 0 else None
 
@@ -200,13 +200,13 @@ class Player:
         while True:
             short = [self.out_topic(n) for n, p in self.pubs.items() if p.get_subscription_count() < need]
             if self.clock is not None and self.clock.pub.get_subscription_count() < need:
-                short.append('/clock')
+                short.append("/clock")
             if not short:
                 time.sleep(_SETTLE_S)
                 return []
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
-                LOG.warning('after %.1f s, fewer than %d subscriber(s) on: %s; playing anyway (best-effort '
-                            'messages to them are lost)', self.opts.wait_timeout, need, ', '.join(short))
+                LOG.warning("after %.1f s, fewer than %d subscriber(s) on: %s; playing anyway (best-effort "
+                            "messages to them are lost)", self.opts.wait_timeout, need, ", ".join(short))
                 return short
             time.sleep(0.05)
 
@@ -291,7 +291,7 @@ class _BagClock:
         self._clock_cls = Clock
         # Depth 1 as rclcpp's ClockQoS; reliable reaches best-effort subscribers (rclpy's TimeSource) and
         # reliable ones alike (ros-anchors 2.6).
-        self.pub = node.create_publisher(Clock, '/clock', QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+        self.pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
         self.period = 1.0 / hz
         self.rate = rate
         self._origin: tuple[float, int] | None = None
@@ -301,7 +301,7 @@ class _BagClock:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name='geodiff-bag-clock', daemon=True)
+        self._thread = threading.Thread(target=self._run, name="geodiff-bag-clock", daemon=True)
         self._thread.start()
 
     def start_pass(self, t0_wall: float, t0_bag_ns: int) -> None:
@@ -341,7 +341,7 @@ class Recorder:
     def __init__(self, node: Any, writer: BagWriter, topics: list[str], qos: str | None = None,
                  depth: int = 100, on_message: Callable[[str, bytes], None] | None = None) -> None:
         if not topics:
-            raise BagError('record needs at least one topic (--topics /a /b ...)')
+            raise BagError("record needs at least one topic (--topics /a /b ...)")
         self.node = node
         self.writer = writer
         self.qos_override = qos
@@ -365,7 +365,7 @@ class Recorder:
         for topic, sub in list(self._unmatched.items()):
             if sub.get_publisher_count() > 0:
                 del self._unmatched[topic]
-                LOG.info('matched %s (%d publisher(s))', topic, sub.get_publisher_count())
+                LOG.info("matched %s (%d publisher(s))", topic, sub.get_publisher_count())
         if not self.pending:
             return
         graph = dict(self.node.get_topic_names_and_types())
@@ -382,10 +382,10 @@ class Recorder:
                     self.writer.add_topic(topic, msgtype, qos=offered)
             except BagError as err:
                 self.errors[topic] = str(err)
-                LOG.error('not recording %s: %s', topic, err)
+                LOG.error("not recording %s: %s", topic, err)
                 continue
             if self.qos_override is not None:
-                reliable = self.qos_override == 'reliable'
+                reliable = self.qos_override == "reliable"
             else:
                 reliable = bool(offered) and all(q.reliability == QosReliability.RELIABLE for q in offered)
             qos = QoSProfile(depth=self.depth, history=HistoryPolicy.KEEP_LAST,
@@ -398,7 +398,7 @@ class Recorder:
             self._subs.append(sub)
             self._unmatched[topic] = sub
             self.subscribed[topic] = msgtype
-            LOG.info('recording %s (%s, %s)', topic, msgtype, 'reliable' if reliable else 'best effort')
+            LOG.info("recording %s (%s, %s)", topic, msgtype, "reliable" if reliable else "best effort")
 
     def _store(self, topic: str, data: bytes) -> None:
         stamp = self.node.get_clock().now().nanoseconds

@@ -33,7 +33,7 @@ import numpy as np
 from geodiff_ros.bag.process import ProcessOptions, ProcessSummary, _Frame, _Processor
 from geodiff_ros.bag.storage import Bag, BagWriter, RawMessage
 
-__all__ = ['EnginePool', 'WorkerError', 'parse_devices', 'process_bag_parallel']
+__all__ = ["EnginePool", "WorkerError", "parse_devices", "process_bag_parallel"]
 
 LOG = logging.getLogger(__name__)
 
@@ -47,15 +47,15 @@ class WorkerError(RuntimeError):
 def parse_devices(text: str) -> list[str]:
     """``"cuda:0,cuda:1"`` -> ``["cuda:0", "cuda:1"]``; entries are cpu, cuda or cuda:N (repeats allowed: two
     workers on one card). Raises ValueError naming the bad entry."""
-    devices = [item.strip() for item in text.split(',')]
+    devices = [item.strip() for item in text.split(",")]
     for dev in devices:
-        kind, _, index = dev.partition(':')
-        if kind == 'cpu' and not index:
+        kind, _, index = dev.partition(":")
+        if kind == "cpu" and not index:
             continue
-        if kind == 'cuda' and (not index or index.isdigit()):
+        if kind == "cuda" and (not index or index.isdigit()):
             continue
-        msg = (f'--devices {text!r}: {dev!r} is not a device; give a comma list of cpu, cuda or cuda:N, '
-               'e.g. --devices cuda:0,cuda:1')
+        msg = (f"--devices {text!r}: {dev!r} is not a device; give a comma list of cpu, cuda or cuda:N, "
+               "e.g. --devices cuda:0,cuda:1")
         raise ValueError(msg)
     return devices
 
@@ -74,16 +74,16 @@ class BatchResult:
 def _worker_main(index: int, config: Any, tasks: Any, results: Any) -> None:
     """Worker process: load one engine on ``config.device``, then answer batches until the ``None`` sentinel."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
-    logging.basicConfig(level=logging.INFO, format=f'[%(levelname)s] worker {index} ({config.device}): %(message)s')
+    logging.basicConfig(level=logging.INFO, format=f"[%(levelname)s] worker {index} ({config.device}): %(message)s")
     from geodiff_ros.engine import GeoDiffEngine
 
     t0 = time.monotonic()
     try:
         engine = GeoDiffEngine(config)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which names the device
-        results.put(('load_failed', index, f'{type(err).__name__}: {err}'))
+        results.put(("load_failed", index, f"{type(err).__name__}: {err}"))
         return
-    results.put(('ready', index, time.monotonic() - t0))
+    results.put(("ready", index, time.monotonic() - t0))
     parent = mp.parent_process()
     while True:
         try:
@@ -98,9 +98,9 @@ def _worker_main(index: int, config: Any, tasks: Any, results: Any) -> None:
         try:
             t0 = time.monotonic()
             pred = engine.predict(rgbs)  # Model invocation: VAE encode, one UNet step per task, VAE decode
-            results.put(('done', index, key, pred.depth, pred.normals, time.monotonic() - t0))
+            results.put(("done", index, key, pred.depth, pred.normals, time.monotonic() - t0))
         except Exception as err:  # noqa: BLE001 - the parent stops the run and names the batch
-            results.put(('failed', index, key, f'{type(err).__name__}: {err}'))
+            results.put(("failed", index, key, f"{type(err).__name__}: {err}"))
 
 
 class EnginePool:
@@ -112,7 +112,7 @@ class EnginePool:
     def __init__(self, config: Any, devices: Sequence[str], max_pending: int = 2,
                  start_timeout_s: float = 900.0) -> None:
         if not devices:
-            msg = 'EnginePool needs at least one device'
+            msg = "EnginePool needs at least one device"
             raise ValueError(msg)
         self.devices = list(devices)
         self.max_pending = max(1, max_pending)  # batches queued per worker: one computing, one waiting
@@ -125,7 +125,7 @@ class EnginePool:
         self.frames = [0] * len(self.devices)  # frames each worker computed
         self.load_seconds = [0.0] * len(self.devices)
         self.processes: list[Any] = []
-        self._ctx = mp.get_context('spawn')
+        self._ctx = mp.get_context("spawn")
         self._tasks: list[Any] = []
         self._results: Any = None
         self._sizes: dict[int, int] = {}
@@ -143,11 +143,11 @@ class EnginePool:
         for i, cfg in enumerate(self.configs):
             tasks = self._ctx.Queue()
             proc = self._ctx.Process(target=_worker_main, args=(i, cfg, tasks, self._results),
-                                     name=f'geodiff_bag_worker{i}', daemon=True)
+                                     name=f"geodiff_bag_worker{i}", daemon=True)
             proc.start()
             self._tasks.append(tasks)
             self.processes.append(proc)
-        LOG.info('loading the model in %d worker processes: %s', len(self.devices), ', '.join(self.devices))
+        LOG.info("loading the model in %d worker processes: %s", len(self.devices), ", ".join(self.devices))
         waiting = set(range(len(self.devices)))
         deadline = time.monotonic() + self.start_timeout_s
         try:
@@ -159,11 +159,11 @@ class EnginePool:
                 msg = self._get()
                 if msg is None:
                     continue
-                if msg[0] == 'ready':
+                if msg[0] == "ready":
                     waiting.discard(msg[1])
                     self.load_seconds[msg[1]] = msg[2]
-                elif msg[0] == 'load_failed':
-                    text = f'cannot load the model on {self.devices[msg[1]]} (worker {msg[1]}): {msg[2]}'
+                elif msg[0] == "load_failed":
+                    text = f"cannot load the model on {self.devices[msg[1]]} (worker {msg[1]}): {msg[2]}"
                     raise WorkerError(text)
         except BaseException:
             self.close(clean=False)
@@ -177,7 +177,7 @@ class EnginePool:
         self._check_alive()
         worker = min(range(len(self.pending)), key=lambda i: self.pending[i])
         if self.pending[worker] >= self.max_pending:
-            msg = 'EnginePool.submit without capacity: collect a result first'
+            msg = "EnginePool.submit without capacity: collect a result first"
             raise RuntimeError(msg)
         self.pending[worker] += 1
         self._sizes[key] = len(rgbs)
@@ -192,10 +192,10 @@ class EnginePool:
                     return None
                 continue
             kind, worker = msg[0], msg[1]
-            if kind == 'failed':
-                text = f'the engine failed on {self.devices[worker]} (worker {worker}) for batch {msg[2]}: {msg[3]}'
+            if kind == "failed":
+                text = f"the engine failed on {self.devices[worker]} (worker {worker}) for batch {msg[2]}: {msg[3]}"
                 raise WorkerError(text)
-            if kind != 'done':
+            if kind != "done":
                 continue
             self.pending[worker] -= 1
             key = msg[2]
@@ -215,8 +215,8 @@ class EnginePool:
     def _check_alive(self) -> None:
         for i, proc in enumerate(self.processes):
             if not proc.is_alive():
-                msg = (f'worker {i} on {self.devices[i]} exited (code {proc.exitcode}) during the run; on a GPU '
-                       'this is often out of memory: try a smaller --batch-size or fewer workers per card')
+                msg = (f"worker {i} on {self.devices[i]} exited (code {proc.exitcode}) during the run; on a GPU "
+                       "this is often out of memory: try a smaller --batch-size or fewer workers per card")
                 raise WorkerError(msg)
 
     def close(self, clean: bool = True) -> None:
@@ -253,7 +253,7 @@ class _ParallelProcessor(_Processor):
         self.summary.devices = list(pool.devices)
 
     def _copy(self, raw: RawMessage) -> None:
-        self.log.append(('copy', raw))
+        self.log.append(("copy", raw))
         self._collect(block=False)
 
     def _process(self, frames: list[_Frame]) -> None:
@@ -265,7 +265,7 @@ class _ParallelProcessor(_Processor):
         key, self.next_key = self.next_key, self.next_key + 1
         self.pool.submit(key, rgbs)
         self.inflight[key] = (good, rgbs)
-        self.log.append(('batch', key))
+        self.log.append(("batch", key))
         self._collect(block=False)
 
     def _finish(self) -> None:
@@ -286,7 +286,7 @@ class _ParallelProcessor(_Processor):
     def _flush(self) -> None:
         while self.log:
             kind, item = self.log[0]
-            if kind == 'copy':
+            if kind == "copy":
                 _Processor._copy(self, item)
             else:
                 result = self.done.pop(item, None)

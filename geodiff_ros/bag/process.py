@@ -59,17 +59,17 @@ from geodiff_ros.ros.conversions import (
 from geodiff_ros.ros.params import PARAMS
 from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_sparse_depth
 
-__all__ = ['ProcessOptions', 'ProcessSummary', 'process_bag', 'sparsify', 'sparse_depth_image']
+__all__ = ["ProcessOptions", "ProcessSummary", "process_bag", "sparsify", "sparse_depth_image"]
 
 LOG = logging.getLogger(__name__)
 
 _DEFAULTS = {p.name: p.default for p in PARAMS}  # the node's parameter defaults: offline = live behaviour
-_IMAGE = 'sensor_msgs/msg/Image'
-_INFO = 'sensor_msgs/msg/CameraInfo'
-_CLOUD = 'sensor_msgs/msg/PointCloud2'
+_IMAGE = "sensor_msgs/msg/Image"
+_INFO = "sensor_msgs/msg/CameraInfo"
+_CLOUD = "sensor_msgs/msg/PointCloud2"
 _IDENTITY = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
-TRANSFORM_FORMAT = ('X Y Z QX QY QZ QW (metres and a quaternion: the pose of the cloud frame in the image\'s optical '
-                    'frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it)')
+TRANSFORM_FORMAT = ("X Y Z QX QY QZ QW (metres and a quaternion: the pose of the cloud frame in the image's optical "
+                    "frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it)")
 _FLOAT32 = 7  # sensor_msgs/PointField FLOAT32
 
 
@@ -102,9 +102,9 @@ class ProcessOptions:
     camera_info_topic: str | None = None  # None: <image namespace>/camera_info if the bag has it; '' = none
     sparse_topic: str | None = None  # sparse metric depth Image (32FC1 m / 16UC1 mm) of the camera, or PointCloud2
     sparse_fraction: float = 1.0  # < 1: use only this random fraction of the sparse pixels, evaluate on the rest
-    sparse_frame: str = ''  # frame of PointCloud2 sparse input that sparse_transform maps into the optical frame
+    sparse_frame: str = ""  # frame of PointCloud2 sparse input that sparse_transform maps into the optical frame
     sparse_transform: Sequence[float] | None = None  # [x, y, z, qx, qy, qz, qw]; None = identity (node default)
-    output_namespace: str = ''  # outputs at <ns>/depth/image ... ('' = root, like the node without namespace)
+    output_namespace: str = ""  # outputs at <ns>/depth/image ... ('' = root, like the node without namespace)
     visualize: bool = False  # also depth/image_vis and normals/image_vis (rgb8)
     cloud: bool = True
     cloud_stride: int = 1
@@ -112,17 +112,17 @@ class ProcessOptions:
     cloud_normals: bool = True
     batch_size: int = 4
     lookahead_s: float = 0.5
-    method: str = _DEFAULTS['alignment.method']
-    min_points: int = _DEFAULTS['alignment.min_points']
-    min_inlier_ratio: float = _DEFAULTS['alignment.min_inlier_ratio']
-    inlier_threshold_rel: float = _DEFAULTS['alignment.inlier_threshold_rel']
-    ema_alpha: float = _DEFAULTS['alignment.ema_alpha']
-    max_fallback_age_s: float = _DEFAULTS['alignment.max_fallback_age_s']
-    reset_ratio: float = _DEFAULTS['alignment.reset_ratio']
-    sparse_max_dt: float = _DEFAULTS['alignment.sparse_max_dt']
-    fixed_scale: float = _DEFAULTS['alignment.fixed_scale']
-    min_depth: float = _DEFAULTS['min_depth']
-    max_depth: float = _DEFAULTS['max_depth']
+    method: str = _DEFAULTS["alignment.method"]
+    min_points: int = _DEFAULTS["alignment.min_points"]
+    min_inlier_ratio: float = _DEFAULTS["alignment.min_inlier_ratio"]
+    inlier_threshold_rel: float = _DEFAULTS["alignment.inlier_threshold_rel"]
+    ema_alpha: float = _DEFAULTS["alignment.ema_alpha"]
+    max_fallback_age_s: float = _DEFAULTS["alignment.max_fallback_age_s"]
+    reset_ratio: float = _DEFAULTS["alignment.reset_ratio"]
+    sparse_max_dt: float = _DEFAULTS["alignment.sparse_max_dt"]
+    fixed_scale: float = _DEFAULTS["alignment.fixed_scale"]
+    min_depth: float = _DEFAULTS["min_depth"]
+    max_depth: float = _DEFAULTS["max_depth"]
 
     def sparse_extrinsic(self) -> RigidTransform:
         """The static extrinsic of the cloud frame (checked before the model loads, so a typo costs no time).
@@ -137,8 +137,8 @@ class ProcessOptions:
             msg = f'--sparse-transform {" ".join(map(str, values))}: {err}; give {TRANSFORM_FORMAT}'
             raise BagError(msg) from err
         if self.sparse_transform is not None and not self.sparse_frame:
-            msg = ('--sparse-transform needs --sparse-frame FRAME: the frame_id of the clouds it maps into the '
-                   'image\'s optical frame')
+            msg = ("--sparse-transform needs --sparse-frame FRAME: the frame_id of the clouds it maps into the "
+                   "image's optical frame")
             raise BagError(msg)
         return extrinsic
 
@@ -187,7 +187,7 @@ class _Processor:
         self.batch: list[_Frame] = []  # frames with complete inputs, waiting for a full engine batch
         self.infos: collections.deque[tuple[int, Any]] = collections.deque()
         self.sparse: collections.deque[tuple[int, Any]] = collections.deque()
-        self.last_seen = {'info': -math.inf, 'sparse': -math.inf}
+        self.last_seen = {"info": -math.inf, "sparse": -math.inf}
         self.extrinsic = opts.sparse_extrinsic()
         self.warned: set[str] = set()  # one warning per kind of unusable sparse input, not one per frame
         fixed = float(opts.fixed_scale)
@@ -203,17 +203,17 @@ class _Processor:
         info = camera_info_topic_for(bag, opts.image_topic, opts.camera_info_topic)
         if opts.camera_info_topic is None:
             if info:
-                LOG.info('camera_info: using %s (sibling of the image topic)', info)
+                LOG.info("camera_info: using %s (sibling of the image topic)", info)
             else:
-                LOG.warning('no camera_info topic given or found next to %s: no point cloud and no '
-                            'depth/camera_info', opts.image_topic)
+                LOG.warning("no camera_info topic given or found next to %s: no point cloud and no "
+                            "depth/camera_info", opts.image_topic)
         self.info_topic = info
         self.summary.camera_info_topic = info or None
         if opts.sparse_topic:
             bag.select([opts.sparse_topic])
             if bag.topics[opts.sparse_topic].msgtype not in (_IMAGE, _CLOUD):
-                msg = (f'--sparse-topic {opts.sparse_topic} has type {bag.topics[opts.sparse_topic].msgtype}; '
-                       f'it must be a depth {_IMAGE} (32FC1 metres or 16UC1 millimetres) or a {_CLOUD}')
+                msg = (f"--sparse-topic {opts.sparse_topic} has type {bag.topics[opts.sparse_topic].msgtype}; "
+                       f"it must be a depth {_IMAGE} (32FC1 metres or 16UC1 millimetres) or a {_CLOUD}")
                 raise BagError(msg)
         self.sparse_is_cloud = bool(opts.sparse_topic) and bag.topics[opts.sparse_topic].msgtype == _CLOUD
         if (opts.sparse_frame or opts.sparse_transform is not None) and not self.sparse_is_cloud:
@@ -222,13 +222,13 @@ class _Processor:
                    'on the camera grid): drop them or give the cloud topic')
             raise BagError(msg)
         if not 0.0 < opts.sparse_fraction <= 1.0:
-            msg = f'--sparse-fraction must be in (0, 1], got {opts.sparse_fraction}'
+            msg = f"--sparse-fraction must be in (0, 1], got {opts.sparse_fraction}"
             raise BagError(msg)
-        ns = '/' + opts.output_namespace.strip('/') if opts.output_namespace.strip('/') else ''
-        self.out = {key: f'{ns}/{rel}' for key, rel in (
-            ('relative', 'depth/relative'), ('depth', 'depth/image'), ('depth_info', 'depth/camera_info'),
-            ('normals', 'normals/image'), ('points', 'points'), ('depth_vis', 'depth/image_vis'),
-            ('normals_vis', 'normals/image_vis'))}
+        ns = "/" + opts.output_namespace.strip("/") if opts.output_namespace.strip("/") else ""
+        self.out = {key: f"{ns}/{rel}" for key, rel in (
+            ("relative", "depth/relative"), ("depth", "depth/image"), ("depth_info", "depth/camera_info"),
+            ("normals", "normals/image"), ("points", "points"), ("depth_vis", "depth/image_vis"),
+            ("normals_vis", "normals/image_vis"))}
         clash = sorted(set(self.out.values()) & set(bag.topics))
         if clash:
             msg = (f'the bag already has output topic(s) {", ".join(clash)} (processed before?); write the new '
@@ -243,7 +243,7 @@ class _Processor:
                 except BagError as err:
                     problem = str(err)
             self.summary.skipped_topics[meta.name] = problem
-            LOG.warning('not copying %s (%s): %s', meta.name, meta.msgtype, problem)
+            LOG.warning("not copying %s (%s): %s", meta.name, meta.msgtype, problem)
 
     # -- main loop
 
@@ -261,13 +261,13 @@ class _Processor:
                 elif raw.topic == self.info_topic:
                     msg = self.bag.deserialize(raw)
                     self.infos.append((stamp_ns(msg.header), msg))
-                    self.last_seen['info'] = max(self.last_seen['info'], stamp_ns(msg.header))
+                    self.last_seen["info"] = max(self.last_seen["info"], stamp_ns(msg.header))
                 elif raw.topic == opts.sparse_topic:
                     msg = self.bag.deserialize(raw)
                     self.sparse.append((stamp_ns(msg.header), msg))
-                    self.last_seen['sparse'] = max(self.last_seen['sparse'], stamp_ns(msg.header))
+                    self.last_seen["sparse"] = max(self.last_seen["sparse"], stamp_ns(msg.header))
             except Exception as err:  # noqa: BLE001 - a corrupt message must not end the run
-                self._fail(f'{raw.topic} at bag time {raw.timestamp * 1e-9:.3f} s does not deserialize: {err}')
+                self._fail(f"{raw.topic} at bag time {raw.timestamp * 1e-9:.3f} s does not deserialize: {err}")
                 continue
             self._drain(raw.timestamp, final=False)
         self._drain(None, final=True)
@@ -287,16 +287,16 @@ class _Processor:
     def _fail(self, text: str) -> None:
         self.summary.frames_failed += 1
         self.summary.errors.append(text)
-        LOG.warning('%s', text)
+        LOG.warning("%s", text)
 
     def _ready(self, frame: _Frame, now: int | None) -> bool:
         if now is None:
             return True
         if now - frame.raw.timestamp > self.opts.lookahead_s * 1e9:
             return True
-        info_ok = not self.info_topic or self.last_seen['info'] >= frame.stamp
+        info_ok = not self.info_topic or self.last_seen["info"] >= frame.stamp
         sparse_due = frame.stamp + self.opts.sparse_max_dt * 1e9
-        sparse_ok = not self.opts.sparse_topic or self.last_seen['sparse'] >= sparse_due
+        sparse_ok = not self.opts.sparse_topic or self.last_seen["sparse"] >= sparse_due
         return info_ok and sparse_ok
 
     def _drain(self, now: int | None, final: bool) -> None:
@@ -340,7 +340,7 @@ class _Processor:
                 rgbs.append(compressed_to_rgb8(frame.msg) if self.compressed else image_to_rgb8(frame.msg))
                 good.append(frame)
             except ImageConversionError as err:
-                self._fail(f'image at stamp {frame.stamp * 1e-9:.6f} s dropped: {err}')
+                self._fail(f"image at stamp {frame.stamp * 1e-9:.6f} s dropped: {err}")
         return good, rgbs
 
     def _process(self, frames: list[_Frame]) -> None:
@@ -379,9 +379,9 @@ class _Processor:
                     info.k, info.p, int(info.width), int(info.height), int(info.binning_x), int(info.binning_y),
                     int(info.roi.x_offset), int(info.roi.y_offset), int(info.roi.width), int(info.roi.height))
             except InvalidCameraInfo as err:
-                LOG.warning('camera_info unusable, no cloud: %s', err)
+                LOG.warning("camera_info unusable, no cloud: %s", err)
             if intr is not None and (intr.width, intr.height) != (width, height):
-                LOG.warning('camera_info describes %dx%d but the image is %dx%d: no cloud, no depth/camera_info',
+                LOG.warning("camera_info describes %dx%d but the image is %dx%d: no cloud, no depth/camera_info",
                             intr.width, intr.height, width, height)
                 intr, info = None, None
 
@@ -397,7 +397,7 @@ class _Processor:
                 try:
                     sparse_m = self._sparse_metres(sparse_msg, header, width, height, intr)  # [h,w] m, NaN none
                 except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the frame
-                    LOG.warning('sparse input at stamp %.6f s unusable, frame processed without it: %s (%s)',
+                    LOG.warning("sparse input at stamp %.6f s unusable, frame processed without it: %s (%s)",
                                 frame.stamp * 1e-9, err, type(err).__name__)
                 if sparse_m is None:
                     self.summary.sparse_unused += 1
@@ -411,9 +411,9 @@ class _Processor:
                                              min_inlier_ratio=opts.min_inlier_ratio,
                                              inlier_threshold_rel=opts.inlier_threshold_rel)
                     if not result.ok:
-                        LOG.warning('no metric fit at stamp %.6f s: %s', frame.stamp * 1e-9, result.reason)
+                        LOG.warning("no metric fit at stamp %.6f s: %s", frame.stamp * 1e-9, result.reason)
                 except (ImageConversionError, ValueError) as err:
-                    LOG.warning('sparse depth at stamp %.6f s unusable: %s', frame.stamp * 1e-9, err)
+                    LOG.warning("sparse depth at stamp %.6f s unusable: %s", frame.stamp * 1e-9, err)
             state = self.aligner.update(result, frame.stamp * 1e-9)
             if state is not None:
                 metric = apply_alignment(relative, state.scale, state.shift, opts.min_depth, opts.max_depth)
@@ -429,24 +429,24 @@ class _Processor:
 
         # 3. Outputs: header copied from the input, stored at the input's bag time.
         if relative is not None:
-            self._write('relative', bag_time, self._image(relative, '32FC1', header))
+            self._write("relative", bag_time, self._image(relative, "32FC1", header))
             if opts.visualize:
                 vis = metric if metric is not None else relative
-                self._write('depth_vis', bag_time, self._image(colorize_depth(vis), 'rgb8', header))
+                self._write("depth_vis", bag_time, self._image(colorize_depth(vis), "rgb8", header))
         if metric is not None:
-            self._write('depth', bag_time, self._image(metric, '32FC1', header))
+            self._write("depth", bag_time, self._image(metric, "32FC1", header))
         if info is not None:
-            self._write('depth_info', bag_time, dataclasses.replace(info, header=header))
+            self._write("depth_info", bag_time, dataclasses.replace(info, header=header))
         if normals is not None:
-            self._write('normals', bag_time, self._image(normals, '32FC3', header))
+            self._write("normals", bag_time, self._image(normals, "32FC3", header))
             if opts.visualize:
-                self._write('normals_vis', bag_time, self._image(normals_to_rgb(normals), 'rgb8', header))
+                self._write("normals_vis", bag_time, self._image(normals_to_rgb(normals), "rgb8", header))
         if opts.cloud and metric is not None and intr is not None:
             stride = max(1, int(opts.cloud_stride))
             xyz = backproject(metric, intr, stride)  # [H',W',3] metres, NaN invalid (depth_image_proc formula)
             colours = rgb[::stride, ::stride] if opts.cloud_color else None
             nrm = normals[::stride, ::stride] if (normals is not None and opts.cloud_normals) else None
-            self._write('points', bag_time, self._cloud(cloud_array(xyz, colours, nrm), header))
+            self._write("points", bag_time, self._cloud(cloud_array(xyz, colours, nrm), header))
         self.summary.frames_out += 1
 
     def _sparse_metres(self, msg: Any, header: Any, width: int, height: int,
@@ -456,24 +456,24 @@ class _Processor:
         if not self.sparse_is_cloud:
             return depth_to_metres(msg)  # [h,w]
         if intr is None:
-            self._warn_once('intr', 'sparse clouds on %s need a usable camera_info of the image to be projected: '
-                            'not used for the metric fit (give --camera-info-topic)', self.opts.sparse_topic)
+            self._warn_once("intr", "sparse clouds on %s need a usable camera_info of the image to be projected: "
+                            "not used for the metric fit (give --camera-info-topic)", self.opts.sparse_topic)
             return None
         depth = cloud_to_sparse_depth(msg, header.frame_id, self.opts.sparse_frame, self.extrinsic, intr, width,
                                       height)  # [H,W]
         if depth is None:
             cloud_frame = msg.header.frame_id
             self._warn_once(
-                f'frame:{cloud_frame}', 'sparse clouds on %s are in frame %r, the image in %r: not used for the '
-                'metric fit; give --sparse-frame %s --sparse-transform X Y Z QX QY QZ QW (its pose in the image '
-                'frame, as `ros2 run tf2_ros tf2_echo %s %s` prints it)', self.opts.sparse_topic, cloud_frame,
+                f"frame:{cloud_frame}", "sparse clouds on %s are in frame %r, the image in %r: not used for the "
+                "metric fit; give --sparse-frame %s --sparse-transform X Y Z QX QY QZ QW (its pose in the image "
+                "frame, as `ros2 run tf2_ros tf2_echo %s %s` prints it)", self.opts.sparse_topic, cloud_frame,
                 header.frame_id, cloud_frame, header.frame_id, cloud_frame)
         return depth
 
     def _warn_once(self, key: str, text: str, *args: Any) -> None:
         if key not in self.warned:
             self.warned.add(key)
-            LOG.warning(text + ' (warned once; the summary counts the frames)', *args)
+            LOG.warning(text + " (warned once; the summary counts the frames)", *args)
 
     def _write(self, key: str, bag_time: int, msg: Any) -> None:
         topic = self.out[key]
@@ -482,17 +482,17 @@ class _Processor:
 
     def _image(self, array: np.ndarray, encoding: str, header: Any) -> Any:
         fields = numpy_to_image_fields(array, encoding)
-        fields['data'] = np.frombuffer(fields['data'], np.uint8)  # rosbags wants numpy uint8
+        fields["data"] = np.frombuffer(fields["data"], np.uint8)  # rosbags wants numpy uint8
         return self.ts.types[_IMAGE](header=header, **fields)
 
     def _cloud(self, points: np.ndarray, header: Any) -> Any:
         """PointCloud2 (rosbags) from the structured ``[H',W']`` array of pointcloud.cloud_array (all float32)."""
-        point_field = self.ts.types['sensor_msgs/msg/PointField']
+        point_field = self.ts.types["sensor_msgs/msg/PointField"]
         fields = [point_field(name=name, offset=int(points.dtype.fields[name][1]), datatype=_FLOAT32, count=1)
                   for name in points.dtype.names]
         height, width = points.shape
         data = np.frombuffer(np.ascontiguousarray(points).tobytes(), np.uint8)
-        return self.ts.types['sensor_msgs/msg/PointCloud2'](
+        return self.ts.types["sensor_msgs/msg/PointCloud2"](
             header=header, height=height, width=width, fields=fields, is_bigendian=False,
             point_step=points.dtype.itemsize, row_step=points.dtype.itemsize * width, data=data, is_dense=False)
 

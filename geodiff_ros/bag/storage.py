@@ -33,21 +33,21 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 __all__ = [
-    'Bag',
-    'BagError',
-    'BagWriter',
-    'RawMessage',
-    'TopicMeta',
-    'camera_info_topic_for',
-    'image_topic_is_compressed',
-    'jazzy_typestore',
-    'open_bag',
+    "Bag",
+    "BagError",
+    "BagWriter",
+    "RawMessage",
+    "TopicMeta",
+    "camera_info_topic_for",
+    "image_topic_is_compressed",
+    "jazzy_typestore",
+    "open_bag",
 ]
 
 LOG = logging.getLogger(__name__)
 
-_MCAP_MAGIC = b'\x89MCAP0\r\n'
-_STORAGE_SUFFIX = {'.mcap': 'mcap', '.db3': 'sqlite3'}
+_MCAP_MAGIC = b"\x89MCAP0\r\n"
+_STORAGE_SUFFIX = {".mcap": "mcap", ".db3": "sqlite3"}
 _PROBE_MISSES = 1000  # salvage of a SQLite bag whose row index is lost: stop after this many missing ids
 
 
@@ -73,8 +73,8 @@ class TopicMeta:
     count: int  # messages stored; -1 if the damaged file does not say
     qos: list[Qos] = field(default_factory=list)  # offered QoS recorded with the topic (may be empty)
     msgdef: MessageDefinition | None = None
-    digest: str = ''  # RIHS01 type hash, when the bag stores it
-    serialization_format: str = 'cdr'
+    digest: str = ""  # RIHS01 type hash, when the bag stores it
+    serialization_format: str = "cdr"
 
 
 def jazzy_typestore() -> Any:
@@ -104,13 +104,13 @@ class _RosbagsBackend:
             meta = out.get(conn.topic)
             if meta is None:
                 out[conn.topic] = TopicMeta(
-                    conn.topic, conn.msgtype, int(conn.msgcount), list(getattr(ext, 'offered_qos_profiles', [])),
+                    conn.topic, conn.msgtype, int(conn.msgcount), list(getattr(ext, "offered_qos_profiles", [])),
                     conn.msgdef if conn.msgdef.format != MessageDefinitionFormat.NONE else None,
-                    conn.digest or '', getattr(ext, 'serialization_format', 'cdr'))
+                    conn.digest or "", getattr(ext, "serialization_format", "cdr"))
             elif meta.msgtype == conn.msgtype:
                 meta.count += int(conn.msgcount)  # several recorded publishers of one topic
             else:
-                LOG.warning('topic %s is stored with two types (%s, %s); using %s', conn.topic, meta.msgtype,
+                LOG.warning("topic %s is stored with two types (%s, %s); using %s", conn.topic, meta.msgtype,
                             conn.msgtype, meta.msgtype)
         return list(out.values())
 
@@ -125,8 +125,8 @@ class _RosbagsBackend:
                 conn, stamp, data = next(it)
             except StopIteration:
                 return
-            except Exception as err:  # noqa: BLE001 - rosbags raises ReaderError, zstd, struct and apsw errors
-                raise _Damage(f'{type(err).__name__}: {err}') from err
+            except Exception as err:
+                raise _Damage(f"{type(err).__name__}: {err}") from err
             if conn.msgtype == types[conn.topic]:
                 yield RawMessage(conn.topic, conn.msgtype, int(stamp), data)
 
@@ -136,17 +136,17 @@ class _RosbagsBackend:
 
 def _storage_of_reader(target: Path) -> str:
     if target.is_dir():
-        text = (target / 'metadata.yaml').read_text(errors='replace')
-        found = re.search(r'storage_identifier:\s*(\S+)', text)
-        return found.group(1) if found else 'unknown'
-    return _STORAGE_SUFFIX.get(target.suffix, 'unknown')
+        text = (target / "metadata.yaml").read_text(errors="replace")
+        found = re.search(r"storage_identifier:\s*(\S+)", text)
+        return found.group(1) if found else "unknown"
+    return _STORAGE_SUFFIX.get(target.suffix, "unknown")
 
 
 def _read_str(buf: memoryview, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from('<I', buf, pos)
+    (n,) = struct.unpack_from("<I", buf, pos)
     end = pos + 4 + n
     if end > len(buf):
-        raise struct.error('string runs past its record')
+        raise struct.error("string runs past its record")
     return bytes(buf[pos + 4:end]).decode(), end
 
 
@@ -160,20 +160,20 @@ class _McapSalvage:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = path.stat().st_size
-        with path.open('rb') as f:
+        with path.open("rb") as f:
             if f.read(8) != _MCAP_MAGIC:
-                msg = f'{path} is not an MCAP file (bad magic bytes); it may be another format or overwritten'
+                msg = f"{path} is not an MCAP file (bad magic bytes); it may be another format or overwritten"
                 raise BagError(msg)
         self.schemas: dict[int, tuple[str, str, str]] = {}
         self.channels: dict[int, TopicMeta] = {}
         self.counts: dict[int, int] = {}
         self.problem: str | None = None
         for item in self._scan(keep_data=False):  # index pass: topics and counts, and where the file breaks
-            if item[0] == 'msg':
+            if item[0] == "msg":
                 self.counts[item[1]] = self.counts.get(item[1], 0) + 1
         for cid, meta in self.channels.items():
             meta.count = self.counts.get(cid, 0)
-        self.storage = 'mcap'
+        self.storage = "mcap"
 
     def topics(self) -> list[TopicMeta]:
         by_topic: dict[str, TopicMeta] = {}
@@ -186,7 +186,7 @@ class _McapSalvage:
 
     def messages(self, topics: set[str]) -> Iterator[RawMessage]:
         for item in self._scan(keep_data=True):
-            if item[0] == 'msg':
+            if item[0] == "msg":
                 _, cid, stamp, data = item
                 meta = self.channels.get(cid)
                 if meta is not None and meta.name in topics:
@@ -201,88 +201,88 @@ class _McapSalvage:
 
     def _record(self, op: int, content: memoryview, keep_data: bool) -> tuple | None:
         if op == 0x03:
-            (sid,) = struct.unpack_from('<H', content, 0)
+            (sid,) = struct.unpack_from("<H", content, 0)
             name, pos = _read_str(content, 2)
             encoding, pos = _read_str(content, pos)
-            (n,) = struct.unpack_from('<I', content, pos)
-            self.schemas[sid] = (name, encoding, bytes(content[pos + 4:pos + 4 + n]).decode(errors='replace'))
+            (n,) = struct.unpack_from("<I", content, pos)
+            self.schemas[sid] = (name, encoding, bytes(content[pos + 4:pos + 4 + n]).decode(errors="replace"))
         elif op == 0x04:
-            cid, sid = struct.unpack_from('<HH', content, 0)
+            cid, sid = struct.unpack_from("<HH", content, 0)
             topic, pos = _read_str(content, 4)
             _encoding, pos = _read_str(content, pos)
-            (map_len,) = struct.unpack_from('<I', content, pos)
+            (map_len,) = struct.unpack_from("<I", content, pos)
             pos += 4
             end = pos + map_len
             qos: list[Qos] = []
             while pos < end:
                 key, pos = _read_str(content, pos)
                 value, pos = _read_str(content, pos)
-                if key == 'offered_qos_profiles':
+                if key == "offered_qos_profiles":
                     qos = _parse_qos(value)
-            name, enc, text = self.schemas.get(sid, ('', '', ''))
-            fmt = {'ros2msg': MessageDefinitionFormat.MSG, 'ros2idl': MessageDefinitionFormat.IDL,
-                   'omgidl': MessageDefinitionFormat.IDL}.get(enc)
+            name, enc, text = self.schemas.get(sid, ("", "", ""))
+            fmt = {"ros2msg": MessageDefinitionFormat.MSG, "ros2idl": MessageDefinitionFormat.IDL,
+                   "omgidl": MessageDefinitionFormat.IDL}.get(enc)
             msgdef = MessageDefinition(fmt, text) if fmt is not None and text else None
             if cid not in self.channels:
-                self.channels[cid] = TopicMeta(topic, name or 'unknown/msg/Unknown', 0, qos, msgdef)
+                self.channels[cid] = TopicMeta(topic, name or "unknown/msg/Unknown", 0, qos, msgdef)
         elif op == 0x05:
-            cid, _seq, log_time, _pub = struct.unpack_from('<HIQQ', content, 0)
-            return ('msg', cid, log_time, bytes(content[22:]) if keep_data else None)
+            cid, _seq, log_time, _pub = struct.unpack_from("<HIQQ", content, 0)
+            return ("msg", cid, log_time, bytes(content[22:]) if keep_data else None)
         return None
 
     def _inner(self, data: memoryview, keep_data: bool, chunk_at: int, cut: bool) -> Iterator[tuple]:
         """Records inside a chunk; in a ``cut`` chunk (truncated file) it ends quietly at the first partial one."""
         pos = 0
         while pos + 9 <= len(data):
-            op, length = struct.unpack_from('<BQ', data, pos)
+            op, length = struct.unpack_from("<BQ", data, pos)
             if pos + 9 + length > len(data):
                 if cut:
                     return
-                msg = f'record 0x{op:02x} at chunk offset {pos} runs past the end of its chunk'
+                msg = f"record 0x{op:02x} at chunk offset {pos} runs past the end of its chunk"
                 raise _Damage(msg)
             item = self._record(op, data[pos + 9:pos + 9 + length], keep_data)
             if item is not None:
                 yield item
             pos += 9 + length
         if pos != len(data) and not cut:
-            msg = f'{len(data) - pos} stray bytes at the end of the chunk at byte {chunk_at}'
+            msg = f"{len(data) - pos} stray bytes at the end of the chunk at byte {chunk_at}"
             raise _Damage(msg)
 
     def _scan(self, keep_data: bool) -> Iterator[tuple]:
         """Yield ('msg', channel_id, log_time, data) in file order; set ``self.problem`` where reading stopped."""
         self.problem = None
         n_msgs = 0
-        with self.path.open('rb') as f:
+        with self.path.open("rb") as f:
             pos = 8
             f.seek(pos)
             while True:
                 head = f.read(9)
                 if not head:
-                    self.problem = (f'file ends at byte {pos} without the MCAP footer (recording not closed); '
-                                    f'{n_msgs} messages before it are intact')
+                    self.problem = (f"file ends at byte {pos} without the MCAP footer (recording not closed); "
+                                    f"{n_msgs} messages before it are intact")
                     return
-                where = f'byte {pos} of {self.size} ({self.path.name})'
+                where = f"byte {pos} of {self.size} ({self.path.name})"
                 if len(head) < 9:
-                    self.problem = f'stopped at {where}: file cut inside a record header after {n_msgs} messages'
+                    self.problem = f"stopped at {where}: file cut inside a record header after {n_msgs} messages"
                     return
-                op, length = struct.unpack('<BQ', head)
+                op, length = struct.unpack("<BQ", head)
                 if op == 0x00 or 0x10 <= op < 0x80:
-                    self.problem = (f'stopped at {where}: corrupt record (opcode 0x{op:02x}) after {n_msgs} '
-                                    'messages; the bytes after it cannot be trusted')
+                    self.problem = (f"stopped at {where}: corrupt record (opcode 0x{op:02x}) after {n_msgs} "
+                                    "messages; the bytes after it cannot be trusted")
                     return
                 if op in (0x02, 0x0F):  # Footer / DataEnd: the data section is complete
                     return
                 avail = self.size - pos - 9
                 if op != 0x06:
                     if length > avail:
-                        self.problem = (f'stopped at {where}: record 0x{op:02x} needs {length} B but the file has '
-                                        f'{avail} B left (truncated) after {n_msgs} messages')
+                        self.problem = (f"stopped at {where}: record 0x{op:02x} needs {length} B but the file has "
+                                        f"{avail} B left (truncated) after {n_msgs} messages")
                         return
                     if op in (0x03, 0x04, 0x05):
                         try:
                             item = self._record(op, memoryview(f.read(length)), keep_data)
                         except (struct.error, UnicodeDecodeError) as err:
-                            self.problem = f'stopped at {where}: corrupt record 0x{op:02x} ({err})'
+                            self.problem = f"stopped at {where}: corrupt record 0x{op:02x} ({err})"
                             return
                         if item is not None:
                             n_msgs += 1
@@ -294,11 +294,11 @@ class _McapSalvage:
                 # Chunk: start u64, end u64, uncompressed size u64, crc u32, compression str, records (u64 + bytes)
                 body = memoryview(f.read(min(length, avail)))
                 try:
-                    _start, _end, usize, crc = struct.unpack_from('<QQQI', body, 0)
+                    _start, _end, usize, crc = struct.unpack_from("<QQQI", body, 0)
                     compression, cpos = _read_str(body, 28)
-                    (rec_len,) = struct.unpack_from('<Q', body, cpos)
+                    (rec_len,) = struct.unpack_from("<Q", body, cpos)
                 except (struct.error, UnicodeDecodeError):
-                    self.problem = f'stopped at {where}: chunk header cut off or corrupt after {n_msgs} messages'
+                    self.problem = f"stopped at {where}: chunk header cut off or corrupt after {n_msgs} messages"
                     return
                 records = body[cpos + 8:cpos + 8 + rec_len]
                 complete = length <= avail and len(records) == rec_len
@@ -306,47 +306,47 @@ class _McapSalvage:
                     try:
                         raw = _decompress(bytes(records), compression, usize)
                     except Exception as err:  # noqa: BLE001 - zstd / lz4 raise their own types
-                        self.problem = f'stopped at {where}: chunk does not decompress ({err})'
+                        self.problem = f"stopped at {where}: chunk does not decompress ({err})"
                         return
                     if crc and zlib.crc32(raw) != crc:
-                        self.problem = f'stopped at {where}: chunk checksum mismatch (corrupt data)'
+                        self.problem = f"stopped at {where}: chunk checksum mismatch (corrupt data)"
                         return
                     data = memoryview(raw)
-                elif compression == '':
+                elif compression == "":
                     data = records  # cut chunk, uncompressed: its complete records are still usable
                 else:
-                    self.problem = (f'stopped at {where}: {compression} chunk cut off (truncated file) after '
-                                    f'{n_msgs} messages; a compressed chunk cannot be read in part')
+                    self.problem = (f"stopped at {where}: {compression} chunk cut off (truncated file) after "
+                                    f"{n_msgs} messages; a compressed chunk cannot be read in part")
                     return
                 try:
                     for item in self._inner(data, keep_data, pos, cut=not complete):
                         n_msgs += 1
                         yield item
                 except (_Damage, struct.error, UnicodeDecodeError) as err:
-                    self.problem = f'stopped at {where}: {err}; {n_msgs} messages read before it'
+                    self.problem = f"stopped at {where}: {err}; {n_msgs} messages read before it"
                     return
                 if not complete:
-                    self.problem = (f'stopped at {where}: file truncated inside a chunk ({len(body)} of {length} B '
-                                    f'present); {n_msgs} messages read, the rest of the bag is missing')
+                    self.problem = (f"stopped at {where}: file truncated inside a chunk ({len(body)} of {length} B "
+                                    f"present); {n_msgs} messages read, the rest of the bag is missing")
                     return
                 pos += 9 + length
                 f.seek(pos)
 
 
 def _decompress(data: bytes, compression: str, size: int) -> bytes:
-    if compression == '':
+    if compression == "":
         return data
-    if compression == 'zstd':
+    if compression == "zstd":
         try:
             from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
         except ImportError:
             from backports import zstd  # rosbags dependency
         return zstd.decompress(data)
-    if compression == 'lz4':
+    if compression == "lz4":
         import lz4.frame
 
         return lz4.frame.decompress(data)
-    msg = f'unsupported chunk compression {compression!r}'
+    msg = f"unsupported chunk compression {compression!r}"
     raise ValueError(msg)
 
 
@@ -364,38 +364,38 @@ class _SqliteSalvage:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.storage = 'sqlite3'
-        with path.open('rb') as f:
-            if f.read(16) != b'SQLite format 3\x00':
-                msg = f'{path} is not an SQLite database (bad header); it may be another format or overwritten'
+        self.storage = "sqlite3"
+        with path.open("rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                msg = f"{path} is not an SQLite database (bad header); it may be another format or overwritten"
                 raise BagError(msg)
-        self._tmpdir = tempfile.mkdtemp(prefix='geodiff_bag_salvage_')
+        self._tmpdir = tempfile.mkdtemp(prefix="geodiff_bag_salvage_")
         copy = Path(self._tmpdir) / path.name
         shutil.copyfile(path, copy)
-        with copy.open('r+b') as f:
+        with copy.open("r+b") as f:
             # Offset 92 "version-valid-for": when it differs from the change counter, SQLite takes the database
             # size from the file length instead of the header, so the pages still present can be read.
             f.seek(92)
-            f.write(b'\xff\xff\xff\xff')
-        self.con = sqlite3.connect(f'file:{copy}?mode=ro', uri=True)
+            f.write(b"\xff\xff\xff\xff")
+        self.con = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
         self.problem: str | None = None
         try:
-            cols = {row[1] for row in self.con.execute('PRAGMA table_info(topics)')}
-            qos_col = 'offered_qos_profiles' if 'offered_qos_profiles' in cols else "''"
+            cols = {row[1] for row in self.con.execute("PRAGMA table_info(topics)")}
+            qos_col = "offered_qos_profiles" if "offered_qos_profiles" in cols else "''"
             self._topics = {
-                int(tid): TopicMeta(str(name), str(typ), -1, _parse_qos(qos or ''), None, '', fmt or 'cdr')
+                int(tid): TopicMeta(str(name), str(typ), -1, _parse_qos(qos or ""), None, "", fmt or "cdr")
                 for tid, name, typ, fmt, qos in self.con.execute(
-                    f'SELECT id, name, type, serialization_format, {qos_col} FROM topics')}
+                    f"SELECT id, name, type, serialization_format, {qos_col} FROM topics")}
         except sqlite3.DatabaseError as err:
             self.close()
-            msg = f'{path}: the topic table is unreadable ({err}); nothing can be salvaged'
+            msg = f"{path}: the topic table is unreadable ({err}); nothing can be salvaged"
             raise BagError(msg) from err
         try:  # any order: SQLite may answer from the timestamp index when table pages are lost
-            self._ids: list[int] | None = sorted(int(r[0]) for r in self.con.execute('SELECT id FROM messages'))
+            self._ids: list[int] | None = sorted(int(r[0]) for r in self.con.execute("SELECT id FROM messages"))
         except sqlite3.DatabaseError:
             self._ids = None  # probe ids one by one (rosbag2 numbers rows 1, 2, ... and never deletes)
         try:
-            for tid, n in self.con.execute('SELECT topic_id, count(*) FROM messages GROUP BY topic_id'):
+            for tid, n in self.con.execute("SELECT topic_id, count(*) FROM messages GROUP BY topic_id"):
                 if int(tid) in self._topics:
                     self._topics[int(tid)].count = int(n)
         except sqlite3.DatabaseError:
@@ -410,7 +410,7 @@ class _SqliteSalvage:
         last_good = None
         for mid in self._row_ids():
             try:
-                row = self.con.execute('SELECT topic_id, timestamp, data FROM messages WHERE id = ?',
+                row = self.con.execute("SELECT topic_id, timestamp, data FROM messages WHERE id = ?",
                                        (mid,)).fetchone()
             except sqlite3.DatabaseError:
                 bad.append(mid)
@@ -422,12 +422,12 @@ class _SqliteSalvage:
                 meta = self._topics[int(row[0])]
                 yield RawMessage(meta.name, meta.msgtype, int(row[1]), row[2])
         if self._ids is None:
-            self.problem = (f'the message table of {self.path.name} is damaged; rows read up to id {last_good}, '
-                            f'then {_PROBE_MISSES} ids in a row were unreadable or missing (truncated or corrupt file)')
+            self.problem = (f"the message table of {self.path.name} is damaged; rows read up to id {last_good}, "
+                            f"then {_PROBE_MISSES} ids in a row were unreadable or missing (truncated or corrupt file)")
             raise _Damage(self.problem)
         if bad:
-            self.problem = (f'{len(bad)} of {len(self._ids)} message rows are unreadable (first bad row id {bad[0]}, '
-                            f'last good row id {last_good}) in {self.path.name}: the file is truncated or corrupt')
+            self.problem = (f"{len(bad)} of {len(self._ids)} message rows are unreadable (first bad row id {bad[0]}, "
+                            f"last good row id {last_good}) in {self.path.name}: the file is truncated or corrupt")
             raise _Damage(self.problem)
 
     def _row_ids(self) -> Iterator[int]:
@@ -437,7 +437,7 @@ class _SqliteSalvage:
         mid, misses = 1, 0
         while misses < _PROBE_MISSES:
             try:
-                found = self.con.execute('SELECT 1 FROM messages WHERE id = ?', (mid,)).fetchone() is not None
+                found = self.con.execute("SELECT 1 FROM messages WHERE id = ?", (mid,)).fetchone() is not None
             except sqlite3.DatabaseError:
                 found = False
             misses = 0 if found else misses + 1
@@ -454,7 +454,7 @@ class _SqliteSalvage:
 
 
 def _natural_key(path: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', path.name)]
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
 def _storage_files(folder: Path) -> list[Path]:
@@ -506,7 +506,7 @@ class Bag:
         names = list(dict.fromkeys(names))
         missing = [n for n in names if n not in self.topics]
         if missing:
-            have = ', '.join(f'{t.name} ({t.msgtype})' for t in self.topics.values()) or 'no topics'
+            have = ", ".join(f"{t.name} ({t.msgtype})" for t in self.topics.values()) or "no topics"
             msg = (f'topic(s) {", ".join(missing)} not in bag {self.path}; it has: {have}. '
                    'Pick from these (geodiff_bag info BAG lists them)')
             raise BagError(msg)
@@ -529,9 +529,9 @@ class Bag:
                     last = msg.timestamp
                     yield msg
             except _Damage as err:
-                at = f'bag time {last * 1e-9:.6f} s' if last is not None else 'the start'
-                self.damage = f'{err} [read {n} selected messages, up to {at}]'
-                LOG.warning('%s: reading stopped early: %s', self.path, self.damage)
+                at = f"bag time {last * 1e-9:.6f} s" if last is not None else "the start"
+                self.damage = f"{err} [read {n} selected messages, up to {at}]"
+                LOG.warning("%s: reading stopped early: %s", self.path, self.damage)
                 return
 
     @property
@@ -543,12 +543,12 @@ class Bag:
                 if meta.msgtype in store.types:
                     continue
                 if meta.msgdef is None or meta.msgdef.format != MessageDefinitionFormat.MSG:
-                    self._type_problems[meta.msgtype] = 'not a Jazzy type and the bag stores no .msg definition'
+                    self._type_problems[meta.msgtype] = "not a Jazzy type and the bag stores no .msg definition"
                     continue
                 try:
                     store.register(get_types_from_msg(meta.msgdef.data, meta.msgtype))
                 except Exception as err:  # noqa: BLE001 - rosbags parser errors
-                    self._type_problems[meta.msgtype] = f'its definition in the bag does not parse ({err})'
+                    self._type_problems[meta.msgtype] = f"its definition in the bag does not parse ({err})"
             self._typestore = store
         return self._typestore
 
@@ -557,13 +557,13 @@ class Bag:
         store = self.typestore
         if msgtype in store.types:
             return None
-        return self._type_problems.get(msgtype, 'unknown message type')
+        return self._type_problems.get(msgtype, "unknown message type")
 
     def deserialize(self, msg: RawMessage) -> Any:
         """Deserialize a stored message with the type store (rosbags dataclass; ``data`` fields are numpy)."""
         problem = self.type_problem(msg.msgtype)
         if problem:
-            raise BagError(f'cannot decode {msg.topic}: type {msg.msgtype}: {problem}')
+            raise BagError(f"cannot decode {msg.topic}: type {msg.msgtype}: {problem}")
         return self.typestore.deserialize_cdr(msg.data, msg.msgtype)
 
 
@@ -575,40 +575,40 @@ def open_bag(path: str | Path) -> Bag:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        msg = f'bag {p} does not exist; pass a bag directory (with metadata.yaml) or its .mcap / .db3 file'
+        msg = f"bag {p} does not exist; pass a bag directory (with metadata.yaml) or its .mcap / .db3 file"
         raise BagError(msg)
     if p.is_dir():
         files = _storage_files(p)
-        if (p / 'metadata.yaml').is_file():
+        if (p / "metadata.yaml").is_file():
             targets = [p]
         elif files:
-            LOG.warning('%s has no metadata.yaml (recording not closed?); reading its storage files directly', p)
+            LOG.warning("%s has no metadata.yaml (recording not closed?); reading its storage files directly", p)
             targets = files
         else:
-            msg = f'{p} is not a ROS 2 bag: no metadata.yaml and no .mcap or .db3 file in it'
+            msg = f"{p} is not a ROS 2 bag: no metadata.yaml and no .mcap or .db3 file in it"
             raise BagError(msg)
     else:
         if p.suffix not in _STORAGE_SUFFIX:
-            msg = f'{p} is not a bag file: expected a bag directory or a .mcap / .db3 file'
+            msg = f"{p} is not a bag file: expected a bag directory or a .mcap / .db3 file"
             raise BagError(msg)
         files = [p]
         targets = [p]
     try:
         return Bag(p, [_RosbagsBackend(t) for t in targets], None)
     except Exception as err:  # noqa: BLE001 - rosbags raises many types for damaged files
-        reason = f'{type(err).__name__}: {err}'
+        reason = f"{type(err).__name__}: {err}"
     if not files:
-        msg = f'cannot read bag {p} ({reason}) and it holds no .mcap or .db3 file to salvage'
+        msg = f"cannot read bag {p} ({reason}) and it holds no .mcap or .db3 file to salvage"
         raise BagError(msg)
-    LOG.warning('%s: %s; the bag is damaged or was not closed, salvaging what is readable', p, reason)
+    LOG.warning("%s: %s; the bag is damaged or was not closed, salvaging what is readable", p, reason)
     backends: list[Any] = []
     try:
         for f in files:
-            backends.append(_McapSalvage(f) if f.suffix == '.mcap' else _SqliteSalvage(f))
+            backends.append(_McapSalvage(f) if f.suffix == ".mcap" else _SqliteSalvage(f))
     except BagError as err:
         for b in backends:
             b.close()
-        msg = f'cannot read bag {p}: {reason}; salvage failed too: {err}'
+        msg = f"cannot read bag {p}: {reason}; salvage failed too: {err}"
         raise BagError(msg) from None
     return Bag(p, backends, reason)
 
@@ -623,14 +623,14 @@ class BagWriter:
     ``ros2 bag info/play`` and rosbags read the result. Never overwrites: rosbags refuses existing paths.
     """
 
-    def __init__(self, path: str | Path, storage: str = 'mcap', typestore: Any = None) -> None:
+    def __init__(self, path: str | Path, storage: str = "mcap", typestore: Any = None) -> None:
         self.path = Path(path).expanduser()
         if self.path.exists():
-            msg = f'output bag {self.path} exists; choose a new path or delete it first (bags are never overwritten)'
+            msg = f"output bag {self.path} exists; choose a new path or delete it first (bags are never overwritten)"
             raise BagError(msg)
-        plugins = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
+        plugins = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
         if storage not in plugins:
-            msg = f'storage {storage!r} unknown; use mcap or sqlite3'
+            msg = f"storage {storage!r} unknown; use mcap or sqlite3"
             raise BagError(msg)
         self.storage = storage
         self.typestore = typestore if typestore is not None else jazzy_typestore()
@@ -650,7 +650,7 @@ class BagWriter:
         return name in self._conns
 
     def add_topic(self, name: str, msgtype: str, qos: Sequence[Qos] = (), msgdef: MessageDefinition | None = None,
-                  digest: str = '') -> None:
+                  digest: str = "") -> None:
         """Register ``name`` with ``msgtype``; types outside the store need the bag's ``msgdef`` and ``digest``."""
         if name in self._conns:
             return
@@ -660,8 +660,8 @@ class BagWriter:
             conn = self._writer.add_connection(name, msgtype, msgdef=msgdef.data, rihs01=digest,
                                                offered_qos_profiles=qos)
         else:
-            msg = (f'cannot write {name}: type {msgtype} is not a Jazzy type and no definition is known; '
-                   'leave the topic out')
+            msg = (f"cannot write {name}: type {msgtype} is not a Jazzy type and no definition is known; "
+                   "leave the topic out")
             raise BagError(msg)
         self._conns[name] = conn
         self.counts[name] = 0
@@ -686,9 +686,9 @@ class BagWriter:
             self._writer = None
 
 
-_CAMERA_INFO = 'sensor_msgs/msg/CameraInfo'
-_IMAGE = 'sensor_msgs/msg/Image'
-_COMPRESSED = 'sensor_msgs/msg/CompressedImage'
+_CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
+_IMAGE = "sensor_msgs/msg/Image"
+_COMPRESSED = "sensor_msgs/msg/CompressedImage"
 
 
 def image_topic_is_compressed(bag: Bag, topic: str) -> bool:
@@ -700,7 +700,7 @@ def image_topic_is_compressed(bag: Bag, topic: str) -> bool:
     bag.select([topic])
     msgtype = bag.topics[topic].msgtype
     if msgtype not in (_IMAGE, _COMPRESSED):
-        msg = f'--image-topic {topic} has type {msgtype}; it must be {_IMAGE} or {_COMPRESSED} (a colour camera stream)'
+        msg = f"--image-topic {topic} has type {msgtype}; it must be {_IMAGE} or {_COMPRESSED} (a colour camera stream)"
         raise BagError(msg)
     return msgtype == _COMPRESSED
 
@@ -714,11 +714,11 @@ def camera_info_topic_for(bag: Bag, image_topic: str, given: str | None) -> str:
     """
     topic = given
     if topic is None:
-        sibling = image_topic.rsplit('/', 1)[0] + '/camera_info'
-        topic = sibling if sibling in bag.topics else ''
+        sibling = image_topic.rsplit("/", 1)[0] + "/camera_info"
+        topic = sibling if sibling in bag.topics else ""
     if topic:
         bag.select([topic])
         if bag.topics[topic].msgtype != _CAMERA_INFO:
-            msg = f'camera_info topic {topic} has type {bag.topics[topic].msgtype}, expected {_CAMERA_INFO}'
+            msg = f"camera_info topic {topic} has type {bag.topics[topic].msgtype}, expected {_CAMERA_INFO}"
             raise BagError(msg)
     return topic

@@ -34,10 +34,10 @@ from .startup import compile_cache_key
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ['aot_dir', 'attach_packages', 'export_stages', 'stage_signature']
+__all__ = ["aot_dir", "attach_packages", "export_stages", "stage_signature"]
 
-AOT_ENV = 'GEODIFF_AOT_DIR'
-_META = '.json'  # sidecar of each package: stage, identity, signature
+AOT_ENV = "GEODIFF_AOT_DIR"
+_META = ".json"  # sidecar of each package: stage, identity, signature
 
 
 def aot_dir(device: torch.device) -> Path:
@@ -45,8 +45,8 @@ def aot_dir(device: torch.device) -> Path:
     explicit = os.environ.get(AOT_ENV)
     if explicit:
         return Path(explicit)
-    base = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
-    return base / 'geodiff_ros' / 'aoti' / compile_cache_key(device)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "geodiff_ros" / "aoti" / compile_cache_key(device)
 
 
 def stage_signature(args: Sequence[Any]) -> tuple:
@@ -73,18 +73,18 @@ def _stages(acc: Any) -> dict[str, tuple[Any, torch.nn.Module]]:
 
 def _identity(acc: Any, name: str, owner: torch.nn.Module) -> str:
     """Hash of everything a stage's compiled code depends on, except the input signature and the weight values."""
-    config = getattr(owner, 'config', None)
+    config = getattr(owner, "config", None)
     # The architecture, not where it was loaded from (_name_or_path) or which diffusers wrote it.
-    architecture = {k: v for k, v in dict(config).items() if not k.startswith('_') or k == '_class_name'} \
+    architecture = {k: v for k, v in dict(config).items() if not k.startswith("_") or k == "_class_name"} \
         if config is not None else repr(owner)
     parts = {
-        'stage': name,
-        'architecture': json.dumps(architecture, sort_keys=True, default=str),
-        'dtype': str(acc.engine.dtype),
-        'channels_last': acc.settings.channels_last,
-        'channel_sum_groupnorm': acc.channel_sum_groupnorm,
-        'device': compile_cache_key(acc.device),
-        'format': 1,
+        "stage": name,
+        "architecture": json.dumps(architecture, sort_keys=True, default=str),
+        "dtype": str(acc.engine.dtype),
+        "channels_last": acc.settings.channels_last,
+        "channel_sum_groupnorm": acc.channel_sum_groupnorm,
+        "device": compile_cache_key(acc.device),
+        "format": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -107,8 +107,8 @@ def export_stages(engine: Any, frames: Any, folder: Path | None = None,
     export and AOT-compile every stage for them. Returns the package paths (existing ones are kept)."""
     acc = engine.accelerator
     if acc is None:
-        raise ValueError('AOT packages are for the compiled modes: build the engine with optimize compile or '
-                         'compile+graph')
+        raise ValueError("AOT packages are for the compiled modes: build the engine with optimize compile or "
+                         "compile+graph")
     folder = folder or aot_dir(acc.device)
     folder.mkdir(parents=True, exist_ok=True)
     stages = _stages(acc)
@@ -134,10 +134,10 @@ def export_stages(engine: Any, frames: Any, folder: Path | None = None,
         stage, owner = stages[name]
         identity = _identity(acc, name, owner)
         signature = stage_signature(args)
-        tag = hashlib.sha256(f'{identity}{signature}'.encode()).hexdigest()[:16]
+        tag = hashlib.sha256(f"{identity}{signature}".encode()).hexdigest()[:16]
         path = folder / f'{re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")}-{tag}.pt2'
         if path.is_file() and path.with_suffix(_META).is_file():
-            log(f'{name} {signature[0][0]}: {path} exists')
+            log(f"{name} {signature[0][0]}: {path} exists")
             paths.append(path)
             continue
         start = time.perf_counter()
@@ -145,10 +145,10 @@ def export_stages(engine: Any, frames: Any, folder: Path | None = None,
             exported = torch.export.export(_StageModule(stage.eager, owner), args)
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path),
-                inductor_configs={'aot_inductor.package_constants_in_so': False})
-        path.with_suffix(_META).write_text(json.dumps({'stage': name, 'identity': identity,
-                                                       'signature': signature}, indent=1))
-        log(f'{name} {signature[0][0]}: compiled in {time.perf_counter() - start:.0f} s -> {path}')
+                inductor_configs={"aot_inductor.package_constants_in_so": False})
+        path.with_suffix(_META).write_text(json.dumps({"stage": name, "identity": identity,
+                                                       "signature": signature}, indent=1))
+        log(f"{name} {signature[0][0]}: compiled in {time.perf_counter() - start:.0f} s -> {path}")
         paths.append(path)
     return paths
 
@@ -161,36 +161,36 @@ def attach_packages(acc: Any, folder: Path | None = None) -> int:
     stages = _stages(acc)
     identities = {_identity(acc, name, owner): name for name, (_, owner) in stages.items()}
     loaded = 0
-    for meta_path in sorted(folder.glob(f'*{_META}')):
+    for meta_path in sorted(folder.glob(f"*{_META}")):
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             continue
-        name = identities.get(meta.get('identity'))
+        name = identities.get(meta.get("identity"))
         if name is None:
             continue  # another model, precision or torch build
         stage, owner = stages[name]
-        signature = tuple((tuple(shape), dtype, tuple(stride)) for shape, dtype, stride in meta['signature'])
+        signature = tuple((tuple(shape), dtype, tuple(stride)) for shape, dtype, stride in meta["signature"])
         try:
-            runner = _load(meta_path.with_suffix('.pt2'), owner, acc.device)
+            runner = _load(meta_path.with_suffix(".pt2"), owner, acc.device)
         except Exception as err:  # noqa: BLE001 - a stale or broken package: compile as usual
-            LOG.warning('AOT package %s not used (%s: %s); %s compiles as usual', meta_path.with_suffix('.pt2'),
-                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else '', name)
+            LOG.warning("AOT package %s not used (%s: %s); %s compiles as usual", meta_path.with_suffix(".pt2"),
+                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", name)
             continue
         stage.aot[signature] = runner
         loaded += 1
     if loaded:
-        LOG.info('loaded %d AOT-compiled stage package(s) from %s', loaded, folder)
+        LOG.info("loaded %d AOT-compiled stage package(s) from %s", loaded, folder)
     return loaded
 
 
 def _load(path: Path, owner: torch.nn.Module, device: torch.device) -> Callable[..., torch.Tensor]:
     index = device.index if device.index is not None else -1
     runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
-    params = {f'owner.{k}': v for k, v in owner.state_dict(keep_vars=True).items()}
+    params = {f"owner.{k}": v for k, v in owner.state_dict(keep_vars=True).items()}
     wanted = runner.get_constant_fqns()
     missing = [fqn for fqn in wanted if fqn not in params]
     if missing:
-        raise KeyError(f'the model has no parameter {missing[0]!r} the package needs')
+        raise KeyError(f"the model has no parameter {missing[0]!r} the package needs")
     runner.load_constants({fqn: params[fqn].detach() for fqn in wanted}, check_full_update=True, user_managed=True)
     return runner

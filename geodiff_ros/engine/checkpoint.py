@@ -293,7 +293,7 @@ def _weights_problem(path: Path) -> str | None:
             return None
         torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         return None
-    except Exception as exc:  # any failure to read the file is the answer
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file is the answer
         return f"{type(exc).__name__}: {exc}"
 
 

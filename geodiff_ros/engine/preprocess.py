@@ -82,9 +82,9 @@ def processing_size_problem(height: int, width: int, processing_res: int) -> str
         need = max(need, int(MIN_PROCESSING_SIDE * longest / processing_res))
         while min(processing_size(need, longest, processing_res)) < MIN_PROCESSING_SIDE:
             need += 1
-    return (f'image {width}x{height} is too thin for the network: at processing_res {processing_res} it becomes '
-            f'{w}x{h}, below the minimum of {MIN_PROCESSING_SIDE} px per side; its shorter side must be at least '
-            f'{need} px (for a {longest} px longer side)')
+    return (f"image {width}x{height} is too thin for the network: at processing_res {processing_res} it becomes "
+            f"{w}x{h}, below the minimum of {MIN_PROCESSING_SIDE} px per side; its shorter side must be at least "
+            f"{need} px (for a {longest} px longer side)")
 
 
 def resize_uint8_batch(images: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:

@@ -30,27 +30,27 @@ import torch
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ['compile_cache_key', 'default_compile_cache_dir', 'prepare_compile', 'warm_up_stages']
+__all__ = ["compile_cache_key", "default_compile_cache_dir", "prepare_compile", "warm_up_stages"]
 
-CACHE_ENV = 'TORCHINDUCTOR_CACHE_DIR'
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _POOL_READY_TIMEOUT_S = 120.0
 
 
 def compile_cache_key(device: torch.device) -> str:
     """Folder name for one torch build on one kind of device, e.g. ``torch2.13.0+cu130-nvidia-h200-sm90``."""
-    if device.type == 'cuda':
+    if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        where = f'{torch.cuda.get_device_name(index)}-sm{major}{minor}'
+        where = f"{torch.cuda.get_device_name(index)}-sm{major}{minor}"
     else:
-        where = f'{device.type}-{platform.machine()}'
-    return re.sub(r'[^A-Za-z0-9.+_-]+', '-', f'torch{torch.__version__}-{where}').lower()
+        where = f"{device.type}-{platform.machine()}"
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "-", f"torch{torch.__version__}-{where}").lower()
 
 
 def default_compile_cache_dir(device: torch.device) -> Path:
     """``$XDG_CACHE_HOME/geodiff_ros/inductor/<key>`` (``~/.cache`` without XDG_CACHE_HOME)."""
-    base = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
-    return base / 'geodiff_ros' / 'inductor' / compile_cache_key(device)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "geodiff_ros" / "inductor" / compile_cache_key(device)
 
 
 def prepare_compile(device: torch.device, start_workers: bool = True) -> Path:
@@ -64,11 +64,11 @@ def prepare_compile(device: torch.device, start_workers: bool = True) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # read-only home (containers): inductor's default under /tmp still works
-        LOG.warning('cannot create the compile cache %s (%s): using inductor\'s default under /tmp, so compiled '
-                    'kernels do not survive a reboot; set %s to a writable folder', folder, err, CACHE_ENV)
-        return Path(os.environ.get(CACHE_ENV, '/tmp'))
+        LOG.warning("cannot create the compile cache %s (%s): using inductor's default under /tmp, so compiled "
+                    "kernels do not survive a reboot; set %s to a writable folder", folder, err, CACHE_ENV)
+        return Path(os.environ.get(CACHE_ENV, "/tmp"))
     os.environ[CACHE_ENV] = str(folder)  # inductor reads it on every cache access
-    LOG.info('compiled kernels cached in %s%s', folder, '' if explicit else f' (set {CACHE_ENV} to move it)')
+    LOG.info("compiled kernels cached in %s%s", folder, "" if explicit else f" (set {CACHE_ENV} to move it)")
     if not start_workers:
         return folder
     try:
@@ -76,7 +76,7 @@ def prepare_compile(device: torch.device, start_workers: bool = True) -> Path:
 
         AsyncCompile.warm_pool()  # starts the worker processes in the background
     except Exception as err:  # noqa: BLE001 - a private API: compiling still works without the pool
-        LOG.info('inductor compile workers not started early (%s: %s)', type(err).__name__, err)
+        LOG.info("inductor compile workers not started early (%s: %s)", type(err).__name__, err)
     return folder
 
 
@@ -91,10 +91,10 @@ def _wait_for_compile_workers() -> None:
             return
         start = time.monotonic()
         AsyncCompile.wait_pool_ready(timeout=_POOL_READY_TIMEOUT_S)
-        LOG.info('%d inductor compile workers ready after %.1f s', threads, time.monotonic() - start)
+        LOG.info("%d inductor compile workers ready after %.1f s", threads, time.monotonic() - start)
     except Exception as err:  # noqa: BLE001 - compiling in this thread until the pool is up is slower, not wrong
-        LOG.warning('could not wait for inductor\'s compile workers (%s: %s): the first kernels may compile in '
-                    'this thread', type(err).__name__, err)
+        LOG.warning("could not wait for inductor's compile workers (%s: %s): the first kernels may compile in "
+                    "this thread", type(err).__name__, err)
 
 
 Progress = Callable[[int, int, str], None]
@@ -116,7 +116,7 @@ def warm_up_stages(engine: Any, height: int, width: int, batch_sizes: Sequence[i
     if acc is None:
         for k, batch in enumerate(batch_sizes, 1):
             if progress:
-                progress(k, len(batch_sizes), f'first frame, batch {batch}')
+                progress(k, len(batch_sizes), f"first frame, batch {batch}")
             engine.predict([rgb] * batch, tasks)
         return time.perf_counter() - start
     if acc.settings.compile and not acc.all_stages_aot():
@@ -129,7 +129,7 @@ def warm_up_stages(engine: Any, height: int, width: int, batch_sizes: Sequence[i
             progress(k, len(steps), label)
         t0 = time.perf_counter()
         run()
-        LOG.debug('warm-up %d/%d %s: %.1f s', k, len(steps), label, time.perf_counter() - t0)
+        LOG.debug("warm-up %d/%d %s: %.1f s", k, len(steps), label, time.perf_counter() - t0)
     return time.perf_counter() - start
 
 
@@ -142,25 +142,25 @@ def _stage_steps(engine: Any, acc: Any, rgb: np.ndarray, batch: int,
     def encode() -> None:
         with torch.inference_mode():
             x = acc.preprocess(torch.from_numpy(frames).to(acc.device))
-            state['latents'] = {task: acc.encode(x, task) for task in tasks}  # shared VAE: one compile, cheap rerun
+            state["latents"] = {task: acc.encode(x, task) for task in tasks}  # shared VAE: one compile, cheap rerun
 
     def unet(task: str) -> Callable[[], None]:
         def run() -> None:
             with torch.inference_mode():
-                state.setdefault('z0', {})[task] = acc.denoise(task, state['latents'][task])
+                state.setdefault("z0", {})[task] = acc.denoise(task, state["latents"][task])
         return run
 
     def decode() -> None:
         with torch.inference_mode():
             for task in tasks:
-                acc.decode(state['z0'][task], task)
+                acc.decode(state["z0"][task], task)
         state.clear()
 
     def whole() -> None:
         engine.predict(list(frames), tasks)
 
-    capture = ' (CUDA graph)' if acc.use_cuda_graph else ''
-    return [(f'vae-encoder, batch {batch}', encode),
-            *[(f'unet[{task}], batch {batch}', unet(task)) for task in tasks],
-            (f'vae-decoder, batch {batch}', decode),
-            (f'whole frame{capture}, batch {batch}', whole)]
+    capture = " (CUDA graph)" if acc.use_cuda_graph else ""
+    return [(f"vae-encoder, batch {batch}", encode),
+            *[(f"unet[{task}], batch {batch}", unet(task)) for task in tasks],
+            (f"vae-decoder, batch {batch}", decode),
+            (f"whole frame{capture}, batch {batch}", whole)]

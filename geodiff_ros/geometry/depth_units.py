@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ['MAX_MM', 'MM_PER_M', 'metres_to_mm16']
+__all__ = ["MAX_MM", "MM_PER_M", "metres_to_mm16"]
 
 MM_PER_M = 1000.0  # stored value / MM_PER_M = metres (NYUv2, ScanNet, RealSense and REP 118 16UC1)
 MAX_MM = 65535
@@ -20,7 +20,7 @@ def metres_to_mm16(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
     0 means no measurement; depth beyond the 16-bit range becomes 0 too (see the module docstring), as does
     depth under 0.5 mm, which rounds to 0.
     """
-    with np.errstate(invalid='ignore'):
+    with np.errstate(invalid="ignore"):
         mm = np.rint(np.nan_to_num(np.asarray(depth_m, np.float64), nan=0.0, posinf=0.0, neginf=0.0) * MM_PER_M)
     far = mm > MAX_MM
     mm[far | (mm < 0)] = 0

@@ -22,8 +22,8 @@ from geodiff_ros.geometry.backproject import ray_grid
 from geodiff_ros.geometry.camera import PinholeIntrinsics
 from geodiff_ros.geometry.depth_units import MAX_MM, MM_PER_M
 
-__all__ = ['HostStaging', 'cloud_points', 'colorize_depth_t', 'metres_to_mm16_t', 'metric_depth_t', 'normals_to_rgb_t',
-           'rays_on']
+__all__ = ["HostStaging", "cloud_points", "colorize_depth_t", "metres_to_mm16_t", "metric_depth_t", "normals_to_rgb_t",
+           "rays_on"]
 
 _OPTICAL_TO_VIEW = (1.0, -1.0, -1.0)  # visualize.normals_to_rgb: optical frame -> Marigold colour convention
 
@@ -52,7 +52,7 @@ def _lut_on(name: str, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(_lut(name)).to(device)  # [256,3] uint8
 
 
-def colorize_depth_t(depth: torch.Tensor, cmap: str = 'Spectral') -> torch.Tensor:
+def colorize_depth_t(depth: torch.Tensor, cmap: str = "Spectral") -> torch.Tensor:
     """``[H,W]`` depth -> ``[H,W,3]`` uint8 over its finite min..max, NaN/inf black (visualize.colorize_depth).
 
     The range stays on the device (no host sync); the span is formed in float64 and rounded to float32 as numpy
@@ -97,7 +97,7 @@ def cloud_points(metric: torch.Tensor, intr: PinholeIntrinsics, stride: int = 1,
     (pointcloud.pack_rgb). ``rgb`` ``[H,W,3]`` uint8 and ``normals`` ``[H,W,3]`` are strided here.
     """
     if metric.shape != (intr.height, intr.width):
-        msg = f'depth is {tuple(metric.shape)} but the intrinsics describe {intr.width}x{intr.height}'
+        msg = f"depth is {tuple(metric.shape)} but the intrinsics describe {intr.width}x{intr.height}"
         raise ValueError(msg)
     rx, ry = rays_on(intr, stride, metric.device)
     z = metric[::stride, ::stride].float()
@@ -129,7 +129,7 @@ class HostStaging:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._stream: Any = torch.cuda.Stream(device, priority=-1) if device.type == 'cuda' else None
+        self._stream: Any = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
     @property
     def stream(self) -> Any:
@@ -137,7 +137,7 @@ class HostStaging:
         return self._stream
 
     def to_host(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        if value.device.type == 'cpu':
+        if value.device.type == "cpu":
             return value.contiguous()
         key = (name, tuple(value.shape), value.dtype)
         buf = self._buffers.get(key)

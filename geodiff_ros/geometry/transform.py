@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ['InvalidTransform', 'RigidTransform']
+__all__ = ["InvalidTransform", "RigidTransform"]
 
 
 class InvalidTransform(ValueError):
@@ -25,12 +25,12 @@ class RigidTransform:
     def __init__(self, values: Sequence[float]) -> None:
         values = [float(v) for v in values]
         if len(values) != 7 or not all(math.isfinite(v) for v in values):
-            raise InvalidTransform(f'a transform is 7 finite numbers [x, y, z, qx, qy, qz, qw], got {values}')
+            raise InvalidTransform(f"a transform is 7 finite numbers [x, y, z, qx, qy, qz, qw], got {values}")
         q = np.asarray(values[3:], np.float64)
         norm = float(np.linalg.norm(q))
         if norm < 1e-6:
-            raise InvalidTransform(f'quaternion {values[3:]} has zero length; a transform is [x, y, z, qx, qy, qz, '
-                                   'qw], the identity [0, 0, 0, 0, 0, 0, 1]')
+            raise InvalidTransform(f"quaternion {values[3:]} has zero length; a transform is [x, y, z, qx, qy, qz, "
+                                   "qw], the identity [0, 0, 0, 0, 0, 0, 1]")
         x, y, z, w = q / norm
         self.rotation = np.array([  # [3,3]
             [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
     from geodiff_ros.geometry.device import HostStaging
 
-__all__ = ['OUTPUT_TOPICS', 'CameraChannel', 'DecodedFrame', 'SparseRing', 'cloud_fields']
+__all__ = ["OUTPUT_TOPICS", "CameraChannel", "DecodedFrame", "SparseRing", "cloud_fields"]
 
 THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
 _SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
@@ -67,13 +67,13 @@ FIRST_INFO_WAIT_S = 0.5
 
 # key -> (type, topic relative to the camera prefix); the issue-3 output set, per camera.
 OUTPUT_TOPICS: dict[str, tuple[type, str]] = {
-    'relative': (Image, 'depth/relative'),
-    'depth': (Image, 'depth/image'),
-    'depth_info': (CameraInfo, 'depth/camera_info'),
-    'depth_vis': (Image, 'depth/image_vis'),
-    'normals': (Image, 'normals/image'),
-    'normals_vis': (Image, 'normals/image_vis'),
-    'points': (PointCloud2, 'points'),
+    "relative": (Image, "depth/relative"),
+    "depth": (Image, "depth/image"),
+    "depth_info": (CameraInfo, "depth/camera_info"),
+    "depth_vis": (Image, "depth/image_vis"),
+    "normals": (Image, "normals/image"),
+    "normals_vis": (Image, "normals/image_vis"),
+    "points": (PointCloud2, "points"),
 }
 
 
@@ -172,11 +172,11 @@ class CameraChannel:
     # exist only where a QoS mismatch silently loses data: the image input, and best-effort outputs (a reliable
     # subscriber such as RViz's default gets nothing from them).
 
-    def create_publishers(self, qos: Any, tasks: tuple[str, ...] = ('depth', 'normals')) -> None:
+    def create_publishers(self, qos: Any, tasks: tuple[str, ...] = ("depth", "normals")) -> None:
         """Publishers of the outputs; normals/* only when the normals task runs (no topic that never publishes)."""
         watch = qos.reliability == ReliabilityPolicy.BEST_EFFORT
         for key, (msg_type, topic) in OUTPUT_TOPICS.items():
-            if topic.startswith('normals/') and 'normals' not in tasks:
+            if topic.startswith("normals/") and "normals" not in tasks:
                 continue
             events = PublisherEventCallbacks(incompatible_qos=self._on_offered_incompatible if watch else None,
                                              use_default_callbacks=False)
@@ -186,8 +186,8 @@ class CameraChannel:
     def _on_offered_incompatible(self, event: Any) -> None:
         policy = qos_policy_name_from_kind(event.last_policy_kind)
         self.log.warning(
-            f'a subscriber requests QoS incompatible with our outputs ({policy}); it receives nothing: set '
-            'qos.output.reliability to reliable, or make the subscriber best effort', throttle_duration_sec=THROTTLE_S)
+            f"a subscriber requests QoS incompatible with our outputs ({policy}); it receives nothing: set "
+            "qos.output.reliability to reliable, or make the subscriber best effort", throttle_duration_sec=THROTTLE_S)
 
     def _on_requested_incompatible(self, event: Any) -> None:
         policy = qos_policy_name_from_kind(event.last_policy_kind)
@@ -216,21 +216,21 @@ class CameraChannel:
         def on_compressed(msg: CompressedImage) -> None:
             self.stats.on_input(put(self.index, (msg, time.monotonic(), True)))
 
-        if transport == 'compressed':
+        if transport == "compressed":
             # image_transport naming: <resolved image topic>/compressed, so remapping `image` is enough.
-            topic = node.resolve_topic_name(self.topic('image')) + '/compressed'
+            topic = node.resolve_topic_name(self.topic("image")) + "/compressed"
             self.subs.append(node.create_subscription(CompressedImage, topic, on_compressed, qos,
                                                       callback_group=group, event_callbacks=watched))
         else:
-            self.subs.append(node.create_subscription(Image, self.topic('image'), on_image, qos,
+            self.subs.append(node.create_subscription(Image, self.topic("image"), on_image, qos,
                                                       callback_group=group, event_callbacks=watched))
-        self._info_sub = node.create_subscription(CameraInfo, self.topic('camera_info'), self._on_camera_info, qos,
+        self._info_sub = node.create_subscription(CameraInfo, self.topic("camera_info"), self._on_camera_info, qos,
                                                   callback_group=group, event_callbacks=quiet)
         self.subs += [
             self._info_sub,
-            node.create_subscription(Image, self.topic('sparse_depth'), lambda m: self.sparse.add('depth', m), qos,
+            node.create_subscription(Image, self.topic("sparse_depth"), lambda m: self.sparse.add("depth", m), qos,
                                      callback_group=group, event_callbacks=quiet),
-            node.create_subscription(PointCloud2, self.topic('sparse_points'), lambda m: self.sparse.add('points', m),
+            node.create_subscription(PointCloud2, self.topic("sparse_points"), lambda m: self.sparse.add("points", m),
                                      qos, callback_group=group, event_callbacks=quiet),
         ]
 
@@ -285,19 +285,19 @@ class CameraChannel:
         """
         from geodiff_ros.engine.preprocess import processing_size_problem  # torch: loaded with the engine by now
 
-        limit = int(s['max_input_pixels'])
-        res = int(s['processing_res'])
+        limit = int(s["max_input_pixels"])
+        res = int(s["processing_res"])
         if compressed:
-            rgb, factor = decode_compressed(msg, limit, 2 * res if s['reduce_large_input'] else 0)
+            rgb, factor = decode_compressed(msg, limit, 2 * res if s["reduce_large_input"] else 0)
             src_w, src_h = compressed_image_size(msg.data)[1:] if factor > 1 else (rgb.shape[1], rgb.shape[0])
         else:
-            check_input_pixels(int(msg.width), int(msg.height), limit, what=f'image ({msg.encoding})')
+            check_input_pixels(int(msg.width), int(msg.height), limit, what=f"image ({msg.encoding})")
             rgb, factor = image_to_rgb8(msg), 1
             src_w, src_h = rgb.shape[1], rgb.shape[0]
         problem = processing_size_problem(rgb.shape[0], rgb.shape[1], res)
         if problem:
-            raise ImageConversionError(f'{problem}; frame dropped')
-        return self._with_camera(msg.header, rgb, src_w, src_h, factor, bool(s['rectify']))
+            raise ImageConversionError(f"{problem}; frame dropped")
+        return self._with_camera(msg.header, rgb, src_w, src_h, factor, bool(s["rectify"]))
 
     def _with_camera(self, header: Any, rgb: np.ndarray, src_w: int, src_h: int, factor: int,
                      rectify: bool) -> DecodedFrame:
@@ -307,7 +307,7 @@ class CameraChannel:
         info, intr = self.camera_model(src_w, src_h)
         if info is None:
             if rectify:
-                self.log.warning('rectify: no usable CameraInfo for this image; processed unrectified (no cloud)',
+                self.log.warning("rectify: no usable CameraInfo for this image; processed unrectified (no cloud)",
                                  throttle_duration_sec=THROTTLE_S)
             return DecodedFrame(rgb, None, None)
         if factor == 1 and not rectify:
@@ -321,7 +321,7 @@ class CameraChannel:
                 try:
                     rgb = self._rectifier(rgb, model)
                 except Exception as err:  # noqa: BLE001 - InvalidCameraInfo, or cv2.error on absurd numbers
-                    self.log.warning(f'rectify: {err}; processed unrectified (no cloud)',
+                    self.log.warning(f"rectify: {err}; processed unrectified (no cloud)",
                                      throttle_duration_sec=THROTTLE_S)
                     return DecodedFrame(rgb, None, None)
                 rect = model.rectified()
@@ -329,10 +329,10 @@ class CameraChannel:
         return DecodedFrame(rgb, out, intrinsics_from_msg(out))
 
     def make_aligner(self, s: Settings) -> TemporalAligner:
-        fixed = float(s['alignment.fixed_scale'])
-        return TemporalAligner(ema_alpha=float(s['alignment.ema_alpha']),
-                               max_fallback_age_s=float(s['alignment.max_fallback_age_s']),
-                               reset_ratio=float(s['alignment.reset_ratio']),
+        fixed = float(s["alignment.fixed_scale"])
+        return TemporalAligner(ema_alpha=float(s["alignment.ema_alpha"]),
+                               max_fallback_age_s=float(s["alignment.max_fallback_age_s"]),
+                               reset_ratio=float(s["alignment.reset_ratio"]),
                                fixed_scale=fixed if fixed > 0 else None)
 
     def camera_model(self, width: int, height: int) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
@@ -344,12 +344,12 @@ class CameraChannel:
         try:
             intr = intrinsics_from_msg(info)
         except InvalidCameraInfo as err:
-            self.log.warning(f'CameraInfo unusable, no cloud: {err}', throttle_duration_sec=THROTTLE_S)
+            self.log.warning(f"CameraInfo unusable, no cloud: {err}", throttle_duration_sec=THROTTLE_S)
             return None, None
         if (intr.width, intr.height) != (width, height):
             self.log.warning(
-                f'CameraInfo describes a {intr.width}x{intr.height} image but the image is {width}x{height}: no '
-                'cloud and no depth/camera_info; remap camera_info to the image\'s sibling topic',
+                f"CameraInfo describes a {intr.width}x{intr.height} image but the image is {width}x{height}: no "
+                "cloud and no depth/camera_info; remap camera_info to the image's sibling topic",
                 throttle_duration_sec=THROTTLE_S)
             return None, None
         return info, intr
@@ -367,52 +367,52 @@ class CameraChannel:
 
         Unusable sparse input is logged (throttled) and ignored: the frame goes on without metric alignment.
         """
-        max_dt = float(s['alignment.sparse_max_dt'])
+        max_dt = float(s["alignment.sparse_max_dt"])
         match, offset_s = self.sparse.nearest(stamp_ns(header), max_dt)
         if match is None:
             if offset_s is not None:
-                self.log.warning(f'sparse depth not used: the nearest one is {offset_s:.3f} s from the image stamp '
-                                 f'(> alignment.sparse_max_dt = {max_dt} s); check the clocks / stamps of both '
-                                 'sensors or raise alignment.sparse_max_dt', throttle_duration_sec=THROTTLE_S)
+                self.log.warning(f"sparse depth not used: the nearest one is {offset_s:.3f} s from the image stamp "
+                                 f"(> alignment.sparse_max_dt = {max_dt} s); check the clocks / stamps of both "
+                                 "sensors or raise alignment.sparse_max_dt", throttle_duration_sec=THROTTLE_S)
             return None
         kind, msg = match
         try:
             return self._sparse_to_grid(s, kind, msg, header, width, height, intr)
         except ImageConversionError as err:
-            self.log.warning(f'sparse input ignored: {err}', throttle_duration_sec=THROTTLE_S)
+            self.log.warning(f"sparse input ignored: {err}", throttle_duration_sec=THROTTLE_S)
             return None
         except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the camera frame
-            self.log.warning(f'sparse input ignored: unreadable sparse_{kind} message ({type(err).__name__}: '
-                             f'{err}); fix its publisher', throttle_duration_sec=THROTTLE_S)
+            self.log.warning(f"sparse input ignored: unreadable sparse_{kind} message ({type(err).__name__}: "
+                             f"{err}); fix its publisher", throttle_duration_sec=THROTTLE_S)
             return None
 
     def _sparse_to_grid(self, s: Settings, kind: str, msg: Any, header: Any, width: int, height: int,
                         intr: PinholeIntrinsics | None) -> np.ndarray | None:
-        if kind == 'depth':
+        if kind == "depth":
             # Same camera, any resolution: moved onto the image grid through the intrinsics ratio. Another aspect
             # ratio cannot be the same camera's image (it would pair pixels with the wrong depths).
             if msg.width and msg.height and abs(msg.width / msg.height - width / height) > 0.01 * width / height:
                 raise ImageConversionError(
-                    f'sparse_depth is {msg.width}x{msg.height} but the image is {width}x{height} (another aspect '
-                    'ratio): it must come from the same camera (register it to the camera first, e.g. '
-                    'depth_image_proc register)')
+                    f"sparse_depth is {msg.width}x{msg.height} but the image is {width}x{height} (another aspect "
+                    "ratio): it must come from the same camera (register it to the camera first, e.g. "
+                    "depth_image_proc register)")
             return sparse_to_image_grid(depth_to_metres(msg), width, height)
         if intr is None:
-            self.log.warning('sparse_points need a valid camera_info to be projected; skipping the fit',
+            self.log.warning("sparse_points need a valid camera_info to be projected; skipping the fit",
                              throttle_duration_sec=THROTTLE_S)
             return None
         try:
-            depth = cloud_to_sparse_depth(msg, header.frame_id, s['sparse_points.frame_id'],
-                                          self.sparse_extrinsic(s['sparse_points.transform']), intr, width, height)
+            depth = cloud_to_sparse_depth(msg, header.frame_id, s["sparse_points.frame_id"],
+                                          self.sparse_extrinsic(s["sparse_points.transform"]), intr, width, height)
         except PointCloudError as err:
-            raise ImageConversionError(f'sparse_points: {err}') from err
+            raise ImageConversionError(f"sparse_points: {err}") from err
         if depth is None:
             cloud_frame = msg.header.frame_id
             self.log.warning(
-                f'sparse_points are in frame {cloud_frame!r}, the image in {header.frame_id!r}: set '
-                f'sparse_points.frame_id to {cloud_frame!r} and sparse_points.transform to its pose in the image '
-                f'frame (x y z qx qy qz qw, as `ros2 run tf2_ros tf2_echo {header.frame_id} {cloud_frame}` '
-                'prints it), or transform the cloud upstream', throttle_duration_sec=THROTTLE_S)
+                f"sparse_points are in frame {cloud_frame!r}, the image in {header.frame_id!r}: set "
+                f"sparse_points.frame_id to {cloud_frame!r} and sparse_points.transform to its pose in the image "
+                f"frame (x y z qx qy qz qw, as `ros2 run tf2_ros tf2_echo {header.frame_id} {cloud_frame}` "
+                "prints it), or transform the cloud upstream", throttle_duration_sec=THROTTLE_S)
         return depth
 
     def _subscribed(self, key: str) -> bool:
@@ -437,8 +437,8 @@ class CameraChannel:
         stamp = stamp_ns(header)
         if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
             # Bag loop or sim-time reset: old sparse depth must not pair with the new run's frames.
-            self.log.warning(f'time went backwards by {(self._last_stamp_ns - stamp) * 1e-9:.3f} s (bag loop or '
-                             'sim time reset): alignment state reset', throttle_duration_sec=THROTTLE_S)
+            self.log.warning(f"time went backwards by {(self._last_stamp_ns - stamp) * 1e-9:.3f} s (bag loop or "
+                             "sim time reset): alignment state reset", throttle_duration_sec=THROTTLE_S)
             self.sparse.forget_up_to(self._sparse_mark)
             self.aligner = self.make_aligner(s)
         self._last_stamp_ns = stamp
@@ -447,25 +447,25 @@ class CameraChannel:
         result = None
         if sparse is not None:
             result = fit_scale_shift(
-                relative, sparse, method=s['alignment.method'], min_points=int(s['alignment.min_points']),
-                min_inlier_ratio=float(s['alignment.min_inlier_ratio']),
-                inlier_threshold_rel=float(s['alignment.inlier_threshold_rel']),
-                depth_range=(float(s['min_depth']), float(s['max_depth'])))
+                relative, sparse, method=s["alignment.method"], min_points=int(s["alignment.min_points"]),
+                min_inlier_ratio=float(s["alignment.min_inlier_ratio"]),
+                inlier_threshold_rel=float(s["alignment.inlier_threshold_rel"]),
+                depth_range=(float(s["min_depth"]), float(s["max_depth"])))
             if not result.ok:
-                self.log.warning(f'no metric fit this frame: {result.reason}', throttle_duration_sec=THROTTLE_S)
+                self.log.warning(f"no metric fit this frame: {result.reason}", throttle_duration_sec=THROTTLE_S)
         state = self.aligner.update(result, stamp * 1e-9)
         if state is None and self._had_metric:
-            self.log.warning('no usable sparse depth for longer than alignment.max_fallback_age_s: publishing '
-                             'relative depth only (no depth/image, no points)', throttle_duration_sec=THROTTLE_S)
+            self.log.warning("no usable sparse depth for longer than alignment.max_fallback_age_s: publishing "
+                             "relative depth only (no depth/image, no points)", throttle_duration_sec=THROTTLE_S)
         self._had_metric = state is not None
         if state is not None:
             return state, AlignmentInfo(state.source, state.scale, state.shift, result.n_points if result else 0,
                                         state.n_inliers, state.residual_rel,
-                                        result.reason if result else 'no sparse depth matched')
+                                        result.reason if result else "no sparse depth matched")
         if result is not None:
-            return None, AlignmentInfo('none', math.nan, math.nan, result.n_points, result.n_inliers,
+            return None, AlignmentInfo("none", math.nan, math.nan, result.n_points, result.n_inliers,
                                        result.residual_rel, result.reason)
-        return None, AlignmentInfo(reason='no sparse depth within alignment.sparse_max_dt')
+        return None, AlignmentInfo(reason="no sparse depth within alignment.sparse_max_dt")
 
     def finish(self, s: Settings, msg: Any, rgb: np.ndarray, relative: torch.Tensor | None,
                normals: torch.Tensor | None, staging: HostStaging, *, rebuild_aligner: bool = False,
@@ -505,37 +505,37 @@ class CameraChannel:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             host: dict[str, torch.Tensor] = {}
             if relative is not None:
-                host['relative'] = staging.to_host('relative', relative)
+                host["relative"] = staging.to_host("relative", relative)
             if normals is not None:
-                host['normals'] = staging.to_host('normals', normals)
+                host["normals"] = staging.to_host("normals", normals)
             staging.wait()  # the fit below needs the relative depth on the host
             state, align = None, AlignmentInfo()
             if relative is not None:
-                state, align = self.align(s, header, host['relative'].numpy(), intr, rebuild_aligner)
+                state, align = self.align(s, header, host["relative"].numpy(), intr, rebuild_aligner)
             metric = None
             if state is not None:
-                metric = metric_depth_t(relative, state.scale, state.shift, float(s['min_depth']),
-                                        float(s['max_depth']))  # [H,W] m, NaN invalid
-                encoded = metres_to_mm16_t(metric) if s['depth_encoding'] == '16UC1' else metric
-                host['depth'] = staging.to_host('depth', encoded)  # [H,W] float32 m or uint16 mm
-            if relative is not None and self._subscribed('depth_vis'):
-                host['depth_vis'] = staging.to_host('depth_vis', colorize_depth_t(metric if metric is not None
+                metric = metric_depth_t(relative, state.scale, state.shift, float(s["min_depth"]),
+                                        float(s["max_depth"]))  # [H,W] m, NaN invalid
+                encoded = metres_to_mm16_t(metric) if s["depth_encoding"] == "16UC1" else metric
+                host["depth"] = staging.to_host("depth", encoded)  # [H,W] float32 m or uint16 mm
+            if relative is not None and self._subscribed("depth_vis"):
+                host["depth_vis"] = staging.to_host("depth_vis", colorize_depth_t(metric if metric is not None
                                                                                   else relative))
-            if normals is not None and self._subscribed('normals_vis'):
-                host['normals_vis'] = staging.to_host('normals_vis', normals_to_rgb_t(normals))
-            if metric is not None and intr is not None and s['publish_cloud'] and self._subscribed('points'):
-                colours = torch.from_numpy(rgb).to(metric.device) if s['cloud_color'] else None
-                nrm = normals if s['cloud_normals'] else None
-                host['points'] = staging.to_host('points', cloud_points(metric, intr, int(s['cloud_stride']),
+            if normals is not None and self._subscribed("normals_vis"):
+                host["normals_vis"] = staging.to_host("normals_vis", normals_to_rgb_t(normals))
+            if metric is not None and intr is not None and s["publish_cloud"] and self._subscribed("points"):
+                colours = torch.from_numpy(rgb).to(metric.device) if s["cloud_color"] else None
+                nrm = normals if s["cloud_normals"] else None
+                host["points"] = staging.to_host("points", cloud_points(metric, intr, int(s["cloud_stride"]),
                                                                         colours, nrm))  # [H',W',k]
             staging.wait()
         t1 = time.perf_counter()
         self._publish(host, info, header, cloud_fields(s, normals is not None))
         t2 = time.perf_counter()
-        self.stats.on_stage('post', t1 - t0)
-        self.stats.on_stage('publish', t2 - t1)
+        self.stats.on_stage("post", t1 - t0)
+        self.stats.on_stage("publish", t2 - t1)
         stamp_age = self.node.get_clock().now().nanoseconds - stamp_ns(header)
-        self.stats.on_stage('stamp_to_publish', stamp_age * 1e-9)
+        self.stats.on_stage("stamp_to_publish", stamp_age * 1e-9)
         self.stats.on_output(now() - latency_from, metric is not None, align)
 
     def _publish(self, host: dict[str, torch.Tensor], info: CameraInfo | None, header: Any,
@@ -543,35 +543,35 @@ class CameraChannel:
         """Step 4: one message per output, header copied from the input (same stamp, same optical frame). Each
         message copies its host buffer once (numpy_to_image / cloud_to_msg fill the message's array directly)."""
         pubs = self.pubs
-        if 'relative' in host:
-            pubs['relative'].publish(numpy_to_image(host['relative'].numpy(), '32FC1', header))
-        if 'depth_vis' in host:
-            pubs['depth_vis'].publish(numpy_to_image(host['depth_vis'].numpy(), 'rgb8', header))
-        if 'depth' in host:
-            depth = host['depth'].numpy()
-            pubs['depth'].publish(numpy_to_image(depth, '16UC1' if depth.dtype == np.uint16 else '32FC1', header))
+        if "relative" in host:
+            pubs["relative"].publish(numpy_to_image(host["relative"].numpy(), "32FC1", header))
+        if "depth_vis" in host:
+            pubs["depth_vis"].publish(numpy_to_image(host["depth_vis"].numpy(), "rgb8", header))
+        if "depth" in host:
+            depth = host["depth"].numpy()
+            pubs["depth"].publish(numpy_to_image(depth, "16UC1" if depth.dtype == np.uint16 else "32FC1", header))
         if info is not None:
             out_info = CameraInfo()
-            for field in ('height', 'width', 'distortion_model', 'd', 'k', 'r', 'p', 'binning_x', 'binning_y',
-                          'roi'):
+            for field in ("height", "width", "distortion_model", "d", "k", "r", "p", "binning_x", "binning_y",
+                          "roi"):
                 setattr(out_info, field, getattr(info, field))
             out_info.header = header  # identical stamp: image_transport pairs them with an exact sync
-            pubs['depth_info'].publish(out_info)
-        if 'normals' in host:
-            pubs['normals'].publish(numpy_to_image(host['normals'].numpy(), '32FC3', header))
-        if 'normals_vis' in host:
-            pubs['normals_vis'].publish(numpy_to_image(host['normals_vis'].numpy(), 'rgb8', header))
-        if 'points' in host:
-            packed = host['points'].numpy()  # [H',W',k] float32, the structured layout's bytes
-            dtype = np.dtype([(name, '<f4') for name in point_fields])
-            pubs['points'].publish(cloud_to_msg(packed.view(dtype)[..., 0], header))
+            pubs["depth_info"].publish(out_info)
+        if "normals" in host:
+            pubs["normals"].publish(numpy_to_image(host["normals"].numpy(), "32FC3", header))
+        if "normals_vis" in host:
+            pubs["normals_vis"].publish(numpy_to_image(host["normals_vis"].numpy(), "rgb8", header))
+        if "points" in host:
+            packed = host["points"].numpy()  # [H',W',k] float32, the structured layout's bytes
+            dtype = np.dtype([(name, "<f4") for name in point_fields])
+            pubs["points"].publish(cloud_to_msg(packed.view(dtype)[..., 0], header))
 
 
 def cloud_fields(s: Settings, with_normals: bool) -> list[str]:
     """PointCloud2 field names of the node's cloud, in the order cloud_points packs them."""
-    names = ['x', 'y', 'z']
-    if s['cloud_color']:
-        names.append('rgb')
-    if with_normals and s['cloud_normals']:
-        names += ['normal_x', 'normal_y', 'normal_z']
+    names = ["x", "y", "z"]
+    if s["cloud_color"]:
+        names.append("rgb")
+    if with_normals and s["cloud_normals"]:
+        names += ["normal_x", "normal_y", "normal_z"]
     return names

@@ -16,19 +16,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    'CameraListError',
-    'assign_cameras',
-    'camera_prefix',
-    'camera_remappings',
-    'parse_assignment',
-    'parse_camera_list',
-    'parse_gpu_list',
-    'visible_gpu_count',
+    "CameraListError",
+    "assign_cameras",
+    "camera_prefix",
+    "camera_remappings",
+    "parse_assignment",
+    "parse_camera_list",
+    "parse_gpu_list",
+    "visible_gpu_count",
 ]
 
 # One token of a ROS name (REP 144: alphanumerics and underscores, not starting with a digit); no '.' because the
 # name is also a parameter-name segment, no '/' so one camera is one prefix level (remap for deeper topics).
-_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class CameraListError(ValueError):
@@ -46,19 +46,19 @@ def parse_camera_list(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         text = value.strip()
-        if text.startswith('[') and text.endswith(']'):
+        if text.startswith("[") and text.endswith("]"):
             text = text[1:-1]
-        names = [part.strip().strip('\'"') for part in re.split(r'[,\s]+', text)]
+        names = [part.strip().strip('\'"') for part in re.split(r"[,\s]+", text)]
         names = [n for n in names if n]
     elif isinstance(value, (list, tuple)):
         names = list(value)
     else:
-        raise CameraListError(f'cameras={value!r} must be a list of names like [front, left] (or [] for one camera)')
+        raise CameraListError(f"cameras={value!r} must be a list of names like [front, left] (or [] for one camera)")
     for name in names:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise CameraListError(
-                f'camera name {name!r} is not a ROS name token: use letters, digits and underscores, not starting '
-                'with a digit (remap the topics if the camera publishes elsewhere)')
+                f"camera name {name!r} is not a ROS name token: use letters, digits and underscores, not starting "
+                "with a digit (remap the topics if the camera publishes elsewhere)")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise CameraListError(f'camera name(s) {", ".join(dupes)} given twice in cameras; each camera needs its own')
@@ -67,7 +67,7 @@ def parse_camera_list(value: Any) -> list[str]:
 
 def camera_prefix(name: str) -> str:
     """Topic prefix of a camera: ``'front/'``, or ``''`` for the single unnamed camera (today's topics)."""
-    return f'{name}/' if name else ''
+    return f"{name}/" if name else ""
 
 
 def parse_assignment(value: Any) -> list[list[str]] | None:
@@ -75,14 +75,14 @@ def parse_assignment(value: Any) -> list[list[str]] | None:
 
     Group i runs on GPU i (of the ``gpus`` given to :func:`assign_cameras`). Empty groups are allowed (an idle GPU).
     """
-    if value is None or value == '' or value == []:
+    if value is None or value == "" or value == []:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if text.startswith('[['):  # YAML-ish nested list as typed on a command line
-            groups_text = re.findall(r'\[([^\[\]]*)\]', text)
+        if text.startswith("[["):  # YAML-ish nested list as typed on a command line
+            groups_text = re.findall(r"\[([^\[\]]*)\]", text)
         else:
-            groups_text = text.split(';')
+            groups_text = text.split(";")
         return [parse_camera_list(g) for g in groups_text]
     if isinstance(value, (list, tuple)):
         return [parse_camera_list(g) for g in value]
@@ -98,9 +98,9 @@ def assign_cameras(cameras: Sequence[str], gpus: Sequence[int] | int,
     """
     gpu_list = list(range(gpus)) if isinstance(gpus, int) else list(gpus)
     if not gpu_list:
-        raise CameraListError('no GPU to assign cameras to: give num_gpus >= 1 (or a gpus list)')
+        raise CameraListError("no GPU to assign cameras to: give num_gpus >= 1 (or a gpus list)")
     if len(set(gpu_list)) != len(gpu_list):
-        raise CameraListError(f'gpus {gpu_list} lists a GPU twice')
+        raise CameraListError(f"gpus {gpu_list} lists a GPU twice")
     names = parse_camera_list(list(cameras))
     if not names:
         raise CameraListError('no cameras given: set cameras:="[front, left, ...]"')
@@ -111,18 +111,18 @@ def assign_cameras(cameras: Sequence[str], gpus: Sequence[int] | int,
         return out
     groups = [parse_camera_list(list(g)) for g in assignment]
     if len(groups) > len(gpu_list):
-        raise CameraListError(f'assignment has {len(groups)} groups but only {len(gpu_list)} GPU(s): '
-                              'give fewer groups or more GPUs')
+        raise CameraListError(f"assignment has {len(groups)} groups but only {len(gpu_list)} GPU(s): "
+                              "give fewer groups or more GPUs")
     placed = [n for g in groups for n in g]
     missing = [n for n in names if n not in placed]
     extra = [n for n in placed if n not in names]
     twice = sorted({n for n in placed if placed.count(n) > 1})
     if missing or extra or twice:
         raise CameraListError(
-            'assignment must place every camera exactly once: '
-            + '; '.join(part for part in (f'missing {missing}' if missing else '',
-                                          f'not in cameras {extra}' if extra else '',
-                                          f'twice {twice}' if twice else '') if part))
+            "assignment must place every camera exactly once: "
+            + "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                          f"not in cameras {extra}" if extra else "",
+                                          f"twice {twice}" if twice else "") if part))
     for gpu, group in zip(gpu_list, groups, strict=False):
         if group:
             out[gpu] = list(group)
@@ -134,31 +134,31 @@ def camera_remappings(cameras: Sequence[str], patterns: Mapping[str, str]) -> li
     ``('front/image', '/front/color/image_raw')`` for each camera. Empty patterns leave the node's own topic
     (``<namespace>/<camera>/image``). Inputs are ``image``, ``camera_info``, ``sparse_depth``, ``sparse_points``.
     """
-    known = ('image', 'camera_info', 'sparse_depth', 'sparse_points')
+    known = ("image", "camera_info", "sparse_depth", "sparse_points")
     rules = []
     for topic, pattern in patterns.items():
         if topic not in known:
             raise CameraListError(f'no input topic {topic!r} to remap; use one of {", ".join(known)}')
         if not pattern:
             continue
-        if '{camera}' not in pattern:
-            raise CameraListError(f'pattern {pattern!r} for {topic} must contain {{camera}} (else every camera '
-                                  'would read the same topic)')
-        rules += [(f'{name}/{topic}', pattern.replace('{camera}', name)) for name in cameras]
+        if "{camera}" not in pattern:
+            raise CameraListError(f"pattern {pattern!r} for {topic} must contain {{camera}} (else every camera "
+                                  "would read the same topic)")
+        rules += [(f"{name}/{topic}", pattern.replace("{camera}", name)) for name in cameras]
     return rules
 
 
 def parse_gpu_list(value: Any) -> list[int] | None:
     """GPU indices from ``"[0, 2]"`` / ``"0,2"`` / a list; None if empty (then use ``num_gpus``)."""
-    if value is None or value == '' or value == []:
+    if value is None or value == "" or value == []:
         return None
-    parts = value if isinstance(value, (list, tuple)) else re.split(r'[,\s]+', str(value).strip().strip('[]'))
+    parts = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value).strip().strip("[]"))
     try:
-        gpus = [int(p) for p in parts if str(p).strip() != '']
+        gpus = [int(p) for p in parts if str(p).strip() != ""]
     except ValueError:
-        raise CameraListError(f'gpus={value!r} must be GPU indices like [0, 1]') from None
+        raise CameraListError(f"gpus={value!r} must be GPU indices like [0, 1]") from None
     if any(g < 0 for g in gpus):
-        raise CameraListError(f'gpus={value!r}: indices must be >= 0')
+        raise CameraListError(f"gpus={value!r}: indices must be >= 0")
     return gpus or None
 
 
@@ -167,14 +167,14 @@ def visible_gpu_count() -> int:
 
     Avoids importing torch (seconds, and a CUDA context) in a launch process.
     """
-    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(',') if d.strip() and d.strip() != '-1'])
-    exe = shutil.which('nvidia-smi')
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    exe = shutil.which("nvidia-smi")
     if exe is None:
         return 0
     try:
-        out = subprocess.run([exe, '-L'], capture_output=True, text=True, timeout=10, check=False).stdout
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return 0
-    return sum(1 for line in out.splitlines() if line.startswith('GPU '))
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))

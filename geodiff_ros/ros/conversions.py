@@ -32,23 +32,23 @@ if TYPE_CHECKING:
     from geodiff_ros.geometry import PinholeIntrinsics
 
 __all__ = [
-    'ENCODINGS',
-    'ImageConversionError',
-    'InputTooLarge',
-    'camera_info_with_size',
-    'check_input_pixels',
-    'compressed_image_size',
-    'compressed_to_rgb8',
-    'decode_compressed',
-    'depth_to_metres',
-    'image_to_numpy',
-    'image_to_rgb8',
-    'intrinsics_from_msg',
-    'numpy_to_image',
-    'numpy_to_image_fields',
-    'reduction_factor',
-    'stamp_ns',
-    'to_uint8_array',
+    "ENCODINGS",
+    "ImageConversionError",
+    "InputTooLarge",
+    "camera_info_with_size",
+    "check_input_pixels",
+    "compressed_image_size",
+    "compressed_to_rgb8",
+    "decode_compressed",
+    "depth_to_metres",
+    "image_to_numpy",
+    "image_to_rgb8",
+    "intrinsics_from_msg",
+    "numpy_to_image",
+    "numpy_to_image_fields",
+    "reduction_factor",
+    "stamp_ns",
+    "to_uint8_array",
 ]
 
 
@@ -68,20 +68,20 @@ class _Encoding:
 
 # The encodings the node reads and writes (issue 3). Names as in sensor_msgs/image_encodings.hpp.
 ENCODINGS: dict[str, _Encoding] = {
-    'rgb8': _Encoding('u1', 3),
-    'bgr8': _Encoding('u1', 3),
-    'rgba8': _Encoding('u1', 4),
-    'bgra8': _Encoding('u1', 4),
-    'mono8': _Encoding('u1', 1),
-    '8UC1': _Encoding('u1', 1),
-    '8UC3': _Encoding('u1', 3),
-    'mono16': _Encoding('<u2', 1),
-    '16UC1': _Encoding('<u2', 1),
-    '32FC1': _Encoding('<f4', 1),
-    '32FC3': _Encoding('<f4', 3),
+    "rgb8": _Encoding("u1", 3),
+    "bgr8": _Encoding("u1", 3),
+    "rgba8": _Encoding("u1", 4),
+    "bgra8": _Encoding("u1", 4),
+    "mono8": _Encoding("u1", 1),
+    "8UC1": _Encoding("u1", 1),
+    "8UC3": _Encoding("u1", 3),
+    "mono16": _Encoding("<u2", 1),
+    "16UC1": _Encoding("<u2", 1),
+    "32FC1": _Encoding("<f4", 1),
+    "32FC3": _Encoding("<f4", 3),
 }
 
-_COLOUR_INPUTS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', '8UC1', '8UC3')
+_COLOUR_INPUTS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3")
 
 
 def _encoding_of(name: str) -> _Encoding:
@@ -116,25 +116,25 @@ def image_to_numpy(msg: Any) -> np.ndarray:
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     dtype = np.dtype(enc.dtype)
     if height <= 0 or width <= 0:
-        msg_ = f'image has zero size ({width}x{height}); the publisher sent an empty image'
+        msg_ = f"image has zero size ({width}x{height}); the publisher sent an empty image"
         raise ImageConversionError(msg_)
     row_bytes = width * enc.channels * dtype.itemsize
     if step < row_bytes:
-        msg_ = (f'image step {step} is shorter than one row ({width} px x {enc.channels} ch x {dtype.itemsize} B'
-                f' = {row_bytes} B) for encoding {msg.encoding!r}; fix the publisher\'s step')
+        msg_ = (f"image step {step} is shorter than one row ({width} px x {enc.channels} ch x {dtype.itemsize} B"
+                f" = {row_bytes} B) for encoding {msg.encoding!r}; fix the publisher's step")
         raise ImageConversionError(msg_)
     buf = to_uint8_array(msg.data)
     if buf.size < step * height:
-        msg_ = (f'image data has {buf.size} B but step x height = {step} x {height} = {step * height} B '
-                f'({msg.encoding} {width}x{height}); the message is truncated')
+        msg_ = (f"image data has {buf.size} B but step x height = {step} x {height} = {step * height} B "
+                f"({msg.encoding} {width}x{height}); the message is truncated")
         raise ImageConversionError(msg_)
     rows = buf[: step * height].reshape(height, step)[:, :row_bytes]  # [H,row_bytes], drops step padding
     if dtype.itemsize > 1:
-        dtype = dtype.newbyteorder('>' if msg.is_bigendian else '<')
+        dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
         rows = np.ascontiguousarray(rows)  # padding makes rows non-contiguous; .view needs a contiguous last axis
     out = rows.view(dtype)
     if not dtype.isnative:
-        out = out.astype(dtype.newbyteorder('='))  # native order, like cv_bridge's byteswap
+        out = out.astype(dtype.newbyteorder("="))  # native order, like cv_bridge's byteswap
     if enc.channels == 1:
         return out.reshape(height, width)  # [H,W]
     return out.reshape(height, width, enc.channels)  # [H,W,C]
@@ -150,15 +150,15 @@ def image_to_rgb8(msg: Any) -> np.ndarray:
     arr = image_to_numpy(msg)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)  # mono -> grey RGB
-    elif encoding in ('bgr8', 'bgra8'):
+    elif encoding in ("bgr8", "bgra8"):
         arr = arr[:, :, 2::-1]  # BGR(A) -> RGB, drops alpha
     else:
         arr = arr[:, :, :3]  # rgb8/8UC3 as is, rgba8 drops alpha
     return np.ascontiguousarray(arr)
 
 
-def check_input_pixels(width: int, height: int, max_pixels: int, what: str = 'image',
-                       parameter: str = 'max_input_pixels') -> None:
+def check_input_pixels(width: int, height: int, max_pixels: int, what: str = "image",
+                       parameter: str = "max_input_pixels") -> None:
     """Refuse an image of ``width x height`` above ``max_pixels`` (0 = no limit) before it is decoded.
 
     A frame far above the camera sizes a node is set up for costs gigabytes at the output size (the engine's
@@ -169,14 +169,14 @@ def check_input_pixels(width: int, height: int, max_pixels: int, what: str = 'im
     """
     pixels = int(width) * int(height)
     if max_pixels > 0 and pixels > max_pixels:
-        msg = (f'{what} is {width}x{height} = {pixels / 1e6:.1f} MP, above {parameter} = {max_pixels} '
-               f'({max_pixels / 1e6:.1f} MP): dropped before decoding; publish a smaller image (image_proc resize) '
-               f'or raise {parameter}')
+        msg = (f"{what} is {width}x{height} = {pixels / 1e6:.1f} MP, above {parameter} = {max_pixels} "
+               f"({max_pixels / 1e6:.1f} MP): dropped before decoding; publish a smaller image (image_proc resize) "
+               f"or raise {parameter}")
         raise InputTooLarge(msg)
 
 
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
-_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _jpeg_size(data: memoryview) -> tuple[int, int]:
@@ -184,7 +184,7 @@ def _jpeg_size(data: memoryview) -> tuple[int, int]:
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
-            raise ImageConversionError(f'corrupt JPEG header: no segment marker at byte {i}')
+            raise ImageConversionError(f"corrupt JPEG header: no segment marker at byte {i}")
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -193,18 +193,18 @@ def _jpeg_size(data: memoryview) -> tuple[int, int]:
             i += 2
             continue
         if marker in (0xD9, 0xDA):
-            raise ImageConversionError('corrupt JPEG: image data starts before any frame header (no size)')
+            raise ImageConversionError("corrupt JPEG: image data starts before any frame header (no size)")
         if marker in _JPEG_SOF:
             if i + 9 > n:
                 break
             height = (data[i + 5] << 8) | data[i + 6]
             width = (data[i + 7] << 8) | data[i + 8]
             if width == 0 or height == 0:
-                raise ImageConversionError(f'JPEG frame header gives size {width}x{height} (DNL-defined height '
-                                           'is not supported); publish a baseline or progressive JPEG')
+                raise ImageConversionError(f"JPEG frame header gives size {width}x{height} (DNL-defined height "
+                                           "is not supported); publish a baseline or progressive JPEG")
             return width, height
         i += 2 + ((data[i + 2] << 8) | data[i + 3])
-    raise ImageConversionError(f'JPEG header truncated after {n} B: no frame header (size) found')
+    raise ImageConversionError(f"JPEG header truncated after {n} B: no frame header (size) found")
 
 
 def compressed_image_size(data: Any) -> tuple[str, int, int]:
@@ -216,15 +216,15 @@ def compressed_image_size(data: Any) -> tuple[str, int, int]:
     buf = to_uint8_array(data)
     view = memoryview(buf)
     if buf.size >= 24 and bytes(view[:8]) == _PNG_SIGNATURE:
-        if bytes(view[12:16]) != b'IHDR':
-            raise ImageConversionError('corrupt PNG: the first chunk is not IHDR (no size)')
-        return 'png', int.from_bytes(view[16:20], 'big'), int.from_bytes(view[20:24], 'big')
+        if bytes(view[12:16]) != b"IHDR":
+            raise ImageConversionError("corrupt PNG: the first chunk is not IHDR (no size)")
+        return "png", int.from_bytes(view[16:20], "big"), int.from_bytes(view[20:24], "big")
     if buf.size >= 4 and view[0] == 0xFF and view[1] == 0xD8:
         width, height = _jpeg_size(view)
-        return 'jpeg', width, height
+        return "jpeg", width, height
     head = bytes(view[:8])
-    raise ImageConversionError(f'cannot decode compressed image: neither JPEG nor PNG (starts with {head!r}, '
-                               f'{buf.size} B); publish jpeg or png (image_transport compressed)')
+    raise ImageConversionError(f"cannot decode compressed image: neither JPEG nor PNG (starts with {head!r}, "
+                               f"{buf.size} B); publish jpeg or png (image_transport compressed)")
 
 
 def reduction_factor(width: int, height: int, keep_long_edge: int) -> int:
@@ -254,19 +254,19 @@ def decode_compressed(msg: Any, max_pixels: int = 0, keep_long_edge: int = 0) ->
 
     buf = to_uint8_array(msg.data)
     if buf.size == 0:
-        raise ImageConversionError('compressed image has no data; the publisher sent an empty message')
-    fmt = str(getattr(msg, 'format', '')).lower()
-    if 'compresseddepth' in fmt:
-        msg_ = (f'compressed format {fmt!r} is a depth transport; subscribe to a colour image '
-                '(input_transport: raw, or a jpeg/png compressed colour topic)')
+        raise ImageConversionError("compressed image has no data; the publisher sent an empty message")
+    fmt = str(getattr(msg, "format", "")).lower()
+    if "compresseddepth" in fmt:
+        msg_ = (f"compressed format {fmt!r} is a depth transport; subscribe to a colour image "
+                "(input_transport: raw, or a jpeg/png compressed colour topic)")
         raise ImageConversionError(msg_)
     kind, width, height = compressed_image_size(buf)
-    check_input_pixels(width, height, max_pixels, what=f'compressed {kind.upper()} image')
-    if kind == 'jpeg' and b'\xff\xd9' not in bytes(memoryview(buf)[-32:]):
+    check_input_pixels(width, height, max_pixels, what=f"compressed {kind.upper()} image")
+    if kind == "jpeg" and b"\xff\xd9" not in bytes(memoryview(buf)[-32:]):
         # No end-of-image marker: cut in transit. OpenCV 5 refuses such data itself, but OpenCV 4 (Ubuntu's
         # python3-opencv) returns the picture with its missing part grey. FF D9 cannot occur in entropy-coded data.
-        msg_ = (f'cannot decode compressed JPEG {width}x{height} (format field {fmt!r}, {buf.size} B): truncated '
-                '(no end-of-image marker)')
+        msg_ = (f"cannot decode compressed JPEG {width}x{height} (format field {fmt!r}, {buf.size} B): truncated "
+                "(no end-of-image marker)")
         raise ImageConversionError(msg_)
     factor = reduction_factor(width, height, keep_long_edge)
     flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -274,11 +274,11 @@ def decode_compressed(msg: Any, max_pixels: int = 0, keep_long_edge: int = 0) ->
     try:
         bgr = cv2.imdecode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION)  # [h,w,3] BGR
     except cv2.error as err:
-        msg_ = f'cannot decode compressed {kind.upper()} (format field {fmt!r}, {buf.size} B): {err}'
+        msg_ = f"cannot decode compressed {kind.upper()} (format field {fmt!r}, {buf.size} B): {err}"
         raise ImageConversionError(msg_) from err
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
-        msg_ = (f'cannot decode compressed {kind.upper()} image {width}x{height} (format field {fmt!r}, '
-                f'{buf.size} B): corrupt or truncated data')
+        msg_ = (f"cannot decode compressed {kind.upper()} image {width}x{height} (format field {fmt!r}, "
+                f"{buf.size} B): corrupt or truncated data")
         raise ImageConversionError(msg_)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), factor
 
@@ -296,14 +296,14 @@ def depth_to_metres(msg: Any) -> np.ndarray:
     """
     encoding = str(msg.encoding)
     arr = image_to_numpy(msg)
-    if encoding == '32FC1':
+    if encoding == "32FC1":
         depth = arr.astype(np.float32, copy=True)
         depth[~np.isfinite(depth) | (depth <= 0.0)] = np.nan
-    elif encoding in ('16UC1', 'mono16'):
+    elif encoding in ("16UC1", "mono16"):
         depth = arr.astype(np.float32) * np.float32(1e-3)
         depth[arr == 0] = np.nan
     else:
-        msg_ = f'depth encoding {encoding!r} not supported; publish 32FC1 metres or 16UC1 millimetres (REP 118)'
+        msg_ = f"depth encoding {encoding!r} not supported; publish 32FC1 metres or 16UC1 millimetres (REP 118)"
         raise ImageConversionError(msg_)
     return depth
 
@@ -320,21 +320,21 @@ def numpy_to_image_fields(array_: np.ndarray, encoding: str) -> dict[str, Any]:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] != enc.channels:
-        msg = f'array of shape {np.shape(array_)} does not fit encoding {encoding!r} ({enc.channels} channel(s))'
+        msg = f"array of shape {np.shape(array_)} does not fit encoding {encoding!r} ({enc.channels} channel(s))"
         raise ImageConversionError(msg)
     height, width = arr.shape[:2]
     if height == 0 or width == 0:
-        raise ImageConversionError(f'cannot build an image of zero size {width}x{height}')
+        raise ImageConversionError(f"cannot build an image of zero size {width}x{height}")
     arr = np.ascontiguousarray(arr, dtype=np.dtype(enc.dtype))  # casts to little-endian when needed
-    data = array.array('B')
-    data.frombytes(memoryview(arr).cast('B'))
+    data = array.array("B")
+    data.frombytes(memoryview(arr).cast("B"))
     return {
-        'height': height,
-        'width': width,
-        'encoding': encoding,
-        'is_bigendian': 0,
-        'step': width * enc.channels * arr.dtype.itemsize,
-        'data': data,
+        "height": height,
+        "width": width,
+        "encoding": encoding,
+        "is_bigendian": 0,
+        "step": width * enc.channels * arr.dtype.itemsize,
+        "data": data,
     }
 
 
@@ -402,7 +402,7 @@ def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int
     out.width = int(width)
     out.height = int(height)
     out.distortion_model = info.distortion_model
-    out.d = array.array('d', info.d)
+    out.d = array.array("d", info.d)
     out.k = k.reshape(-1)
     out.r = np.array(info.r, dtype=np.float64)
     out.p = p.reshape(-1)

@@ -18,27 +18,27 @@ import numpy as np
 if TYPE_CHECKING:
     from diagnostic_msgs.msg import DiagnosticStatus
 
-__all__ = ['STAGES', 'AlignmentInfo', 'PipelineStats', 'build_status']
+__all__ = ["STAGES", "AlignmentInfo", "PipelineStats", "build_status"]
 
 _WINDOW_S = 5.0  # rates are averaged over the last few seconds so a stall shows up quickly
 # Per-frame stages timed by the node (issue 14), shown as <stage>_p50_ms / <stage>_p95_ms: decode (input message ->
 # RGB), engine (the network call, shared by the frames batched in it), post (alignment, metric depth, colour views,
 # cloud, copies to the host), publish (messages built and sent), stamp_to_publish (node clock at the end of
 # publishing minus the image stamp: the delay a consumer sees, including the camera driver and DDS).
-STAGES: tuple[str, ...] = ('decode', 'engine', 'post', 'publish', 'stamp_to_publish')
+STAGES: tuple[str, ...] = ("decode", "engine", "post", "publish", "stamp_to_publish")
 
 
 @dataclass
 class AlignmentInfo:
     """Last alignment state as published in diagnostics (source: fit, smoothed, fallback, fixed or none)."""
 
-    source: str = 'none'
-    scale: float = float('nan')
-    shift: float = float('nan')
+    source: str = "none"
+    scale: float = float("nan")
+    shift: float = float("nan")
     n_points: int = 0
     n_inliers: int = 0
-    residual_rel: float = float('nan')
-    reason: str = ''
+    residual_rel: float = float("nan")
+    reason: str = ""
 
 
 class PipelineStats:
@@ -56,7 +56,7 @@ class PipelineStats:
         self._latency_s: deque[float] = deque(maxlen=latency_window)
         self._stages: dict[str, deque[float]] = {name: deque(maxlen=latency_window) for name in STAGES}
         self.alignment = AlignmentInfo()
-        self.last_error = ''
+        self.last_error = ""
 
     def on_input(self, dropped_previous: bool) -> None:
         """A frame arrived; ``dropped_previous`` if it replaced one the worker never took."""
@@ -109,21 +109,21 @@ class PipelineStats:
             lat = np.asarray(self._latency_s, dtype=np.float64)
             stages = {name: np.asarray(values, dtype=np.float64) for name, values in self._stages.items()}
             snap = {
-                'input_rate_hz': self._rate(self._in_times, now),
-                'output_rate_hz': self._rate(self._out_times, now),
-                'received': self.received,
-                'processed': self.processed,
-                'dropped': self.dropped,
-                'bad_input': self.bad_input,
-                'metric_frames': self.metric,
-                'latency_p50_ms': float(np.percentile(lat, 50) * 1e3) if lat.size else float('nan'),
-                'latency_p95_ms': float(np.percentile(lat, 95) * 1e3) if lat.size else float('nan'),
-                'alignment': self.alignment,
-                'last_error': self.last_error,
+                "input_rate_hz": self._rate(self._in_times, now),
+                "output_rate_hz": self._rate(self._out_times, now),
+                "received": self.received,
+                "processed": self.processed,
+                "dropped": self.dropped,
+                "bad_input": self.bad_input,
+                "metric_frames": self.metric,
+                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
+                "latency_p95_ms": float(np.percentile(lat, 95) * 1e3) if lat.size else float("nan"),
+                "alignment": self.alignment,
+                "last_error": self.last_error,
             }
         for name, values in stages.items():
             for q in (50, 95):
-                snap[f'{name}_p{q}_ms'] = float(np.percentile(values, q) * 1e3) if values.size else float('nan')
+                snap[f"{name}_p{q}_ms"] = float(np.percentile(values, q) * 1e3) if values.size else float("nan")
         return snap
 
 
@@ -131,36 +131,36 @@ def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) 
     """One DiagnosticStatus from a stats snapshot; level says whether outputs and metric scale are flowing."""
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-    al: AlignmentInfo = snap['alignment']
-    if state.startswith(('warming up', 'compiling')):
-        detail = state if state.startswith('compiling') else '(first run, compile or capture)'
-        level, message = DiagnosticStatus.WARN, f'warming up {detail}: frames wait, newest first'
-    elif state != 'active':
-        level, message = DiagnosticStatus.WARN, f'node is {state}, not processing'
-    elif snap['received'] == 0:
-        level, message = DiagnosticStatus.WARN, 'no input images yet (check the image topic remap and QoS)'
-    elif snap['output_rate_hz'] == 0.0 and snap['input_rate_hz'] > 0.0:
-        level, message = DiagnosticStatus.WARN, 'images arrive but nothing is published'
-    elif al.source == 'none':
-        level, message = DiagnosticStatus.OK, 'running; relative depth only (no metric scale)'
+    al: AlignmentInfo = snap["alignment"]
+    if state.startswith(("warming up", "compiling")):
+        detail = state if state.startswith("compiling") else "(first run, compile or capture)"
+        level, message = DiagnosticStatus.WARN, f"warming up {detail}: frames wait, newest first"
+    elif state != "active":
+        level, message = DiagnosticStatus.WARN, f"node is {state}, not processing"
+    elif snap["received"] == 0:
+        level, message = DiagnosticStatus.WARN, "no input images yet (check the image topic remap and QoS)"
+    elif snap["output_rate_hz"] == 0.0 and snap["input_rate_hz"] > 0.0:
+        level, message = DiagnosticStatus.WARN, "images arrive but nothing is published"
+    elif al.source == "none":
+        level, message = DiagnosticStatus.OK, "running; relative depth only (no metric scale)"
     else:
-        level, message = DiagnosticStatus.OK, f'running; metric scale from {al.source}'
-    if snap['last_error'] and level == DiagnosticStatus.OK and snap['bad_input']:
+        level, message = DiagnosticStatus.OK, f"running; metric scale from {al.source}"
+    if snap["last_error"] and level == DiagnosticStatus.OK and snap["bad_input"]:
         message += f'; last bad input: {snap["last_error"]}'
 
     def fmt(v: Any) -> str:
-        return f'{v:.4g}' if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    values = {k: v for k, v in snap.items() if k not in ('alignment', 'last_error')}
+    values = {k: v for k, v in snap.items() if k not in ("alignment", "last_error")}
     values.update({
-        'alignment_source': al.source,
-        'alignment_scale': al.scale,
-        'alignment_shift': al.shift,
-        'alignment_points': al.n_points,
-        'alignment_inliers': al.n_inliers,
-        'alignment_residual_rel': al.residual_rel,
-        'alignment_reason': al.reason,
-        'state': state,
+        "alignment_source": al.source,
+        "alignment_scale": al.scale,
+        "alignment_shift": al.shift,
+        "alignment_points": al.n_points,
+        "alignment_inliers": al.n_inliers,
+        "alignment_residual_rel": al.residual_rel,
+        "alignment_reason": al.reason,
+        "state": state,
     })
     status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id)
     status.values = [KeyValue(key=k, value=fmt(v)) for k, v in values.items()]

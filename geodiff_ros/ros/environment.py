@@ -9,9 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ['PACKAGE', 'ensure_ros_env', 'fastdds_profile', 'share_file']
+__all__ = ["PACKAGE", "ensure_ros_env", "fastdds_profile", "share_file"]
 
-PACKAGE = 'geodiff_ros'
+PACKAGE = "geodiff_ros"
 _PKG_ROOT = Path(__file__).resolve().parents[2]  # folder holding the geodiff_ros package (repo root in a checkout)
 
 
@@ -25,7 +25,7 @@ def share_file(*parts: str) -> Path | None:
             return path
     except Exception:  # noqa: BLE001 - no AMENT_PREFIX_PATH or package not installed
         pass
-    for base in (_PKG_ROOT, Path(sys.prefix) / 'share' / PACKAGE):
+    for base in (_PKG_ROOT, Path(sys.prefix) / "share" / PACKAGE):
         path = base.joinpath(*parts)
         if path.is_file():
             return path
@@ -34,7 +34,7 @@ def share_file(*parts: str) -> Path | None:
 
 def fastdds_profile() -> Path | None:
     """The project's loopback Fast DDS profile (installed share dir or checkout)."""
-    return share_file('config', 'fastdds_localhost.xml')
+    return share_file("config", "fastdds_localhost.xml")
 
 
 def ensure_ros_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -45,16 +45,16 @@ def ensure_ros_env(env: dict[str, str] | None = None) -> dict[str, str]:
     log folder. Must run before ``rclpy.init``; child processes inherit it.
     """
     env = os.environ if env is None else env
-    wanted = {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOCALHOST_ONLY': '1', 'ROS_DOMAIN_ID': '42'}
-    profile = env.get('FASTDDS_DEFAULT_PROFILES_FILE') or env.get('FASTRTPS_DEFAULT_PROFILES_FILE') or fastdds_profile()
+    wanted = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_LOCALHOST_ONLY": "1", "ROS_DOMAIN_ID": "42"}
+    profile = env.get("FASTDDS_DEFAULT_PROFILES_FILE") or env.get("FASTRTPS_DEFAULT_PROFILES_FILE") or fastdds_profile()
     if profile:
         # Fast DDS 2.14 (Jazzy's rmw_fastrtps) reads only FASTRTPS_DEFAULT_PROFILES_FILE; Fast DDS 3 (kilted) reads
         # FASTDDS_DEFAULT_PROFILES_FILE. Without the first, Jazzy keeps the 512 KB shared-memory segment and loses
         # 640x480 images under best effort (checked here: the 16 MB segment appears only with FASTRTPS_...).
-        wanted['FASTDDS_DEFAULT_PROFILES_FILE'] = str(profile)
-        wanted['FASTRTPS_DEFAULT_PROFILES_FILE'] = str(profile)
-    if not (env.get('HOME') or env.get('ROS_LOG_DIR') or env.get('ROS_HOME')):
-        wanted['ROS_LOG_DIR'] = str(Path(tempfile.gettempdir()) / 'geodiff_ros_logs')
+        wanted["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+        wanted["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(profile)
+    if not (env.get("HOME") or env.get("ROS_LOG_DIR") or env.get("ROS_HOME")):
+        wanted["ROS_LOG_DIR"] = str(Path(tempfile.gettempdir()) / "geodiff_ros_logs")
     changed = {k: v for k, v in wanted.items() if not env.get(k)}
     env.update(changed)
     return changed

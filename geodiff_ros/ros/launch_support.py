@@ -24,15 +24,15 @@ import yaml
 
 from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
 
-__all__ = ['INPUT_PATTERNS', 'LaunchArgumentError', 'params_files', 'parameter_overrides', 'rviz2_missing',
-           'rviz_config', 'rviz_requested', 'truthy', 'write_rviz_layout']
+__all__ = ["INPUT_PATTERNS", "LaunchArgumentError", "params_files", "parameter_overrides", "rviz2_missing",
+           "rviz_config", "rviz_requested", "truthy", "write_rviz_layout"]
 
 _SPECS = {spec.name: spec for spec in PARAMS}
 # Several cameras: the launch argument of each per-camera input topic pattern -> the node input topic it remaps.
-INPUT_PATTERNS = (('image_pattern', 'image'), ('camera_info_pattern', 'camera_info'),
-                  ('sparse_depth_pattern', 'sparse_depth'), ('sparse_points_pattern', 'sparse_points'))
-_TRUE = ('true', '1', 'yes', 'on')
-_FALSE = ('false', '0', 'no', 'off')
+INPUT_PATTERNS = (("image_pattern", "image"), ("camera_info_pattern", "camera_info"),
+                  ("sparse_depth_pattern", "sparse_depth"), ("sparse_points_pattern", "sparse_points"))
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
 
 
 class LaunchArgumentError(ValueError):
@@ -46,7 +46,7 @@ def truthy(text: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    msg = f'{text!r} is not a boolean: use true or false'
+    msg = f"{text!r} is not a boolean: use true or false"
     raise LaunchArgumentError(msg)
 
 
@@ -60,11 +60,11 @@ def _typed(arg: str, param: str, text: str) -> Any:
         if isinstance(default, float):
             return float(text)
     except (ValueError, LaunchArgumentError):
-        kind = {bool: 'true or false', int: 'an integer', float: 'a number'}[type(default)]
-        msg = f'{arg}:={text!r}: parameter {param} takes {kind}'
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+        msg = f"{arg}:={text!r}: parameter {param} takes {kind}"
         raise LaunchArgumentError(msg) from None
-    if param in ('model_depth', 'model_normals') and text == 'none':
-        return ''  # 'none' disables a model ('' as a launch argument means "keep the params file's")
+    if param in ("model_depth", "model_normals") and text == "none":
+        return ""  # 'none' disables a model ('' as a launch argument means "keep the params file's")
     return text
 
 
@@ -77,31 +77,31 @@ def parameter_overrides(given: Mapping[str, str], skip: Sequence[str] = ()) -> d
     """
     out: dict[str, Any] = {}
     for param, arg in LAUNCH_ARGUMENTS.items():
-        text = given.get(arg, '')
-        if param in skip or text == '':
+        text = given.get(arg, "")
+        if param in skip or text == "":
             continue
         out[param] = _typed(arg, param, text)
     return out
 
 
-_CAMERA_CLASSES = ('rviz_default_plugins/Image', 'rviz_default_plugins/PointCloud2',
-                   'rviz_default_plugins/DepthCloud')
-_TOPIC_KEYS = ('Depth Map Topic', 'Color Image Topic')  # DepthCloud's topics (strings, not Topic: {Value: ...})
+_CAMERA_CLASSES = ("rviz_default_plugins/Image", "rviz_default_plugins/PointCloud2",
+                   "rviz_default_plugins/DepthCloud")
+_TOPIC_KEYS = ("Depth Map Topic", "Color Image Topic")  # DepthCloud's topics (strings, not Topic: {Value: ...})
 
 
 def _is_normals(display: dict) -> bool:
-    topic = display.get('Topic', {}).get('Value', '') if isinstance(display.get('Topic'), dict) else ''
-    return topic.startswith('normals/')
+    topic = display.get("Topic", {}).get("Value", "") if isinstance(display.get("Topic"), dict) else ""
+    return topic.startswith("normals/")
 
 
 def _for_camera(display: dict, camera: str) -> dict:
     out = copy.deepcopy(display)
-    out['Name'] = f'{camera}: {display["Name"]}'
-    if isinstance(out.get('Topic'), dict) and out['Topic'].get('Value'):
-        out['Topic']['Value'] = f'{camera}/{out["Topic"]["Value"]}'
+    out["Name"] = f'{camera}: {display["Name"]}'
+    if isinstance(out.get("Topic"), dict) and out["Topic"].get("Value"):
+        out["Topic"]["Value"] = f'{camera}/{out["Topic"]["Value"]}'
     for key in _TOPIC_KEYS:
         if out.get(key):
-            out[key] = f'{camera}/{out[key]}'
+            out[key] = f"{camera}/{out[key]}"
     return out
 
 
@@ -115,11 +115,11 @@ def rviz_config(template: str, cameras: Sequence[str], normals: bool = True, fix
         fixed_frame: RViz fixed frame (None keeps the template's).
     """
     config = yaml.safe_load(template)
-    manager = config['Visualization Manager']
+    manager = config["Visualization Manager"]
     displays = []
     per_camera = []
-    for display in manager['Displays']:
-        if display.get('Class') in _CAMERA_CLASSES:
+    for display in manager["Displays"]:
+        if display.get("Class") in _CAMERA_CLASSES:
             if normals or not _is_normals(display):
                 per_camera.append(display)
         else:
@@ -128,9 +128,9 @@ def rviz_config(template: str, cameras: Sequence[str], normals: bool = True, fix
         displays += [_for_camera(d, cam) for cam in cameras for d in per_camera]
     else:
         displays += per_camera
-    manager['Displays'] = displays
+    manager["Displays"] = displays
     if fixed_frame:
-        manager['Global Options']['Fixed Frame'] = fixed_frame
+        manager["Global Options"]["Fixed Frame"] = fixed_frame
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -139,16 +139,16 @@ def rviz2_missing() -> str | None:
     from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 
     try:
-        prefix = get_package_prefix('rviz2')
+        prefix = get_package_prefix("rviz2")
     except PackageNotFoundError:
-        where = os.environ.get('AMENT_PREFIX_PATH', '')
-        return (f'rviz:=true, but RViz 2 (package rviz2) is not installed in this ROS environment '
-                f'(AMENT_PREFIX_PATH={where!r}): install it (`sudo apt install ros-jazzy-rviz2`, or '
-                '`rosdep install --from-paths src --ignore-src -y` in a workspace) and source its setup file, or '
-                'launch without rviz:=true and start rviz2 elsewhere. Nothing was started.')
-    if shutil.which('rviz2', path=os.path.join(prefix, 'lib', 'rviz2')) is None:
-        return (f'rviz:=true, but the rviz2 package in {prefix} has no executable lib/rviz2/rviz2: reinstall '
-                'ros-jazzy-rviz2, or launch without rviz:=true. Nothing was started.')
+        where = os.environ.get("AMENT_PREFIX_PATH", "")
+        return (f"rviz:=true, but RViz 2 (package rviz2) is not installed in this ROS environment "
+                f"(AMENT_PREFIX_PATH={where!r}): install it (`sudo apt install ros-jazzy-rviz2`, or "
+                "`rosdep install --from-paths src --ignore-src -y` in a workspace) and source its setup file, or "
+                "launch without rviz:=true and start rviz2 elsewhere. Nothing was started.")
+    if shutil.which("rviz2", path=os.path.join(prefix, "lib", "rviz2")) is None:
+        return (f"rviz:=true, but the rviz2 package in {prefix} has no executable lib/rviz2/rviz2: reinstall "
+                "ros-jazzy-rviz2, or launch without rviz:=true. Nothing was started.")
     return None
 
 
@@ -166,7 +166,7 @@ def rviz_requested(text: str) -> bool:
 def params_files(share: str, user_file: str) -> list[str]:
     """The node's params files: the shipped config/geodiff.yaml, then ``user_file`` (launch argument params_file;
     '' = none) on top, so the user's file only needs what it changes."""
-    files = [os.path.join(share, 'config', 'geodiff.yaml')]
+    files = [os.path.join(share, "config", "geodiff.yaml")]
     if user_file:
         files.append(user_file)
     return files
@@ -175,9 +175,9 @@ def params_files(share: str, user_file: str) -> list[str]:
 def write_rviz_layout(share: str, cameras: Sequence[str], normals: bool, fixed_frame: str) -> str:
     """This run's layout (:func:`rviz_config` of the shipped rviz/geodiff.rviz) in a new temporary file; returns its
     path. The launch file removes it at shutdown."""
-    with open(os.path.join(share, 'rviz', 'geodiff.rviz')) as template:
+    with open(os.path.join(share, "rviz", "geodiff.rviz")) as template:
         text = rviz_config(template.read(), cameras, normals=normals, fixed_frame=fixed_frame)
-    fd, path = tempfile.mkstemp(prefix='geodiff_', suffix='.rviz')
-    with os.fdopen(fd, 'w') as out:
+    fd, path = tempfile.mkstemp(prefix="geodiff_", suffix=".rviz")
+    with os.fdopen(fd, "w") as out:
         out.write(text)
     return path

@@ -60,9 +60,9 @@ from geodiff_ros.ros.qos import DIAGNOSTICS_QOS, make_qos
 from geodiff_ros.ros.scheduler import BatchStats, FrameScheduler, Handoff
 from geodiff_ros.ros.shutdown import ShutdownRequest
 
-__all__ = ['GeoDiffNode', 'main']
+__all__ = ["GeoDiffNode", "main"]
 
-NODE_NAME = 'geodiff'
+NODE_NAME = "geodiff"
 _THROTTLE_S = 5.0  # per-frame warnings at most this often
 _JOIN_TIMEOUT_S = 1.5  # shutdown must finish within 2 s (issue 3)
 _POLL_S = 0.05  # executor spin slice of the main loop: how soon a shutdown request is acted on
@@ -76,7 +76,7 @@ class _LoadAbandoned(BaseException):
 def _is_engine_error(err: BaseException) -> bool:
     """Whether ``err`` is a ``geodiff_ros.engine.GeoDiffError`` (its message already names the fix). Checked without
     importing the engine: when importing it is what failed, that error must still be reported."""
-    errors = sys.modules.get('geodiff_ros.engine.errors')
+    errors = sys.modules.get("geodiff_ros.engine.errors")
     return errors is not None and isinstance(err, errors.GeoDiffError)
 
 _WORKER_POLL_S = 0.2  # worker threads re-check their stop flag this often while idle
@@ -116,7 +116,7 @@ class GeoDiffNode(LifecycleNode):
         initial = read_settings(self)
         reason = validate_changes(initial.values, {}, configured=False)
         if reason:
-            msg = f'invalid parameter: {reason}'
+            msg = f"invalid parameter: {reason}"
             raise ValueError(msg)
         self._settings: Settings = initial
         self._cams: list[CameraChannel] = []
@@ -133,21 +133,21 @@ class GeoDiffNode(LifecycleNode):
         self._active = threading.Event()
         self._epoch = 0  # +1 on every activate/deactivate: frames of an earlier activation are never published
         self._handoff = Handoff()
-        self._warm_status = ''  # 'warming up' / 'compiling (stage k of n: ..., {elapsed} s)' during the warm-up
+        self._warm_status = ""  # 'warming up' / 'compiling (stage k of n: ..., {elapsed} s)' during the warm-up
         self._warm_start = 0.0
-        self._state_label = 'unconfigured'
+        self._state_label = "unconfigured"
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
         # Diagnostics run in every state, so a node that failed to configure still says why.
-        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-        self._diag_timer = self.create_timer(float(initial['diagnostics_period']), self._publish_diagnostics,
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", DIAGNOSTICS_QOS)
+        self._diag_timer = self.create_timer(float(initial["diagnostics_period"]), self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup())
 
     def _build_cameras(self, names: list[str]) -> None:
         """One channel per camera (one unnamed channel for ``cameras: []``) and their per-camera parameters."""
         declare_camera_overrides(self, names)
         overrides = camera_overrides(self, names)
-        self._cams = [CameraChannel(self, name, i) for i, name in enumerate(names or [''])]
+        self._cams = [CameraChannel(self, name, i) for i, name in enumerate(names or [""])]
         for cam in self._cams:
             cam.overrides = overrides.get(cam.name, {})
         self._sched = FrameScheduler(len(self._cams))
@@ -166,7 +166,7 @@ class GeoDiffNode(LifecycleNode):
     def _current_values(self) -> dict[str, Any]:
         values = dict(self._settings.values)
         for cam in self._cams:
-            values.update({f'camera.{cam.name}.{k}': v for k, v in cam.overrides.items()})
+            values.update({f"camera.{cam.name}.{k}": v for k, v in cam.overrides.items()})
         return values
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
@@ -174,8 +174,8 @@ class GeoDiffNode(LifecycleNode):
         changes = {p.name: p.value for p in params}
         reason = validate_changes(changes, self._current_values(), configured=self._engine is not None)
         if reason:
-            self.get_logger().warning(f'rejected parameter change: {reason}')
-        return SetParametersResult(successful=reason is None, reason=reason or '')
+            self.get_logger().warning(f"rejected parameter change: {reason}")
+        return SetParametersResult(successful=reason is None, reason=reason or "")
 
     def _after_set_parameters(self, params: list[Any]) -> None:
         values = dict(self._settings.values)
@@ -191,9 +191,9 @@ class GeoDiffNode(LifecycleNode):
             if p.value is not None:
                 overrides[key[1]] = p.value
             cam.overrides = overrides  # replaced whole: the worker reads it without a lock
-            if key[1].startswith('alignment.') and key[1] != 'alignment.sparse_max_dt':
+            if key[1].startswith("alignment.") and key[1] != "alignment.sparse_max_dt":
                 cam.aligner_dirty = True
-        if any(p.name.startswith('alignment.') and p.name != 'alignment.sparse_max_dt' for p in params):
+        if any(p.name.startswith("alignment.") and p.name != "alignment.sparse_max_dt" for p in params):
             for cam in self._cams:
                 cam.aligner_dirty = True  # rebuilt by the worker, which owns the aligners
 
@@ -212,38 +212,38 @@ class GeoDiffNode(LifecycleNode):
         try:
             engine = self._load_engine(kwargs)
         except _LoadAbandoned:
-            self.get_logger().info('configure abandoned: the process is shutting down')
+            self.get_logger().info("configure abandoned: the process is shutting down")
             return TransitionCallbackReturn.FAILURE
         except Exception as err:  # noqa: BLE001 - any loader failure must leave the node alive and unconfigured
             if _is_engine_error(err):
                 self._set_error(str(err))
-                self.get_logger().error(name_launch_arguments(f'configure failed: {err}'))
+                self.get_logger().error(name_launch_arguments(f"configure failed: {err}"))
                 return TransitionCallbackReturn.FAILURE
-            self._set_error(f'{type(err).__name__}: {err}')
+            self._set_error(f"{type(err).__name__}: {err}")
             self.get_logger().error(name_launch_arguments(
-                f'configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / '
-                'model_normals (hub id or folder in hub layout), device and dtype'))
+                f"configure failed while loading the model ({type(err).__name__}: {err}); check model_depth / "
+                "model_normals (hub id or folder in hub layout), device and dtype"))
             return TransitionCallbackReturn.FAILURE
-        if str(engine.device) != kwargs['device']:
+        if str(engine.device) != kwargs["device"]:
             # CPU fallback: `ros2 param get <node> device` shows the device in use (set while still unconfigured:
             # device is fixed once configured).
-            self.set_parameters([Parameter('device', value=str(engine.device))])
+            self.set_parameters([Parameter("device", value=str(engine.device))])
         self._engine = engine
         optimize = self._engine.optimize  # 'auto' resolved for the device
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device} '
                                f'({str(self._engine.dtype).replace("torch.", "")}, optimize {optimize})')
-        if optimize != 'none':
+        if optimize != "none":
             # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the engine
             # thread warms up on activation (warmup_size) and compiles any other input size on its first frame.
             acc = self._engine.accelerator
-            aot = getattr(acc, 'aot_loaded', 0)
-            cache = getattr(acc, 'compile_cache_dir', None)
+            aot = getattr(acc, "aot_loaded", 0)
+            cache = getattr(acc, "compile_cache_dir", None)
             self.get_logger().info(
-                f'optimize={optimize}: the warm-up on activation compiles or captures (progress in /diagnostics); '
-                'other input sizes do so on their first frame' + (f'; compiled kernels cached in {cache}' if cache
-                                                                  else '')
-                + (f'; {aot} stage(s) load AOT packages (geodiff_compile)' if aot else ''))
-        out_qos = make_qos(settings['qos.output.reliability'], settings['qos.output.depth'])
+                f"optimize={optimize}: the warm-up on activation compiles or captures (progress in /diagnostics); "
+                "other input sizes do so on their first frame" + (f"; compiled kernels cached in {cache}" if cache
+                                                                  else "")
+                + (f"; {aot} stage(s) load AOT packages (geodiff_compile)" if aot else ""))
+        out_qos = make_qos(settings["qos.output.reliability"], settings["qos.output.depth"])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
             cam.aligner = cam.make_aligner(settings.for_camera(cam.overrides))
@@ -251,7 +251,7 @@ class GeoDiffNode(LifecycleNode):
             self.get_logger().info(
                 f'serving {len(self._cams)} cameras ({", ".join(c.name for c in self._cams)}) with one model, '
                 f'up to {settings["batch_size"]} frames per engine call')
-        self._state_label = 'inactive'
+        self._state_label = "inactive"
         return super().on_configure(state)
 
     def request_shutdown(self) -> None:
@@ -287,10 +287,10 @@ class GeoDiffNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Subscribe to the inputs and start the worker thread."""
         s = self._settings
-        in_qos = make_qos(s['qos.input.reliability'], s['qos.input.depth'])
+        in_qos = make_qos(s["qos.input.reliability"], s["qos.input.depth"])
         for cam in self._cams:
-            cam.subscribe(s['input_transport'], in_qos, self._input_group, self._sched.put)
-        self._state_label = 'active'
+            cam.subscribe(s["input_transport"], in_qos, self._input_group, self._sched.put)
+        self._state_label = "active"
         self._sched.reopen()
         self._epoch += 1
         self._active.set()
@@ -305,19 +305,19 @@ class GeoDiffNode(LifecycleNode):
         self._pause_worker()
         for cam in self._cams:
             cam.unsubscribe()
-        self._state_label = 'inactive'
+        self._state_label = "inactive"
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release publishers and the engine (GPU memory)."""
         self._stop_worker()
         self._release()
-        self._state_label = 'unconfigured'
+        self._state_label = "unconfigured"
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop()
-        self._state_label = 'finalized'
+        self._state_label = "finalized"
         return super().on_shutdown(state)
 
     def _release(self) -> None:
@@ -347,14 +347,14 @@ class GeoDiffNode(LifecycleNode):
         for old in self._threads:  # stopped by a cleanup but still finishing an engine call: never two pipelines
             old.join(30.0)
             if old.is_alive():
-                self.get_logger().error(f'{old.name} is still in an engine call after 30 s; starting anyway')
+                self.get_logger().error(f"{old.name} is still in an engine call after 30 s; starting anyway")
         self._quit = threading.Event()  # a new flag: a thread that outlived its stop keeps its own, set one
         engine = self._engine
         self._handoff = Handoff()
         self._threads = [
-            threading.Thread(target=self._engine_main, args=(engine, self._quit), name='geodiff-engine',
+            threading.Thread(target=self._engine_main, args=(engine, self._quit), name="geodiff-engine",
                              daemon=True),
-            threading.Thread(target=self._post_main, args=(engine, self._quit), name='geodiff-post', daemon=True),
+            threading.Thread(target=self._post_main, args=(engine, self._quit), name="geodiff-post", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -384,12 +384,12 @@ class GeoDiffNode(LifecycleNode):
             if not self._active.wait(_WORKER_POLL_S) or not self._handoff.wait_free(_WORKER_POLL_S):
                 continue
             s = self._settings
-            window = float(s['batch_window_s']) if self._multi else 0.0
-            picked = self._sched.take(int(s['batch_size']), window, timeout=_WORKER_POLL_S)
+            window = float(s["batch_window_s"]) if self._multi else 0.0
+            picked = self._sched.take(int(s["batch_size"]), window, timeout=_WORKER_POLL_S)
             if not picked or quit_.is_set():
                 continue
             epoch = self._epoch
-            frames = self._run_engine(engine, picked, int(s['batch_size']), quit_)
+            frames = self._run_engine(engine, picked, int(s["batch_size"]), quit_)
             if frames is None:
                 return  # shutting down
             if frames and epoch == self._epoch and not quit_.is_set():
@@ -411,7 +411,7 @@ class GeoDiffNode(LifecycleNode):
                 if not self._drop(cam, err, quit_):
                     return None
                 continue
-            cam.stats.on_stage('decode', time.perf_counter() - t0)
+            cam.stats.on_stage("decode", time.perf_counter() - t0)
             frames.append(_Frame(cam, msg, t_recv, decoded.rgb, camera=decoded.camera))  # rgb [H,W,3] uint8
         if not frames:
             return []
@@ -425,7 +425,7 @@ class GeoDiffNode(LifecycleNode):
         for j, frame in enumerate(frames):
             frame.relative = pred.depth[j] if pred.depth is not None else None
             frame.normals = pred.normals[j] if pred.normals is not None else None
-            frame.cam.stats.on_stage('engine', elapsed)
+            frame.cam.stats.on_stage("engine", elapsed)
         return frames
 
     def _post_main(self, engine: Any, quit_: threading.Event) -> None:
@@ -461,21 +461,21 @@ class GeoDiffNode(LifecycleNode):
         """
         from geodiff_ros.engine.startup import warm_up_stages
 
-        width, height = (int(v) for v in self._settings['warmup_size'])
+        width, height = (int(v) for v in self._settings["warmup_size"])
         if engine is None or width <= 0 or height <= 0 or quit_.is_set():
-            self.get_logger().info('ready: no warm-up (warmup_size [0, 0]); processing frames')
+            self.get_logger().info("ready: no warm-up (warmup_size [0, 0]); processing frames")
             return
         batches = [1]
         if engine.accelerator is not None:  # optimize set: code compiled / captured per batch size
-            batches = list(range(1, min(int(self._settings['batch_size']), len(self._cams)) + 1))
+            batches = list(range(1, min(int(self._settings["batch_size"]), len(self._cams)) + 1))
         start = self._warm_start = time.monotonic()
-        self._warm_status = 'warming up'
+        self._warm_status = "warming up"
         current: list[Any] = []  # (k, n, label, start) of the running stage
 
         def stage_done() -> None:
             if current:
                 k, n, label, t0 = current.pop()
-                self.get_logger().info(f'warm-up {k}/{n} {label}: {time.monotonic() - t0:.1f} s')
+                self.get_logger().info(f"warm-up {k}/{n} {label}: {time.monotonic() - t0:.1f} s")
 
         def progress(k: int, n: int, label: str) -> None:
             stage_done()
@@ -483,7 +483,7 @@ class GeoDiffNode(LifecycleNode):
                 raise _WarmUpStopped
             current.append((k, n, label, time.monotonic()))
             if engine.accelerator is not None and engine.accelerator.settings.compile:
-                self._warm_status = f'compiling (stage {k} of {n}: {label}, {{elapsed}} s)'
+                self._warm_status = f"compiling (stage {k} of {n}: {label}, {{elapsed}} s)"
 
         try:
             warm_up_stages(engine, height, width, batches, progress=progress)
@@ -492,25 +492,25 @@ class GeoDiffNode(LifecycleNode):
             return
         except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: real frames may still fit
             self.get_logger().error(
-                f'warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, '
-                'the first ones may be slow (set warmup_size to your camera size, or [0, 0] to skip the warm-up)')
+                f"warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, "
+                "the first ones may be slow (set warmup_size to your camera size, or [0, 0] to skip the warm-up)")
         else:
             self.get_logger().info(
                 f'ready: warm-up at {width}x{height} (batch {", ".join(map(str, batches))}) took '
                 f'{time.monotonic() - start:.2f} s; processing frames')
         finally:
-            self._warm_status = ''
+            self._warm_status = ""
 
     def _drop(self, cam: CameraChannel, err: Exception, quit_: threading.Event) -> bool:
         """Count and log a frame that could not be processed; False if this happened because we are stopping."""
         if isinstance(err, ImageConversionError):
             cam.stats.on_bad_input(str(err))
-            cam.log.warning(f'dropped a frame: {err}', throttle_duration_sec=_THROTTLE_S)
+            cam.log.warning(f"dropped a frame: {err}", throttle_duration_sec=_THROTTLE_S)
             return True
         if quit_.is_set() or not rclpy.ok(context=self.context):
             return False
-        cam.stats.on_bad_input(f'{type(err).__name__}: {err}')
-        cam.log.error(f'dropped a frame: {type(err).__name__}: {err}', throttle_duration_sec=_THROTTLE_S)
+        cam.stats.on_bad_input(f"{type(err).__name__}: {err}")
+        cam.log.error(f"dropped a frame: {type(err).__name__}: {err}", throttle_duration_sec=_THROTTLE_S)
         return True
 
     # ------------------------------------------------------------------ diagnostics
@@ -518,23 +518,23 @@ class GeoDiffNode(LifecycleNode):
     def _status_label(self) -> str:
         """The lifecycle state, or the warm-up's progress while it runs in an active node."""
         status = self._warm_status
-        if self._state_label == 'active' and status:
-            return status.replace('{elapsed}', f'{time.monotonic() - self._warm_start:.0f}')
+        if self._state_label == "active" and status:
+            return status.replace("{elapsed}", f"{time.monotonic() - self._warm_start:.0f}")
         return self._state_label
 
     def _publish_diagnostics(self) -> None:
-        hw = str(self._engine.device) if self._engine is not None else str(self._settings['device'])
+        hw = str(self._engine.device) if self._engine is not None else str(self._settings["device"])
         state = self._status_label()
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         if not self._multi:
-            arr.status = [build_status(f'{self.get_name()}: pipeline', hw, self._stats.snapshot(), state)]
+            arr.status = [build_status(f"{self.get_name()}: pipeline", hw, self._stats.snapshot(), state)]
         else:
             for cam in self._cams:
-                status = build_status(f'{self.get_name()}: {cam.name}', f'{cam.name}@{hw}', cam.stats.snapshot(),
+                status = build_status(f"{self.get_name()}: {cam.name}", f"{cam.name}@{hw}", cam.stats.snapshot(),
                                       state)
-                status.values.append(KeyValue(key='camera', value=cam.name))
-                status.values.append(KeyValue(key='image_topic', value=self.resolve_topic_name(cam.topic('image'))))
+                status.values.append(KeyValue(key="camera", value=cam.name))
+                status.values.append(KeyValue(key="image_topic", value=self.resolve_topic_name(cam.topic("image"))))
                 arr.status.append(status)
             arr.status.append(self._scheduler_status(hw))
         self._diag_pub.publish(arr)
@@ -544,12 +544,12 @@ class GeoDiffNode(LifecycleNode):
         snap = self._batch_stats.snapshot()
         message = (f'{snap["frames"]} frames of {len(self._cams)} cameras in {snap["network_passes"]} network '
                    f'passes ({snap["engine_calls"]} engine calls)')
-        level = DiagnosticStatus.OK if self._state_label == 'active' else DiagnosticStatus.WARN
-        values = {**snap, 'cameras': len(self._cams), 'batch_size': self._settings['batch_size'],
-                  'batch_window_s': self._settings['batch_window_s'], 'state': self._state_label}
-        status = DiagnosticStatus(level=level, name=f'{self.get_name()}: scheduler', message=message,
+        level = DiagnosticStatus.OK if self._state_label == "active" else DiagnosticStatus.WARN
+        values = {**snap, "cameras": len(self._cams), "batch_size": self._settings["batch_size"],
+                  "batch_window_s": self._settings["batch_window_s"], "state": self._state_label}
+        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: scheduler", message=message,
                                   hardware_id=hw)
-        status.values = [KeyValue(key=k, value=f'{v:.4g}' if isinstance(v, float) else str(v))
+        status.values = [KeyValue(key=k, value=f"{v:.4g}" if isinstance(v, float) else str(v))
                          for k, v in values.items()]
         return status
 
@@ -590,7 +590,7 @@ def main(args: list[str] | None = None) -> int:
                 executor.spin_once(timeout_sec=_POLL_S)
     except ExternalShutdownException:
         pass
-    except Exception:  # noqa: BLE001
+    except Exception:
         # The context can be shut down while spin_once() builds its wait set (RCLError "the given context is
         # not valid"). That is a normal shutdown; anything else is a real error.
         if rclpy.ok() and not shutdown.requested:
@@ -598,7 +598,7 @@ def main(args: list[str] | None = None) -> int:
     finally:
         if node is not None:
             if shutdown.requested:
-                node.get_logger().info(f'{shutdown.reason} received: shutting down')
+                node.get_logger().info(f"{shutdown.reason} received: shutting down")
             node.stop()
             if executor is not None:
                 executor.shutdown(timeout_sec=0.5)
@@ -619,22 +619,22 @@ def _create_node() -> GeoDiffNode | None:
     try:
         return GeoDiffNode()
     except Exception as err:  # noqa: BLE001 - parameter errors from rclpy come as several types
-        rclpy.logging.get_logger(NODE_NAME).fatal(name_launch_arguments(f'cannot start: {err}'))
+        rclpy.logging.get_logger(NODE_NAME).fatal(name_launch_arguments(f"cannot start: {err}"))
         return None
 
 
 def _autostart(node: GeoDiffNode, shutdown: ShutdownRequest) -> int:
     """Configure and activate unless ``autostart:=false``; the exit code (1 = failed, 0 = fine or shut down)."""
-    if not node.get_parameter('autostart').value:
+    if not node.get_parameter("autostart").value:
         return 0
-    for name, trigger in (('configure', node.trigger_configure), ('activate', node.trigger_activate)):
+    for name, trigger in (("configure", node.trigger_configure), ("activate", node.trigger_activate)):
         if shutdown.requested:
             return 0
         if trigger() != TransitionCallbackReturn.SUCCESS:
             if shutdown.requested:
                 return 0  # abandoned because of the signal: a normal shutdown
-            reason = ' (see the error above)' if name == 'configure' else ''
-            node.get_logger().fatal(f'autostart: {name} failed{reason}; exiting')
+            reason = " (see the error above)" if name == "configure" else ""
+            node.get_logger().fatal(f"autostart: {name} failed{reason}; exiting")
             return 1
     return 0
 
@@ -649,5 +649,5 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     raise SystemExit(main())

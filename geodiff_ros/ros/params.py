@@ -21,24 +21,24 @@ if TYPE_CHECKING:
     from rclpy.node import Node
 
 __all__ = [
-    'LAUNCH_ARGUMENTS',
-    'PARAMS',
-    'PER_CAMERA',
-    'ParamSpec',
-    'Settings',
-    'camera_override_key',
-    'camera_overrides',
-    'declare_all',
-    'declare_camera_overrides',
-    'engine_config_kwargs',
-    'name_launch_arguments',
-    'read_settings',
-    'validate_changes',
+    "LAUNCH_ARGUMENTS",
+    "PARAMS",
+    "PER_CAMERA",
+    "ParamSpec",
+    "Settings",
+    "camera_override_key",
+    "camera_overrides",
+    "declare_all",
+    "declare_camera_overrides",
+    "engine_config_kwargs",
+    "name_launch_arguments",
+    "read_settings",
+    "validate_changes",
 ]
 
-_DEVICE_RE = re.compile(r'^(cpu|cuda(:\d+)?)$')
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # Mirrors geodiff_ros.engine.accel.OPTIMIZE_MODES (not imported: params stay free of torch; a test compares them).
-OPTIMIZE_CHOICES: tuple[str, ...] = ('auto', 'none', 'channels_last', 'graph', 'compile', 'compile+graph')
+OPTIMIZE_CHOICES: tuple[str, ...] = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
 
 
 @dataclass(frozen=True)
@@ -56,129 +56,129 @@ class ParamSpec:
 
 PARAMS: tuple[ParamSpec, ...] = (
     # --- engine (read when configuring) ---
-    ParamSpec('model_depth', 'GonzaloMG/marigold-e2e-ft-depth',
+    ParamSpec("model_depth", "GonzaloMG/marigold-e2e-ft-depth",
               'Depth model: Hugging Face hub id or local folder in hub layout; "" disables depth.',
               configure_time=True),
-    ParamSpec('model_normals', 'GonzaloMG/marigold-e2e-ft-normals',
+    ParamSpec("model_normals", "GonzaloMG/marigold-e2e-ft-normals",
               'Normals model: Hugging Face hub id or local folder; "" disables normals.', configure_time=True),
-    ParamSpec('check_model_task', True,
-              'Refuse a model whose model_index.json (geodiff_task) or own folder / repo name says it is the other '
-              'task (swapped model_depth / model_normals). false trusts the parameter it was given in.',
+    ParamSpec("check_model_task", True,
+              "Refuse a model whose model_index.json (geodiff_task) or own folder / repo name says it is the other "
+              "task (swapped model_depth / model_normals). false trusts the parameter it was given in.",
               configure_time=True),
-    ParamSpec('tasks', ['depth', 'normals'],
-              'Which of the configured models to run (subset of depth, normals).',
-              choices=('depth', 'normals'), configure_time=True),
-    ParamSpec('device', 'cuda', 'Torch device: cpu, cuda or cuda:N.', configure_time=True),
-    ParamSpec('dtype', 'fp16',
-              'Inference precision. fp16 (default): fast on a GPU and within the engine benchmark\'s accuracy '
-              'tolerance; bf16 only on request (as fast, but outside that tolerance: benchmarks/README.md); fp32 '
-              'the official computation. The CPU runs fp16 as fp32.',
-              choices=('fp32', 'fp16', 'bf16'), configure_time=True),
-    ParamSpec('allow_cpu_fallback', False,
-              'If the device is unavailable, run on CPU (slow) instead of failing to configure.',
+    ParamSpec("tasks", ["depth", "normals"],
+              "Which of the configured models to run (subset of depth, normals).",
+              choices=("depth", "normals"), configure_time=True),
+    ParamSpec("device", "cuda", "Torch device: cpu, cuda or cuda:N.", configure_time=True),
+    ParamSpec("dtype", "fp16",
+              "Inference precision. fp16 (default): fast on a GPU and within the engine benchmark's accuracy "
+              "tolerance; bf16 only on request (as fast, but outside that tolerance: benchmarks/README.md); fp32 "
+              "the official computation. The CPU runs fp16 as fp32.",
+              choices=("fp32", "fp16", "bf16"), configure_time=True),
+    ParamSpec("allow_cpu_fallback", False,
+              "If the device is unavailable, run on CPU (slow) instead of failing to configure.",
               configure_time=True),
-    ParamSpec('local_files_only', False, 'Never download: load hub ids from the local cache only.',
+    ParamSpec("local_files_only", False, "Never download: load hub ids from the local cache only.",
               configure_time=True),
-    ParamSpec('processing_res', 768,
-              'Longest image edge fed to the network, multiple of 8 (0 = native size). Outputs match the input size.',
+    ParamSpec("processing_res", 768,
+              "Longest image edge fed to the network, multiple of 8 (0 = native size). Outputs match the input size.",
               lo=0, hi=4096, configure_time=True),
-    ParamSpec('optimize', 'auto',
-              'Engine speed-up (geodiff_ros/engine/accel.py). auto (default) = compile+graph on a CUDA GPU (fastest; '
-              'the first start compiles for a minute or two, restarts re-use the kernels cached per user, see the '
-              'README), none on the CPU. none = the official eager path; channels_last; graph (CUDA graphs: start-up '
-              'in seconds, about 3x slower than compile+graph); compile (torch.compile); compile+graph. The compiling '
-              'runs in the worker on activation (warmup_size), shown in /diagnostics; services stay responsive.',
+    ParamSpec("optimize", "auto",
+              "Engine speed-up (geodiff_ros/engine/accel.py). auto (default) = compile+graph on a CUDA GPU (fastest; "
+              "the first start compiles for a minute or two, restarts re-use the kernels cached per user, see the "
+              "README), none on the CPU. none = the official eager path; channels_last; graph (CUDA graphs: start-up "
+              "in seconds, about 3x slower than compile+graph); compile (torch.compile); compile+graph. The compiling "
+              "runs in the worker on activation (warmup_size), shown in /diagnostics; services stay responsive.",
               choices=OPTIMIZE_CHOICES, configure_time=True),
-    ParamSpec('cpu_threads', 0,
-              'device cpu only: torch intra-op threads (0 = one per core). 1 is faster for small models on 2-4 '
-              'cores shared with ROS (benchmarks/README.md); the full-size model wants every core.',
+    ParamSpec("cpu_threads", 0,
+              "device cpu only: torch intra-op threads (0 = one per core). 1 is faster for small models on 2-4 "
+              "cores shared with ROS (benchmarks/README.md); the full-size model wants every core.",
               lo=0, hi=256, configure_time=True),
-    ParamSpec('warmup_size', [640, 480],
-              'Width and height of a dummy frame the worker runs when the node activates, before real frames, so '
-              'lazy initialisation, compilation and CUDA-graph capture do not land on the first camera frame '
-              '(the node stays responsive meanwhile; camera frames wait newest-first). [0, 0] skips it.'),
+    ParamSpec("warmup_size", [640, 480],
+              "Width and height of a dummy frame the worker runs when the node activates, before real frames, so "
+              "lazy initialisation, compilation and CUDA-graph capture do not land on the first camera frame "
+              "(the node stays responsive meanwhile; camera frames wait newest-first). [0, 0] skips it."),
     # --- topics ---
-    ParamSpec('input_transport', 'raw', 'raw: sensor_msgs/Image on image; compressed: CompressedImage (JPEG/PNG)'
-              ' on image/compressed.', choices=('raw', 'compressed'), configure_time=True),
-    ParamSpec('qos.input.reliability', 'best_effort',
-              'Reliability of the input subscriptions (best_effort = SensorDataQoS, REP 2003).',
-              choices=('best_effort', 'reliable'), configure_time=True),
-    ParamSpec('qos.input.depth', 5, 'History depth of the input subscriptions.', lo=1, hi=1000,
+    ParamSpec("input_transport", "raw", "raw: sensor_msgs/Image on image; compressed: CompressedImage (JPEG/PNG)"
+              " on image/compressed.", choices=("raw", "compressed"), configure_time=True),
+    ParamSpec("qos.input.reliability", "best_effort",
+              "Reliability of the input subscriptions (best_effort = SensorDataQoS, REP 2003).",
+              choices=("best_effort", "reliable"), configure_time=True),
+    ParamSpec("qos.input.depth", 5, "History depth of the input subscriptions.", lo=1, hi=1000,
               configure_time=True),
-    ParamSpec('qos.output.reliability', 'reliable',
-              'Reliability of the outputs (reliable reaches depth_image_proc and RViz defaults).',
-              choices=('best_effort', 'reliable'), configure_time=True),
-    ParamSpec('qos.output.depth', 2, 'History depth of the output publishers.', lo=1, hi=1000,
+    ParamSpec("qos.output.reliability", "reliable",
+              "Reliability of the outputs (reliable reaches depth_image_proc and RViz defaults).",
+              choices=("best_effort", "reliable"), configure_time=True),
+    ParamSpec("qos.output.depth", 2, "History depth of the output publishers.", lo=1, hi=1000,
               configure_time=True),
     # --- input checks and preparation (runtime; issue 13) ---
-    ParamSpec('max_input_pixels', 40_000_000,
-              'Largest input image in pixels (width x height; 40 MP holds 8K UHD); a larger frame is dropped with a '
-              'warning before it is decoded (compressed: size read from the JPEG/PNG header). 0 = no limit.',
+    ParamSpec("max_input_pixels", 40_000_000,
+              "Largest input image in pixels (width x height; 40 MP holds 8K UHD); a larger frame is dropped with a "
+              "warning before it is decoded (compressed: size read from the JPEG/PNG header). 0 = no limit.",
               lo=0, hi=2_000_000_000),
-    ParamSpec('reduce_large_input', True,
-              'Compressed input at least 4x processing_res on its longest edge is decoded at 1/2, 1/4 or 1/8 size '
-              '(libjpeg scaling, still >= 2x processing_res); outputs and depth/camera_info then have that size. '
-              'false: outputs always at the input size.'),
-    ParamSpec('rectify', False,
-              'Undistort and rectify each image with its CameraInfo (D, K, R, P; OpenCV maps cached per '
-              'CameraInfo) before inference, as image_proc does: for a lens with distortion and no image_proc '
-              'upstream, so clouds are right. Outputs then carry the rectified CameraInfo (D = 0, R = I, K = P).'),
+    ParamSpec("reduce_large_input", True,
+              "Compressed input at least 4x processing_res on its longest edge is decoded at 1/2, 1/4 or 1/8 size "
+              "(libjpeg scaling, still >= 2x processing_res); outputs and depth/camera_info then have that size. "
+              "false: outputs always at the input size."),
+    ParamSpec("rectify", False,
+              "Undistort and rectify each image with its CameraInfo (D, K, R, P; OpenCV maps cached per "
+              "CameraInfo) before inference, as image_proc does: for a lens with distortion and no image_proc "
+              "upstream, so clouds are right. Outputs then carry the rectified CameraInfo (D = 0, R = I, K = P)."),
     # --- cameras and batching (issue 7) ---
-    ParamSpec('cameras', [],
-              'Camera names served by this node, e.g. [front, left]: each uses topics under its own prefix '
-              '(front/image, front/camera_info, front/depth/image, ...). [] = one camera on image, camera_info, ...',
+    ParamSpec("cameras", [],
+              "Camera names served by this node, e.g. [front, left]: each uses topics under its own prefix "
+              "(front/image, front/camera_info, front/depth/image, ...). [] = one camera on image, camera_info, ...",
               configure_time=True),
-    ParamSpec('batch_size', 4, 'Most frames (of different cameras) run through the model in one engine call.',
+    ParamSpec("batch_size", 4, "Most frames (of different cameras) run through the model in one engine call.",
               lo=1, hi=64, configure_time=True),
-    ParamSpec('batch_window_s', 0.005,
-              'Several cameras only: after a frame arrives, wait at most this long for other cameras\' frames so '
-              'they share one engine call (0 = never wait). Not added when the worker was busy anyway.',
+    ParamSpec("batch_window_s", 0.005,
+              "Several cameras only: after a frame arrives, wait at most this long for other cameras' frames so "
+              "they share one engine call (0 = never wait). Not added when the worker was busy anyway.",
               lo=0.0, hi=1.0),
     # --- point cloud (runtime) ---
-    ParamSpec('publish_cloud', True, 'Publish the points cloud (built only while someone subscribes).'),
-    ParamSpec('cloud_stride', 1, 'Keep every n-th pixel in x and y for the organized cloud.', lo=1, hi=64),
-    ParamSpec('cloud_color', True, 'Add the packed rgb field from the input image.'),
-    ParamSpec('cloud_normals', True, 'Add normal_x/y/z fields when normals are predicted.'),
+    ParamSpec("publish_cloud", True, "Publish the points cloud (built only while someone subscribes)."),
+    ParamSpec("cloud_stride", 1, "Keep every n-th pixel in x and y for the organized cloud.", lo=1, hi=64),
+    ParamSpec("cloud_color", True, "Add the packed rgb field from the input image."),
+    ParamSpec("cloud_normals", True, "Add normal_x/y/z fields when normals are predicted."),
     # --- metric alignment (runtime) ---
-    ParamSpec('alignment.method', 'ransac', 'Robust scale-and-shift fit to the sparse depth.',
-              choices=('ransac', 'irls', 'lsq')),
-    ParamSpec('alignment.min_points', 20, 'Fewest valid sparse points for a fit.', lo=3, hi=10_000_000),
-    ParamSpec('alignment.min_inlier_ratio', 0.3, 'Fewest inliers (fraction of valid points) for a fit.',
+    ParamSpec("alignment.method", "ransac", "Robust scale-and-shift fit to the sparse depth.",
+              choices=("ransac", "irls", "lsq")),
+    ParamSpec("alignment.min_points", 20, "Fewest valid sparse points for a fit.", lo=3, hi=10_000_000),
+    ParamSpec("alignment.min_inlier_ratio", 0.3, "Fewest inliers (fraction of valid points) for a fit.",
               lo=0.0, hi=1.0),
-    ParamSpec('alignment.inlier_threshold_rel', 0.1, 'Inlier when |aligned - sparse| / sparse is below this.',
+    ParamSpec("alignment.inlier_threshold_rel", 0.1, "Inlier when |aligned - sparse| / sparse is below this.",
               lo=0.001, hi=10.0),
-    ParamSpec('alignment.ema_alpha', 0.3, 'Temporal smoothing weight of a new fit (1 = no smoothing).',
+    ParamSpec("alignment.ema_alpha", 0.3, "Temporal smoothing weight of a new fit (1 = no smoothing).",
               lo=0.0, hi=1.0),
-    ParamSpec('alignment.max_fallback_age_s', 2.0,
-              'Reuse the last good fit for at most this long without a new one; then no metric output.',
+    ParamSpec("alignment.max_fallback_age_s", 2.0,
+              "Reuse the last good fit for at most this long without a new one; then no metric output.",
               lo=0.0, hi=3600.0),
-    ParamSpec('alignment.reset_ratio', 1.5,
-              'A new fit whose scale differs from the smoothed one by more than this factor restarts smoothing.',
+    ParamSpec("alignment.reset_ratio", 1.5,
+              "A new fit whose scale differs from the smoothed one by more than this factor restarts smoothing.",
               lo=1.01, hi=100.0),
-    ParamSpec('alignment.sparse_max_dt', 0.1,
-              'Largest stamp difference in seconds between an image and the sparse depth matched to it.',
+    ParamSpec("alignment.sparse_max_dt", 0.1,
+              "Largest stamp difference in seconds between an image and the sparse depth matched to it.",
               lo=0.0, hi=10.0),
-    ParamSpec('sparse_points.frame_id', '',
-              'Frame of sparse_points clouds that sparse_points.transform maps into the image\'s optical frame '
-              '(e.g. velodyne); empty: clouds must already be in the image frame.'),
-    ParamSpec('sparse_points.transform', [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
-              'Static extrinsic [x, y, z, qx, qy, qz, qw]: the pose of sparse_points.frame_id in the image\'s '
-              'optical frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it.'),
-    ParamSpec('alignment.fixed_scale', 0.0,
-              'If > 0: metric depth = fixed_scale * relative for frames without a metric fit (no sparse input, or '
-              'none usable for alignment.max_fallback_age_s); you vouch for the scale. A fit to sparse input, when '
-              'there is one, wins.',
+    ParamSpec("sparse_points.frame_id", "",
+              "Frame of sparse_points clouds that sparse_points.transform maps into the image's optical frame "
+              "(e.g. velodyne); empty: clouds must already be in the image frame."),
+    ParamSpec("sparse_points.transform", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+              "Static extrinsic [x, y, z, qx, qy, qz, qw]: the pose of sparse_points.frame_id in the image's "
+              "optical frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it."),
+    ParamSpec("alignment.fixed_scale", 0.0,
+              "If > 0: metric depth = fixed_scale * relative for frames without a metric fit (no sparse input, or "
+              "none usable for alignment.max_fallback_age_s); you vouch for the scale. A fit to sparse input, when "
+              "there is one, wins.",
               lo=0.0, hi=100000.0),
-    ParamSpec('min_depth', 0.1, 'Metric depth below this is published as NaN (metres).', lo=0.0, hi=100000.0),
-    ParamSpec('max_depth', 100.0, 'Metric depth above this is published as NaN (metres).', lo=0.0, hi=100000.0),
-    ParamSpec('depth_encoding', '32FC1',
-              'Encoding of depth/image (REP 118): 32FC1 metres, NaN = invalid; 16UC1 millimetres, 0 = invalid '
-              '(depth beyond 65.535 m is 0 too, never clipped), for consumers that take only 16-bit depth.',
-              choices=('32FC1', '16UC1')),
+    ParamSpec("min_depth", 0.1, "Metric depth below this is published as NaN (metres).", lo=0.0, hi=100000.0),
+    ParamSpec("max_depth", 100.0, "Metric depth above this is published as NaN (metres).", lo=0.0, hi=100000.0),
+    ParamSpec("depth_encoding", "32FC1",
+              "Encoding of depth/image (REP 118): 32FC1 metres, NaN = invalid; 16UC1 millimetres, 0 = invalid "
+              "(depth beyond 65.535 m is 0 too, never clipped), for consumers that take only 16-bit depth.",
+              choices=("32FC1", "16UC1")),
     # --- node ---
-    ParamSpec('autostart', True, 'Configure and activate at start-up (off: drive it with ros2 lifecycle).',
+    ParamSpec("autostart", True, "Configure and activate at start-up (off: drive it with ros2 lifecycle).",
               configure_time=True),
-    ParamSpec('diagnostics_period', 1.0, 'Seconds between /diagnostics messages.', lo=0.05, hi=3600.0,
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", lo=0.05, hi=3600.0,
               configure_time=True),
 )
 
@@ -187,33 +187,33 @@ _BY_NAME = {p.name: p for p in PARAMS}
 # Launch arguments (launch/depth.launch.py, multi_gpu.launch.py) that set one parameter each: the launch files
 # declare them from this table, and messages that name such a parameter also name its argument (name_launch_arguments).
 LAUNCH_ARGUMENTS: dict[str, str] = {
-    'model_depth': 'model', 'model_normals': 'model_normals', 'device': 'device', 'dtype': 'dtype',
-    'allow_cpu_fallback': 'allow_cpu_fallback', 'local_files_only': 'local_files_only',
-    'processing_res': 'processing_res', 'optimize': 'optimize', 'cpu_threads': 'cpu_threads',
-    'batch_size': 'batch_size', 'input_transport': 'input_transport', 'autostart': 'autostart',
-    'publish_cloud': 'publish_cloud', 'cloud_stride': 'cloud_stride', 'alignment.fixed_scale': 'fixed_scale',
-    'max_depth': 'max_depth',
+    "model_depth": "model", "model_normals": "model_normals", "device": "device", "dtype": "dtype",
+    "allow_cpu_fallback": "allow_cpu_fallback", "local_files_only": "local_files_only",
+    "processing_res": "processing_res", "optimize": "optimize", "cpu_threads": "cpu_threads",
+    "batch_size": "batch_size", "input_transport": "input_transport", "autostart": "autostart",
+    "publish_cloud": "publish_cloud", "cloud_stride": "cloud_stride", "alignment.fixed_scale": "fixed_scale",
+    "max_depth": "max_depth",
 }
 
 
 def name_launch_arguments(text: str) -> str:
     """``text`` plus the launch arguments of the parameters it names, e.g. "... (ros2 launch: model:=...)"."""
     named = [arg for param, arg in LAUNCH_ARGUMENTS.items()
-             if re.search(rf'(?<![\w.]){re.escape(param)}(?!\w)', text)]
+             if re.search(rf"(?<![\w.]){re.escape(param)}(?!\w)", text)]
     if not named:
         return text
     return f'{text} (ros2 launch: {", ".join(f"{arg}:=..." for arg in dict.fromkeys(named))})'
 
 # Runtime parameters a camera may override as camera.<name>.<parameter> (scale, range and cloud differ per camera).
-PER_CAMERA: tuple[str, ...] = ('alignment.fixed_scale', 'alignment.sparse_max_dt', 'min_depth', 'max_depth',
-                               'cloud_stride', 'sparse_points.frame_id', 'sparse_points.transform')
+PER_CAMERA: tuple[str, ...] = ("alignment.fixed_scale", "alignment.sparse_max_dt", "min_depth", "max_depth",
+                               "cloud_stride", "sparse_points.frame_id", "sparse_points.transform")
 
 
 def camera_override_key(name: str) -> tuple[str, str] | None:
     """``camera.front.max_depth`` -> ("front", "max_depth"); None for any other parameter name."""
-    if not name.startswith('camera.'):
+    if not name.startswith("camera."):
         return None
-    camera, _, key = name[len('camera.'):].partition('.')
+    camera, _, key = name[len("camera."):].partition(".")
     if camera and key in PER_CAMERA:
         return camera, key
     return None
@@ -224,19 +224,19 @@ def declare_all(node: Node) -> None:
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
     for spec in PARAMS:
-        if spec.name == 'cameras':
+        if spec.name == "cameras":
             # rclpy types a declared [] as a byte array and rcl turns a YAML [] into "not set": dynamic typing
             # accepts both and a string list; read_settings normalises the value (camera_sets.parse_camera_list).
             node.declare_parameter(spec.name, [], ParameterDescriptor(
                 description=spec.description, dynamic_typing=True,
-                additional_constraints='string array of ROS name tokens; fixed while configured'))
+                additional_constraints="string array of ROS name tokens; fixed while configured"))
             continue
         constraints = []
         if spec.choices:
-            constraints.append('one of: ' + ', '.join(spec.choices))
+            constraints.append("one of: " + ", ".join(spec.choices))
         if spec.configure_time:
-            constraints.append('fixed while configured (cleanup the node to change it)')
-        desc = ParameterDescriptor(description=spec.description, additional_constraints='; '.join(constraints))
+            constraints.append("fixed while configured (cleanup the node to change it)")
+        desc = ParameterDescriptor(description=spec.description, additional_constraints="; ".join(constraints))
         if spec.lo is not None and spec.hi is not None:
             if isinstance(spec.default, bool):
                 pass
@@ -258,12 +258,12 @@ def declare_camera_overrides(node: Node, cameras: list[str]) -> None:
              str: Parameter.Type.STRING, list: Parameter.Type.DOUBLE_ARRAY}
     for camera in cameras:
         for key in PER_CAMERA:
-            name = f'camera.{camera}.{key}'
+            name = f"camera.{camera}.{key}"
             if node.has_parameter(name):
                 continue
             spec = _BY_NAME[key]
             node.declare_parameter(name, kinds[type(spec.default)], ParameterDescriptor(
-                description=f'Camera {camera} only: {spec.description} (unset = the node-wide {key}).'))
+                description=f"Camera {camera} only: {spec.description} (unset = the node-wide {key})."))
 
 
 def camera_overrides(node: Node, cameras: list[str]) -> dict[str, dict[str, Any]]:
@@ -275,7 +275,7 @@ def camera_overrides(node: Node, cameras: list[str]) -> dict[str, dict[str, Any]
         out[camera] = {}
         for key in PER_CAMERA:
             try:
-                value = node.get_parameter(f'camera.{camera}.{key}').value
+                value = node.get_parameter(f"camera.{camera}.{key}").value
             except ParameterUninitializedException:
                 continue
             if value is not None:
@@ -287,13 +287,13 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
     """Reason ``value`` is invalid for ``spec``, or None. Ranges are also enforced by rclpy; kept for tests."""
     if spec.lo is not None and spec.hi is not None and not isinstance(value, bool):
         if not spec.lo <= value <= spec.hi:
-            return f'{spec.name}={value!r} is outside [{spec.lo:g}, {spec.hi:g}]'
+            return f"{spec.name}={value!r} is outside [{spec.lo:g}, {spec.hi:g}]"
     if spec.choices:
         values = value if isinstance(value, (list, tuple)) else [value]
         bad = [v for v in values if v not in spec.choices]
         if bad:
             return f'{spec.name}={value!r}: {bad[0]!r} is not one of {", ".join(spec.choices)}'
-    if spec.name == 'cameras':
+    if spec.name == "cameras":
         from geodiff_ros.ros.camera_sets import CameraListError, parse_camera_list
 
         try:
@@ -301,27 +301,27 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
         except CameraListError as err:
             return str(err)
         return None
-    if spec.name == 'warmup_size':
+    if spec.name == "warmup_size":
         size = list(value)
         if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-            return f'warmup_size={size!r} must be two integers [width, height] ([0, 0] skips the warm-up)'
+            return f"warmup_size={size!r} must be two integers [width, height] ([0, 0] skips the warm-up)"
         if size != [0, 0] and not all(8 <= v <= 8192 for v in size):
-            return f'warmup_size={size!r}: width and height must be within [8, 8192], or [0, 0] to skip the warm-up'
+            return f"warmup_size={size!r}: width and height must be within [8, 8192], or [0, 0] to skip the warm-up"
         return None
-    if spec.name == 'sparse_points.transform':
+    if spec.name == "sparse_points.transform":
         from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
 
         try:
             RigidTransform(list(value))
         except (InvalidTransform, TypeError) as err:
-            return f'sparse_points.transform: {err}'
+            return f"sparse_points.transform: {err}"
         return None
-    if spec.name == 'device' and not _DEVICE_RE.match(str(value)):
-        return f'device={value!r} must be cpu, cuda or cuda:N'
-    if spec.name == 'processing_res' and int(value) % 8 != 0:
-        return f'processing_res={value} must be a multiple of 8 (the VAE downsamples by 8), or 0 for native size'
-    if spec.name == 'alignment.ema_alpha' and float(value) <= 0.0:
-        return 'alignment.ema_alpha must be > 0 (0 would never take a new fit); use 1 for no smoothing'
+    if spec.name == "device" and not _DEVICE_RE.match(str(value)):
+        return f"device={value!r} must be cpu, cuda or cuda:N"
+    if spec.name == "processing_res" and int(value) % 8 != 0:
+        return f"processing_res={value} must be a multiple of 8 (the VAE downsamples by 8), or 0 for native size"
+    if spec.name == "alignment.ema_alpha" and float(value) <= 0.0:
+        return "alignment.ema_alpha must be > 0 (0 would never take a new fit); use 1 for no smoothing"
     return None
 
 
@@ -342,29 +342,29 @@ def validate_changes(changes: dict[str, Any], current: dict[str, Any], configure
                 continue  # unset again: the node-wide value applies
             reason = _check_one(_BY_NAME[per_camera[1]], value)
             if reason:
-                return f'{name}: {reason}'
+                return f"{name}: {reason}"
             continue
         if spec is None:
             continue  # use_sim_time, qos_overrides..., handled by rclpy
         if configured and spec.configure_time and value != current.get(name):
-            return (f'{name} is fixed while the node is configured; run `ros2 lifecycle set <node> deactivate` '
-                    f'and `cleanup`, set it, then `configure` and `activate` again')
+            return (f"{name} is fixed while the node is configured; run `ros2 lifecycle set <node> deactivate` "
+                    f"and `cleanup`, set it, then `configure` and `activate` again")
         reason = _check_one(spec, value)
         if reason:
             return reason
-    if float(merged.get('min_depth', 0.0)) >= float(merged.get('max_depth', float('inf'))):
+    if float(merged.get("min_depth", 0.0)) >= float(merged.get("max_depth", float("inf"))):
         return f'min_depth ({merged["min_depth"]}) must be smaller than max_depth ({merged["max_depth"]})'
     for camera in sorted({key[0] for key in map(camera_override_key, merged) if key is not None}):
-        lo = merged.get(f'camera.{camera}.min_depth', merged.get('min_depth', 0.0))
-        hi = merged.get(f'camera.{camera}.max_depth', merged.get('max_depth', float('inf')))
+        lo = merged.get(f"camera.{camera}.min_depth", merged.get("min_depth", 0.0))
+        hi = merged.get(f"camera.{camera}.max_depth", merged.get("max_depth", float("inf")))
         if lo is not None and hi is not None and float(lo) >= float(hi):
-            return f'camera {camera}: min_depth ({lo}) must be smaller than max_depth ({hi})'
-    tasks = list(merged.get('tasks', []))
-    if changes.keys() & {'tasks', 'model_depth', 'model_normals'}:
-        runnable = [t for t in tasks if merged.get(f'model_{t}', '')]
+            return f"camera {camera}: min_depth ({lo}) must be smaller than max_depth ({hi})"
+    tasks = list(merged.get("tasks", []))
+    if changes.keys() & {"tasks", "model_depth", "model_normals"}:
+        runnable = [t for t in tasks if merged.get(f"model_{t}", "")]
         if not runnable:
-            return ('no task left to run: tasks must include depth or normals with a non-empty model_depth / '
-                    'model_normals')
+            return ("no task left to run: tasks must include depth or normals with a non-empty model_depth / "
+                    "model_normals")
     return None
 
 
@@ -379,13 +379,13 @@ class Settings:
 
     def active_tasks(self) -> tuple[str, ...]:
         """Tasks that are requested and have a model."""
-        return tuple(t for t in ('depth', 'normals') if t in self['tasks'] and self[f'model_{t}'])
+        return tuple(t for t in ("depth", "normals") if t in self["tasks"] and self[f"model_{t}"])
 
     def cameras(self) -> list[str]:
         """Camera names ([] = the single unnamed camera on today's topics)."""
         from geodiff_ros.ros.camera_sets import parse_camera_list
 
-        return parse_camera_list(self.values.get('cameras'))
+        return parse_camera_list(self.values.get("cameras"))
 
     def for_camera(self, overrides: dict[str, Any]) -> Settings:
         """These settings with one camera's ``camera.<name>.*`` overrides applied."""
@@ -401,16 +401,16 @@ def engine_config_kwargs(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``geodiff_ros.engine.EngineConfig`` from the node settings."""
     tasks = settings.active_tasks()
     return {
-        'depth_model': settings['model_depth'] if 'depth' in tasks else None,
-        'normals_model': settings['model_normals'] if 'normals' in tasks else None,
-        'device': settings['device'],
-        'dtype': settings['dtype'],
-        'processing_res': int(settings['processing_res']),
-        'match_input_res': True,  # outputs share the input's pixel grid, so CameraInfo is reused as is
-        'allow_cpu_fallback': bool(settings['allow_cpu_fallback']),
-        'local_files_only': bool(settings['local_files_only']),
-        'batch_size': int(settings['batch_size']),
-        'optimize': str(settings['optimize']),
-        'cpu_threads': int(settings['cpu_threads']),
-        'check_model_task': bool(settings['check_model_task']),
+        "depth_model": settings["model_depth"] if "depth" in tasks else None,
+        "normals_model": settings["model_normals"] if "normals" in tasks else None,
+        "device": settings["device"],
+        "dtype": settings["dtype"],
+        "processing_res": int(settings["processing_res"]),
+        "match_input_res": True,  # outputs share the input's pixel grid, so CameraInfo is reused as is
+        "allow_cpu_fallback": bool(settings["allow_cpu_fallback"]),
+        "local_files_only": bool(settings["local_files_only"]),
+        "batch_size": int(settings["batch_size"]),
+        "optimize": str(settings["optimize"]),
+        "cpu_threads": int(settings["cpu_threads"]),
+        "check_model_task": bool(settings["check_model_task"]),
     }

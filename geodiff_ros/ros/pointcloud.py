@@ -25,18 +25,18 @@ if TYPE_CHECKING:
     from geodiff_ros.geometry.transform import RigidTransform
 
 __all__ = [
-    'PointCloudError',
-    'cloud_array',
-    'cloud_to_msg',
-    'cloud_to_sparse_depth',
-    'cloud_xyz',
-    'pack_rgb',
-    'project_points_to_depth',
-    'read_cloud',
+    "PointCloudError",
+    "cloud_array",
+    "cloud_to_msg",
+    "cloud_to_sparse_depth",
+    "cloud_xyz",
+    "pack_rgb",
+    "project_points_to_depth",
+    "read_cloud",
 ]
 
 # sensor_msgs/PointField datatype constants -> numpy (little-endian base types)
-_DATATYPES: dict[int, str] = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 8: 'f8'}
+_DATATYPES: dict[int, str] = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8"}
 _FLOAT32 = 7
 
 
@@ -60,23 +60,23 @@ def cloud_array(
     """
     xyz = np.asarray(xyz)
     if xyz.ndim != 3 or xyz.shape[2] != 3:
-        msg = f'xyz must be [H,W,3]; got shape {xyz.shape}'
+        msg = f"xyz must be [H,W,3]; got shape {xyz.shape}"
         raise ValueError(msg)
-    fields: list[tuple[str, str]] = [('x', '<f4'), ('y', '<f4'), ('z', '<f4')]
+    fields: list[tuple[str, str]] = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
     if rgb is not None:
-        fields.append(('rgb', '<f4'))
+        fields.append(("rgb", "<f4"))
     if normals is not None:
-        fields += [('normal_x', '<f4'), ('normal_y', '<f4'), ('normal_z', '<f4')]
+        fields += [("normal_x", "<f4"), ("normal_y", "<f4"), ("normal_z", "<f4")]
     out = np.empty(xyz.shape[:2], dtype=np.dtype(fields))  # [H,W]
-    out['x'], out['y'], out['z'] = xyz[..., 0], xyz[..., 1], xyz[..., 2]
-    for name, extra in (('rgb', rgb), ('normals', normals)):
+    out["x"], out["y"], out["z"] = xyz[..., 0], xyz[..., 1], xyz[..., 2]
+    for name, extra in (("rgb", rgb), ("normals", normals)):
         if extra is not None and np.shape(extra)[:2] != xyz.shape[:2]:
-            msg = f'{name} shape {np.shape(extra)} does not match xyz grid {xyz.shape[:2]}'
+            msg = f"{name} shape {np.shape(extra)} does not match xyz grid {xyz.shape[:2]}"
             raise ValueError(msg)
     if rgb is not None:
-        out['rgb'] = pack_rgb(rgb)
+        out["rgb"] = pack_rgb(rgb)
     if normals is not None:
-        out['normal_x'], out['normal_y'], out['normal_z'] = normals[..., 0], normals[..., 1], normals[..., 2]
+        out["normal_x"], out["normal_y"], out["normal_z"] = normals[..., 0], normals[..., 1], normals[..., 2]
     return out
 
 
@@ -86,7 +86,7 @@ def cloud_to_msg(points: np.ndarray, header: Any = None) -> PointCloud2:
 
     points = np.ascontiguousarray(points)
     if points.dtype.names is None:
-        raise ValueError('points must be a structured numpy array (see cloud_array)')
+        raise ValueError("points must be a structured numpy array (see cloud_array)")
     if points.ndim == 1:
         points = points[None, :]
     msg = PointCloud2()
@@ -95,16 +95,16 @@ def cloud_to_msg(points: np.ndarray, header: Any = None) -> PointCloud2:
     msg.height, msg.width = int(points.shape[0]), int(points.shape[1])
     for name in points.dtype.names:
         dt, offset = points.dtype.fields[name][:2]
-        code = {v: k for k, v in _DATATYPES.items()}.get(dt.base.str.lstrip('<>|='))
+        code = {v: k for k, v in _DATATYPES.items()}.get(dt.base.str.lstrip("<>|="))
         if code is None:
-            msg_ = f'field {name!r} has dtype {dt} with no PointField datatype'
+            msg_ = f"field {name!r} has dtype {dt} with no PointField datatype"
             raise ValueError(msg_)
         msg.fields.append(PointField(name=name, offset=int(offset), datatype=code, count=1))
     msg.is_bigendian = False
     msg.point_step = int(points.dtype.itemsize)
     msg.row_step = msg.point_step * msg.width
     msg.is_dense = False  # NaN marks invalid points (REP 117); consumers must not assume all finite
-    data = array.array('B')
+    data = array.array("B")
     data.frombytes(memoryview(points.reshape(-1).view(np.uint8)))  # fast path, never the bytes setter (#177)
     msg.data = data
     return msg
@@ -119,33 +119,33 @@ def read_cloud(msg: Any) -> np.ndarray:
     fields = list(msg.fields)
     point_step = int(msg.point_step)
     if point_step <= 0 or not fields:
-        raise PointCloudError(f'PointCloud2 has point_step {point_step} and {len(fields)} fields; nothing to read')
+        raise PointCloudError(f"PointCloud2 has point_step {point_step} and {len(fields)} fields; nothing to read")
     names, formats, offsets = [], [], []
-    order = '>' if msg.is_bigendian else '<'
+    order = ">" if msg.is_bigendian else "<"
     for f in fields:
         base = _DATATYPES.get(int(f.datatype))
         if base is None:
-            msg_ = f'PointField {f.name!r} has unknown datatype {f.datatype}'
+            msg_ = f"PointField {f.name!r} has unknown datatype {f.datatype}"
             raise PointCloudError(msg_)
         count = int(f.count) or 1
         name, offset = str(f.name), int(f.offset)
         end = offset + count * np.dtype(base).itemsize
         if name in names or offset < 0 or end > point_step:
-            why = 'is listed twice' if name in names else f'spans bytes {offset}..{end} of a {point_step}-byte point'
-            raise PointCloudError(f'PointField {name!r} {why}; the publisher\'s cloud layout is broken')
+            why = "is listed twice" if name in names else f"spans bytes {offset}..{end} of a {point_step}-byte point"
+            raise PointCloudError(f"PointField {name!r} {why}; the publisher's cloud layout is broken")
         names.append(name)
-        formats.append((order + base) if count == 1 else (f'{count}{order}{base}'))
+        formats.append((order + base) if count == 1 else (f"{count}{order}{base}"))
         offsets.append(offset)
     try:
-        dtype = np.dtype({'names': names, 'formats': formats, 'offsets': offsets, 'itemsize': point_step})
+        dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": point_step})
     except (TypeError, ValueError) as err:  # e.g. overlapping fields numpy refuses
-        raise PointCloudError(f'PointCloud2 field layout unreadable: {err}') from err
+        raise PointCloudError(f"PointCloud2 field layout unreadable: {err}") from err
     height, width = int(msg.height), int(msg.width)
     row_step = int(msg.row_step) or width * int(msg.point_step)
     buf = to_uint8_array(msg.data)
     if buf.size < row_step * height or row_step < width * int(msg.point_step):
-        msg_ = (f'PointCloud2 data has {buf.size} B; need row_step x height = {row_step} x {height} '
-                f'with point_step {msg.point_step} x width {width}')
+        msg_ = (f"PointCloud2 data has {buf.size} B; need row_step x height = {row_step} x {height} "
+                f"with point_step {msg.point_step} x width {width}")
         raise PointCloudError(msg_)
     rows = np.ascontiguousarray(buf[: row_step * height].reshape(height, row_step)[:, : width * dtype.itemsize])
     return rows.view(dtype).reshape(height, width)
@@ -155,10 +155,10 @@ def cloud_xyz(msg: Any) -> np.ndarray:
     """x, y, z of a PointCloud2-like message as float32 ``[N,3]`` in native order (NaN rows kept)."""
     pts = read_cloud(msg).reshape(-1)
     names = pts.dtype.names or ()
-    if not {'x', 'y', 'z'} <= set(names):
-        msg_ = f'PointCloud2 has fields {names}; x, y and z are required'
+    if not {"x", "y", "z"} <= set(names):
+        msg_ = f"PointCloud2 has fields {names}; x, y and z are required"
         raise PointCloudError(msg_)
-    return np.stack([pts['x'], pts['y'], pts['z']], axis=-1).astype(np.float32)  # [N,3]
+    return np.stack([pts["x"], pts["y"], pts["z"]], axis=-1).astype(np.float32)  # [N,3]
 
 
 def project_points_to_depth(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-__all__ = ['DIAGNOSTICS_QOS', 'make_qos']
+__all__ = ["DIAGNOSTICS_QOS", "make_qos"]
 
 _RELIABILITY = {
-    'best_effort': ReliabilityPolicy.BEST_EFFORT,
-    'reliable': ReliabilityPolicy.RELIABLE,
+    "best_effort": ReliabilityPolicy.BEST_EFFORT,
+    "reliable": ReliabilityPolicy.RELIABLE,
 }
 
 # diagnostic_updater publishes /diagnostics reliable, depth 1 (ros-anchors 2.9); the aggregator expects that.

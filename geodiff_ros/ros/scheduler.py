@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ['BatchStats', 'FrameScheduler', 'Handoff']
+__all__ = ["BatchStats", "FrameScheduler", "Handoff"]
 
 
 class FrameScheduler:
@@ -23,7 +23,7 @@ class FrameScheduler:
 
     def __init__(self, n_cameras: int, clock: Callable[[], float] = time.monotonic) -> None:
         if n_cameras < 1:
-            msg = 'a FrameScheduler needs at least one camera'
+            msg = "a FrameScheduler needs at least one camera"
             raise ValueError(msg)
         self._n = n_cameras
         self._clock = clock
@@ -173,10 +173,10 @@ class BatchStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                'engine_calls': self.engine_calls,
-                'network_passes': self.network_passes,
-                'frames': self.frames,
-                'batched_frames': self.batched_frames,
-                'max_batch': self.max_batch,
-                'frames_per_pass': self.frames / self.network_passes if self.network_passes else float('nan'),
+                "engine_calls": self.engine_calls,
+                "network_passes": self.network_passes,
+                "frames": self.frames,
+                "batched_frames": self.batched_frames,
+                "max_batch": self.max_batch,
+                "frames_per_pass": self.frames / self.network_passes if self.network_passes else float("nan"),
             }

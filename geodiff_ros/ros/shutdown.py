@@ -19,7 +19,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-__all__ = ['HANDLED_SIGNALS', 'ShutdownRequest']
+__all__ = ["HANDLED_SIGNALS", "ShutdownRequest"]
 
 HANDLED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -50,7 +50,7 @@ class ShutdownRequest:
     @property
     def reason(self) -> str:
         """The signal that asked for the shutdown ('' if none)."""
-        return self.received[0] if self.received else ''
+        return self.received[0] if self.received else ""
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a request; True once one arrived."""

@@ -12,11 +12,11 @@ import numpy as np
 
 from geodiff_ros.geometry.transform import RigidTransform
 
-__all__ = ['kitti_velodyne_to_camera2']
+__all__ = ["kitti_velodyne_to_camera2"]
 
 
 def _calib(path: Path) -> dict[str, np.ndarray]:
-    rows = (line.split(':', 1) for line in path.read_text().splitlines() if ':' in line)
+    rows = (line.split(":", 1) for line in path.read_text().splitlines() if ":" in line)
     return {k: np.array([float(v) for v in rest.split()]) for k, rest in rows}
 
 
@@ -26,10 +26,10 @@ def kitti_velodyne_to_camera2(calib_file: Path) -> tuple[list[float], np.ndarray
     from scipy.spatial.transform import Rotation
 
     cal = _calib(Path(calib_file))
-    p2 = cal['P2'].reshape(3, 4)
-    velo_to_cam0 = np.vstack([cal['Tr_velo_to_cam'].reshape(3, 4), [0, 0, 0, 1]])
+    p2 = cal["P2"].reshape(3, 4)
+    velo_to_cam0 = np.vstack([cal["Tr_velo_to_cam"].reshape(3, 4), [0, 0, 0, 1]])
     rect = np.eye(4)
-    rect[:3, :3] = cal['R0_rect'].reshape(3, 3)
+    rect[:3, :3] = cal["R0_rect"].reshape(3, 3)
     cam0_to_cam2 = np.eye(4)
     cam0_to_cam2[:3, 3] = np.linalg.solve(p2[:, :3], p2[:, 3])  # P2 = K [I | t]
     matrix = cam0_to_cam2 @ rect @ velo_to_cam0  # [4,4] velodyne -> camera 2 (rectified, optical)
