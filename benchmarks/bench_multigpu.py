@@ -136,7 +136,7 @@ def start_nodes(plan: dict[int, list[str]], args: argparse.Namespace, model: str
     procs = []
     for index, cameras in sorted(plan.items()):
         device = args.device_list[index]
-        cmd = [sys.executable, "-m", "geodiff_ros.ros.node", "--ros-args", "--params-file",
+        cmd = [sys.executable, "-m", "geodiff_ros.ros.process", "--ros-args", "--params-file",
                str(REPO / "config" / "geodiff.yaml"), *common, "-p", f"device:={device}",
                "-p", f'cameras:=[{",".join(cameras)}]', "-r", f"__node:=geodiff_gpu{index}"]
         log = open(log_dir / f"{tag}_gpu{index}.log", "wb")

@@ -4,7 +4,7 @@ Steps:
   1. Loopback DDS settings for this process and its children, unless the user set them.
   2. Input: ``--bag`` (default: the shared TUM RGB-D bag beside the checkout, else a small synthetic bag written
      into the output folder) or ``--live`` topics.
-  3. The real node (``python -m geodiff_ros.ros.node`` with ``config/geodiff.yaml``) starts as a subprocess; if its
+  3. The real node (``python -m geodiff_ros.ros.process`` with ``config/geodiff.yaml``) starts as a subprocess; if its
      model cannot be loaded the demo prints the engine's message (how to supply the weights) and exits 1.
   4. A recorder subscribes to the node's outputs; the player publishes the bag, turning the depth camera into
      sparse metric depth (``--sparse-fraction``, 2 % by default) so the metric alignment has something to fit.
@@ -394,7 +394,7 @@ def _run(args: argparse.Namespace) -> int:
         device, dtype = args.device or "cpu", args.dtype or "fp32"
         processing_res = args.processing_res if args.processing_res is not None else 256
     params_file = share_file("config", "geodiff.yaml")
-    cmd = [sys.executable, "-m", "geodiff_ros.ros.node", "--ros-args"]
+    cmd = [sys.executable, "-m", "geodiff_ros.ros.process", "--ros-args"]
     if params_file is not None:
         cmd += ["--params-file", str(params_file)]
     for name, value in (("model_depth", depth_model), ("model_normals", normals_model), ("device", device),
