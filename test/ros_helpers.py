@@ -57,7 +57,7 @@ def launch_file(name: str) -> Path:
 
 # console_scripts of setup.py: launch_ros starts executables from <prefix>/lib/geodiff_ros/.
 CONSOLE_SCRIPTS = {"geodiff_node": "geodiff_ros.ros.process", "geodiff_bag": "geodiff_ros.bag.cli",
-                   "geodiff_demo": "geodiff_ros.ros.demo", "geodiff_predict": "geodiff_ros.cli.predict"}
+                   "geodiff_demo": "geodiff_ros.cli.demo", "geodiff_predict": "geodiff_ros.cli.predict"}
 
 
 def checkout_ament_prefix(folder: Path) -> Path:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aot import stage_signature
 from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class _Stage:
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.aot:
-            runner = self.aot.get(aot_signature(args))
+            runner = self.aot.get(stage_signature(args))
             if runner is not None:
                 return runner(*args)
         if self.fn is self.eager:
@@ -133,11 +134,6 @@ class _Stage:
                         self.error.splitlines()[0][:300])
             self.fn = self.eager
             return self.eager(*args)
-
-
-def aot_signature(args: Sequence[Any]) -> tuple:
-    """Shapes, dtypes and strides of a stage call's tensor arguments (the key of its AOT packages, aot.py)."""
-    return tuple((tuple(a.shape), str(a.dtype), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
 
 
 def mark_batch_dynamic(args: Sequence[Any]) -> None:
