@@ -39,6 +39,13 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))  # run from a checkout without installing the package
 
+from geodiff_ros.engine.config import (  # noqa: E402
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DTYPE_CHOICES,
+    processing_res_argument,
+)
+
 LOG = logging.getLogger("bench_bag_split")
 VALUE_TOPICS = ("/depth/relative", "/depth/image", "/normals/image")
 
@@ -51,9 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-frames", type=int, default=8, help="frames of the warm-up pass (per device set)")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
-    p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
     p.add_argument("--optimize", default="none", help="EngineConfig.optimize of every worker")
-    p.add_argument("--processing-res", type=int, default=768)
+    p.add_argument("--processing-res", type=processing_res_argument, default=DEFAULT_PROCESSING_RES)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tasks", default="depth,normals", help="depth, normals or both")
     p.add_argument("--model-depth", default=None, help="depth model (default random SD2-size weights)")

@@ -32,6 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
+from geodiff_ros.engine.config import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DEPTH_HUB_ID,
+    DTYPE_CHOICES,
+    NORMALS_HUB_ID,
+    processing_res_argument,
+)
 from geodiff_ros.ros.environment import ensure_ros_env, share_file
 
 if TYPE_CHECKING:  # rclpy is imported only once the environment is set (main)
@@ -42,8 +51,6 @@ __all__ = ["main"]
 LOG = logging.getLogger("geodiff_demo")
 
 _PKG_ROOT = Path(__file__).resolve().parents[2]  # folder holding the geodiff_ros package (repo root in a checkout)
-DEPTH_HUB_ID = "GonzaloMG/marigold-e2e-ft-depth"
-NORMALS_HUB_ID = "GonzaloMG/marigold-e2e-ft-normals"
 SPARSE_TOPIC = "/geodiff_demo/sparse_depth"
 OUTPUTS = ("/depth/relative", "/depth/image", "/depth/camera_info", "/normals/image", "/points")
 
@@ -250,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth-model", default=None, help=f"hub id or folder (default {DEPTH_HUB_ID})")
     parser.add_argument("--normals-model", default=None, help=f"hub id or folder (default {NORMALS_HUB_ID})")
     parser.add_argument("--device", default=None, help="cuda (default), cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp16")
-    parser.add_argument("--processing-res", type=int, default=None, help="default 768 (256 with --tiny)")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=f"default {DEFAULT_DTYPE}")
+    parser.add_argument("--processing-res", type=processing_res_argument, default=None,
+                        help=f"default {DEFAULT_PROCESSING_RES} (256 with --tiny)")
     parser.add_argument("--allow-cpu-fallback", action="store_true")
     parser.add_argument("--local-files-only", action="store_true", help="never download weights")
     parser.add_argument("--tiny", action="store_true",
@@ -324,8 +332,8 @@ def _run(args: argparse.Namespace) -> int:
     # 3. Model settings and the node.
     depth_model = args.depth_model or DEPTH_HUB_ID
     normals_model = args.normals_model or NORMALS_HUB_ID
-    device, dtype = args.device or "cuda", args.dtype or "fp16"
-    processing_res = args.processing_res if args.processing_res is not None else 768
+    device, dtype = args.device or DEFAULT_DEVICE, args.dtype or DEFAULT_DTYPE
+    processing_res = args.processing_res if args.processing_res is not None else DEFAULT_PROCESSING_RES
     if args.tiny:
         from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
 

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 
 from .aot import stage_signature
+from .config import optimize_problem
 from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
 
-OPTIMIZE_MODES = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
 MAX_GRAPHS = 8  # captured (shape, tasks) combinations kept (batch sizes 1-4 of two sizes); each holds its memory
 # Compiled modes only: VAE GroupNorm statistics from per-channel sums (see _ChannelSumGroupNorm). Read when an
 # Accelerator is built. H100 fp16 compile+graph: depth 30.8 -> 27.0 ms, depth+normals 54.3 -> 47.1 ms, accuracy
@@ -87,10 +87,10 @@ class AccelSettings:
 def parse_optimize(mode: str) -> AccelSettings:
     """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices.
     ``auto`` is resolved for a device first (:func:`resolve_optimize`); here it only passes the check."""
+    problem = optimize_problem(mode)
+    if problem:
+        raise ValueError(f"{problem} (node parameter optimize, EngineConfig.optimize)")
     key = (mode or "none").strip().lower()
-    if key not in OPTIMIZE_MODES:
-        raise ValueError(f"unknown optimize mode {mode!r}: use one of {', '.join(OPTIMIZE_MODES)} "
-                         "(node parameter optimize, EngineConfig.optimize)")
     return AccelSettings(channels_last=key not in ("none", "auto"), compile="compile" in key,
                          cuda_graph="graph" in key)
 
