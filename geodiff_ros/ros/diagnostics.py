@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from geodiff_ros.pipeline import AlignmentInfo
 
 if TYPE_CHECKING:
     from diagnostic_msgs.msg import DiagnosticStatus
@@ -28,19 +29,6 @@ _WINDOW_S = 5.0  # rates are averaged over the last few seconds so a stall shows
 STAGES: tuple[str, ...] = ("decode", "engine", "post", "publish", "stamp_to_publish")
 
 
-@dataclass
-class AlignmentInfo:
-    """Last alignment state as published in diagnostics (source: fit, smoothed, fallback, fixed or none)."""
-
-    source: str = "none"
-    scale: float = float("nan")
-    shift: float = float("nan")
-    n_points: int = 0
-    n_inliers: int = 0
-    residual_rel: float = float("nan")
-    reason: str = ""
-
-
 class PipelineStats:
     """Thread-safe counters shared by the subscription callbacks, the worker and the diagnostics timer."""
 
@@ -49,6 +37,7 @@ class PipelineStats:
         self.received = 0
         self.dropped = 0  # overwritten in the one-slot mailbox before the worker took them
         self.bad_input = 0  # could not be decoded or processed
+        self.sparse_dropped = 0  # sparse messages too large to keep for matching
         self.processed = 0
         self.metric = 0  # frames published with metric depth
         self._in_times: deque[float] = deque()
@@ -66,6 +55,11 @@ class PipelineStats:
             self.dropped += int(dropped_previous)
             self._in_times.append(now)
             self._trim(self._in_times, now)
+
+    def on_sparse_dropped(self) -> None:
+        """A sparse message was too large to keep for matching."""
+        with self._lock:
+            self.sparse_dropped += 1
 
     def on_bad_input(self, error: str) -> None:
         """A frame was dropped because it could not be converted or processed."""
@@ -115,6 +109,7 @@ class PipelineStats:
                 "processed": self.processed,
                 "dropped": self.dropped,
                 "bad_input": self.bad_input,
+                "sparse_dropped": self.sparse_dropped,
                 "metric_frames": self.metric,
                 "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
                 "latency_p95_ms": float(np.percentile(lat, 95) * 1e3) if lat.size else float("nan"),

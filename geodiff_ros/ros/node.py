@@ -195,7 +195,7 @@ class GeoDiffNode(LifecycleNode):
         out_qos = make_qos(settings["qos.output.reliability"], settings["qos.output.depth"])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
-            cam.aligner = cam.make_aligner(settings.for_camera(cam.overrides))
+            cam.start_frames(settings.for_camera(cam.overrides))
         if self._multi:
             self.get_logger().info(
                 f'serving {len(self._cams)} cameras ({", ".join(c.name for c in self._cams)}) with one model, '
@@ -269,7 +269,7 @@ class GeoDiffNode(LifecycleNode):
     def _release(self) -> None:
         for cam in self._cams:
             cam.destroy_publishers()
-            cam.aligner = None
+            cam.frames = None
             cam.reset_inputs()
         self._engine = None
         try:
