@@ -1,7 +1,7 @@
 """Pinhole intrinsics from ``sensor_msgs/CameraInfo`` fields, with image_geometry semantics.
 
 No ROS import: the ROS layer passes the message's ``k``, ``p``, binning and ROI fields as plain numbers, so the
-same code serves the node, the evaluation scripts and the tests (ros-anchors 2.3).
+same code serves the node, the evaluation scripts and the tests.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 
 
 class _KFallbackWarnings:
-    """Warn once per K about the missing P, but bounded (issue 13, bug 8): a K that changes every frame (a
+    """Warn once per K about the missing P, but bounded: a K that changes every frame (a
     broken driver, a zoom lens) used to grow an unbounded set (200k K values: 74 MB) and log every frame. Now the
     last ``size`` K values are remembered and at most one warning is logged per ``period_s``."""
 
@@ -129,7 +129,7 @@ def intrinsics_from_camera_info(
     image_geometry's ``PinholeCameraModel`` (C++ and Python) reads ``fx, fy, cx, cy`` from **P** (the rectified
     projection), not K; subtracts the ROI offset from the principal point; and divides focal length and principal
     point by the binning (0 means 1). The image the numbers refer to is the binned ROI: ``roi_width // binning_x``
-    by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height`` (ros-anchors 2.3).
+    by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height``.
 
     Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once per K (at
     most one per 30 s).
