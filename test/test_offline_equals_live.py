@@ -47,6 +47,14 @@ LIDAR_POSE = [0.05, -0.1, 0.02, *_ROT.as_quat()]  # its pose in the camera's opt
 
 def _write_sorted(out: Path, items: list[tuple[int, str, Any]]) -> Path:
     with BagWriter(out) as writer:
+        if any(topic == "/tf_static" for _, topic, _ in items):  # latched, as tf2's static broadcaster offers it
+            from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+            from geodiff_ros.bag.live import to_bag_qos
+
+            latched = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                                 reliability=ReliabilityPolicy.RELIABLE)
+            writer.add_topic("/tf_static", "tf2_msgs/msg/TFMessage", qos=[to_bag_qos(latched)])
         for bag_time, topic, msg in sorted(items, key=lambda it: it[0]):
             writer.write_msg(topic, bag_time, msg)
     return out
@@ -74,13 +82,25 @@ def tum_with_lidar_like_depth(src: Path, out: Path, fraction: float = 0.05) -> P
     return _write_sorted(out, items)
 
 
-def with_lidar_cloud(src: Path, relative: dict[int, np.ndarray], out: Path) -> Path:
+def with_lidar_cloud(src: Path, relative: dict[int, np.ndarray], out: Path, tf_static: bool = False) -> Path:
     """Colour and camera_info of ``src`` and a LiDAR-like cloud (every 3rd row and column of the depth
-    S * relative + T) in frame ``lidar``, 20 ms (bag time) before each image, same header stamp."""
+    S * relative + T) in frame ``lidar``, 20 ms (bag time) before each image, same header stamp; with ``tf_static``
+    the lidar's pose on /tf_static at the start, as robot_state_publisher latches it."""
     to_lidar = RigidTransform(LIDAR_POSE)
     items = []
     with open_bag(src) as bag:
         types = bag.typestore.types
+        if tf_static:
+            first = min(raw.timestamp for raw in bag.messages([IMAGE_TOPIC]))
+            stamped = types["geometry_msgs/msg/TransformStamped"](
+                header=types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=0, nanosec=0),
+                                                    frame_id="camera_color_optical_frame"),
+                child_frame_id="lidar",
+                transform=types["geometry_msgs/msg/Transform"](
+                    translation=types["geometry_msgs/msg/Vector3"](x=LIDAR_POSE[0], y=LIDAR_POSE[1], z=LIDAR_POSE[2]),
+                    rotation=types["geometry_msgs/msg/Quaternion"](x=LIDAR_POSE[3], y=LIDAR_POSE[4], z=LIDAR_POSE[5],
+                                                                   w=LIDAR_POSE[6])))
+            items.append((first - 500_000_000, "/tf_static", types["tf2_msgs/msg/TFMessage"](transforms=[stamped])))
         infos = {}
         raws = list(bag.messages([IMAGE_TOPIC, INFO_TOPIC]))
         for raw in raws:
@@ -128,7 +148,7 @@ def live(tmp: Path, bag: Path, ckpts: tuple[Path, Path], params: dict[str, Any],
         assert node.wait_for_log("processing frames", timeout=120.0), node.log()[-3000:]
         with open_bag(bag) as b:
             n = b.topics[IMAGE_TOPIC].count
-        remaps = {topic: f"{NS}/{name}" for topic, name in inputs.items()}
+        remaps = {topic: f"{NS}/{name}" for topic, name in inputs.items() if name}  # "": played as recorded
         # 0.1 s apart in the bags: 1 s apart here, so the newest-frame node processes every frame.
         rec = play_and_record(DOMAIN, tmp, bag, list(inputs), tuple(f"{NS}/{t}" for t in RECORDED), n,
                               remaps=remaps, rate=0.1, timeout=120.0)
@@ -201,3 +221,22 @@ def test_synthetic_bag_with_a_lidar_cloud_in_its_own_frame(tmp_path: Path, ckpts
     stamp = stamp_ns(fitted[-1].header)
     np.testing.assert_allclose(metric[ok], (S * relative[stamp] + T)[ok], rtol=1e-3)  # the fit, not fixed_scale
     assert 0.2 < ok.mean() < 0.999  # min/max depth cut some pixels
+
+
+def test_synthetic_bag_with_a_lidar_cloud_placed_by_tf_static(tmp_path: Path, ckpts: tuple[Path, Path]) -> None:
+    """The LiDAR's pose on the bag's /tf_static, no extrinsic settings: geodiff_bag process reads it into a tf2
+    buffer, the node gets it from the player's latched /tf_static, and both place the cloud alike."""
+    pytest.importorskip("tf2_ros", reason="tf2_ros not installed (setup_venv.sh takes it from ../shared/ros/tf2)")
+    src = write_synthetic_bag(tmp_path / "synth", frames=3, width=160, height=120, period_s=0.1)
+    first = read_bag(offline(tmp_path, src, ckpts, [], []))
+    relative = {stamp_ns(m.header): image_to_numpy(m).astype(np.float64) for m in first["/depth/relative"]}
+    bag = with_lidar_cloud(src, relative, tmp_path / "synth_tf", tf_static=True)
+    flags = ["--min-depth", "1.0", "--max-depth", "3.0"]
+    off = offline(tmp_path, bag, ckpts, flags, ["--sparse-topic", CLOUD_TOPIC])
+    on = live(tmp_path, bag, ckpts, {"min_depth": 1.0, "max_depth": 3.0},
+              {IMAGE_TOPIC: "image", INFO_TOPIC: "camera_info", CLOUD_TOPIC: "sparse_points", "/tf_static": ""})
+    assert_identical(off, on, expect_metric=True)
+    metric = image_to_numpy(read_bag(off)["/depth/image"][-1])
+    stamp = stamp_ns(read_bag(off)["/depth/image"][-1].header)
+    ok = np.isfinite(metric)
+    np.testing.assert_allclose(metric[ok], (S * relative[stamp] + T)[ok], rtol=1e-3)  # placed by the TF

@@ -149,3 +149,21 @@ def test_kitti_cloud_through_messages_puts_the_road_at_camera_height() -> None:
         assert len(road) > 200
         heights.append(float(np.median(road[:, 1])))
     assert np.mean(heights) == pytest.approx(1.65, abs=0.05), heights
+
+
+def test_sensor_msgs_py_reads_the_node_cloud_as_ours_does() -> None:
+    """A ROS user's ``sensor_msgs_py.point_cloud2.read_points`` gets the same points and fields from the node's
+    cloud (xyz + rgb + normals, NaN for invalid pixels) as ``read_cloud``; and ``create_cloud`` builds the same
+    bytes (the measured tie that keeps ``cloud_to_msg``)."""
+    point_cloud2 = pytest.importorskip("sensor_msgs_py.point_cloud2",
+                                       reason="sensor_msgs_py not installed (setup_venv.sh: ../shared/ros/tf2)")
+    rng = np.random.default_rng(3)
+    xyz = rng.random((6, 8, 3), dtype=np.float32)
+    xyz[2, 3] = np.nan
+    points = cloud_array(xyz, rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), rng.random((6, 8, 3)))  # [H,W]
+    msg = cloud_to_msg(points)
+    theirs = point_cloud2.read_points(msg)  # flat: its reshape_organized_cloud gives [width,height] (upstream)
+    assert (msg.height, msg.width) == (6, 8) and theirs.dtype.names == points.dtype.names
+    assert np.array_equal(theirs.view(np.uint8), read_cloud(msg).reshape(-1).view(np.uint8))
+    built = point_cloud2.create_cloud(msg.header, msg.fields, points.reshape(-1))
+    assert bytes(built.data) == bytes(msg.data) and built.point_step == msg.point_step

@@ -73,6 +73,7 @@ LOG = logging.getLogger(__name__)
 _IMAGE = "sensor_msgs/msg/Image"
 _INFO = "sensor_msgs/msg/CameraInfo"
 _CLOUD = "sensor_msgs/msg/PointCloud2"
+_TF, _TF_STATIC = "/tf", "/tf_static"
 TRANSFORM_FORMAT = ("X Y Z QX QY QZ QW (metres and a quaternion: the pose of the cloud frame in the image's optical "
                     "frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it)")
 _FLOAT32 = 7  # sensor_msgs/PointField FLOAT32
@@ -213,7 +214,7 @@ class _Processor:
         self.batch: list[_Frame] = []  # frames with complete inputs, waiting for a full engine batch
         self.infos: StampMatcher[Any] = StampMatcher(_MATCHER_ITEMS)
         self.sparse: StampMatcher[Any] = StampMatcher(_MATCHER_ITEMS)
-        self.last_seen = {"info": -math.inf, "sparse": -math.inf}
+        self.last_seen = {"info": -math.inf, "sparse": -math.inf, "tf": -math.inf}
         self.values = opts.frame_settings()
         opts.sparse_extrinsic()
         self.alignment = AlignmentConfig.from_values(self.values)
@@ -245,6 +246,7 @@ class _Processor:
                        f"it must be a depth {_IMAGE} (32FC1 metres or 16UC1 millimetres) or a {_CLOUD}")
                 raise BagError(msg)
         self.sparse_is_cloud = bool(opts.sparse_topic) and bag.topics[opts.sparse_topic].msgtype == _CLOUD
+        self._setup_tf()
         frame_set = {"sparse_points.frame_id", "sparse_points.transform"} & set(opts.settings)
         if frame_set and not self.sparse_is_cloud:
             msg = ("--sparse-frame / --sparse-transform place a PointCloud2 --sparse-topic in the image's optical "
@@ -275,6 +277,24 @@ class _Processor:
             self.summary.skipped_topics[meta.name] = problem
             LOG.warning("not copying %s (%s): %s", meta.name, meta.msgtype, problem)
 
+    def _setup_tf(self) -> None:
+        """A tf2 buffer of the bag's /tf and /tf_static for clouds in other frames than the image's (the node's TF:
+        the static extrinsic settings win where given, as in the node)."""
+        self.tf: Any = None
+        self.tf_topics = [t for t in (_TF, _TF_STATIC) if t in self.bag.topics and self.sparse_is_cloud]
+        self.no_tf = "the bag has no /tf or /tf_static"
+        if not self.tf_topics:
+            return
+        from geodiff_ros.ros.tf import TF2_MISSING, BagTf, tf2_available
+
+        if not tf2_available():
+            self.no_tf = TF2_MISSING
+            LOG.warning("the bag has %s but %s", " and ".join(self.tf_topics), TF2_MISSING)
+            self.tf_topics = []
+            return
+        self.tf = BagTf()
+        LOG.info("transforms of sparse clouds from the bag's %s", " and ".join(self.tf_topics))
+
     # -- main loop
 
     def run(self) -> ProcessSummary:
@@ -296,6 +316,12 @@ class _Processor:
                     msg = self.bag.deserialize(raw)
                     self.sparse.add(stamp_ns(msg.header), msg)
                     self.last_seen["sparse"] = max(self.last_seen["sparse"], stamp_ns(msg.header))
+                elif raw.topic in self.tf_topics:
+                    msg = self.bag.deserialize(raw)
+                    self.tf.add(msg, static=raw.topic == _TF_STATIC)
+                    if raw.topic == _TF and msg.transforms:
+                        newest = max(stamp_ns(t.header) for t in msg.transforms)
+                        self.last_seen["tf"] = max(self.last_seen["tf"], newest)
             except Exception as err:  # noqa: BLE001 - a corrupt message must not end the run
                 self._fail(f"{raw.topic} at bag time {raw.timestamp * 1e-9:.3f} s does not deserialize: {err}")
                 continue
@@ -327,7 +353,8 @@ class _Processor:
         info_ok = not self.info_topic or self.last_seen["info"] >= frame.stamp
         sparse_due = frame.stamp + self.alignment.sparse_max_dt * 1e9
         sparse_ok = not self.opts.sparse_topic or self.last_seen["sparse"] >= sparse_due
-        return info_ok and sparse_ok
+        tf_ok = _TF not in self.tf_topics or self.last_seen["tf"] >= sparse_due  # to interpolate at the cloud
+        return info_ok and sparse_ok and tf_ok
 
     def _drain(self, now: int | None, final: bool) -> None:
         """Move frames whose inputs are complete to the batch; run the engine on full batches (all when final)."""
@@ -344,7 +371,7 @@ class _Processor:
     def _prune(self) -> None:
         """Drop camera_info / sparse messages too old for any image still to come (keep the latest)."""
         waiting = [*self.batch, *self.pending]
-        oldest = min(f.stamp for f in waiting) if waiting else max(self.last_seen.values())
+        oldest = min(f.stamp for f in waiting) if waiting else max(self.last_seen["info"], self.last_seen["sparse"])
         if math.isfinite(oldest):
             horizon = int(oldest - (self.alignment.sparse_max_dt + 2.0) * 1e9)
             self.infos.forget_before(horizon)
@@ -418,12 +445,12 @@ class _Processor:
             cloud_frame = msg.header.frame_id
             try:
                 extrinsic = cloud_extrinsic(cloud_frame, header.frame_id, stamp_ns(msg.header), self.sparse_config,
-                                            None)
+                                            self.tf, self.no_tf)
             except SparseUnusable as err:
                 self.summary.sparse_unused += 1
                 self._warn_once(f"frame:{cloud_frame}", "sparse input on %s not used for the metric fit: %s "
-                                "(geodiff_bag process: --sparse-frame %s --sparse-transform X Y Z QX QY QZ QW)",
-                                self.opts.sparse_topic, err, cloud_frame)
+                                "(geodiff_bag process: record /tf_static with the bag, or give --sparse-frame %s "
+                                "--sparse-transform X Y Z QX QY QZ QW)", self.opts.sparse_topic, err, cloud_frame)
                 return None, None
         try:
             native = sparse_metres(kind, msg, width, height, intr, extrinsic)  # [h,w] m, NaN none

@@ -339,7 +339,7 @@ class CameraChannel:
             extrinsic = None
             if kind == "points":
                 extrinsic = cloud_extrinsic(msg.header.frame_id, header.frame_id, stamp_ns(msg.header),
-                                            SparseConfig.from_values(s.values), None)
+                                            SparseConfig.from_values(s.values), self.node.tf, self.node.tf_missing)
             return sparse_to_image_grid(sparse_metres(kind, msg, width, height, intr, extrinsic), width, height)
         except SparseUnusable as err:
             self.warn(f"sparse_{kind}", f"sparse input ignored: {err}")

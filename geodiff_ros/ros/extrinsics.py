@@ -31,8 +31,10 @@ def missing_transform_advice(image_frame: str, cloud_frame: str) -> str:
 
 
 def cloud_extrinsic(cloud_frame: str, image_frame: str, stamp_ns: int, config: SparseConfig,
-                    lookup: TransformLookup | None) -> RigidTransform | None:
+                    lookup: TransformLookup | None, no_lookup: str = "no TF available") -> RigidTransform | None:
     """The transform of a cloud's points into the image's optical frame (None: they are in it already).
+
+    ``no_lookup`` says why ``lookup`` is None (tf2_ros not installed, a bag without /tf).
 
     Raises:
         SparseUnusable: no transform is known (the message names both frames and what to publish or set).
@@ -41,7 +43,7 @@ def cloud_extrinsic(cloud_frame: str, image_frame: str, stamp_ns: int, config: S
         return None
     if config.frame_id and cloud_frame == config.frame_id:
         return config.extrinsic()
-    why = "no TF available"
+    why = no_lookup
     if lookup is not None:
         transform, why = lookup(image_frame, cloud_frame, stamp_ns)
         if transform is not None:

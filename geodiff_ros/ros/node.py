@@ -82,6 +82,8 @@ class GeoDiffNode(LifecycleNode):
 
         self._engine: Any = None
         self._loading = False  # main thread only: an engine load is in progress (see request_shutdown)
+        self.tf: Any = None  # ros.tf.NodeTf once configured (None: tf2_ros missing, see tf_missing)
+        self.tf_missing = "TF not started"
         self._state_label = "unconfigured"
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
@@ -196,6 +198,7 @@ class GeoDiffNode(LifecycleNode):
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
             cam.start_frames(settings.for_camera(cam.overrides))
+        self._start_tf()
         if self._multi:
             self.get_logger().info(
                 f'serving {len(self._cams)} cameras ({", ".join(c.name for c in self._cams)}) with one model, '
@@ -266,7 +269,26 @@ class GeoDiffNode(LifecycleNode):
         self._state_label = "finalized"
         return super().on_shutdown(state)
 
+    def _start_tf(self) -> None:
+        """Listen to TF (static and dynamic) for sparse clouds in other frames than the image's."""
+        from geodiff_ros.ros.tf import TF2_MISSING, NodeTf, tf2_available
+
+        if self.tf is not None:
+            return
+        if not tf2_available():
+            self.tf_missing = TF2_MISSING
+            self.get_logger().info(f"TF off: {TF2_MISSING}")
+            return
+        try:
+            self.tf = NodeTf(self)
+        except Exception as err:  # noqa: BLE001 - without TF the static parameters still place clouds
+            self.tf_missing = f"TF listener failed to start ({type(err).__name__}: {err})"
+            self.get_logger().warning(f"{self.tf_missing}; sparse_points.frame_id / transform still work")
+
     def _release(self) -> None:
+        if self.tf is not None:
+            self.tf.close()
+            self.tf = None
         for cam in self._cams:
             cam.destroy_publishers()
             cam.frames = None

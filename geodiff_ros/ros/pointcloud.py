@@ -7,6 +7,16 @@ False, little endian, NaN x/y/z for invalid pixels, fields ``x, y, z`` float32, 
 (xyz+rgb) or 28 (with normals).
 
 Readers are duck-typed on the message attributes so rosbags-deserialised clouds work too.
+
+Why not ``sensor_msgs_py.point_cloud2`` (Jazzy 5.3.5; a test checks that it reads our clouds right):
+- building: ``create_cloud`` measured the same as ``cloud_to_msg`` for the node's 640x480 cloud with xyz + rgb +
+  normals (median 0.75 vs 0.75 ms over 300 interleaved builds on this project's 2-core CPU; both are one memoryview
+  copy into ``array('B')``), but it takes an organized ``[H,W]`` array as width H and height W (and
+  ``read_points(reshape_organized_cloud=True)`` returns ``[width,height]``), and it would make the cloud depend on
+  an extra package: ``cloud_to_msg`` stays.
+- reading: ``read_points`` accepts only rclpy's PointCloud2 class (``geodiff_bag process`` reads rosbags messages),
+  ignores ``row_step`` padding and does not check the layout (a malformed cloud raises numpy's errors or reads
+  garbage): ``read_cloud`` stays.
 """
 
 from __future__ import annotations
