@@ -211,12 +211,22 @@ class CameraChannel:
         self._info_arrived.set()
 
     def _on_sparse(self, kind: str, msg: Any) -> None:
-        """Keep a sparse message for stamp matching; one too large to keep is dropped, counted and reported."""
+        """Keep a sparse message for stamp matching. One above ``max_input_pixels`` (pixels, or points of a cloud)
+        or alone above SPARSE_MAX_BYTES is dropped before any conversion, counted (diagnostics sparse_dropped) and
+        reported (throttled); the matcher bounds what it keeps by count and bytes."""
+        limit = int(self.node.settings.for_camera(self.overrides)["max_input_pixels"])
+        try:
+            check_input_pixels(int(msg.width), int(msg.height), limit, what=f"sparse_{kind} message "
+                               f"({'points' if kind == 'points' else getattr(msg, 'encoding', '?')})")
+        except ImageConversionError as err:
+            self.stats.on_sparse_dropped()
+            self.warn("sparse_too_many_pixels", f"sparse input dropped: {err}")
+            return
         if not self.sparse.add(stamp_ns(msg.header), (kind, msg), len(msg.data)):
             self.stats.on_sparse_dropped()
-            self.warn("sparse_too_large", f"sparse_{kind} message of {len(msg.data) / 1e6:.1f} MB dropped: above "
-                      f"{SPARSE_MAX_BYTES / 2**20:.0f} MiB (a {msg.width}x{msg.height} message); publish it at the "
-                      "camera's resolution or decimate the cloud")
+            self.warn("sparse_too_large", f"sparse input dropped: a {msg.width}x{msg.height} sparse_{kind} message "
+                      f"of {len(msg.data) / 1e6:.1f} MB is above the {SPARSE_MAX_BYTES / 2**20:.0f} MiB kept for "
+                      "stamp matching; publish it at the camera's resolution or decimate the cloud")
 
     def warn(self, kind: str, text: str) -> None:
         """A WARN through this camera's logger, at most once per THROTTLE_S for each kind of warning."""

@@ -104,6 +104,11 @@ class GeoDiffNode(LifecycleNode):
                                        lambda: rclpy.ok(context=self.context))
 
     @property
+    def settings(self) -> Settings:
+        """The current parameter values (replaced whole on every accepted change: safe to read from any thread)."""
+        return self._settings
+
+    @property
     def _stats(self) -> PipelineStats:
         """The first camera's counters (the only ones of a single-camera node)."""
         return self._cams[0].stats
