@@ -617,6 +617,65 @@ def test_sparse_depth_in_wrong_units_is_rejected_and_the_last_fit_kept(scn: Scen
     assert_logged(res.log, r"wrong units.*max_depth|max_depth.*wrong units")
 
 
+def _mm16(metres: np.ndarray, per_metre: float = 1000.0) -> Image:
+    """16UC1 sparse depth holding ``metres * per_metre`` (1000: millimetres as REP 118 asks; 100: centimetres)."""
+    return numpy_to_image(np.nan_to_num(np.rint(metres * per_metre), nan=0.0).astype(np.uint16), "16UC1")
+
+
+def _centimetres(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    """A sensor in millimetres, then the same view from it in centimetres (a driver restarted with other units)."""
+    expect = ("depth/relative", "normals/image", "depth/image")
+    mm = scn.fresh_stamp()
+    out_mm = scn.frame(mm, expect=expect, sparse=_mm16(scn.sparse()))
+    cm = mm + int(0.3e9)  # within alignment.max_fallback_age_s = 1.0
+    out_cm = scn.frame(cm, expect=expect, sparse=_mm16(scn.sparse(), per_metre=100.0))
+    scn.stamp_ns = max(scn.stamp_ns, cm)
+    diag = scn.diagnostics_after(time.monotonic())
+    return {mm: out_mm, cm: {**out_cm, "diag": diag}}, {"mm": mm, "cm": cm}
+
+
+def test_centimetres_sent_as_millimetres_are_caught_when_the_view_did_not_change(scn: Scenario) -> None:
+    """16UC1 centimetres read as millimetres are 10x too small and fitted without a word before; now a fit whose
+    scale jumps by a unit factor against the last good fit of the same view is refused (WARN naming the units), the
+    last good fit serves on, and /diagnostics shows the sparse depth range received."""
+    res = scn.run_case("sparse:centimetres", _centimetres)
+    assert_metric(res.outputs[res.stamps["mm"]], S, T)
+    out = res.outputs[res.stamps["cm"]]
+    assert_metric(out, S, T)  # the millimetre fit, not one 10x too small
+    assert_logged(res.log, r"0\.1x off.*units.*16UC1 must be millimetres")
+    sparse = scn.sparse()
+    ok = np.isfinite(sparse)
+    lo, hi = np.percentile(np.rint(sparse[ok] * 100.0) / 1000.0, (5.0, 95.0))  # what the node receives, metres
+    assert float(out["diag"]["sparse_depth_p5_m"]) == pytest.approx(lo, rel=1e-3)
+    assert float(out["diag"]["sparse_depth_p95_m"]) == pytest.approx(hi, rel=1e-3)
+
+
+def _close_range_and_scene_change(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    """A real tabletop 0.12-0.22 m away (consistent millimetres from the start), then another view ten times
+    farther (its scale jumps by 10, as a unit error's would, but the view changed)."""
+    expect = ("depth/relative", "normals/image", "depth/image")
+    near = scn.fresh_stamp()
+    out_near = scn.frame(near, expect=expect, sparse=_mm16(scn.sparse(scale=0.1, shift=0.12)))
+    other = np.ascontiguousarray(scn.rgb[::-1, ::-1])  # another view: the model's relative depth differs
+    look = near + int(0.2e9)
+    first = scn.frame(look, image=numpy_to_image(other, "rgb8", header(look, FRAME)))  # its relative depth
+    rel = image_to_numpy(first["depth/relative"]).astype(np.float64)
+    sparse = np.full(rel.shape, np.nan, np.float32)
+    sparse[::5, ::5] = 1.0 * rel[::5, ::5] + 1.2
+    far = look + int(0.2e9)
+    out_far = scn.frame(far, expect=expect, image=numpy_to_image(other, "rgb8", header(far, FRAME)),
+                        sparse=_mm16(sparse))
+    scn.stamp_ns = max(scn.stamp_ns, far)
+    return {near: out_near, far: out_far}, {"near": near, "far": far}
+
+
+def test_a_close_range_scene_and_a_real_tenfold_scene_change_raise_no_units_alarm(scn: Scenario) -> None:
+    res = scn.run_case("sparse:close_range", _close_range_and_scene_change)
+    assert_metric(res.outputs[res.stamps["near"]], 0.1, 0.12)  # 0.12..0.22 m: a tabletop, fitted
+    assert_metric(res.outputs[res.stamps["far"]], 1.0, 1.2)  # ten times the scale, another view: fitted
+    assert not any("off:" in line and "units" in line for line in warn_lines(res.log)), res.log[-3000:]
+
+
 def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario) -> None:
     """Issue 13, bug 8: every new K logged an unthrottled warning (and grew an unbounded set)."""
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:

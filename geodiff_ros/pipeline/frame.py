@@ -34,7 +34,8 @@ __all__ = ["AlignmentInfo", "FrameProcessor", "FrameResult", "Wanted"]
 
 @dataclass
 class AlignmentInfo:
-    """A frame's alignment as reported (source: fit, fallback, fixed or none), with the reason when there is none."""
+    """A frame's alignment as reported (source: fit, fallback, fixed or none), with the reason when there is none,
+    and the range of the sparse depth it received (p5, median, p95 in metres: a user checks the units there)."""
 
     source: str = "none"
     scale: float = float("nan")
@@ -43,6 +44,41 @@ class AlignmentInfo:
     n_inliers: int = 0
     residual_rel: float = float("nan")
     reason: str = ""
+    sparse_range_m: tuple[float, float, float] = (float("nan"), float("nan"), float("nan"))
+
+
+# A fit whose scale is ~10x, 100x or 1000x (or 1/10 ...) the last good fit's while the view did not change (the
+# relative depth maps agree) is a sparse sensor that changed its units (centimetres sent as 16UC1 millimetres, metres
+# as millimetres), not a new scene: a real scene change changes the relative depth too. The fit is refused, the last
+# good one serves on (fallback). Nothing here fires on a close-range scene: only a jump of a unit factor between two
+# fits of one view does.
+UNIT_FACTORS = (10.0, 100.0, 1000.0)
+UNIT_TOLERANCE = 1.25  # the scale ratio is within this factor of a unit factor
+SAME_VIEW_MEAN_ABS = 0.05  # mean |difference| of the 32x24 relative depth thumbnails (depth in [0,1]) of one view
+_THUMB = (24, 32)
+
+
+def _thumbnail(relative: np.ndarray) -> np.ndarray:
+    """[24,32] block means of a relative depth map (NaN-free), cheap to keep and compare between frames."""
+    h, w = relative.shape
+    rows = np.linspace(0, h, _THUMB[0] + 1).astype(int)
+    cols = np.linspace(0, w, _THUMB[1] + 1).astype(int)
+    r = np.nan_to_num(np.asarray(relative, np.float64))
+    sums = np.add.reduceat(np.add.reduceat(r, rows[:-1], axis=0), cols[:-1], axis=1)
+    counts = np.outer(np.diff(rows), np.diff(cols)).clip(min=1)
+    return sums / counts
+
+
+def unit_jump(scale: float, last_scale: float) -> float | None:
+    """The unit factor (e.g. 10.0 or 0.1) that ``scale / last_scale`` is, within UNIT_TOLERANCE, else None."""
+    if not (scale > 0 and last_scale > 0):
+        return None
+    ratio = scale / last_scale
+    for factor in UNIT_FACTORS:
+        for f in (factor, 1.0 / factor):
+            if abs(math.log(ratio / f)) < math.log(UNIT_TOLERANCE):
+                return f
+    return None
 
 
 @dataclass(frozen=True)
@@ -83,6 +119,7 @@ class FrameProcessor:
         self.aligner: TemporalAligner = config.make_aligner()
         self._last_stamp_ns: int | None = None
         self._had_metric = False
+        self._last_good: tuple[float, np.ndarray] | None = None  # (scale, relative thumbnail) of the last good fit
 
     def reset(self, config: AlignmentConfig) -> None:
         """Start the temporal alignment over with ``config`` (its settings changed)."""
@@ -158,11 +195,19 @@ class FrameProcessor:
         """Robust fit of ``relative`` [H,W] to ``sparse`` [H,W], smoothed over time: the scale/shift to apply (None:
         no metric output) and what the diagnostics show."""
         fit: AlignmentResult | None = None
+        sparse_range = (math.nan, math.nan, math.nan)
         if sparse is not None:
+            with np.errstate(invalid="ignore"):
+                values = sparse[np.isfinite(sparse) & (sparse > 0)]
+            if values.size:
+                lo, med, hi = np.percentile(values, (5.0, 50.0, 95.0))
+                sparse_range = (float(lo), float(med), float(hi))
             fit = fit_scale_shift(relative, sparse, method=config.method, min_points=config.min_points,
                                   min_inlier_ratio=config.min_inlier_ratio,
                                   inlier_threshold_rel=config.inlier_threshold_rel, depth_range=config.depth_range)
-            if not fit.ok:
+            if fit.ok:
+                fit = self._check_units(fit, relative, sparse_range, warnings)  # warns itself when it refuses
+            else:
                 warnings.append(("no_fit", f"no metric fit this frame: {fit.reason}"))
         state = self.aligner.update(fit, stamp_ns * 1e-9)
         if state is None and self._had_metric:
@@ -172,8 +217,29 @@ class FrameProcessor:
         if state is not None:
             return state, AlignmentInfo(state.source, state.scale, state.shift, fit.n_points if fit else 0,
                                         state.n_inliers, state.residual_rel,
-                                        fit.reason if fit else "no sparse depth matched")
+                                        fit.reason if fit else "no sparse depth matched", sparse_range)
         if fit is not None:
             return None, AlignmentInfo("none", math.nan, math.nan, fit.n_points, fit.n_inliers, fit.residual_rel,
-                                       fit.reason)
+                                       fit.reason, sparse_range)
         return None, AlignmentInfo(reason="no sparse depth within alignment.sparse_max_dt")
+
+    def _check_units(self, fit: AlignmentResult, relative: np.ndarray, sparse_range: tuple[float, float, float],
+                     warnings: list[tuple[str, str]]) -> AlignmentResult:
+        """The fit, or a refusal when its scale jumped by a unit factor against the last good fit of the same view
+        (see UNIT_FACTORS)."""
+        thumb = _thumbnail(relative)
+        last = self._last_good
+        if last is not None:
+            factor = unit_jump(fit.scale, last[0])
+            if factor is not None and float(np.mean(np.abs(thumb - last[1]))) < SAME_VIEW_MEAN_ABS:
+                lo, med, hi = sparse_range
+                reason = (f"sparse depth looks {factor:g}x off: the fitted scale jumped from {last[0]:.4g} to "
+                          f"{fit.scale:.4g} while the view did not change (sparse depth now {lo:.3g}..{hi:.3g} m, "
+                          f"median {med:.3g} m); did its units change? 16UC1 must be millimetres, 32FC1 metres; "
+                          "the last good fit is used meanwhile")
+                warnings.append(("units", reason))
+                return AlignmentResult(ok=False, scale=math.nan, shift=math.nan, n_points=fit.n_points,
+                                       n_inliers=fit.n_inliers, residual_rel=fit.residual_rel, reason=reason,
+                                       method=fit.method)
+        self._last_good = (fit.scale, thumb)
+        return fit

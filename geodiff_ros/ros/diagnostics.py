@@ -155,6 +155,10 @@ def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) 
         "alignment_inliers": al.n_inliers,
         "alignment_residual_rel": al.residual_rel,
         "alignment_reason": al.reason,
+        # the sparse depth received (p5 / median / p95, metres): centimetres sent as millimetres show up here
+        "sparse_depth_p5_m": al.sparse_range_m[0],
+        "sparse_depth_median_m": al.sparse_range_m[1],
+        "sparse_depth_p95_m": al.sparse_range_m[2],
         "state": state,
     })
     status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id)
