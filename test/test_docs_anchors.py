@@ -68,3 +68,29 @@ def test_in_page_links_of_docs_exist() -> None:
         anchors = anchors_of(page)
         missing += [f"{page.name}: #{a}" for a in IN_PAGE_LINK.findall(page.read_text()) if a not in anchors]
     assert not missing, "in-page links to headings that do not exist:\n" + "\n".join(missing)
+
+
+RELATIVE_LINK = re.compile(r"\]\(([\w./-]+\.md)(?:#([\w-]+))?\)")
+
+
+def test_relative_links_of_the_readme_and_docs_lead_somewhere() -> None:
+    """README.md and docs/*.md link each other by relative paths (``[x](docs/node.md#topics)``, ``[x](node.md)``):
+    the file and, where given, the heading must exist, so nothing moved out of the README is stranded."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing, linked = [], 0
+    for page in pages:
+        for target, anchor in RELATIVE_LINK.findall(page.read_text()):
+            linked += 1
+            path = (page.parent / target).resolve()
+            if not path.is_file():
+                missing.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and anchor not in anchors_of(path):
+                missing.append(f"{page.relative_to(ROOT)}: {target}#{anchor} (no such heading)")
+    assert linked > 10, "few relative links found: the scan is broken"
+    assert not missing, "links that lead nowhere:\n" + "\n".join(missing)
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    unlinked = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"docs/{p.name}" not in readme]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
