@@ -148,7 +148,7 @@ def test_without_camera_info_no_cloud_but_depth(synth: Path, tmp_path: Path,
 def test_without_sparse_depth_relative_only(synth: Path, tmp_path: Path) -> None:
     with open_bag(synth) as bag, BagWriter(tmp_path / "o", typestore=bag.typestore) as writer:
         summary = process_bag(bag, writer, AffineEngine(synth), ProcessOptions(image_topic=IMAGE_TOPIC))
-    assert summary.frames_metric == 0  # never metric output without a fit (ros-anchors 3.4)
+    assert summary.frames_metric == 0  # never metric output without a fit
     assert set(summary.outputs) == {"/depth/relative", "/depth/camera_info", "/normals/image"}
 
 

@@ -21,7 +21,7 @@ LAUNCH = REPO / "launch" / "depth.launch.py"
 MULTI_GPU = REPO / "launch" / "multi_gpu.launch.py"
 RVIZ = REPO / "rviz" / "geodiff.rviz"
 
-# What users override most (issue 13): launch ignores undeclared arguments silently, so each must be declared.
+# What users override most: launch ignores undeclared arguments silently, so each must be declared.
 EXPECTED_ARGS = {"namespace", "image", "camera_info", "sparse_depth", "params_file", "model", "model_normals",
                  "device", "dtype", "processing_res", "optimize", "autostart", "allow_cpu_fallback", "use_sim_time",
                  "log_level", "rviz", "batch_size", "input_transport", "local_files_only", "fixed_scale"}

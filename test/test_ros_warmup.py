@@ -1,4 +1,4 @@
-"""Start-up with a compiled engine (issue 5): the node warms up (torch.compile) in its worker on activation, stays
+"""Start-up with a compiled engine: the node warms up (torch.compile) in its worker on activation, stays
 responsive meanwhile, and a restart re-uses the compiled kernels kept in TORCHINDUCTOR_CACHE_DIR.
 
 CPU, tiny checkpoint, ``optimize=compile``: inductor compiles C++ kernels with the system compiler, so a cold
@@ -86,7 +86,7 @@ def test_compiled_node_answers_while_compiling_and_reuses_kernels_after_restart(
         assert max(answers) < ANSWER_S, f"services answered in up to {max(answers):.1f} s while compiling"
         warming = [st for m in col.get("/diagnostics") for st in m.status if st.name.startswith(f"{NAME}:")]
         assert any("warming up" in st.message for st in warming), [st.message for st in warming]
-        # Issue 14: the compile's progress, stage by stage, with the time so far.
+        # The compile's progress, stage by stage, with the time so far.
         progress = [st.message for st in warming if re.search(r"compiling \(stage \d+ of \d+: .+, \d+ s\)",
                                                                st.message)]
         assert progress, [st.message for st in warming]

@@ -2,7 +2,7 @@
 
 diagnostic_updater is not installable from PyPI (ros2-from-pypi.md), so the node keeps its own counters and
 publishes a ``diagnostic_msgs/DiagnosticArray`` from a timer, with the key names a realsense-style monitor shows
-(ros-anchors 2.9): input and output rates, drops, latency p50/p95, alignment inliers, scale, shift and residual.
+: input and output rates, drops, latency p50/p95, alignment inliers, scale, shift and residual.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "AlignmentInfo", "PipelineStats", "build_status"]
 
 _WINDOW_S = 5.0  # rates are averaged over the last few seconds so a stall shows up quickly
-# Per-frame stages timed by the node (issue 14), shown as <stage>_p50_ms / <stage>_p95_ms: decode (input message ->
+# Per-frame stages timed by the node, shown as <stage>_p50_ms / <stage>_p95_ms: decode (input message ->
 # RGB), engine (the network call, shared by the frames batched in it), post (alignment, metric depth, colour views,
 # cloud, copies to the host), publish (messages built and sent), stamp_to_publish (node clock at the end of
 # publishing minus the image stamp: the delay a consumer sees, including the camera driver and DDS).
