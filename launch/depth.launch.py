@@ -63,7 +63,7 @@ def _nodes(context, *_args, **_kwargs):
     """Build the nodes once the arguments are known, so empty overrides leave the params files alone."""
     share = get_package_share_directory("geodiff_ros")
     want_rviz = rviz_requested(_arg(context, "rviz"))  # rviz2 missing: stops here, before any process starts
-    use_sim_time = truthy(_arg(context, "use_sim_time"))
+    use_sim_time = truthy(_arg(context, "use_sim_time"), "use_sim_time")
     overrides = {"use_sim_time": use_sim_time,
                  **parameter_overrides({arg: _arg(context, arg) for arg in LAUNCH_ARGUMENTS.values()})}
     namespace = _arg(context, "namespace")

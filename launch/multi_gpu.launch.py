@@ -96,7 +96,7 @@ def _nodes(context, *_args, **_kwargs):
         raise CameraListError('multi_gpu.launch.py needs cameras:="[front, left, ...]"')
     plan = assign_cameras(cameras, _gpus(context), parse_assignment(_arg(context, "assignment")))
     patterns = {topic: _arg(context, arg) for arg, topic in INPUT_PATTERNS}
-    use_sim_time = truthy(_arg(context, "use_sim_time"))
+    use_sim_time = truthy(_arg(context, "use_sim_time"), "use_sim_time")
     given = {LAUNCH_ARGUMENTS[p]: _arg(context, LAUNCH_ARGUMENTS[p]) for p in _SHARED}
     common = {"use_sim_time": use_sim_time, **parameter_overrides(given)}
     files = params_files(get_package_share_directory("geodiff_ros"), _arg(context, "params_file"))

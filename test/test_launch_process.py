@@ -274,6 +274,13 @@ def test_parameter_errors_name_the_launch_argument(env: dict[str, str], tmp_path
         assert not run.started()
     finally:
         run.close()
+    run = RosLaunch(env, tmp_path / "bad_bool.log", "depth.launch.py", rviz="maybe")
+    try:
+        assert run.wait(60.0) not in (None, 0)
+        assert "rviz:='maybe' is not a boolean: use true or false" in run.log(), run.log()
+        assert not run.started()
+    finally:
+        run.close()
 
 
 def test_launch_test_runs_the_launch_testing_file(env: dict[str, str], tmp_path: Path) -> None:

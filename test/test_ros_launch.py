@@ -142,6 +142,16 @@ def test_rviz_without_rviz2_fails_before_any_node(monkeypatch: pytest.MonkeyPatc
         run_launch_with_stand_ins(module, rviz="true", cameras="[front]")
 
 
+@pytest.mark.parametrize("path", [LAUNCH, MULTI_GPU])
+@pytest.mark.parametrize("argument", ["rviz", "use_sim_time"])
+def test_a_boolean_argument_that_is_not_one_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, path: Path,
+                                                                argument: str) -> None:
+    """Bug: rviz:=maybe stopped launch with "'maybe' is not a boolean", without saying which argument."""
+    module = load_launch_with_stand_ins(path, monkeypatch)
+    with pytest.raises(LaunchArgumentError, match=rf"^{argument}:='maybe' is not a boolean: use true or false$"):
+        run_launch_with_stand_ins(module, cameras="[front]", **{argument: "maybe"})
+
+
 def test_rviz2_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AMENT_PREFIX_PATH", str(tmp_path))
     reason = rviz2_missing()

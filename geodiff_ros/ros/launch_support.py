@@ -39,14 +39,16 @@ class LaunchArgumentError(ValueError):
     """A launch argument value that cannot become its parameter; the message names the argument and the fix."""
 
 
-def truthy(text: str) -> bool:
-    """A launch argument as a boolean (true/false, 1/0, yes/no, on/off)."""
+def truthy(text: str, argument: str = "") -> bool:
+    """A launch argument as a boolean (true/false, 1/0, yes/no, on/off); the error names ``argument`` when given,
+    so a user of ``ros2 launch`` sees which of their arguments to fix."""
     value = text.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    msg = f"{text!r} is not a boolean: use true or false"
+    msg = f"{argument}:={text!r} is not a boolean: use true or false" if argument else (
+        f"{text!r} is not a boolean: use true or false")
     raise LaunchArgumentError(msg)
 
 
@@ -155,7 +157,7 @@ def rviz2_missing() -> str | None:
 def rviz_requested(text: str) -> bool:
     """The ``rviz`` launch argument as a boolean. When true, rviz2 must be installed: RuntimeError with
     :func:`rviz2_missing`'s reason, raised before any process starts, so nothing is left running when launch stops."""
-    if not truthy(text):
+    if not truthy(text, "rviz"):
         return False
     missing = rviz2_missing()
     if missing:
