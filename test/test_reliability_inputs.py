@@ -565,6 +565,10 @@ def _broken_cloud(msg: PointCloud2, kind: str) -> PointCloud2:
         fields[1].name = "x"
     elif kind == "huge_count":
         fields[0].count = 1_000_000_000
+    elif kind == "row_step_short":  # a malformed header: a row shorter than its points
+        msg.row_step = msg.point_step * msg.width - 1
+    elif kind == "data_short":  # a well-formed header, data cut short
+        msg.data = bytes(msg.data)[: len(msg.data) // 2]
     msg.fields = fields
     return msg
 
@@ -587,7 +591,14 @@ def _bad_points_case(kind: str) -> Callable[[Scenario], tuple[dict[int, dict[str
     return body
 
 
-@pytest.mark.parametrize("kind", ["offset_beyond_point_step", "point_step_0", "duplicate_field", "huge_count"])
+# kind -> what its WARN says besides "sparse input ignored" (a short row_step is a malformed header, not short data)
+MALFORMED_CLOUDS = {"offset_beyond_point_step": r"PointField 'z' spans bytes 40\.\.44",
+                    "point_step_0": r"point_step 0", "duplicate_field": r"listed twice", "huge_count": r"spans bytes",
+                    "row_step_short": r"header is malformed: row_step \d+ B is smaller than width x point_step",
+                    "data_short": r"data is too short: \d+ B, but row_step x height = .*truncated"}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_CLOUDS))
 def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenario, kind: str) -> None:
     """Issue 13, bug 5: a ValueError from numpy used to escape and drop the camera frame."""
     res = scn.run_case(f"points:{kind}", _bad_points_case(kind))
@@ -595,7 +606,7 @@ def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenar
     assert_good(out, scn)
     assert out["depth/image"] is None and out["points"] is None  # no metric scale from a broken cloud
     assert_metric(res.outputs[res.stamps["good"]], S, T)  # a valid cloud right after is used
-    assert_logged(res.log, r"sparse input ignored")
+    assert_logged(res.log, r"sparse input ignored.*" + MALFORMED_CLOUDS[kind])
 
 
 def _wrong_units(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
