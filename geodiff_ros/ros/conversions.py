@@ -79,9 +79,29 @@ ENCODINGS: dict[str, _Encoding] = {
     "16UC1": _Encoding("<u2", 1),
     "32FC1": _Encoding("<f4", 1),
     "32FC3": _Encoding("<f4", 3),
+    # Camera-native colour encodings, read only (converted to RGB with OpenCV, as cv_bridge does): packed YUV 4:2:2
+    # (2 bytes a pixel, U/V shared by each pixel pair) and 8-bit Bayer mosaics (1 byte a pixel).
+    "uyvy": _Encoding("u1", 2),
+    "yuv422": _Encoding("u1", 2),  # the deprecated name of uyvy (same byte order U Y0 V Y1)
+    "yuyv": _Encoding("u1", 2),
+    "yuv422_yuy2": _Encoding("u1", 2),  # the deprecated name of yuyv (Y0 U Y1 V)
+    "bayer_rggb8": _Encoding("u1", 1),
+    "bayer_bggr8": _Encoding("u1", 1),
+    "bayer_gbrg8": _Encoding("u1", 1),
+    "bayer_grbg8": _Encoding("u1", 1),
 }
 
-_COLOUR_INPUTS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3")
+# ROS encoding -> OpenCV conversion code name. YUV: BT.601 video range, what cv_bridge applies to these encodings.
+# Bayer: ROS names the pattern by the top-left 2x2 block (bayer_rggb8: R G / G B); OpenCV's classic names are
+# shifted by one pixel (its BayerBG is that RGGB sensor, as cv_bridge maps them). OpenCV 5's COLOR_BayerRGGB2RGB
+# aliases are the same codes, but older OpenCV (Ubuntu's python3-opencv) lacks them.
+_CV_CONVERSIONS = {
+    "uyvy": "COLOR_YUV2RGB_UYVY", "yuv422": "COLOR_YUV2RGB_UYVY",
+    "yuyv": "COLOR_YUV2RGB_YUY2", "yuv422_yuy2": "COLOR_YUV2RGB_YUY2",
+    "bayer_rggb8": "COLOR_BayerBG2RGB", "bayer_bggr8": "COLOR_BayerRG2RGB",
+    "bayer_gbrg8": "COLOR_BayerGR2RGB", "bayer_grbg8": "COLOR_BayerGB2RGB",
+}
+_COLOUR_INPUTS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3", *_CV_CONVERSIONS)
 
 
 def _encoding_of(name: str) -> _Encoding:
@@ -144,10 +164,22 @@ def image_to_rgb8(msg: Any) -> np.ndarray:
     """Decode a colour or mono Image-like message to contiguous ``[H,W,3]`` uint8 RGB (the engine's input)."""
     encoding = str(msg.encoding)
     if encoding not in _COLOUR_INPUTS:
-        msg_ = (f'input image encoding {encoding!r} is not a colour encoding; publish one of '
-                f'{", ".join(_COLOUR_INPUTS)} on the image topic')
+        what = "is not a colour encoding" if encoding in ENCODINGS else "is not supported as camera input"
+        msg_ = (f'input image encoding {encoding!r} {what}; publish one of {", ".join(_COLOUR_INPUTS)} on the '
+                'image topic (convert upstream, e.g. with image_proc)')
         raise ImageConversionError(msg_)
     arr = image_to_numpy(msg)
+    if encoding in _CV_CONVERSIONS:
+        import cv2
+
+        if arr.ndim == 3 and arr.shape[1] % 2:
+            msg_ = (f"{encoding} image is {arr.shape[1]} px wide: YUV 4:2:2 pairs pixels, so the width must be even; "
+                    "fix the publisher's width")
+            raise ImageConversionError(msg_)
+        try:
+            return cv2.cvtColor(np.ascontiguousarray(arr), getattr(cv2, _CV_CONVERSIONS[encoding]))  # [H,W,3] RGB
+        except cv2.error as err:  # e.g. a Bayer image too small to demosaic
+            raise ImageConversionError(f"cannot convert the {encoding} image {msg.width}x{msg.height}: {err}") from err
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)  # mono -> grey RGB
     elif encoding in ("bgr8", "bgra8"):
