@@ -709,6 +709,9 @@ def test_raw_image_above_max_input_pixels_is_dropped_naming_the_parameter(scn: S
     assert_nothing_for(res.outputs[res.stamps["bad"]])
     assert_good(res.outputs[res.stamps["good"]], scn)
     assert_logged(res.log, rf"{W}x{H} .*max_input_pixels = {limit}")
+    # Exact counts: the sizes read "0.0 MP, above max_input_pixels = 19199 (0.0 MP)" for a limit this small.
+    assert_logged(res.log, rf"{W}x{H} = {W * H} px \(0.0192 MP\), above max_input_pixels = {limit} \(0.0192 MP\)")
+    assert "0.0 MP" not in res.log
 
 
 def _expected_rectified(rgb: np.ndarray, info: CameraInfo) -> np.ndarray:

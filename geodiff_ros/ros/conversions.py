@@ -201,8 +201,9 @@ def check_input_pixels(width: int, height: int, max_pixels: int, what: str = "im
     """
     pixels = int(width) * int(height)
     if max_pixels > 0 and pixels > max_pixels:
-        msg = (f"{what} is {width}x{height} = {pixels / 1e6:.1f} MP, above {parameter} = {max_pixels} "
-               f"({max_pixels / 1e6:.1f} MP): dropped before decoding; publish a smaller image (image_proc resize) "
+        # Exact counts (a limit of 1199 and an image of 1200 px differ), megapixels to 3 digits for reading.
+        msg = (f"{what} is {width}x{height} = {pixels} px ({pixels / 1e6:.3g} MP), above {parameter} = {max_pixels} "
+               f"({max_pixels / 1e6:.3g} MP): dropped before decoding; publish a smaller image (image_proc resize) "
                f"or raise {parameter}")
         raise InputTooLarge(msg)
 
