@@ -176,6 +176,17 @@ def test_k_fallback_warning_is_bounded_and_throttled(monkeypatch: pytest.MonkeyP
     assert len(warnings._seen) <= 64
 
 
+def test_k_fallback_warning_goes_to_the_given_logger(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The node passes its ROS logger (``warn``), so the warning reaches /rosout, not Python logging's stderr."""
+    monkeypatch.setattr(camera_module, "_k_fallback_warnings", camera_module._KFallbackWarnings())
+    caplog.set_level(logging.WARNING, logger=camera_module.__name__)
+    received: list[str] = []
+    intrinsics_from_camera_info([500, 0, 320, 0, 500, 240, 0, 0, 1], [0.0] * 12, 640, 480, warn=received.append)
+    assert len(received) == 1 and "P is unset" in received[0]
+    assert not caplog.records
+
+
 # ------------------------------------------------------------------------------------------ rectification
 
 def _distort(x: np.ndarray, y: np.ndarray, d: list[float]) -> tuple[np.ndarray, np.ndarray]:

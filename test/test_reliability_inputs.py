@@ -32,6 +32,7 @@ pytest.importorskip("rclpy", reason="rclpy (ros-jazzy-rclpy) not installed")
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
+from rcl_interfaces.msg import Log
 from ros_helpers import (
     Collector,
     NodeProcess,
@@ -61,7 +62,7 @@ NS, NAME = "/reliability_inputs", "geodiff_inputs"  # own names: immune to anoth
 THROTTLE_S = 1.0  # the wrapper's throttle for per-frame warnings (the node's own is 5 s)
 S, T = 3.0, 0.5  # the affine map sparse = S * relative + T of the alignment cases
 OUTPUTS = {"depth/relative": Image, "depth/image": Image, "depth/camera_info": CameraInfo,
-           "normals/image": Image, "points": PointCloud2, "/diagnostics": DiagnosticArray}
+           "normals/image": Image, "points": PointCloud2, "/diagnostics": DiagnosticArray, "/rosout": Log}
 PER_FRAME = ("depth/relative", "depth/image", "depth/camera_info", "normals/image", "points")
 
 
@@ -682,6 +683,14 @@ def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario)
         assert_good(out, scn)
     lines = [ln for ln in res.log.splitlines() if "P is unset" in ln]
     assert len(lines) == 1, "expected one (throttled) warning for 6 new K values:\n" + "\n".join(lines)
+    # Through the node's ROS logger: a WARN line with its name, and on /rosout (it went to bare stderr, via
+    # Python logging, so rqt_console and a /rosout recorder never saw it).
+    assert re.match(rf"\[WARN\] \[[\d.]+\] \[{NS[1:]}\.{NAME}\]: CameraInfo P is unset", lines[0]), lines[0]
+    deadline = time.monotonic() + 5.0
+    while not (rosout := [m for m in scn.col.get("/rosout") if "P is unset" in m.msg]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rosout) == 1, [m.msg for m in rosout]
+    assert rosout[0].name == f"{NS[1:]}.{NAME}" and rosout[0].level == Log.WARN, rosout[0]
 
 
 def _set(scn: Scenario, **values: Any) -> None:

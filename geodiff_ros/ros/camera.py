@@ -326,7 +326,7 @@ class CameraChannel:
                     return DecodedFrame(rgb, None, None)
                 rect = model.rectified()
                 out.d, out.k, out.r, out.p = list(rect.d), list(rect.k), list(rect.r), list(rect.p)
-        return DecodedFrame(rgb, out, intrinsics_from_msg(out))
+        return DecodedFrame(rgb, out, intrinsics_from_msg(out, warn=self.log.warning))
 
     def make_aligner(self, s: Settings) -> TemporalAligner:
         fixed = float(s["alignment.fixed_scale"])
@@ -342,7 +342,7 @@ class CameraChannel:
         if info is None:
             return None, None
         try:
-            intr = intrinsics_from_msg(info)
+            intr = intrinsics_from_msg(info, warn=self.log.warning)  # the K-fallback warning goes to /rosout
         except InvalidCameraInfo as err:
             self.log.warning(f"CameraInfo unusable, no cloud: {err}", throttle_duration_sec=THROTTLE_S)
             return None, None

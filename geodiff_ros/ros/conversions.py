@@ -21,6 +21,7 @@ allows (a 631-byte JPEG can announce 13000x13000) is refused before any pixel bu
 from __future__ import annotations
 
 import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -383,8 +384,11 @@ def numpy_to_image(array_: np.ndarray, encoding: str, header: Any = None) -> Ima
     return msg
 
 
-def intrinsics_from_msg(info: Any) -> PinholeIntrinsics:
+def intrinsics_from_msg(info: Any, warn: Callable[[str], None] | None = None) -> PinholeIntrinsics:
     """PinholeIntrinsics of the image a CameraInfo-like message describes (P-based, binning and ROI applied).
+
+    ``warn`` receives the (bounded, throttled) warning for a CameraInfo without P: pass the node's logger
+    (``logger.warning``) so it reaches /rosout; None logs it through Python logging (stderr in a node process).
 
     Raises:
         InvalidCameraInfo: uncalibrated or malformed CameraInfo (the message names the fix).
@@ -394,7 +398,7 @@ def intrinsics_from_msg(info: Any) -> PinholeIntrinsics:
     roi = info.roi
     return intrinsics_from_camera_info(
         list(info.k), list(info.p), int(info.width), int(info.height), int(info.binning_x), int(info.binning_y),
-        int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height))
+        int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height), warn=warn)
 
 
 def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int,
