@@ -45,6 +45,7 @@ from rclpy.signals import SignalHandlerOptions
 from geodiff_ros.ros.camera import CameraChannel
 from geodiff_ros.ros.conversions import ImageConversionError
 from geodiff_ros.ros.diagnostics import PipelineStats, build_status
+from geodiff_ros.ros.param_requests import apply_requests_whole
 from geodiff_ros.ros.params import (
     Settings,
     camera_override_key,
@@ -123,6 +124,7 @@ class GeoDiffNode(LifecycleNode):
         self._build_cameras(initial.cameras())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
+        apply_requests_whole(self)  # a set_parameters request of several parameters is validated as one change
 
         self._engine: Any = None
         self._batch_stats = BatchStats()
