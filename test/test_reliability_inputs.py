@@ -987,6 +987,62 @@ def test_corrupt_jpeg_is_dropped_logged_and_the_next_frame_processed(scn: Scenar
     assert_logged(res.log, r"decode|jpeg|truncated")
 
 
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _corrupt_frames(rgb: np.ndarray) -> dict[str, tuple[str, bytes, str]]:
+    """name -> (format, data, what the WARN must quote from the decoder). Each passes the header checks (size
+    within max_input_pixels) and only the decoder can tell it is broken."""
+    jpeg = bytes(_jpeg(rgb, 0).data)
+    png = _png(rgb)
+    idat = png.index(b"IDAT") + 4
+    garbled = bytearray(png)
+    garbled[idat + 2:idat + 200] = np.random.default_rng(3).integers(0, 256, 198, dtype=np.uint8).tobytes()
+    return {
+        # A 631-byte JPEG announcing 6300x6300 (39.7 MP, under the 40 MP limit): an almost blank picture was
+        # published, libjpeg's "Corrupt JPEG data" on stderr the only trace.
+        "jpeg_631_bytes_6300x6300": ("jpeg", jpeg_announcing(6300, 6300), r"Corrupt JPEG data"),
+        # Cut mid-scan, then closed with an end-of-image marker: the missing part came out grey.
+        "jpeg_cut_then_closed": ("jpeg", jpeg[: len(jpeg) // 2] + b"\xff\xd9", r"Corrupt JPEG data"),
+        "png_truncated": ("png", png[: len(png) // 2], r"image file is truncated"),
+        "png_garbled_idat": ("png", bytes(garbled), r"broken data stream|decoder error|invalid"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_corrupt_frames(np.zeros((8, 8, 3), np.uint8))))
+def test_corrupt_compressed_frame_is_bad_input_with_the_decoders_message(scn: Scenario, compressed: Any,
+                                                                         case: str) -> None:
+    """The decoder's own error (libjpeg-turbo warnings stop the decode; Pillow raises on truncated or broken PNG
+    data), not a guess from the pixels: the frame is dropped and counted in bad_input, the WARN quotes the decoder,
+    and no decoder message reaches raw stderr (libjpeg's and libpng's used to)."""
+    fmt, data, pattern = _corrupt_frames(scn.rgb)[case]
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        before = scn.wait_diag("bad_input", 0)
+        msg = CompressedImage(format=f"rgb8; {fmt} compressed rgb8", data=data)
+        msg.header = header(bad, FRAME)
+        compressed.publish(msg)
+        counted = scn.wait_diag("bad_input", before + 1, timeout=30.0) - before
+        compressed.publish(_jpeg(scn.rgb, good))
+        out_good = scn.collect(good)
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {"bad": bad, "good": good, "counted": counted}
+
+    res = scn.run_case(f"corrupt:{case}", body)
+    assert_nothing_for(res.outputs[res.stamps["bad"]])
+    assert res.stamps["counted"] == 1, "the corrupt frame is counted once in /diagnostics bad_input"
+    assert_good(res.outputs[res.stamps["good"]], scn)
+    assert_logged(res.log, rf"dropped a frame: cannot decode compressed {fmt.upper()} .*({pattern})")
+    decoders = r"Corrupt JPEG|premature end|libpng|grfmt_|PNG input buffer|IDAT"  # libjpeg, libpng, OpenCV's log
+    raw = [ln for ln in res.log.splitlines() if re.search(decoders, ln) and not ln.startswith("[WARN]")]
+    assert not raw, "decoder messages on raw stderr:\n" + "\n".join(raw)
+
+
 class RssPeak:
     """Peak resident memory of a process, sampled every 20 ms while in the ``with`` block (kB above the start)."""
 
