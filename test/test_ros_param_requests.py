@@ -44,8 +44,8 @@ START = {"min_depth": 0.1, "max_depth": 4.0}
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess, Collector]]:
-    proc = NodeProcess(DOMAIN, {"autostart": False, **START}, tmp_path_factory.mktemp("node") / "geodiff.log",
-                       remaps=node_remaps(NS, NAME))
+    proc = NodeProcess(DOMAIN, {"autostart": False, "cameras": ["front"], **START},
+                       tmp_path_factory.mktemp("node") / "geodiff.log", remaps=node_remaps(NS, NAME))
     col = Collector(DOMAIN)
     try:
         call_service(col, GetParameters, f"{NODE}/get_parameters", GetParameters.Request(names=["min_depth"]),
@@ -113,6 +113,25 @@ def test_a_request_setting_min_and_max_depth_is_judged_as_a_whole(node: tuple[No
         for res in results:  # every parameter of the request is refused, with the reason
             assert not res.successful and "min_depth" in res.reason and "max_depth" in res.reason, res.reason
         assert "rejected parameter change" in proc.log_since(mark)
+
+
+def test_a_camera_override_pair_is_judged_as_a_whole(node: tuple[NodeProcess, Collector]) -> None:
+    """camera.front.min_depth / max_depth (declared without a value until set) against the node-wide range."""
+    proc, col = node
+    _reset(col)
+    bad = set_parameters(col, NODE, {"camera.front.min_depth": 3.0, "camera.front.max_depth": 2.0})
+    assert [r.successful for r in bad] == [False, False], [r.reason for r in bad]
+    assert all("camera front: min_depth (3.0) must be smaller than max_depth (2.0)" in r.reason for r in bad), bad
+    # camera.front.min_depth stayed unset (3.0 would refuse this max of 2.0)
+    (alone,) = set_parameters(col, NODE, {"camera.front.max_depth": 2.0})
+    assert alone.successful, alone.reason
+    # both above the node-wide max of 4 m and the camera's max of 2 m: valid only as a pair
+    good = set_parameters(col, NODE, {"camera.front.min_depth": 5.0, "camera.front.max_depth": 9.0})
+    assert all(r.successful for r in good), [r.reason for r in good]
+    res = call_service(col, GetParameters, f"{NODE}/get_parameters",
+                       GetParameters.Request(names=["camera.front.min_depth", "camera.front.max_depth"]))
+    assert [v.double_value for v in res.values] == [5.0, 9.0], res.values
+    assert proc.proc.poll() is None, proc.log()[-3000:]
 
 
 def test_ros2_param_load_of_a_dump_with_a_new_range(node: tuple[NodeProcess, Collector], tmp_path: Path) -> None:

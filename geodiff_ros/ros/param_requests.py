@@ -28,7 +28,7 @@ def apply_requests_whole(node: Any) -> bool:
     node has no parameter services (``start_parameter_services=False``)."""
     from rcl_interfaces.msg import SetParametersResult
     from rcl_interfaces.srv import SetParameters
-    from rclpy.exceptions import ParameterNotDeclaredException
+    from rclpy.exceptions import ParameterNotDeclaredException, ParameterUninitializedException
     from rclpy.parameter import Parameter
 
     service = next((s for s in node.services
@@ -40,7 +40,11 @@ def apply_requests_whole(node: Any) -> bool:
     def changes_value(param: Parameter) -> bool:
         if not node.has_parameter(param.name):
             return False  # rclpy answers "not declared" for it alone
-        return node.get_parameter(param.name).get_parameter_value() != param.get_parameter_value()
+        try:
+            current = node.get_parameter(param.name)
+        except ParameterUninitializedException:  # declared without a value (camera.<name>.* overrides)
+            return True
+        return current.get_parameter_value() != param.get_parameter_value()
 
     def set_as_one(request: SetParameters.Request, response: SetParameters.Response) -> SetParameters.Response:
         params = [Parameter.from_parameter_msg(p) for p in request.parameters]
