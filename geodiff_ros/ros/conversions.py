@@ -11,7 +11,7 @@ Every reader is duck-typed on the message attributes (``encoding``, ``width``, `
 ``is_bigendian``, ``data``), so the same functions work on rclpy messages and on messages deserialised by
 ``rosbags`` (whose ``data`` is a numpy ``uint8`` array). Only the ``*_msg`` builders import ``sensor_msgs``.
 
-Compressed images (issue 13): the size is read from the JPEG/PNG header first, so an image whose header announces
+Compressed images: the size is read from the JPEG/PNG header first, so an image whose header announces
 more pixels than the caller allows (a 631-byte JPEG can announce 13000x13000) is refused before any pixel buffer
 is allocated. Then each format is decoded by a decoder that reports corrupt or truncated data as an error, with its
 own message, and prints nothing (:func:`decode_compressed`):
