@@ -80,13 +80,25 @@ def test_read_cloud_with_padding_like_depth_image_proc(big: bool) -> None:
 def test_read_cloud_rejects_truncated_and_missing_xyz() -> None:
     msg = cloud_to_msg(cloud_array(*_grid()[:1]))
     msg.data = array.array("B", bytes(10))
-    with pytest.raises(PointCloudError, match="need row_step"):
+    with pytest.raises(PointCloudError, match=r"data is too short: 10 B, but row_step x height = .* truncated"):
         read_cloud(msg)
     only_x = PointCloud2(height=1, width=1, point_step=4, row_step=4)
     only_x.fields = [PointField(name="x", offset=0, datatype=PointField.FLOAT32, count=1)]
     only_x.data = array.array("B", bytes(4))
     with pytest.raises(PointCloudError, match="x, y and z are required"):
         cloud_xyz(only_x)
+
+
+def test_row_step_shorter_than_a_row_is_a_malformed_header_not_short_data() -> None:
+    """The warning read as if the data were short ("data has N B; need row_step x height"), though no data size
+    fixes a row_step smaller than width x point_step: the header contradicts itself."""
+    msg = cloud_to_msg(cloud_array(*_grid()[:1]))
+    msg.row_step = msg.width * msg.point_step - 4
+    with pytest.raises(PointCloudError) as err:
+        read_cloud(msg)
+    text = str(err.value)
+    assert "header is malformed" in text and "row_step" in text and "smaller than width x point_step" in text, text
+    assert "short" not in text and "truncated" not in text, text
 
 
 def test_projection_inverts_backprojection_and_keeps_nearest() -> None:

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def intrinsics_from_camera_info(
     roi_y_offset: int = 0,
     roi_width: int = 0,
     roi_height: int = 0,
+    warn: Callable[[str], None] | None = None,
 ) -> PinholeIntrinsics:
     """Intrinsics of the image that comes with this CameraInfo, as image_geometry computes them.
 
@@ -131,8 +132,9 @@ def intrinsics_from_camera_info(
     point by the binning (0 means 1). The image the numbers refer to is the binned ROI: ``roi_width // binning_x``
     by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height``.
 
-    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once per K (at
-    most one per 30 s).
+    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and warn once per K (at most one per
+    30 s), through ``warn`` when given (the node passes its ROS logger, so the warning reaches /rosout), else
+    through this module's Python logger.
     image_geometry would return fx = 0 and depth_image_proc would then emit inf/NaN clouds; many simulators and
     hand-written CameraInfos fill only K, and for a monocular camera without rectification P[:3,:3] equals K
     anyway. K describes the *raw* (distorted) image, so the cloud then carries the lens distortion error; rectify
@@ -154,7 +156,7 @@ def intrinsics_from_camera_info(
     elif k_vals[0] != 0.0:
         fx, cx, fy, cy = k_vals[0], k_vals[2], k_vals[4], k_vals[5]
         if _k_fallback_warnings.should_warn(k_vals):
-            logger.warning(
+            (warn or logger.warning)(
                 "CameraInfo P is unset (P[0] == 0); using K instead (raw, possibly distorted image). "
                 "Publish a rectified P (camera_calibration fills it) to silence this."
             )

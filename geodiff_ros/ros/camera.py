@@ -309,7 +309,7 @@ class CameraChannel:
                     return DecodedFrame(rgb, None, None)
                 rect = model.rectified()
                 out.d, out.k, out.r, out.p = list(rect.d), list(rect.k), list(rect.r), list(rect.p)
-        return DecodedFrame(rgb, out, intrinsics_from_msg(out))
+        return DecodedFrame(rgb, out, intrinsics_from_msg(out, warn=self.log.warning))
 
     def camera_model(self, width: int, height: int,
                      stamp: int) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
@@ -319,7 +319,7 @@ class CameraChannel:
         if info is None:
             return None, None
         try:
-            intr = intrinsics_from_msg(info)
+            intr = intrinsics_from_msg(info, warn=self.log.warning)  # the K-fallback warning goes to /rosout
         except InvalidCameraInfo as err:
             self.warn("bad_camera_info", f"CameraInfo unusable, no cloud: {err}")
             return None, None

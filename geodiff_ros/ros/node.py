@@ -32,6 +32,7 @@ from rclpy.parameter import Parameter
 
 from geodiff_ros.ros.camera import CameraChannel
 from geodiff_ros.ros.diagnostics import PipelineStats, build_status
+from geodiff_ros.ros.param_requests import apply_requests_whole
 from geodiff_ros.ros.params import (
     Settings,
     camera_override_key,
@@ -79,6 +80,7 @@ class GeoDiffNode(LifecycleNode):
         self._build_cameras(initial.cameras())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
+        apply_requests_whole(self)  # a set_parameters request of several parameters is validated as one change
 
         self._engine: Any = None
         self._loading = False  # main thread only: an engine load is in progress (see request_shutdown)

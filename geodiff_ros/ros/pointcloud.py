@@ -151,11 +151,15 @@ def read_cloud(msg: Any) -> np.ndarray:
     except (TypeError, ValueError) as err:  # e.g. overlapping fields numpy refuses
         raise PointCloudError(f"PointCloud2 field layout unreadable: {err}") from err
     height, width = int(msg.height), int(msg.width)
-    row_step = int(msg.row_step) or width * int(msg.point_step)
+    row_step = int(msg.row_step) or width * point_step
+    if row_step < width * point_step:  # the header contradicts itself: no data size can fix it
+        msg_ = (f"PointCloud2 header is malformed: row_step {row_step} B is smaller than width x point_step = "
+                f"{width} x {point_step} = {width * point_step} B (one row of points); fix the publisher's row_step")
+        raise PointCloudError(msg_)
     buf = to_uint8_array(msg.data)
-    if buf.size < row_step * height or row_step < width * int(msg.point_step):
-        msg_ = (f"PointCloud2 data has {buf.size} B; need row_step x height = {row_step} x {height} "
-                f"with point_step {msg.point_step} x width {width}")
+    if buf.size < row_step * height:
+        msg_ = (f"PointCloud2 data is too short: {buf.size} B, but row_step x height = {row_step} x {height} = "
+                f"{row_step * height} B; the message is truncated")
         raise PointCloudError(msg_)
     rows = np.ascontiguousarray(buf[: row_step * height].reshape(height, row_step)[:, : width * dtype.itemsize])
     return rows.view(dtype).reshape(height, width)
