@@ -161,3 +161,19 @@ def test_invalid_parameter_at_startup_exits_2(tmp_path: Path, domain: int, param
     log = node.log()
     assert code == 2, log[-3000:]
     assert "cannot start" in log and text in log, log[-3000:]
+
+
+def test_a_camera_depth_range_from_the_params_file_is_checked_at_startup(tmp_path: Path, domain: int) -> None:
+    """``camera.<name>.min_depth`` / ``max_depth`` are checked against each other (and the node-wide values) at
+    start-up as they are when set later; before, a params file with min 5 and max 1 for a camera started a node
+    whose every metric pixel of that camera was NaN."""
+    node = NodeProcess(domain, {"cameras": ["front"], "camera.front.min_depth": 5.0, "camera.front.max_depth": 1.0,
+                                "device": "cpu"}, tmp_path / "node.log")
+    try:
+        code = node.proc.wait(60.0)
+    finally:
+        node.stop(signal.SIGKILL)
+    log = node.log()
+    assert code == 2, log[-3000:]
+    assert "cannot start" in log and "camera front: min_depth (5.0) must be smaller than max_depth (1.0)" in log, \
+        log[-3000:]

@@ -78,6 +78,11 @@ class GeoDiffNode(LifecycleNode):
         self._settings: Settings = initial
         self._cams: list[CameraChannel] = []
         self._build_cameras(initial.cameras())
+        # the per-camera overrides from the params file, with the node-wide values they combine with
+        reason = validate_changes(self._current_values(), {}, configured=False)
+        if reason:
+            msg = f"invalid parameter: {reason}"
+            raise ValueError(msg)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
         apply_requests_whole(self)  # a set_parameters request of several parameters is validated as one change
