@@ -1,5 +1,5 @@
-"""Input checks and preparation of issue 13 without DDS: header sizes and the pixel limit (bug 4), reduced
-decoding, thin images (bug 12), malformed sparse clouds (bug 5), the K-fallback warning (bug 8) and rectification.
+"""Input checks and preparation without DDS: header sizes and the pixel limit, reduced decoding, thin images,
+malformed sparse clouds, the K-fallback warning and rectification.
 
 The node-level behaviour (frame dropped, WARN line, next frame processed) is in test_reliability_inputs.py.
 """

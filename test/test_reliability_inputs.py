@@ -1,4 +1,4 @@
-"""Reliability of the node against bad input (issue 4): images, CameraInfo, sparse depth and time jumps.
+"""Reliability of the node against bad input: images, CameraInfo, sparse depth and time jumps.
 
 One node subprocess (tiny CPU checkpoint) over real DDS. Every case checks what the issue asks for: a clear log
 line (WARN/ERROR naming the problem), the offending message dropped (no output carries its stamp), the node still
@@ -250,7 +250,8 @@ def assert_good(out: dict[str, Any], scn: Scenario) -> None:
     r = image_to_numpy(rel)
     assert np.isfinite(r).all() and r.min() >= 0.0 and r.max() <= 1.0
     norms = np.linalg.norm(image_to_numpy(nrm), axis=-1)
-    # Unit at the processing size; bilinear resizing back to WxH shortens them a little (spec A.1-15).
+    # Unit at the processing size; bilinear resizing back to WxH shortens them a little (not renormalised after it:
+    # docs/method.md#normals-output).
     assert np.isfinite(norms).all() and norms.max() <= 1.0 + 1e-3 and 0.9 < float(np.median(norms)) <= 1.0 + 1e-3
 
 
@@ -288,7 +289,7 @@ def _bad_images(rgb: np.ndarray) -> dict[str, tuple[Callable[[int], Image], str]
         "data_short": (lambda s: _with(base(s), data=bytes(W * 3 * (H - 1))), r"truncated|short"),
         "zero_width": (lambda s: _with(base(s), width=0, step=0, data=b""), rf"zero|\b0x{H}\b"),
         "zero_height": (lambda s: _with(base(s), height=0, data=b""), rf"zero|\b{W}x0\b"),
-        # Issue 13, bug 12: was torch's "Kernel size can't be greater than actual input size".
+        # was torch's "Kernel size can't be greater than actual input size".
         "thin_100000x1": (lambda s: numpy_to_image(np.zeros((1, 100000, 3), np.uint8), "rgb8", header(s, FRAME)),
                           r"100000x1 .*at least \d+ px"),
     }
@@ -580,7 +581,7 @@ def test_frames_without_sparse_depth_are_logged(scn: Scenario) -> None:
                for ln in warn_lines(res.log)), "no warning that metric depth stopped:\n" + res.log[-2000:]
 
 
-# -------------------------------------------------------------------------------------------------- issue 13
+# -------------------------------------------------------------------------------------------------- input hardening
 
 def _cloud_of(scn: Scenario, sparse: np.ndarray) -> PointCloud2:
     """The valid pixels of a sparse depth map as optical-frame points (they project back onto those pixels)."""
@@ -636,7 +637,7 @@ MALFORMED_CLOUDS = {"offset_beyond_point_step": r"PointField 'z' spans bytes 40\
 
 @pytest.mark.parametrize("kind", list(MALFORMED_CLOUDS))
 def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenario, kind: str) -> None:
-    """Issue 13, bug 5: a ValueError from numpy used to escape and drop the camera frame."""
+    """A ValueError from numpy used to escape and drop the camera frame."""
     res = scn.run_case(f"points:{kind}", _bad_points_case(kind))
     out = res.outputs[res.stamps["bad"]]
     assert_good(out, scn)
@@ -657,7 +658,7 @@ def _wrong_units(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, in
 
 
 def test_sparse_depth_in_wrong_units_is_rejected_and_the_last_fit_kept(scn: Scenario) -> None:
-    """Issue 13, bug 11: the x1e6 fit was accepted and made every metric pixel NaN for max_fallback_age_s."""
+    """The x1e6 fit was accepted and made every metric pixel NaN for max_fallback_age_s."""
     res = scn.run_case("sparse:wrong_units", _wrong_units)
     assert_metric(res.outputs[res.stamps["fit"]], S, T)
     assert_metric(res.outputs[res.stamps["wrong"]], S, T)  # the good fit is reused; nothing all-NaN
@@ -724,7 +725,7 @@ def test_a_close_range_scene_and_a_real_tenfold_scene_change_raise_no_units_alar
 
 
 def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario) -> None:
-    """Issue 13, bug 8: every new K logged an unthrottled warning (and grew an unbounded set)."""
+    """Every new K logged an unthrottled warning (and grew an unbounded set)."""
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         outputs = {}
         for n in range(6):
@@ -758,7 +759,7 @@ def _set(scn: Scenario, **values: Any) -> None:
 
 
 def test_raw_image_above_max_input_pixels_is_dropped_naming_the_parameter(scn: Scenario) -> None:
-    """Issue 13, bug 4 (raw input): width x height from the message, checked before conversion."""
+    """Raw input: width x height from the message, checked before conversion."""
     limit = W * H - 1
 
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
@@ -1136,7 +1137,7 @@ BOMBS = {"jpeg_631_bytes_13000x13000": ("jpeg", lambda: jpeg_announcing(13000, 1
 
 @pytest.mark.parametrize("bomb", list(BOMBS))
 def test_compressed_bomb_is_dropped_from_its_header(scn: Scenario, compressed: Any, bomb: str) -> None:
-    """Issue 13, bug 4: a 631-byte JPEG announcing 13000x13000 took the node from 0.5 to 6-10 GB for 20-40 s.
+    """A 631-byte JPEG announcing 13000x13000 took the node from 0.5 to 6-10 GB for 20-40 s.
     Now it is refused from the header: no memory spent, a WARN naming the limit and the parameter."""
     fmt, make, size = BOMBS[bomb]
     data = make()

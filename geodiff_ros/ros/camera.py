@@ -70,7 +70,7 @@ _INFO_RING = 8  # CameraInfo messages kept for stamp matching (usually one per i
 # first CameraInfo; it waits this long for it (only while none has come and a publisher exists).
 FIRST_INFO_WAIT_S = 0.5
 
-# key -> (type, topic relative to the camera prefix); the issue-3 output set, per camera.
+# key -> (type, topic relative to the camera prefix): the outputs of one camera.
 OUTPUT_TOPICS: dict[str, tuple[type, str]] = {
     "relative": (Image, "depth/relative"),
     "depth": (Image, "depth/image"),
@@ -125,7 +125,7 @@ class CameraChannel:
 
     # ------------------------------------------------------------------ endpoints
 
-    # QoS event handlers (issue 7): rclpy gives every publisher and subscription two by default (incompatible QoS,
+    # QoS event handlers: rclpy gives every publisher and subscription two by default (incompatible QoS,
     # incompatible type), and the Python executor walks every handler in Python on every wake-up, i.e. several
     # times per received message. With 4 cameras that was 92 handlers x ~240 messages/s: the executor thread held
     # the GIL 70% of the time and starved the inference worker (benchmarks/README.md, multi-camera). So handlers
@@ -259,7 +259,7 @@ class CameraChannel:
     def prepare(self, msg: Any, compressed: bool, s: Settings) -> DecodedFrame:
         """Input message -> the engine's input and its camera model; ``s`` has this camera's overrides.
 
-        Steps (issue 13), each refusing the frame with an ImageConversionError that names the fix:
+        Steps, each refusing the frame with an ImageConversionError that names the fix:
         1. size from the message (raw) or the JPEG/PNG header (compressed) against ``max_input_pixels``;
         2. decode; compressed input far above processing_res at 1/2, 1/4 or 1/8 size (``reduce_large_input``);
         3. too thin for the network at processing_res (the VAE needs 8 px per side);

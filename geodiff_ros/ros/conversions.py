@@ -74,7 +74,7 @@ class _Encoding:
     channels: int
 
 
-# The encodings the node reads and writes (issue 3). Names as in sensor_msgs/image_encodings.hpp.
+# The encodings the node reads and writes. Names as in sensor_msgs/image_encodings.hpp.
 ENCODINGS: dict[str, _Encoding] = {
     "rgb8": _Encoding("u1", 3),
     "bgr8": _Encoding("u1", 3),
@@ -457,7 +457,7 @@ def camera_info_with_size(info: CameraInfo, header: Any, width: int, height: int
     """Copy a CameraInfo with a new header, rescaled to ``width x height`` when the size differs.
 
     Binning and ROI are folded in first (image_geometry semantics) so the copy describes the published image
-    directly: binning 0, ROI all zero. K and P scale per axis, D and R are kept (spec: ros-anchors 2.3).
+    directly: binning 0, ROI all zero. K and P scale per axis, D and R are kept.
     ``scale`` fixes the factor for both axes instead of ``width / source width`` (a JPEG decoded at 1/f size has
     ``ceil(W / f)`` columns, but its pixels are exactly f source pixels wide).
     """

@@ -226,7 +226,7 @@ class GeoDiffNode(LifecycleNode):
             raise LoadAbandoned
 
     def _load_engine(self, kwargs: dict[str, Any]) -> Any:
-        """Import and build the engine; a shutdown signal meanwhile abandons it (issue 13, bug 7).
+        """Import and build the engine; a shutdown signal meanwhile abandons it.
 
         Loading takes seconds (tiny model) to minutes (real weights from a slow disk), and SIGTERM meanwhile must
         still end the process within 2 s. The load runs on the calling thread (the main thread: autostart, and

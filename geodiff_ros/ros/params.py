@@ -6,7 +6,7 @@ mirrors these defaults (a test compares them). ``validate_changes`` is pure Pyth
 rclpy; the node calls it from its on-set-parameters callback and returns its reason to the caller of
 ``ros2 param set``.
 
-Multi-camera (issue 7): ``cameras`` names the cameras one node serves; each one may override a few runtime
+Multi-camera: ``cameras`` names the cameras one node serves; each one may override a few runtime
 parameters as ``camera.<name>.<parameter>`` (``PER_CAMERA``), declared per camera without a default so an unset
 override means "use the node-wide value".
 """
@@ -107,7 +107,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=("best_effort", "reliable"), configure_time=True),
     ParamSpec("qos.output.depth", 2, "History depth of the output publishers.", lo=1, hi=1000,
               configure_time=True),
-    # --- input checks and preparation (runtime; issue 13) ---
+    # --- input checks and preparation (runtime) ---
     ParamSpec("max_input_pixels", 40_000_000,
               "Largest input image in pixels (width x height; 40 MP holds 8K UHD); a larger frame is dropped with a "
               "warning before it is decoded (compressed: size read from the JPEG/PNG header). 0 = no limit.",
@@ -120,7 +120,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Undistort and rectify each image with its CameraInfo (D, K, R, P; OpenCV maps cached per "
               "CameraInfo) before inference, as image_proc does: for a lens with distortion and no image_proc "
               "upstream, so clouds are right. Outputs then carry the rectified CameraInfo (D = 0, R = I, K = P)."),
-    # --- cameras and batching (issue 7) ---
+    # --- cameras and batching ---
     ParamSpec("cameras", [],
               "Camera names served by this node, e.g. [front, left]: each uses topics under its own prefix "
               "(front/image, front/camera_info, front/depth/image, ...). [] = one camera on image, camera_info, ...",

@@ -1,9 +1,9 @@
 """PointCloud2 <-> structured numpy, vectorised (no per-point loops).
 
-Layout written (ros-anchors 2.4 / 4.3): organized ``height x width`` (the strided image grid), ``is_dense``
-False, little endian, NaN x/y/z for invalid pixels, fields ``x, y, z`` float32, optional ``rgb`` (packed
-``0x00RRGGBB`` uint32 viewed as float32, what RViz's RGB8 transformer and depth_image_proc use) and optional
-``normal_x, normal_y, normal_z`` (PCL naming). Points are packed tight (no 16-byte padding): point_step 12, 16
+Layout written (depth_image_proc's, which RViz and PCL read): organized ``height x width`` (the strided image
+grid), ``is_dense`` False, little endian, NaN x/y/z for invalid pixels, fields ``x, y, z`` float32, optional
+``rgb`` (packed ``0x00RRGGBB`` uint32 viewed as float32, what RViz's RGB8 transformer and depth_image_proc use) and
+optional ``normal_x, normal_y, normal_z`` (PCL naming). Points are packed tight (no 16-byte padding): point_step 12, 16
 (xyz+rgb) or 28 (with normals).
 
 Readers are duck-typed on the message attributes so rosbags-deserialised clouds work too.
@@ -123,7 +123,7 @@ def cloud_to_msg(points: np.ndarray, header: Any = None) -> PointCloud2:
 def read_cloud(msg: Any) -> np.ndarray:
     """Structured numpy ``[height,width]`` view of a PointCloud2-like message (fields at their offsets).
 
-    The layout is checked first (issue 13, bug 5): point_step > 0, unique field names, every field inside the
+    The layout is checked first: point_step > 0, unique field names, every field inside the
     point. numpy would otherwise raise its own ValueError (or try to allocate a field of a billion elements).
     """
     fields = list(msg.fields)
@@ -181,8 +181,8 @@ def project_points_to_depth(
     """Project optical-frame points to a sparse depth image ``[H,W]`` (NaN empty), keeping the nearest per pixel.
 
     The z-buffer keeps the nearest point where several land in one pixel, which removes most LiDAR points seen
-    through foreground edges (parallax; ros-anchors 3.3). Pixel centres are at integer coordinates (pinhole
-    convention of depth_image_proc), so a point projects to ``round(fx * x / z + cx)``.
+    through foreground edges (parallax between LiDAR and camera). Pixel centres are at integer coordinates (the
+    pinhole convention of depth_image_proc), so a point projects to ``round(fx * x / z + cx)``.
     """
     xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
     z = xyz[:, 2]
