@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,7 @@ def load_components(
     *,
     torch_dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
-    load_text_encoder: bool = True,
+    load_text_encoder: bool | Callable[[Path], bool] = True,
     timestep_spacing: str | None = None,
     require_image_conditional: bool = True,
     expected_task: str | None = None,
@@ -159,7 +159,8 @@ def load_components(
     ``timestep_spacing`` overrides the scheduler config at load time, as the official run.py does (spec A.1).
     ``require_image_conditional=False`` admits a plain 4-channel Stable Diffusion UNet (fine-tuning, spec B.2).
     ``expected_task`` ("depth" / "normals") refuses a checkpoint that says it is the other task, before any
-    weights are read (:func:`check_task`).
+    weights are read (:func:`check_task`). ``load_text_encoder`` may decide per folder (False: the caller has the
+    empty-prompt embedding cached).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -168,6 +169,8 @@ def load_components(
     model_index = read_model_index(folder)
     if expected_task is not None:
         check_task(source, folder, model_index, expected_task)
+    if callable(load_text_encoder):
+        load_text_encoder = load_text_encoder(folder)
     sched_kwargs = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
     if require_image_conditional:
         check_unet_config(_read_json(folder / "unet" / "config.json"), folder)  # before reading GBs of weights
