@@ -250,7 +250,8 @@ class GeoDiffEngine:
             parts = load_components(sources[task], torch_dtype=self.dtype,
                                     local_files_only=config.local_files_only,
                                     load_text_encoder=need_text_encoder,
-                                    expected_task=task if config.check_model_task else None)
+                                    expected_task=task if config.check_model_task else None,
+                                    device=self.device)
             t1 = time.perf_counter()
             self.load_times[f"read {task}"] = t1 - t0
             if self.vae is None:
