@@ -266,3 +266,25 @@ class PathBuilder:
 def _stage_label(stage: Any) -> str:
     """What a step builds, as users read it: 'unet[depth]' (compile), 'vae-decoder[shared, fused]' (JIT kernels)."""
     return stage.name
+
+
+STARTUP_MODES = ("serve_eager", "wait_compiled")
+
+
+def start_serving(engine: Any, height: int, width: int, batch_sizes: Sequence[int], mode: str = "serve_eager",
+                  progress: Callable[[int, int, str], None] | None = None,
+                  on_change: Callable[[str], None] | None = None) -> PathBuilder | None:
+    """How a server (the ROS node) starts an engine: None when there is nothing to build (optimize none: the eager
+    path is ready); with ``serve_eager`` the builder runs in the background and frames are served from now on;
+    with ``wait_compiled`` it builds every planned frame shape first, in this thread (repeatable latency from the
+    first frame), then returns."""
+    if mode not in STARTUP_MODES:
+        raise ValueError(f"unknown startup mode {mode!r}: use {' or '.join(STARTUP_MODES)}")
+    if engine.accelerator is None:
+        return None
+    builder = PathBuilder(engine, height, width, batch_sizes, on_change=on_change)
+    if mode == "wait_compiled":
+        builder.run(progress)
+    else:
+        builder.start()
+    return builder
