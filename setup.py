@@ -28,10 +28,10 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
-            "geodiff_node = geodiff_ros.ros.node:main",
+            "geodiff_node = geodiff_ros.ros.process:main",
             "geodiff_predict = geodiff_ros.cli.predict:main",
             "geodiff_compile = geodiff_ros.cli.compile:main",
-            "geodiff_demo = geodiff_ros.ros.demo:main",
+            "geodiff_demo = geodiff_ros.cli.demo:main",
             "geodiff_bag = geodiff_ros.bag.cli:main",
             "geodiff_train = geodiff_ros.training.train:main",
             "geodiff_eval = geodiff_ros.evaluation.evaluate:main",

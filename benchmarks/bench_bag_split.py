@@ -8,7 +8,7 @@ the workers, frames per worker. Every output bag is then compared with the refer
 (topic, bag time, header) in the same order, the bytes identical or not, and the largest difference of the
 relative depth, metric depth and normals values. Writes JSON naming the cards.
 
-The bag is the synthetic RGB-D room of geodiff_ros.ros.demo (colour, 16UC1 depth as the sparse input, CameraInfo)
+The bag is the synthetic RGB-D room of geodiff_ros.bag.synthetic (colour, 16UC1 depth as the sparse input, CameraInfo)
 at --width x --height; the model is the full-size Marigold / SD2 architecture with random weights
 (bench_engine.write_checkpoints) unless --model-depth / --model-normals name real ones. --tiny is the CPU
 rehearsal: tiny checkpoints, 160x120, processing_res 64, fp32, device sets ``cpu`` and ``cpu,cpu``.
@@ -39,6 +39,13 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))  # run from a checkout without installing the package
 
+from geodiff_ros.engine.config import (  # noqa: E402
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DTYPE_CHOICES,
+    processing_res_argument,
+)
+
 LOG = logging.getLogger("bench_bag_split")
 VALUE_TOPICS = ("/depth/relative", "/depth/image", "/normals/image")
 
@@ -51,9 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-frames", type=int, default=8, help="frames of the warm-up pass (per device set)")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
-    p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
     p.add_argument("--optimize", default="none", help="EngineConfig.optimize of every worker")
-    p.add_argument("--processing-res", type=int, default=768)
+    p.add_argument("--processing-res", type=processing_res_argument, default=DEFAULT_PROCESSING_RES)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tasks", default="depth,normals", help="depth, normals or both")
     p.add_argument("--model-depth", default=None, help="depth model (default random SD2-size weights)")
@@ -117,8 +124,8 @@ def run_set(devices: list[str], args: argparse.Namespace, models: dict[str, str 
     from geodiff_ros.bag.parallel import EnginePool, process_bag_parallel
     from geodiff_ros.bag.process import ProcessOptions, process_bag
     from geodiff_ros.bag.storage import BagWriter, open_bag
+    from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC
     from geodiff_ros.engine import EngineConfig, GeoDiffEngine
-    from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC
 
     cfg = EngineConfig(depth_model=models["depth"], normals_model=models["normals"], device=devices[0],
                        dtype=args.dtype, processing_res=args.processing_res, batch_size=args.batch_size,
@@ -190,7 +197,7 @@ def compare(reference: Path, other: Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from geodiff_ros.ros.demo import write_synthetic_bag
+    from geodiff_ros.bag.synthetic import write_synthetic_bag
 
     sets = [[d.strip() for d in s.split(",")] for s in args.device_sets]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_bag_split_"))

@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
 
 from geodiff_ros.engine import EngineConfig, GeoDiffEngine  # noqa: E402
+from geodiff_ros.engine.config import DEFAULT_PROCESSING_RES, processing_res_argument  # noqa: E402
 from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
 LOG = logging.getLogger("bench_engine")
@@ -77,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="engine optimize modes to time (see engine/accel.py)")
     p.add_argument("--tasks", default="depth,normals,depth+normals")
     p.add_argument("--size", default="640x480", help="input WxH")
-    p.add_argument("--processing-res", type=int, default=768)
+    p.add_argument("--processing-res", type=processing_res_argument, default=DEFAULT_PROCESSING_RES)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ref-frames", type=int, default=4, help="frames compared against fp32 eager")

@@ -368,7 +368,7 @@ def start_nodes(mode: str, names: list[str], args: argparse.Namespace, models: d
               "-p", "diagnostics_period:=1.0", "-p", "local_files_only:=true", "-p", f"optimize:={args.optimize}"]
     if args.cloud:
         common += ["-p", "alignment.fixed_scale:=10.0"]  # metric depth (and so the cloud) without sparse input
-    base = [sys.executable, "-m", "geodiff_ros.ros.node", "--ros-args", "--params-file",
+    base = [sys.executable, "-m", "geodiff_ros.ros.process", "--ros-args", "--params-file",
             str(REPO / "config" / "geodiff.yaml"), *common]
     if mode == "multi":
         cmds = [(f"multi{len(names)}{tag}", [*base, "-p", f'cameras:=[{",".join(names)}]'])]

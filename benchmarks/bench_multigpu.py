@@ -42,6 +42,13 @@ for path in (REPO, REPO / "benchmarks"):
 import bench_multicam  # noqa: E402
 from bench_multicam import fmt  # noqa: E402
 
+from geodiff_ros.engine.config import (  # noqa: E402
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DTYPE_CHOICES,
+    processing_res_argument,
+)
+
 LOG = logging.getLogger("bench_multigpu")
 
 
@@ -56,9 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--seconds", type=float, default=15.0, help="measuring window per run")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds streamed before measuring (after first output)")
-    p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
     p.add_argument("--optimize", default="compile", help="node parameter optimize (none, compile, compile+graph, ...)")
-    p.add_argument("--processing-res", type=int, default=768)
+    p.add_argument("--processing-res", type=processing_res_argument, default=DEFAULT_PROCESSING_RES)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--model-depth", default=None, help="depth model (default random SD2-size weights)")
     p.add_argument("--ckpt-dir", type=Path, default=REPO / ".cache" / "bench_ckpt")
@@ -136,7 +143,7 @@ def start_nodes(plan: dict[int, list[str]], args: argparse.Namespace, model: str
     procs = []
     for index, cameras in sorted(plan.items()):
         device = args.device_list[index]
-        cmd = [sys.executable, "-m", "geodiff_ros.ros.node", "--ros-args", "--params-file",
+        cmd = [sys.executable, "-m", "geodiff_ros.ros.process", "--ros-args", "--params-file",
                str(REPO / "config" / "geodiff.yaml"), *common, "-p", f"device:={device}",
                "-p", f'cameras:=[{",".join(cameras)}]', "-r", f"__node:=geodiff_gpu{index}"]
         log = open(log_dir / f"{tag}_gpu{index}.log", "wb")

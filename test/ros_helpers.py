@@ -56,8 +56,8 @@ def launch_file(name: str) -> Path:
 
 
 # console_scripts of setup.py: launch_ros starts executables from <prefix>/lib/geodiff_ros/.
-CONSOLE_SCRIPTS = {"geodiff_node": "geodiff_ros.ros.node", "geodiff_bag": "geodiff_ros.bag.cli",
-                   "geodiff_demo": "geodiff_ros.ros.demo", "geodiff_predict": "geodiff_ros.cli.predict"}
+CONSOLE_SCRIPTS = {"geodiff_node": "geodiff_ros.ros.process", "geodiff_bag": "geodiff_ros.bag.cli",
+                   "geodiff_demo": "geodiff_ros.cli.demo", "geodiff_predict": "geodiff_ros.cli.predict"}
 
 
 def checkout_ament_prefix(folder: Path) -> Path:
@@ -170,14 +170,14 @@ class LoggedProcess:
 
 
 class NodeProcess(LoggedProcess):
-    """The geodiff node started as ``python -m geodiff_ros.ros.node`` with the config file and overrides."""
+    """The geodiff node started as ``python -m geodiff_ros.ros.process`` with the config file and overrides."""
 
     def __init__(self, domain_id: int, params: dict[str, Any], log_path: Path,
                  remaps: dict[str, str] | None = None, params_file: Path | None = PARAMS_FILE,
                  program: list[str] | None = None, extra_env: dict[str, str] | None = None) -> None:
-        """``program`` replaces ``-m geodiff_ros.ros.node`` (e.g. :func:`wrapped_node_program`); ``extra_env`` is
+        """``program`` replaces ``-m geodiff_ros.ros.process`` (e.g. :func:`wrapped_node_program`); ``extra_env`` is
         added to the ROS environment of the subprocess."""
-        cmd = [sys.executable, *(program or ["-m", "geodiff_ros.ros.node"]), "--ros-args"]
+        cmd = [sys.executable, *(program or ["-m", "geodiff_ros.ros.process"]), "--ros-args"]
         if params_file is not None:
             cmd += ["--params-file", str(params_file)]
         for name, value in params.items():
@@ -463,12 +463,12 @@ OOM_MARKER = (255, 0, 255)
 _WRAPPER = r"""
 import importlib, json, os, sys, threading
 OOM_MARKER = (255, 0, 255)
-import geodiff_ros.ros.node as node_mod
+import geodiff_ros.ros.process as process_mod
 
 throttle = os.environ.get('GEODIFF_TEST_LOG_THROTTLE_S')
 if throttle:
     patched = []
-    for name in ('geodiff_ros.ros.node', 'geodiff_ros.ros.camera'):
+    for name in ('geodiff_ros.ros.worker', 'geodiff_ros.ros.camera'):
         try:
             mod = importlib.import_module(name)
         except ImportError:
@@ -478,7 +478,7 @@ if throttle:
                 setattr(mod, attr, float(throttle))
                 patched.append(f'{name}.{attr}')
     if not patched:
-        raise SystemExit('test wrapper: no log throttle constant found in geodiff_ros.ros.node/camera; '
+        raise SystemExit('test wrapper: no log throttle constant found in geodiff_ros.ros.worker/camera; '
                          'update _WRAPPER in test/ros_helpers.py')
 
 oom_width = int(os.environ.get('GEODIFF_TEST_OOM_ON_WIDTH') or -1)
@@ -549,13 +549,13 @@ def report_and_exit(code):
 
 
 os._exit = report_and_exit
-code = node_mod.main()
+code = process_mod.main()
 report_and_exit(int(code or 0))
 """
 
 
 def wrapped_node_program() -> list[str]:
-    """``program`` argument of :class:`NodeProcess` that runs ``node.main()`` inside the test wrapper."""
+    """``program`` argument of :class:`NodeProcess` that runs ``process.main()`` inside the test wrapper."""
     return ["-c", _WRAPPER]
 
 

@@ -16,8 +16,8 @@ from rosbags.typesys import get_types_from_msg
 
 from geodiff_ros.bag.cli import main as bag_main
 from geodiff_ros.bag.storage import BagError, BagWriter, jazzy_typestore, open_bag
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.conversions import depth_to_metres, image_to_rgb8
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 
 CUSTOM = "geodiff_test_msgs/msg/Blob"
 CUSTOM_DEF = "uint32 a\nstring b\n"

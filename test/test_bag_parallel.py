@@ -26,7 +26,7 @@ from geodiff_ros.bag.parallel import (
 )
 from geodiff_ros.bag.process import ProcessOptions, process_bag
 from geodiff_ros.bag.storage import BagWriter, open_bag
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, write_synthetic_bag
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, write_synthetic_bag
 
 TINY = ["--tiny", "--processing-res", "64", "--fixed-scale", "10"]  # random weights: no sparse fit, a fixed scale
 

@@ -24,8 +24,8 @@ from rosbags.typesys import get_types_from_msg
 from sensor_msgs.msg import CameraInfo, Image
 
 from geodiff_ros.bag.storage import BagWriter, jazzy_typestore, open_bag
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.conversions import numpy_to_image
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 
 DOMAIN = module_domain_id(61)
 # Test runs of other checkouts on this machine may share a domain by chance: keep our topic names our own.

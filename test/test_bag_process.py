@@ -22,10 +22,10 @@ from scipy.spatial.transform import Rotation
 from geodiff_ros.bag.cli import main as bag_main
 from geodiff_ros.bag.process import ProcessOptions, process_bag
 from geodiff_ros.bag.storage import BagError, BagWriter, jazzy_typestore, open_bag
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.geometry import PinholeIntrinsics, backproject
 from geodiff_ros.geometry.transform import RigidTransform
 from geodiff_ros.ros.conversions import depth_to_metres, image_to_numpy, image_to_rgb8
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.pointcloud import read_cloud
 
 S, T = 3.0, 0.5  # relative = (depth - T) / S: the metric fit must find S and T

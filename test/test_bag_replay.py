@@ -34,8 +34,8 @@ from ros_helpers import (
 )
 
 from geodiff_ros.bag.storage import BagWriter, open_bag
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image_fields
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
 from geodiff_ros.ros.pointcloud import read_cloud
 
 DOMAIN = module_domain_id(67)

@@ -35,7 +35,7 @@ def _user_env() -> dict[str, str]:
 
 def _demo(*args: str, timeout: float = 120.0) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "geodiff_ros.ros.demo", *args], cwd=run_dir(), env=_user_env(),
+    proc = subprocess.run([sys.executable, "-m", "geodiff_ros.cli.demo", *args], cwd=run_dir(), env=_user_env(),
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - t0
 

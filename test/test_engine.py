@@ -220,3 +220,13 @@ def test_cpu_threads_sets_torch_threads_and_keeps_results(tiny_depth_ckpt: Path)
         np.testing.assert_allclose(one.predict(img).depth, default, atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+def test_engine_config_refuses_a_processing_res_that_is_not_a_multiple_of_8() -> None:
+    """The rule lives with the engine's defaults (engine/config.py): every front-end that builds an EngineConfig
+    gets the same message, naming the nearest valid values."""
+    from geodiff_ros.engine import EngineConfig
+
+    with pytest.raises(ValueError, match=r"processing_res=756 must be a multiple of 8 .* 752 or 760"):
+        EngineConfig(processing_res=756)
+    assert EngineConfig(processing_res=0).processing_res == 0  # native size

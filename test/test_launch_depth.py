@@ -50,7 +50,7 @@ except ImportError as err:
 from ros_helpers import launch_file, module_domain_id  # noqa: E402
 from test_bag_replay import NODE_PARAMS, check_two_pass, inputs_in, replay_env  # noqa: E402
 
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
 DOMAIN = module_domain_id(79)

@@ -45,8 +45,8 @@ from ros_helpers import (  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from geodiff_ros.bag.storage import open_bag  # noqa: E402
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 from geodiff_ros.ros.conversions import image_to_numpy, numpy_to_image  # noqa: E402
-from geodiff_ros.ros.demo import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag  # noqa: E402
 from geodiff_ros.ros.launch_support import rviz2_missing  # noqa: E402
 
 DOMAIN = module_domain_id(41)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -64,3 +66,73 @@ def test_launch_stack_dependencies_are_pinned() -> None:
     launch = _pins(REPO / "requirements-ros-launch.txt")
     assert set(launch) == {"osrf-pycommon", "argcomplete", "lark"}
     assert (REPO / "requirements-ros-launch.txt").read_text().count("==") == 3
+
+
+# Layers of the package, lowest first: a module may import its own layer and the ones below, never one above, and
+# no two modules may import each other through any chain (lazy imports inside functions count too).
+LAYERS: dict[str, int] = {
+    "visualize": 0, "manifest": 0, "engine": 1, "geometry": 1, "pipeline": 2, "testing": 2, "training": 3,
+    "evaluation": 3, "ros": 4, "bag": 5, "cli": 6,
+}
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """module -> the geodiff_ros modules it imports (relative imports resolved), from the source files."""
+    root = REPO / "geodiff_ros"
+    edges: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        is_init = parts[-1] == "__init__"
+        module = ".".join(parts[:-1] if is_init else parts)
+        package = module.split(".") if is_init else module.split(".")[:-1]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join([*base, node.module] if node.module else base)
+                names = [f"{target}.{a.name}" for a in node.names]
+                targets.update(n if (REPO / Path(*n.split("."))).with_suffix(".py").is_file()
+                               or (REPO / Path(*n.split("."))).is_dir() else target for n in names)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+        edges[module] = {t for t in targets if t.startswith("geodiff_ros.") and t != module}
+    return edges
+
+
+def test_no_import_goes_up_a_layer_or_round_in_a_circle() -> None:
+    """The engine, geometry and per-frame pipeline know nothing of ROS; the node never imports the bag tool; the
+    demo sits above both; and no module cycle exists (checked on the sources)."""
+    edges = _package_imports()
+    up = []
+    for module, targets in edges.items():
+        mine = module.split(".")[1] if module.count(".") else ""
+        for target in targets:
+            theirs = target.split(".")[1]
+            if mine in LAYERS and theirs in LAYERS and LAYERS[theirs] > LAYERS[mine]:
+                up.append(f"{module} -> {target}")
+    assert not up, f"imports up a layer: {up}"
+    # cycles: depth-first search over the module graph (package __init__ modules included)
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, f"import cycles: {cycles[:5]}"
+
+
+def test_node_parameters_import_without_torch() -> None:
+    """Parameter validation (and the engine's defaults it reads) must not load torch: start-up errors stay fast."""
+    code = ("import sys; import geodiff_ros.ros.params, geodiff_ros.engine.config; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          timeout=120).returncode == 0

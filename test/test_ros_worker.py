@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("rclpy", reason="rclpy (ros-jazzy-rclpy) not installed")
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState
+from lifecycle_msgs.srv import ChangeState, GetState
 from ros_helpers import (
     Collector,
     NodeProcess,
@@ -199,6 +199,47 @@ def test_deactivate_activate_during_engine_calls_keeps_one_worker(tmp_path: Path
     at_once = predicts_at_once(log)
     assert at_once and max(at_once) == 1, f"engine calls running at once: {at_once}"
     assert threads_after <= threads_before, f"threads {threads_before} -> {threads_after} after 6 cycles"
+
+
+def test_activate_after_cleanup_mid_frame_never_waits_for_the_engine(tmp_path: Path, domain: int, col: Collector,
+                                                                    tiny_depth_ckpt: Path) -> None:
+    """cleanup during a long engine call leaves that call to finish on its own; the following configure and
+    activate return at once (activate used to wait for the old frame: 19.4 s measured), services and /diagnostics
+    keep answering meanwhile, the new pipeline starts only after the old engine call (never two at once), and
+    frames flow again afterwards."""
+    delay = 8.0
+    node = _start(domain, tiny_depth_ckpt, tmp_path / "geodiff.log", delay_s=delay)
+    col.subscribe(Image, "depth/relative")
+    col.subscribe(DiagnosticArray, "/diagnostics")
+    stream = Stream(col, hz=5.0)
+    try:
+        assert col.wait_matched([stream.pub], timeout=90.0), node.log()[-3000:]
+        stream.start()
+        assert node.wait_for_log("GEODIFF_TEST_PREDICT_ACTIVE 1", timeout=60.0), node.log()[-3000:]
+        time.sleep(0.5)  # inside the engine call (8 s)
+        _transition(col, node, Transition.TRANSITION_DEACTIVATE)
+        _transition(col, node, Transition.TRANSITION_CLEANUP)
+        _transition(col, node, Transition.TRANSITION_CONFIGURE)
+        t0 = time.monotonic()
+        _transition(col, node, Transition.TRANSITION_ACTIVATE)
+        activate_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        state = call_service(col, GetState, f"{NS}/{NAME}/get_state", GetState.Request(), timeout=10.0)
+        get_state_s = time.monotonic() - t1
+        diag = latest_diagnostics(col, NAME, after=time.monotonic(), timeout=3.0)
+        after = time.monotonic()
+        assert col.wait_for("depth/relative", 1, timeout=60.0,
+                            where=lambda m: stamp_of(m) in stream.sent_after(after)), node.log()[-3000:]
+    finally:
+        stream.stop()
+        code, _ = node.stop(signal.SIGINT, timeout=10.0)
+    log = node.log()
+    assert activate_s < 1.0, f"activate took {activate_s:.1f} s"
+    assert get_state_s < 1.0 and state.current_state.label == "active", (get_state_s, state)
+    assert diag["state"].startswith("waiting for the previous activation's frame"), diag
+    assert code == 0, log[-3000:]
+    at_once = predicts_at_once(log)
+    assert at_once and max(at_once) == 1, f"engine calls running at once: {at_once}"
 
 
 def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: int, col: Collector,

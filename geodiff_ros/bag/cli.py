@@ -32,6 +32,15 @@ from typing import Any
 
 from geodiff_ros.bag.report import format_table, print_out
 from geodiff_ros.bag.storage import Bag, BagError, BagWriter, open_bag
+from geodiff_ros.engine.config import (
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DEPTH_HUB_ID,
+    DTYPE_CHOICES,
+    NORMALS_HUB_ID,
+    optimize_problem,
+    processing_res_argument,
+)
 
 __all__ = ["main"]
 
@@ -212,7 +221,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         dtype = dtype or "fp32"
         LOG.info("--tiny: random tiny checkpoints in %s (plumbing only, the outputs are meaningless)", root)
     return EngineConfig(depth_model=depth or None, normals_model=normals or None, device=device or "cuda",
-                        dtype=dtype or "fp16", processing_res=args.processing_res,
+                        dtype=dtype or DEFAULT_DTYPE, processing_res=args.processing_res,
                         allow_cpu_fallback=args.allow_cpu_fallback, local_files_only=args.local_files_only,
                         batch_size=args.batch_size, optimize=args.optimize)
 
@@ -247,11 +256,9 @@ def cmd_process(args: argparse.Namespace) -> int:
     opts.sparse_extrinsic()  # a bad transform exits 2 before the model loads
     if args.fixed_scale is not None:
         opts.fixed_scale = args.fixed_scale
-    from geodiff_ros.engine.accel import OPTIMIZE_MODES
-
-    if args.optimize not in OPTIMIZE_MODES:
-        msg = f'--optimize {args.optimize!r} is not a mode; use one of {", ".join(OPTIMIZE_MODES)}'
-        raise BagError(msg)
+    problem = optimize_problem(args.optimize, "--optimize")
+    if problem:
+        raise BagError(problem)
     if Path(args.out).exists():
         msg = f"output bag {args.out} exists; choose a new path or delete it first (bags are never overwritten)"
         raise BagError(msg)
@@ -415,18 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric "
                         "error")
     p.add_argument("--fixed-scale", type=float, default=None, help="metric = scale x relative, no sparse input")
-    p.add_argument("--depth-model", default="GonzaloMG/marigold-e2e-ft-depth", help='hub id or folder; "" = off')
-    p.add_argument("--normals-model", default="GonzaloMG/marigold-e2e-ft-normals", help='hub id or folder; "" = off')
+    p.add_argument("--depth-model", default=DEPTH_HUB_ID, help='hub id or folder; "" = off')
+    p.add_argument("--normals-model", default=NORMALS_HUB_ID, help='hub id or folder; "" = off')
     p.add_argument("--tiny", action="store_true", help="generated tiny random checkpoints on the CPU (plumbing test)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda; cpu with --tiny)")
     p.add_argument("--devices", default=None, metavar="D1,D2,...",
                    help="split the bag over several devices, one worker process each (e.g. cuda:0,cuda:1); the "
                         "output bag is the one-device output")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp16 (fp32 with --tiny)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help=f"default {DEFAULT_DTYPE} (fp32 with --tiny)")
     p.add_argument("--optimize", default="none", metavar="MODE",
                    help="engine speed-up: none, channels_last, graph, compile or compile+graph (EngineConfig.optimize; "
                         "benchmarks/README.md gives the tolerance of each); default none = the official eager path")
-    p.add_argument("--processing-res", type=int, default=768, help="longest edge at inference, 0 = native")
+    p.add_argument("--processing-res", type=processing_res_argument, default=DEFAULT_PROCESSING_RES,
+                   help="longest edge at inference (multiple of 8), 0 = native")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--allow-cpu-fallback", action="store_true", help="run on the CPU if the GPU is missing")
     p.add_argument("--local-files-only", action="store_true", help="never download weights")

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import DEPTH_HUB_ID, NORMALS_HUB_ID, EngineConfig, GeoDiffEngine, GeoDiffError
+from ..engine import EngineConfig, GeoDiffEngine, GeoDiffError
+from ..engine.config import (
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DEPTH_HUB_ID,
+    DTYPE_CHOICES,
+    NORMALS_HUB_ID,
+    processing_res_argument,
+)
 from ..visualize import colorize_depth, depth_to_uint16, normals_to_rgb
 
 LOG = logging.getLogger("geodiff_predict")
@@ -86,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--normals-model", default=NORMALS_HUB_ID, help="hub id or local folder; '' disables normals")
     parser.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
     parser.add_argument("--allow-cpu-fallback", action="store_true", help="use the CPU when no GPU is visible")
-    parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--processing-res", type=int, default=768, help="longest edge at inference, 0 = native")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES)
+    parser.add_argument("--processing-res", type=processing_res_argument, default=DEFAULT_PROCESSING_RES,
+                        help="longest edge at inference (multiple of 8), 0 = native")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--offline", action="store_true", help="never contact the hub (HF_HUB_OFFLINE)")
     parser.add_argument("--no-check-model-task", dest="check_model_task", action="store_false",

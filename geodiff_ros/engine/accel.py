@@ -43,11 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aot import stage_signature
+from .config import optimize_problem
 from .latent import LATENT_SCALE, Prediction, x0_from_prediction
 
 LOG = logging.getLogger(__name__)
 
-OPTIMIZE_MODES = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
 MAX_GRAPHS = 8  # captured (shape, tasks) combinations kept (batch sizes 1-4 of two sizes); each holds its memory
 # Compiled modes only: VAE GroupNorm statistics from per-channel sums (see _ChannelSumGroupNorm). Read when an
 # Accelerator is built. H100 fp16 compile+graph: depth 30.8 -> 27.0 ms, depth+normals 54.3 -> 47.1 ms, accuracy
@@ -87,10 +88,10 @@ class AccelSettings:
 def parse_optimize(mode: str) -> AccelSettings:
     """Settings for an ``EngineConfig.optimize`` value; an unknown value is an error naming the choices.
     ``auto`` is resolved for a device first (:func:`resolve_optimize`); here it only passes the check."""
+    problem = optimize_problem(mode)
+    if problem:
+        raise ValueError(f"{problem} (node parameter optimize, EngineConfig.optimize)")
     key = (mode or "none").strip().lower()
-    if key not in OPTIMIZE_MODES:
-        raise ValueError(f"unknown optimize mode {mode!r}: use one of {', '.join(OPTIMIZE_MODES)} "
-                         "(node parameter optimize, EngineConfig.optimize)")
     return AccelSettings(channels_last=key not in ("none", "auto"), compile="compile" in key,
                          cuda_graph="graph" in key)
 
@@ -147,7 +148,7 @@ class _Stage:
     def run_fast(self, *args: Any) -> torch.Tensor:
         """The fast form: an AOT package for this signature, else the compiled (or hand-scheduled) function."""
         if self.aot_paths:
-            signature = aot_signature(args)
+            signature = stage_signature(args)
             runner = self.aot.get(signature)
             if runner is None and signature in self.aot_paths and signature not in self.aot_failed:
                 runner = self._load_package(signature)
@@ -203,11 +204,6 @@ def building() -> Iterator[None]:
 def shape_key(args: Sequence[Any]) -> tuple:
     """Shapes of a stage call's tensor arguments: what a built fast form is ready for."""
     return tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-
-
-def aot_signature(args: Sequence[Any]) -> tuple:
-    """Shapes, dtypes and strides of a stage call's tensor arguments (the key of its AOT packages, aot.py)."""
-    return tuple((tuple(a.shape), str(a.dtype), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
 
 
 def mark_batch_dynamic(args: Sequence[Any]) -> None:

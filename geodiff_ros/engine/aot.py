@@ -63,9 +63,7 @@ def aot_dir(device: torch.device) -> Path:
 
 def stage_signature(args: Sequence[Any]) -> tuple:
     """Shapes, dtypes and strides of a stage call's tensor arguments: a package serves exactly these."""
-    from .accel import aot_signature
-
-    return aot_signature(args)
+    return tuple((tuple(a.shape), str(a.dtype), tuple(a.stride())) for a in args if isinstance(a, torch.Tensor))
 
 
 def _stages(acc: Any, include_unused: bool = False) -> dict[str, tuple[Any, torch.nn.Module]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .config import DEPTH_HUB_ID, NORMALS_HUB_ID
 from .errors import ModelLoadError
 
 LOG = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ HUB_MODEL_INDEX: dict = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
-DEPTH_HUB_ID = "GonzaloMG/marigold-e2e-ft-depth"
-NORMALS_HUB_ID = "GonzaloMG/marigold-e2e-ft-normals"
 
 
 def download_hint(source: str) -> str:

@@ -30,6 +30,7 @@ import torch
 
 from ..geometry.normal_frames import TO_OPTICAL_SIGNS
 from .checkpoint import DEPTH_HUB_ID, load_components, normals_frame_of
+from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_PROCESSING_RES, processing_res_problem
 from .ensemble import ensemble_depths, ensemble_normals
 from .errors import DeviceError, ImageFormatError, ModelLoadError
 from .latent import LATENT_SCALE, Prediction, x0_from_prediction
@@ -52,9 +53,9 @@ class EngineConfig:
 
     depth_model: str | None = DEPTH_HUB_ID
     normals_model: str | None = None
-    device: str = "cuda"
-    dtype: str = "fp16"
-    processing_res: int = 768  # longest edge at inference, 0 = native size (spec A.1-2)
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
+    processing_res: int = DEFAULT_PROCESSING_RES  # longest edge at inference (multiple of 8), 0 = native size
     resample: str = "bilinear"  # bilinear | bicubic | nearest (spec A.1-2)
     match_input_res: bool = True  # resize outputs back to the input size (spec A.1-15)
     allow_cpu_fallback: bool = False
@@ -71,6 +72,11 @@ class EngineConfig:
     # CPU only: torch intra-op threads for this process (0 = torch's default, one per core). 1 avoids barrier
     # stalls when ROS threads share few cores (benchmarks/README.md, multi-camera); large models want more.
     cpu_threads: int = 0
+
+    def __post_init__(self) -> None:
+        problem = processing_res_problem(self.processing_res, "EngineConfig.processing_res")
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass

@@ -17,6 +17,17 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from geodiff_ros.engine.config import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DEPTH_HUB_ID,
+    DTYPE_CHOICES,
+    NORMALS_HUB_ID,
+    OPTIMIZE_MODES,
+    processing_res_problem,
+)
+
 if TYPE_CHECKING:
     from rclpy.node import Node
 
@@ -37,8 +48,6 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-# Mirrors geodiff_ros.engine.accel.OPTIMIZE_MODES (not imported: params stay free of torch; a test compares them).
-OPTIMIZE_CHOICES: tuple[str, ...] = ("auto", "none", "channels_last", "graph", "compile", "compile+graph")
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,10 @@ class ParamSpec:
 
 PARAMS: tuple[ParamSpec, ...] = (
     # --- engine (read when configuring) ---
-    ParamSpec("model_depth", "GonzaloMG/marigold-e2e-ft-depth",
+    ParamSpec("model_depth", DEPTH_HUB_ID,
               'Depth model: Hugging Face hub id or local folder in hub layout; "" disables depth.',
               configure_time=True),
-    ParamSpec("model_normals", "GonzaloMG/marigold-e2e-ft-normals",
+    ParamSpec("model_normals", NORMALS_HUB_ID,
               'Normals model: Hugging Face hub id or local folder; "" disables normals.', configure_time=True),
     ParamSpec("check_model_task", True,
               "Refuse a model whose model_index.json (geodiff_task) or own folder / repo name says it is the other "
@@ -68,18 +77,18 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("tasks", ["depth", "normals"],
               "Which of the configured models to run (subset of depth, normals).",
               choices=("depth", "normals"), configure_time=True),
-    ParamSpec("device", "cuda", "Torch device: cpu, cuda or cuda:N.", configure_time=True),
-    ParamSpec("dtype", "fp16",
+    ParamSpec("device", DEFAULT_DEVICE, "Torch device: cpu, cuda or cuda:N.", configure_time=True),
+    ParamSpec("dtype", DEFAULT_DTYPE,
               "Inference precision. fp16 (default): fast on a GPU and within the engine benchmark's accuracy "
               "tolerance; bf16 only on request (as fast, but outside that tolerance: benchmarks/README.md); fp32 "
               "the official computation. The CPU runs fp16 as fp32.",
-              choices=("fp32", "fp16", "bf16"), configure_time=True),
+              choices=DTYPE_CHOICES, configure_time=True),
     ParamSpec("allow_cpu_fallback", False,
               "If the device is unavailable, run on CPU (slow) instead of failing to configure.",
               configure_time=True),
     ParamSpec("local_files_only", False, "Never download: load hub ids from the local cache only.",
               configure_time=True),
-    ParamSpec("processing_res", 768,
+    ParamSpec("processing_res", DEFAULT_PROCESSING_RES,
               "Longest image edge fed to the network, multiple of 8 (0 = native size). Outputs match the input size.",
               lo=0, hi=4096, configure_time=True),
     ParamSpec("optimize", "auto",
@@ -88,7 +97,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "README), none on the CPU. none = the official eager path; channels_last; graph (CUDA graphs: start-up "
               "in seconds, about 3x slower than compile+graph); compile (torch.compile); compile+graph. The compiling "
               "runs in the worker on activation (warmup_size), shown in /diagnostics; services stay responsive.",
-              choices=OPTIMIZE_CHOICES, configure_time=True),
+              choices=OPTIMIZE_MODES, configure_time=True),
     ParamSpec("cpu_threads", 0,
               "device cpu only: torch intra-op threads (0 = one per core). 1 is faster for small models on 2-4 "
               "cores shared with ROS (benchmarks/README.md); the full-size model wants every core.",
@@ -318,8 +327,8 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
         return None
     if spec.name == "device" and not _DEVICE_RE.match(str(value)):
         return f"device={value!r} must be cpu, cuda or cuda:N"
-    if spec.name == "processing_res" and int(value) % 8 != 0:
-        return f"processing_res={value} must be a multiple of 8 (the VAE downsamples by 8), or 0 for native size"
+    if spec.name == "processing_res":
+        return processing_res_problem(value)
     if spec.name == "alignment.ema_alpha" and float(value) <= 0.0:
         return "alignment.ema_alpha must be > 0 (0 would never take a new fit); use 1 for no smoothing"
     return None

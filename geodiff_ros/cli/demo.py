@@ -4,7 +4,7 @@ Steps:
   1. Loopback DDS settings for this process and its children, unless the user set them.
   2. Input: ``--bag`` (default: the shared TUM RGB-D bag beside the checkout, else a small synthetic bag written
      into the output folder) or ``--live`` topics.
-  3. The real node (``python -m geodiff_ros.ros.node`` with ``config/geodiff.yaml``) starts as a subprocess; if its
+  3. The real node (``python -m geodiff_ros.ros.process`` with ``config/geodiff.yaml``) starts as a subprocess; if its
      model cannot be loaded the demo prints the engine's message (how to supply the weights) and exits 1.
   4. A recorder subscribes to the node's outputs; the player publishes the bag, turning the depth camera into
      sparse metric depth (``--sparse-fraction``, 2 % by default) so the metric alignment has something to fit.
@@ -31,22 +31,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geodiff_ros.ros.environment import ensure_ros_env, fastdds_profile, share_file
+from geodiff_ros.bag.synthetic import DEPTH_TOPIC, IMAGE_TOPIC, INFO_TOPIC, write_synthetic_bag
+from geodiff_ros.engine.config import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DEFAULT_PROCESSING_RES,
+    DEPTH_HUB_ID,
+    DTYPE_CHOICES,
+    NORMALS_HUB_ID,
+    processing_res_argument,
+)
+from geodiff_ros.ros.environment import ensure_ros_env, share_file
 
 if TYPE_CHECKING:  # rclpy is imported only once the environment is set (main)
     from geodiff_ros.bag.live import Recorder
 
-__all__ = ["ensure_ros_env", "fastdds_profile", "main", "write_synthetic_bag"]
+__all__ = ["main"]
 
 LOG = logging.getLogger("geodiff_demo")
 
 _PKG_ROOT = Path(__file__).resolve().parents[2]  # folder holding the geodiff_ros package (repo root in a checkout)
-DEPTH_HUB_ID = "GonzaloMG/marigold-e2e-ft-depth"
-NORMALS_HUB_ID = "GonzaloMG/marigold-e2e-ft-normals"
-# Topics of the shared TUM bag (RealSense-style names); the synthetic bag uses the same ones.
-IMAGE_TOPIC = "/camera/color/image_raw"
-INFO_TOPIC = "/camera/color/camera_info"
-DEPTH_TOPIC = "/camera/aligned_depth_to_color/image_raw"
 SPARSE_TOPIC = "/geodiff_demo/sparse_depth"
 OUTPUTS = ("/depth/relative", "/depth/image", "/depth/camera_info", "/normals/image", "/points")
 
@@ -72,58 +76,6 @@ def _shared_bag() -> Path | None:
         if (bag / "metadata.yaml").is_file():
             return bag
     return None
-
-
-# ------------------------------------------------------------------------------------------------ synthetic bag
-
-
-def write_synthetic_bag(path: Path, frames: int = 4, width: int = 160, height: int = 120,
-                        storage: str = "mcap", period_s: float = 0.1) -> Path:
-    """A small RGB-D bag (colour rgb8, 16UC1 mm depth, CameraInfo) of a textured room, topic names as the TUM bag.
-
-    Floor plane 1.2 m below the camera, a back wall at 4 m and a box at 2 m; the camera moves sideways 2 cm a
-    frame so frames differ. Used when the shared data is absent, and by the tests.
-    """
-    from geodiff_ros.bag.storage import BagWriter
-
-    fx = fy = 0.8 * width
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    v, u = np.mgrid[0:height, 0:width].astype(np.float32)
-    with BagWriter(path, storage=storage) as writer:
-        types = writer.typestore.types
-        header_t, time_t = types["std_msgs/msg/Header"], types["builtin_interfaces/msg/Time"]
-        image_t, info_t = types["sensor_msgs/msg/Image"], types["sensor_msgs/msg/CameraInfo"]
-        roi_t = types["sensor_msgs/msg/RegionOfInterest"]
-        for i in range(frames):
-            shift = 0.02 * i
-            with np.errstate(divide="ignore"):
-                floor = np.where(v > cy, 1.2 * fy / np.maximum(v - cy, 1e-3), np.inf)
-            depth = np.minimum(np.full((height, width), 4.0, np.float32), floor)  # [H,W] metres
-            x_at_2m = (u - cx) * 2.0 / fx + shift
-            y_at_2m = (v - cy) * 2.0 / fy
-            box = (np.abs(x_at_2m - 0.3) < 0.35) & (y_at_2m > 0.2) & (y_at_2m < 1.2)
-            depth = np.where(box, np.minimum(depth, 2.0), depth).astype(np.float32)
-            check = (((u + 40 * shift * fx) // 8 + v // 8) % 2).astype(np.float32)
-            shade = np.clip(1.0 - depth / 5.0, 0.1, 1.0)
-            rgb = np.stack([200 * shade * (0.5 + 0.5 * check), 120 * shade + 80 * box, 90 + 100 * check], axis=-1)
-            mm = np.clip(np.rint(depth * 1000.0), 0, 65535).astype(np.uint16)
-            mm[(u.astype(int) * 7 + v.astype(int) * 3) % 29 == 0] = 0  # dropouts, like a real depth camera
-            stamp_ns = 1_700_000_000_000_000_000 + int(i * period_s * 1e9)
-            sec, nsec = divmod(stamp_ns, 1_000_000_000)
-            header = header_t(stamp=time_t(sec=sec, nanosec=nsec), frame_id="camera_color_optical_frame")
-            img = image_t(header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
-                          step=width * 3, data=rgb.astype(np.uint8).reshape(-1))
-            dep = image_t(header=header, height=height, width=width, encoding="16UC1", is_bigendian=0,
-                          step=width * 2, data=mm.reshape(-1).view(np.uint8))
-            info = info_t(header=header, height=height, width=width, distortion_model="plumb_bob",
-                          d=np.zeros(5), k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1], float),
-                          r=np.eye(3).reshape(-1), p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1, 0], float),
-                          binning_x=0, binning_y=0,
-                          roi=roi_t(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
-            writer.write_msg(IMAGE_TOPIC, stamp_ns, img)
-            writer.write_msg(INFO_TOPIC, stamp_ns, info)
-            writer.write_msg(DEPTH_TOPIC, stamp_ns, dep)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ node process
@@ -305,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth-model", default=None, help=f"hub id or folder (default {DEPTH_HUB_ID})")
     parser.add_argument("--normals-model", default=None, help=f"hub id or folder (default {NORMALS_HUB_ID})")
     parser.add_argument("--device", default=None, help="cuda (default), cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp16")
-    parser.add_argument("--processing-res", type=int, default=None, help="default 768 (256 with --tiny)")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=f"default {DEFAULT_DTYPE}")
+    parser.add_argument("--processing-res", type=processing_res_argument, default=None,
+                        help=f"default {DEFAULT_PROCESSING_RES} (256 with --tiny)")
     parser.add_argument("--allow-cpu-fallback", action="store_true")
     parser.add_argument("--local-files-only", action="store_true", help="never download weights")
     parser.add_argument("--tiny", action="store_true",
@@ -379,8 +332,8 @@ def _run(args: argparse.Namespace) -> int:
     # 3. Model settings and the node.
     depth_model = args.depth_model or DEPTH_HUB_ID
     normals_model = args.normals_model or NORMALS_HUB_ID
-    device, dtype = args.device or "cuda", args.dtype or "fp16"
-    processing_res = args.processing_res if args.processing_res is not None else 768
+    device, dtype = args.device or DEFAULT_DEVICE, args.dtype or DEFAULT_DTYPE
+    processing_res = args.processing_res if args.processing_res is not None else DEFAULT_PROCESSING_RES
     if args.tiny:
         from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint
 
@@ -394,7 +347,7 @@ def _run(args: argparse.Namespace) -> int:
         device, dtype = args.device or "cpu", args.dtype or "fp32"
         processing_res = args.processing_res if args.processing_res is not None else 256
     params_file = share_file("config", "geodiff.yaml")
-    cmd = [sys.executable, "-m", "geodiff_ros.ros.node", "--ros-args"]
+    cmd = [sys.executable, "-m", "geodiff_ros.ros.process", "--ros-args"]
     if params_file is not None:
         cmd += ["--params-file", str(params_file)]
     for name, value in (("model_depth", depth_model), ("model_normals", normals_model), ("device", device),
