@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from aot_helpers import crashing_library, replace_library
 
 from geodiff_ros.engine.startup import compile_cache_key, default_compile_cache_dir, prepare_compile
 
@@ -124,7 +125,7 @@ def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest
     by_stage = {json.loads(p.with_suffix(".json").read_text())["stage"]: p for p in packages}
     truncated, crashing = by_stage["vae-encoder[shared]"], by_stage["unet[depth]"]
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    _replace_library(crashing, _crashing_library(tmp_path))
+    replace_library(crashing, crashing_library(tmp_path))
     caplog.clear()
     with caplog.at_level("WARNING", logger="geodiff_ros.engine.aot"):
         assert load_stage_package(truncated, engine.vae) is None
@@ -134,31 +135,3 @@ def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest
     engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, "optimize": "compile"}))
     assert engine.accelerator.aot_packages == 3  # found; the two broken ones fail on first use and compile
 
-
-def _crashing_library(tmp_path: Path) -> Path:
-    """A shared library whose loading kills the process with SIGSEGV."""
-    import subprocess
-
-    source = tmp_path / "crash.c"
-    source.write_text("#include <signal.h>\n__attribute__((constructor)) static void crash(void) { raise(SIGSEGV); }\n")
-    library = tmp_path / "crash.so"
-    compiler = shutil.which("cc") or shutil.which("gcc") or "c++"
-    subprocess.run([compiler, "-shared", "-fPIC", "-x", "c", str(source), "-o", str(library)], check=True)
-    return library
-
-
-def _replace_library(package: Path, library: Path) -> None:
-    """The package with its compiled model library replaced by ``library`` (same archive layout)."""
-    import zipfile
-
-    data = {}
-    with zipfile.ZipFile(package) as archive:
-        for info in archive.infolist():
-            data[info.filename] = archive.read(info)
-    libraries = [name for name in data if name.endswith(".so")]
-    assert libraries, list(data)
-    for name in libraries:
-        data[name] = library.read_bytes()
-    with zipfile.ZipFile(package, "w", zipfile.ZIP_STORED) as archive:
-        for name, payload in data.items():
-            archive.writestr(name, payload)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .accel import building
+from .config import DEFAULT_STARTUP_MODE, STARTUP_MODES
 
 LOG = logging.getLogger(__name__)
 
@@ -268,10 +269,7 @@ def _stage_label(stage: Any) -> str:
     return stage.name
 
 
-STARTUP_MODES = ("serve_eager", "wait_compiled")
-
-
-def start_serving(engine: Any, height: int, width: int, batch_sizes: Sequence[int], mode: str = "serve_eager",
+def start_serving(engine: Any, height: int, width: int, batch_sizes: Sequence[int], mode: str = DEFAULT_STARTUP_MODE,
                   progress: Callable[[int, int, str], None] | None = None,
                   on_change: Callable[[str], None] | None = None) -> PathBuilder | None:
     """How a server (the ROS node) starts an engine: None when there is nothing to build (optimize none: the eager
