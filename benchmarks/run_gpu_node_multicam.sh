@@ -14,12 +14,13 @@
 #   node      1 camera at 30 Hz, depth + cloud subscriber, 30 s window on the optimised path (the 1-camera targets)
 #   multicam  4 and 2 cameras, one node vs N nodes, then 1 camera (one node): per-camera Hz, p95, GPU memory;
 #             4-camera first frame / full speed from a cold cache in the first row
-# env: WHL (wheels folder), BASEPY, OPT (node optimize, default auto), TINY=--tiny, N_NODE/N_MULTI (extra args).
+# env: WHL (wheels folder), DOM (first ROS domain), BASEPY, OPT (node optimize, default auto), TINY=--tiny, N_NODE/N_MULTI (extra args).
 # --foreground: only the benchmark gets SIGINT at the limit and stops its nodes once.
 # ROS wheels + diffusers go into /tmp/venv, which sees python3's own packages through a .pth (gpu_venv.sh).
 set -u
 T0=$(date +%s); LIMIT=${LIMIT:-570}; WHL=${WHL:-.whl}; BASEPY=${BASEPY:-python3}; OUTD=${OUT:-/tmp/out}
 TINY=${TINY:-}; OPT=${OPT:-auto}; PHASES=${PHASES:-"rng startup node multicam"}
+DOM=${DOM:-61}  # ROS_DOMAIN_ID of the first run of each phase (the benchmark counts up per run)
 N_NODE=${N_NODE:-"--seconds 30 --warmup 3 --startup-timeout 240"}
 N_MULTI=${N_MULTI:-"--seconds 15 --warmup 2 --startup-timeout 240"}
 CACHE=/tmp/geodiff_inductor_cache
@@ -49,15 +50,15 @@ for phase in $PHASES; do
       timeout 60 $PY benchmarks/cuda_rng_check.py --device $D --out "$OUTD/rng.json" ;;
     startup)  # cold start, a warm restart on the cache it left, then geodiff_compile + a start on its packages
       timeout --foreground -s INT $R $B --startup 1 --aot --cameras 1 --modes separate --startup-timeout 240 \
-        --domain 61 --out "$OUTD/startup.json" ;;
+        --domain $DOM --out "$OUTD/startup.json" ;;
     node)  # the 1-camera targets: 30 Hz, p95 <= 40 ms depth + cloud, on the optimised path
-      timeout --foreground -s INT $R $B --cameras 1 --modes separate --cloud $N_NODE --domain 63 \
+      timeout --foreground -s INT $R $B --cameras 1 --modes separate --cloud $N_NODE --domain $DOM \
         --out "$OUTD/node_depth.json" ;;
     multicam)  # one node vs N nodes; the first row (multi, 4 cameras) starts on an empty cache
-      timeout --foreground -s INT $R $B --cameras 4 2 --modes multi separate $N_MULTI --domain 70 \
+      timeout --foreground -s INT $R $B --cameras 4 2 --modes multi separate $N_MULTI --domain $DOM \
         --out "$OUTD/multicam.json"
       R=$(left); [ "$R" -gt 40 ] && timeout --foreground -s INT $R $B --cameras 1 --modes multi $N_MULTI \
-        --domain 75 --out "$OUTD/multicam_1.json" ;;
+        --domain $DOM --out "$OUTD/multicam_1.json" ;;
   esac
   echo "$phase done at $(el) s"
 done

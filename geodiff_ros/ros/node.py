@@ -216,16 +216,19 @@ class GeoDiffNode(LifecycleNode):
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device} '
                                f'({str(self._engine.dtype).replace("torch.", "")}, optimize {optimize})')
         if optimize != "none":
-            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the engine
-            # thread warms up on activation (warmup_size) and compiles any other input size on its first frame.
+            # Not built here: a cold compile takes minutes and would hold the lifecycle transition; the engine
+            # thread starts it on activation (warmup_size, startup_mode) and any other input size when it appears.
             acc = self._engine.accelerator
-            aot = getattr(acc, "aot_loaded", 0)
+            aot = getattr(acc, "aot_packages", 0)
             cache = getattr(acc, "compile_cache_dir", None)
+            waits = settings["startup_mode"] == "wait_compiled"
             self.get_logger().info(
-                f"optimize={optimize}: the warm-up on activation compiles or captures (progress in /diagnostics); "
-                "other input sizes do so on their first frame" + (f"; compiled kernels cached in {cache}" if cache
-                                                                  else "")
-                + (f"; {aot} stage(s) load AOT packages (geodiff_compile)" if aot else ""))
+                f"optimize={optimize}: the optimised path builds on activation "
+                + ("before the first frame (startup_mode wait_compiled)" if waits else
+                   "while frames are served eagerly (startup_mode serve_eager)")
+                + "; progress in /diagnostics" + (f"; compiled kernels cached in {cache}" if cache else "")
+                + (f"; {aot} AOT package(s) found (geodiff_compile), each checked and loaded on first use"
+                   if aot else ""))
         out_qos = make_qos(settings["qos.output.reliability"], settings["qos.output.depth"])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
