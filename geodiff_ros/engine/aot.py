@@ -167,6 +167,11 @@ def export_stages(engine: Any, frames: Any, folder: Path | None = None,
                                                        "device_type": acc.device.type, "constants": constants},
                                                       indent=1))
         log(f"{name} {signature[0][0]}: compiled in {time.perf_counter() - start:.0f} s -> {path}")
+        # Checked now, in a child process as every package is before its first use, so that a node's first
+        # start on it does not pay for the check (its verdict is kept next to the package).
+        problem = check_package(path, json.loads(path.with_suffix(_META).read_text()))
+        if problem is not None:
+            raise RuntimeError(f"the package {path} does not run: {problem}")
         paths.append(path)
     return paths
 

@@ -212,7 +212,7 @@ class PathBuilder:
             self._built.add(shape)
             self._status.serving[shape] = path
             self._step = None
-        self.on_change(f"{shape[1]}x{shape[2]}, batch {batch}: now serving {path} "
+        self.on_change(f"{shape[2]}x{shape[1]}, batch {batch}: now serving {path} "
                        f"({time.monotonic() - self._start:.1f} s after the builder started)")
 
     def _steps(self, shape: FrameShape) -> list[tuple[str, Callable[[], None]]]:
