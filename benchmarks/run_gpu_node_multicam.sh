@@ -38,6 +38,8 @@ else
   gpu_venv || exit 1
 fi
 $PY -c "import rclpy, torch, diffusers, sensor_msgs.msg; print('imports ok: torch', torch.__version__, 'diffusers', diffusers.__version__, rclpy.__file__)" || exit 1
+# A node, not only imports: message type support loads here (a missing rosidl_generator_py wheel failed only now)
+$PY -c "import rclpy; rclpy.init(); n = rclpy.create_node('probe'); print('rclpy node ok'); n.destroy_node(); rclpy.shutdown()" || exit 1
 # Does this torch build's AOT runtime keep its own handle to user-managed weights? (engine/aot.py)
 $PY -c "from geodiff_ros.engine.aot import user_managed_weights_safe as s; print('AOT user-managed weights safe:', s())"
 echo "setup done at $(el) s"
