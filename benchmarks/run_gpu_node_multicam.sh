@@ -23,6 +23,7 @@ TINY=${TINY:-}; OPT=${OPT:-auto}; PHASES=${PHASES:-"rng startup node multicam"}
 DOM=${DOM:-61}  # ROS_DOMAIN_ID of the first run of each phase (the benchmark counts up per run)
 N_NODE=${N_NODE:-"--seconds 30 --warmup 3 --startup-timeout 240"}
 N_MULTI=${N_MULTI:-"--seconds 15 --warmup 2 --startup-timeout 240"}
+MC_CAMS=${MC_CAMS:-"4 2"}; MC_ONE=${MC_ONE:-1}  # multicam: camera counts (one node vs N), then 1 camera (0: skip)
 CACHE=/tmp/geodiff_inductor_cache
 el() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( LIMIT - $(el) - 12 )); }
@@ -57,9 +58,9 @@ for phase in $PHASES; do
       timeout --foreground -s INT $R $B --cameras 1 --modes separate --cloud $N_NODE --domain $DOM \
         --out "$OUTD/node_depth.json" ;;
     multicam)  # one node vs N nodes; the first row (multi, 4 cameras) starts on an empty cache
-      timeout --foreground -s INT $R $B --cameras 4 2 --modes multi separate $N_MULTI --domain $DOM \
+      timeout --foreground -s INT $R $B --cameras $MC_CAMS --modes multi separate $N_MULTI --domain $DOM \
         --out "$OUTD/multicam.json"
-      R=$(left); [ "$R" -gt 40 ] && timeout --foreground -s INT $R $B --cameras 1 --modes multi $N_MULTI \
+      R=$(left); [ "$MC_ONE" = 1 ] && [ "$R" -gt 40 ] && timeout --foreground -s INT $R $B --cameras 1 --modes multi $N_MULTI \
         --domain $DOM --out "$OUTD/multicam_1.json" ;;
   esac
   echo "$phase done at $(el) s"
