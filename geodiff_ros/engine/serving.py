@@ -145,7 +145,8 @@ class PathBuilder:
             building = ""
             if self._step is not None:
                 label, batch, k, n = self._step
-                building = f"{label} batch {batch} ({k} of {n}, {time.monotonic() - self._start:.0f} s)"
+                building = (f"{label} batch {batch} ({k} of {n}, {time.monotonic() - self._start:.0f} s)" if n
+                            else label)
             return BuildStatus(dict(self._status.serving), building, self._status.done, list(self._status.errors))
 
     # ---------------------------------------------------------------- building
@@ -156,7 +157,11 @@ class PathBuilder:
         if self.acc.settings.compile and not self.acc.all_stages_aot():
             from .startup import _wait_for_compile_workers
 
+            with self._lock:
+                self._step = ("(starting inductor's compile workers)", 0, 0, 0)
             _wait_for_compile_workers()
+            with self._lock:
+                self._step = None
 
     def _take_plan(self) -> list[FrameShape]:
         with self._lock:
