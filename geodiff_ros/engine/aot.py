@@ -241,7 +241,8 @@ def check_package(path: Path, meta: dict, timeout_s: float = CHECK_TIMEOUT_S) ->
     except (OSError, ValueError):
         pass
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "geodiff_ros.engine.aot", "--check", str(path)]
+    # faulthandler: a crash there prints the Python stack, whose innermost frames name the failing call
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "geodiff_ros.engine.aot", "--check", str(path)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
@@ -250,10 +251,9 @@ def check_package(path: Path, meta: dict, timeout_s: float = CHECK_TIMEOUT_S) ->
         if done.returncode == 0:
             problem = None
         else:
-            tail = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or [""]
             how = (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
                    else f"exit code {done.returncode}")
-            problem = f"its check in a child process failed ({how}: {tail[0][:200]})"
+            problem = f"its check in a child process failed ({how}: {_where(done.stderr or done.stdout or '')})"
     LOG.info("checked AOT package %s in a child process in %.1f s: %s", path.name, time.perf_counter() - start,
              problem or "ok")
     try:
@@ -261,6 +261,16 @@ def check_package(path: Path, meta: dict, timeout_s: float = CHECK_TIMEOUT_S) ->
     except OSError:
         pass  # a read-only folder: checked again next time
     return problem
+
+
+def _where(output: str) -> str:
+    """The innermost Python frames of a crash (faulthandler's 'most recent call first' block), else the last line."""
+    lines = output.strip().splitlines()
+    for i, line in enumerate(lines):
+        if "most recent call first" in line:
+            frames = [f.strip() for f in lines[i + 1:i + 4] if f.strip().startswith("File")]
+            return " <- ".join(frames)[:400]
+    return lines[-1][:200] if lines else ""
 
 
 def user_managed_weights_safe() -> bool:

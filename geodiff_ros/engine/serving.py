@@ -42,6 +42,7 @@ LOG = logging.getLogger(__name__)
 __all__ = ["PathBuilder", "BuildStatus"]
 
 FrameShape = tuple[int, int, int]  # (batch, height, width)
+FIRST_FRAME_WAIT_S = 10.0  # the builder starts after the first served frame, or after this without frames
 
 
 @dataclass
@@ -99,6 +100,15 @@ class PathBuilder:
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._stream: Any = torch.cuda.Stream(acc.device) if acc.device.type == "cuda" else None
+        self._served = 0  # engine calls met so far (note); the builder starts after the first frame
+        self._first_frame = threading.Event()
+        # cuDNN's algorithm search (accel: every algorithm of every convolution shape) took ~17 s of the first
+        # eager frame on an H100 (warm restart: first frame 36.5 s after process start, engine loaded after
+        # 14.3 s). Eager frames run cuDNN's heuristic choice instead; the search is switched on for the CUDA-graph
+        # capture of the first built shape, so the graphs replay the fastest algorithms.
+        self._benchmark = bool(torch.backends.cudnn.benchmark)
+        if acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
         acc.builder = self
         acc.gate(True)
 
@@ -129,6 +139,9 @@ class PathBuilder:
 
     def note(self, shape: FrameShape, tasks: tuple[str, ...]) -> None:
         """Serving met this frame shape (called per engine call by the accelerator): build it if it is new."""
+        self._served += 1
+        if self._served >= 2:  # the first frame is done (the second call starts when it is)
+            self._first_frame.set()
         if shape in self._known or tuple(tasks) != self.tasks:
             return
         with self._wake:
@@ -169,6 +182,9 @@ class PathBuilder:
             return plan
 
     def _loop(self) -> None:
+        # The first camera frame first: it runs eagerly on a process the builder would otherwise load with
+        # compiling and kernel searches from the same moment (CPU, GPU and the interpreter lock).
+        self._first_frame.wait(FIRST_FRAME_WAIT_S)
         self._prepare()
         while not self._stop.is_set():
             plan = self._take_plan()
@@ -249,6 +265,7 @@ class PathBuilder:
         ]
         if acc.use_cuda_graph:
             def capture() -> None:
+                torch.backends.cudnn.benchmark = self._benchmark  # search algorithms now, for the graph
                 self._sync()
                 host_in = acc._host_buffer(("in",), rgb.shape, torch.uint8)
                 np.copyto(host_in.numpy(), rgb)
