@@ -24,7 +24,8 @@ order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). ben
 difference to fp32 eager (H100 fp16: within the eager fp16 error, see benchmarks/README.md).
 
 Start-up: the first frame of a new input size compiles (minutes for the full-size model) and/or captures (seconds).
-Call ``GeoDiffEngine.warmup`` (or startup.warm_up_stages, with progress) before serving. Inductor keeps its compiled
+Call ``GeoDiffEngine.warmup`` (or startup.warm_up_stages, with progress) before serving, or serve while compiling:
+serving.PathBuilder builds the fast path on a thread of its own while calls run eagerly. Inductor keeps its compiled
 kernels on disk, by default in a persistent per-user folder keyed by torch build and device (startup.py;
 ``TORCHINDUCTOR_CACHE_DIR`` overrides it), so a restart re-uses them; dynamo still re-traces the model on each
 start (tens of seconds).
@@ -126,12 +127,9 @@ class _Stage:
         self.aot: dict[tuple, Callable[..., torch.Tensor]] = {}  # input signature -> loaded AOT package (aot.py)
         self.aot_paths: dict[tuple, Any] = {}  # input signature -> package path, loaded on first use
         self.aot_failed: set[tuple] = set()
+        self.owner: Any = None  # the module whose parameters a package gets as its weights (aot.index_packages)
         self.gated = False
         self.ready: set[tuple] = set()  # input shapes whose fast form is built (read while gated)
-
-    @property
-    def has_fast_form(self) -> bool:
-        return self.fn is not self.eager or bool(self.aot_paths)
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.gated:
@@ -175,7 +173,7 @@ class _Stage:
         from .aot import load_stage_package
 
         path = self.aot_paths[signature]
-        runner = load_stage_package(path, self.owner)  # type: ignore[attr-defined]  # set by aot.index_packages
+        runner = load_stage_package(path, self.owner)
         if runner is None:
             self.aot_failed.add(signature)
             return None
@@ -279,10 +277,9 @@ class Accelerator:
             self.set_fast_paths(FAST_PATHS)
         self.aot_packages = 0
         self.compile_cache_dir = None
-        # Serve while compiling (serving.PathBuilder): frame shapes whose CUDA graph the builder captures (never
-        # captured on demand then), and the frame shapes serving met that the builder has not planned.
+        # Serve while compiling (serving.PathBuilder): it captures the CUDA graphs (never on demand then) and is
+        # told of every frame shape a call meets.
         self.builder: Any = None
-        self.unplanned: set[tuple] = set()
         if compiled:
             from .aot import index_packages
             from .startup import prepare_compile
