@@ -1,8 +1,8 @@
-"""Fine-tuning on several processes (issue 12): ``accelerate launch --num_processes G`` of geodiff_train against one.
+"""Fine-tuning on several processes: ``accelerate launch --num_processes G`` of geodiff_train against one.
 
 For every G in --processes (default 1 2; the first is the reference) the script runs geodiff_train under
 ``accelerate launch`` with micro-batch --batch and accumulation --accumulation / G per process, so every run has
-the same effective batch (the paper's 2 x 16 = 32 by default, spec B.1). With ``--log_every 1`` the trainer's
+the same effective batch (the paper's 2 x 16 = 32 by default). With ``--log_every 1`` the trainer's
 train_log.jsonl gives the LR and the logged loss of every optimiser step; inside every process this script also
 records the time of each optimiser step (a torch optimizer-step hook), every micro-batch loss (a wrapper around the
 trainer's loss function) and the peak memory. It then checks each G against the reference:

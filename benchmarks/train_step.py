@@ -1,10 +1,10 @@
-"""Time one E2E fine-tuning micro-step at full size (spec B): SD2/Marigold UNet + SD2 VAE, random weights.
+"""Time one E2E fine-tuning micro-step at full size: SD2/Marigold UNet + SD2 VAE, random weights.
 
 A micro-step is exactly the trainer's: frozen VAE encode, UNet at t=999 on a zero latent, x0 from v,
 decode through the frozen VAE decoder, affine-invariant L1 in fp32, backward into the UNet, clip 1.0,
 AdamW step. Reports seconds per micro-step and peak memory per precision, and projects the paper's run
 (20k optimiser steps x 16 accumulation x batch 2) for comparison with "about 3 days on one H100"
-(spec B.1). ``--tiny`` builds small models for a CPU smoke test.
+(the paper). ``--tiny`` builds small models for a CPU smoke test.
 
     python benchmarks/train_step.py                       # GPU: batch 2 at 480x640, fp32 and bf16
     python benchmarks/train_step.py --tiny --device cpu   # smoke test
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from geodiff_ros.training.losses import affine_invariant_l1_loss
 from geodiff_ros.training.model import e2e_forward
 
-ALPHA_999 = 0.0046601  # scaled_linear 0.00085-0.012 at t=999 (spec A.1-11)
+ALPHA_999 = 0.0046601  # scaled_linear 0.00085-0.012 at t=999 (docs/method.md#noise-schedule)
 
 
 def build_models(tiny: bool) -> tuple[torch.nn.Module, torch.nn.Module, int]:
@@ -77,7 +77,7 @@ def run_precision(args: argparse.Namespace, precision: str, device: torch.device
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    ctx = torch.randn(1, 77, ctx_dim, device=device)  # 77-token training context (spec B.3-4)
+    ctx = torch.randn(1, 77, ctx_dim, device=device)  # 77-token training context (docs/method.md#text-context)
     b, h, w = args.batch, args.height, args.width
     rgb = torch.rand(b, 3, h, w, device=device) * 2 - 1
     target = 1.0 + 9.0 * torch.rand(b, 1, h, w, device=device)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "device": card, "torch": torch.__version__, "tiny": args.tiny, "batch": args.batch,
         "size_hw": [args.height, args.width], "gradient_checkpointing": args.gradient_checkpointing,
-        "paper": "20k steps x 16 accumulation x batch 2, about 3 days on one H100 (spec B.1)", "results": rows,
+        "paper": "20k steps x 16 accumulation x batch 2, about 3 days on one H100 (paper)", "results": rows,
     }
     print(f"E2E train micro-step on {card}: batch {args.batch} at {args.height}x{args.width}, "
           f"gradient checkpointing {args.gradient_checkpointing}, tiny={args.tiny}")

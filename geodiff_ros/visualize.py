@@ -20,7 +20,7 @@ def _lut(name: str) -> np.ndarray:
 
 def colorize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None,
                    cmap: str = "Spectral") -> np.ndarray:
-    """[H,W] depth -> [H,W,3] uint8 RGB; 0 (near) is red, 1 (far) is blue as in Marigold (spec A.1-16).
+    """[H,W] depth -> [H,W,3] uint8 RGB; 0 (near) is red, 1 (far) is blue as in Marigold (Spectral).
 
     Values are mapped from [vmin, vmax] (default: finite min/max) to the colour map; NaN/inf become black.
     """
@@ -39,7 +39,7 @@ def colorize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | N
 
 
 def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
-    """[H,W,3] unit normals -> [H,W,3] uint8, (n + 1) / 2 * 255 per channel (spec A.1-16); NaN become black.
+    """[H,W,3] unit normals -> [H,W,3] uint8, (n + 1) / 2 * 255 per channel; NaN become black.
 
     Input is in the ROS optical frame (x right, y down, z forward); it is shown in the Marigold / diffusers
     colour convention (x right, y up, z toward the viewer) so the views look like the paper's figures.
@@ -52,5 +52,5 @@ def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
 
 
 def depth_to_uint16(depth: np.ndarray) -> np.ndarray:
-    """[0,1] relative depth -> uint16 = depth * 65535, as the official run.py saves it (spec A.1-16)."""
+    """[0,1] relative depth -> uint16 = depth * 65535, as the official run.py saves it."""
     return np.round(np.clip(np.nan_to_num(depth), 0.0, 1.0) * 65535.0).astype(np.uint16)

@@ -28,13 +28,14 @@ import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
-from launch.event_handlers import OnShutdown
+from launch.event_handlers import OnProcessExit, OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from geodiff_ros.ros.camera_sets import camera_remappings, parse_camera_list
 from geodiff_ros.ros.launch_support import (
     INPUT_PATTERNS,
+    end_launch_if_node_failed,
     params_files,
     parameter_overrides,
     rviz_requested,
@@ -63,7 +64,7 @@ def _nodes(context, *_args, **_kwargs):
     """Build the nodes once the arguments are known, so empty overrides leave the params files alone."""
     share = get_package_share_directory("geodiff_ros")
     want_rviz = rviz_requested(_arg(context, "rviz"))  # rviz2 missing: stops here, before any process starts
-    use_sim_time = truthy(_arg(context, "use_sim_time"))
+    use_sim_time = truthy(_arg(context, "use_sim_time"), "use_sim_time")
     overrides = {"use_sim_time": use_sim_time,
                  **parameter_overrides({arg: _arg(context, arg) for arg in LAUNCH_ARGUMENTS.values()})}
     namespace = _arg(context, "namespace")
@@ -76,7 +77,7 @@ def _nodes(context, *_args, **_kwargs):
     else:
         remappings = [(topic, _arg(context, topic)) for topic in ("image", "camera_info", "sparse_depth",
                                                                    "sparse_points")]
-    actions = [Node(
+    node = Node(
         package="geodiff_ros",
         executable="geodiff_node",
         name="geodiff",
@@ -87,7 +88,9 @@ def _nodes(context, *_args, **_kwargs):
         parameters=[*params_files(share, _arg(context, "params_file")), overrides],
         arguments=["--ros-args", "--log-level", _arg(context, "log_level")],
         remappings=remappings,
-    )]
+    )
+    # The node exiting with an error (bad parameters: 2, model not loadable: 1) ends the launch, exit code 1.
+    actions = [node, RegisterEventHandler(OnProcessExit(target_action=node, on_exit=end_launch_if_node_failed))]
     if want_rviz:
         actions += _rviz(context, share, cameras, overrides.get("model_normals") != "", namespace, use_sim_time)
     return actions

@@ -23,7 +23,7 @@ import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, RegisterEventHandler
-from launch.event_handlers import OnShutdown
+from launch.event_handlers import OnProcessExit, OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -39,6 +39,7 @@ from geodiff_ros.ros.camera_sets import (
 from geodiff_ros.ros.launch_support import (
     INPUT_PATTERNS,
     LaunchArgumentError,
+    end_launch_if_node_failed,
     params_files,
     parameter_overrides,
     rviz_requested,
@@ -96,7 +97,7 @@ def _nodes(context, *_args, **_kwargs):
         raise CameraListError('multi_gpu.launch.py needs cameras:="[front, left, ...]"')
     plan = assign_cameras(cameras, _gpus(context), parse_assignment(_arg(context, "assignment")))
     patterns = {topic: _arg(context, arg) for arg, topic in INPUT_PATTERNS}
-    use_sim_time = truthy(_arg(context, "use_sim_time"))
+    use_sim_time = truthy(_arg(context, "use_sim_time"), "use_sim_time")
     given = {LAUNCH_ARGUMENTS[p]: _arg(context, LAUNCH_ARGUMENTS[p]) for p in _SHARED}
     common = {"use_sim_time": use_sim_time, **parameter_overrides(given)}
     files = params_files(get_package_share_directory("geodiff_ros"), _arg(context, "params_file"))
@@ -104,7 +105,7 @@ def _nodes(context, *_args, **_kwargs):
     for gpu, group in sorted(plan.items()):
         device = _device(context, gpu)
         actions.append(LogInfo(msg=f'geodiff_gpu{gpu}: {device} serves {", ".join(group)}'))
-        actions.append(Node(
+        node = Node(
             package="geodiff_ros",
             executable="geodiff_node",
             name=f"geodiff_gpu{gpu}",
@@ -114,7 +115,9 @@ def _nodes(context, *_args, **_kwargs):
             parameters=[*files, {**common, "device": device, "cameras": group}],
             arguments=["--ros-args", "--log-level", _arg(context, "log_level")],
             remappings=camera_remappings(group, patterns),
-        ))
+        )
+        # A node exiting with an error ends the launch (the other nodes too), exit code 1.
+        actions += [node, RegisterEventHandler(OnProcessExit(target_action=node, on_exit=end_launch_if_node_failed))]
     if want_rviz:
         actions += _rviz(context, cameras, common.get("model_normals") != "", use_sim_time)
     return actions

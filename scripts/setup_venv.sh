@@ -41,6 +41,27 @@ if [ "${1:-}" = "--dev" ] && compgen -G "$ros_wheels/*.whl" >/dev/null; then
 elif [ "${1:-}" = "--dev" ]; then
     echo "note: no ROS 2 launch wheels at $ros_wheels: the launch tests will skip (ROS 2 launch is not on PyPI)"
 fi
+# tf2 / tf2_ros / tf2_msgs / message_filters / sensor_msgs_py of Jazzy (the node takes a LiDAR's extrinsic from TF,
+# geodiff_bag process reads /tf and /tf_static of a bag): not on PyPI either, so they come from ../shared/ros/tf2
+# (or $GEODIFF_ROS_TF2) when that folder is beside the checkout, the binary wheels matching the venv's Python. A ROS
+# user with apt has them (ros-jazzy-tf2-ros, ...). Without them the node still runs; a cloud that needs TF then says
+# how to install them, and sparse_points.frame_id / sparse_points.transform still work.
+ros_tf2="${GEODIFF_ROS_TF2:-$(dirname "$shared_data")/ros/tf2}"
+pytag=$(.venv/bin/python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+tf2_wheels=()
+if compgen -G "$ros_tf2/*.whl" >/dev/null; then
+    for w in "$ros_tf2"/*-py3-none-any.whl "$ros_tf2"/*-"$pytag"-"$pytag"-*.whl; do [ -f "$w" ] && tf2_wheels+=("$w"); done
+fi
+if [ "${#tf2_wheels[@]}" -gt 0 ]; then
+    tf2_stamp=".venv/.geodiff-ros-tf2-$(printf '%s\n' "${tf2_wheels[@]##*/}" | sha1sum | cut -c1-12)"
+    if [ ! -f "$tf2_stamp" ]; then
+        echo "installing tf2, tf2_ros, message_filters and sensor_msgs_py from $ros_tf2"
+        .venv/bin/python -m pip install -q --no-deps --force-reinstall "${tf2_wheels[@]}"
+        touch "$tf2_stamp"
+    fi
+else
+    echo "note: no tf2 wheels for $pytag at $ros_tf2: the node takes LiDAR extrinsics from parameters only (no TF)"
+fi
 # The package itself (data files go to .venv/share/geodiff_ros, as colcon puts them in install/share).
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation --force-reinstall . >/dev/null
 rm -rf build ./*.egg-info

@@ -657,6 +657,7 @@ def load_launch_with_stand_ins(path: Path, monkeypatch: Any, share: str = "/opt/
         setattr(mods["launch.actions"], name, type(name, (_Recorder,), {}))
     mods["launch.conditions"].IfCondition = _Recorder
     mods["launch.event_handlers"].OnShutdown = type("OnShutdown", (_Recorder,), {})
+    mods["launch.event_handlers"].OnProcessExit = type("OnProcessExit", (_Recorder,), {})
     mods["launch.substitutions"].LaunchConfiguration = _LaunchConfiguration
     mods["launch_ros.actions"].Node = type("Node", (_Recorder,), {})
     mods["ament_index_python.packages"].get_package_share_directory = lambda pkg: share

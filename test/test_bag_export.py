@@ -1,4 +1,4 @@
-"""``geodiff_bag export``: colour/depth pairs of a bag written as an RGB-D manifest folder (issue 6).
+"""``geodiff_bag export``: colour/depth pairs of a bag written as an RGB-D manifest folder.
 
 Synthetic bags with known pixels, depth and stamps check what a user relies on: which frames are paired, that the
 PNGs give back the recorded colour and metres, the intrinsics, and that the folder loads in the fine-tuning dataset

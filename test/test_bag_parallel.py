@@ -1,4 +1,4 @@
-"""``geodiff_bag process --devices``: one bag split over several devices (issue 12, offline part).
+"""``geodiff_bag process --devices``: one bag split over several devices.
 
 What a user relies on: the output bag of a split run is the one-device output. On the CPU in eager fp32 that
 means every message byte for byte, in the same order; the split is rehearsed with ``--devices cpu,cpu`` (two

@@ -40,6 +40,7 @@ class AffineEngine:
     """Stand-in for GeoDiffEngine: relative depth = (true depth - T) / S for the images of a known bag."""
 
     tasks = ("depth", "normals")
+    device = "cpu"
 
     def __init__(self, bag_path: Path) -> None:
         self.relative: dict[str, np.ndarray] = {}
@@ -61,7 +62,7 @@ class AffineEngine:
             self.true_depth[key] = depth
         self.calls = 0
 
-    def predict(self, images: list[np.ndarray]) -> SimpleNamespace:
+    def predict(self, images: list[np.ndarray], on_device: bool = False) -> SimpleNamespace:
         self.calls += 1
         depth = [self.relative[_key(im)] for im in images]
         normals = [np.broadcast_to(np.array([0, 0, -1], np.float32), (*im.shape[:2], 3)).copy() for im in images]
@@ -147,7 +148,7 @@ def test_without_camera_info_no_cloud_but_depth(synth: Path, tmp_path: Path,
 def test_without_sparse_depth_relative_only(synth: Path, tmp_path: Path) -> None:
     with open_bag(synth) as bag, BagWriter(tmp_path / "o", typestore=bag.typestore) as writer:
         summary = process_bag(bag, writer, AffineEngine(synth), ProcessOptions(image_topic=IMAGE_TOPIC))
-    assert summary.frames_metric == 0  # never metric output without a fit (ros-anchors 3.4)
+    assert summary.frames_metric == 0  # never metric output without a fit
     assert set(summary.outputs) == {"/depth/relative", "/depth/camera_info", "/normals/image"}
 
 
@@ -259,10 +260,14 @@ def _bag_with_clouds(src: Path, dst: Path, frame_id: str, pose: list[float] | No
     return dst
 
 
-def _process(src: Path, out: Path, **options: object) -> tuple[object, dict[str, list[tuple[int, object]]]]:
+def _process(src: Path, out: Path, sparse_frame: str | None = None, sparse_transform: object = None,
+             **options: object) -> tuple[object, dict[str, list[tuple[int, object]]]]:
+    settings = {}
+    if sparse_frame is not None:
+        settings = {"sparse_points.frame_id": sparse_frame, "sparse_points.transform": list(sparse_transform)}
     with open_bag(src) as bag, BagWriter(out, typestore=bag.typestore) as writer:
         summary = process_bag(bag, writer, AffineEngine(src), ProcessOptions(
-            image_topic=IMAGE_TOPIC, sparse_topic=CLOUD_TOPIC, **options))
+            image_topic=IMAGE_TOPIC, sparse_topic=CLOUD_TOPIC, settings=settings, **options))
     return summary, _read(out)
 
 
@@ -308,7 +313,8 @@ def test_malformed_cloud_loses_only_its_fit(synth: Path, tmp_path: Path, caplog:
     summary, res = _process(lidar, tmp_path / "o", sparse_frame="lidar", sparse_transform=LIDAR_POSE)
     assert summary.frames_out == 3 and summary.frames_failed == 0 and summary.sparse_unused == 1
     assert len(res["/depth/relative"]) == len(res["/normals/image"]) == 3  # the image of the bad cloud too
-    assert "sparse input at stamp 1700000000.100000 s unusable" in caplog.text and "PointCloud2 data" in caplog.text
+    assert "sparse input at stamp 1700000000.100000 s unusable" in caplog.text
+    assert "PointCloud2 header is malformed: row_step" in caplog.text  # width doubled, row_step kept
 
 
 def test_bad_sparse_transform_options_exit_2_and_name_the_format(synth: Path, tmp_path: Path,
@@ -327,7 +333,7 @@ def test_bad_sparse_transform_options_exit_2_and_name_the_format(synth: Path, tm
     with open_bag(lidar) as bag, BagWriter(tmp_path / "o2", typestore=bag.typestore) as writer, \
             pytest.raises(BagError, match="--sparse-frame / --sparse-transform place a PointCloud2"):
         process_bag(bag, writer, AffineEngine(lidar), ProcessOptions(
-            image_topic=IMAGE_TOPIC, sparse_topic=DEPTH_TOPIC, sparse_frame="lidar"))
+            image_topic=IMAGE_TOPIC, sparse_topic=DEPTH_TOPIC, settings={"sparse_points.frame_id": "lidar"}))
     assert not (tmp_path / "o").exists()
 
 
@@ -340,7 +346,8 @@ def test_sparse_transform_takes_numbers_in_any_notation() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
     args = build_parser().parse_args(transform_in_fixed_notation(argv))
-    assert [float(v) for v in args.sparse_transform] == [float(v) for v in values] and args.tiny
+    given = getattr(args, "sparse_points.transform")
+    assert [float(v) for v in given] == [float(v) for v in values] and args.tiny
 
 
 @pytest.mark.parametrize("frame", ["000114"])
@@ -391,7 +398,8 @@ def test_cli_real_kitti_velodyne_through_the_calibration(shared_data: Path, tmp_
             is_dense=True)
         w.write_msg("/velodyne_points", stamp + 20_000_000, cloud)  # arrives after the image, as in a recording
 
-    engine = SimpleNamespace(device="cpu", predict=lambda images: SimpleNamespace(depth=[relative], normals=None))
+    engine = SimpleNamespace(device="cpu", predict=lambda images, on_device=False: SimpleNamespace(depth=[relative],
+                                                                                                 normals=None))
     monkeypatch.setattr("geodiff_ros.bag.cli.build_engine", lambda args: engine)
     out = tmp_path / "out"
     code = bag_main(["process", str(src), str(out), "--image-topic", "/kitti/image", "--sparse-topic",

@@ -58,6 +58,11 @@ def test_demo_tiny_end_to_end(tmp_path: Path) -> None:
     assert n_out >= 1 and summary["frames_metric"] >= 1
     # every played frame is either in the outputs or counted as dropped by the node (newest-frame policy)
     assert n_out + summary["node_counts"].get("dropped", 0) == summary["frames_sent"]
+    # The node's own counters at the end count every frame (the demo read a /diagnostics published before the
+    # last frames: received/processed 0 or 1 while 2 frames came back), in the summary, the printout and the bag.
+    counts = summary["node_counts"]
+    assert counts["received"] == summary["frames_sent"] and counts["processed"] == n_out, counts
+    assert f'/diagnostics: received {counts["received"]}, processed {n_out}' in proc.stdout, proc.stdout
     assert summary["node_exit"] == 0 and summary["node_stop_s"] < 2.0
     assert summary["scale_median"] is not None and summary["latency_p50_s"] > 0
     for topic in ("/depth/relative", "/depth/image", "/depth/camera_info", "/normals/image", "/points"):
@@ -67,6 +72,10 @@ def test_demo_tiny_end_to_end(tmp_path: Path) -> None:
         assert bag.storage == "mcap"
         assert bag.topics[f"{NS}/points"].msgtype == "sensor_msgs/msg/PointCloud2"
         assert bag.topics[f"{NS}/depth/camera_info"].count == n_out
+        last = [bag.deserialize(raw) for raw in bag.messages(["/diagnostics"])][-1]
+        (pipeline,) = [st for st in last.status if st.name.endswith("pipeline")]
+        values = {kv.key: kv.value for kv in pipeline.values}
+        assert (values["received"], values["processed"]) == (str(summary["frames_sent"]), str(n_out)), values
 
 
 def test_demo_without_weights_says_how_to_get_them(tmp_path: Path) -> None:

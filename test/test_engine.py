@@ -37,7 +37,7 @@ def test_outputs_have_input_size_and_documented_ranges(both: GeoDiffEngine) -> N
     assert pred.depth.shape == (1, 48, 80) and pred.depth.dtype == np.float32
     assert pred.normals.shape == (1, 48, 80, 3) and pred.normals.dtype == np.float32
     assert pred.depth.min() >= 0.0 and pred.depth.max() <= 1.0
-    assert pred.depth.max() - pred.depth.min() > 0.5  # min-max normalised per image (spec A.1-14)
+    assert pred.depth.max() - pred.depth.min() > 0.5  # min-max normalised per image (docs/method.md#depth-output)
     assert np.all(np.abs(pred.normals) <= 1.0)
     assert np.median(np.linalg.norm(pred.normals, axis=-1)) > 0.9
 
@@ -66,7 +66,7 @@ def test_text_encoder_released_after_embedding(both: GeoDiffEngine) -> None:
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, CLIPTextModel)]
     assert alive == []
-    assert tuple(both.empty_embedding.shape) == (1, 2, 32)  # BOS + EOS, do_not_pad (spec A.1-9)
+    assert tuple(both.empty_embedding.shape) == (1, 2, 32)  # BOS + EOS, do_not_pad (docs/method.md#unet-call)
 
 
 def test_deterministic_and_batch_equals_single(both: GeoDiffEngine) -> None:
@@ -107,7 +107,7 @@ def test_mixed_sizes_in_one_call_come_back_in_order(both: GeoDiffEngine) -> None
 
 def test_processing_size_policy() -> None:
     assert processing_size(480, 640, 768) == (576, 768)  # longest edge -> 768
-    assert processing_size(100, 50, 768) == (768, 384)  # small images are up-sampled (spec A.1-2)
+    assert processing_size(100, 50, 768) == (768, 384)  # small images are up-sampled (docs/method.md#resize)
     assert processing_size(231, 300, 0) == (231, 300)
     assert processing_size(375, 1242, 768) == (int(375 * 768 / 1242), 768)
 
@@ -119,7 +119,7 @@ def test_x0_for_v_prediction_matches_spec_constant() -> None:
 
     sched = DDIMScheduler.from_config(E2E_SCHEDULER_CONFIG)
     abar = sched.alphas_cumprod[999]
-    assert float(abar) == pytest.approx(0.0046601, abs=1e-6)  # spec A.1-11
+    assert float(abar) == pytest.approx(0.0046601, abs=1e-6)  # docs/method.md#noise-schedule
     v = torch.randn(2, 4, 3, 3)
     x0 = x0_from_prediction(v, torch.zeros_like(v), abar, "v_prediction")
     torch.testing.assert_close(x0, -0.997667 * v, atol=1e-5, rtol=1e-5)
@@ -165,7 +165,7 @@ def _diffusers_parts(folder: Path):
     return dict(
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
         vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        # set_alpha_to_one=True: the single trailing step returns x0 exactly (spec E.3)
+        # set_alpha_to_one=True: the single trailing step returns x0 exactly (docs/method.md#diffusers-pipelines)
         scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler", set_alpha_to_one=True),
         text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
@@ -173,7 +173,8 @@ def _diffusers_parts(folder: Path):
 
 
 def test_depth_agrees_with_diffusers_marigold_pipeline(tiny_depth_ckpt: Path) -> None:
-    """Same weights, zero latents, native size divisible by 8: the two define the same computation (spec E.3)."""
+    """Same weights, zero latents, native size divisible by 8: the two define the same computation
+    (docs/method.md#diffusers-pipelines)."""
     from diffusers import MarigoldDepthPipeline
 
     pipe = MarigoldDepthPipeline(**_diffusers_parts(tiny_depth_ckpt), prediction_type="depth")
@@ -195,7 +196,7 @@ def test_normals_agree_with_diffusers_marigold_pipeline(tiny_normals_ckpt: Path)
                latents=torch.zeros(1, 4, 6, 8), output_type="pt").prediction[0].permute(1, 2, 0).numpy()
     engine = make_engine(None, tiny_normals_ckpt, processing_res=0)
     ours = engine.predict(image).normals[0]
-    # diffusers clips the decoder output to [-1, 1] before normalising, E2E-FT does not (spec E.2): the two
+    # diffusers clips the decoder output to [-1, 1] before normalising, E2E-FT does not: the two
     # define the same computation only where the raw decoder output lies inside [-1, 1].
     with torch.inference_mode():
         x = engine.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None])
@@ -203,7 +204,8 @@ def test_normals_agree_with_diffusers_marigold_pipeline(tiny_normals_ckpt: Path)
     # The normalisation eps also differs (1e-5 vs 1e-6), which only shows on near-zero decoder vectors.
     same = np.all(np.abs(raw) <= 1.0, axis=-1) & (np.linalg.norm(raw, axis=-1) > 0.25)
     assert same.mean() > 0.5
-    # The checkpoint frame is LUB (x left, y up, z to camera); ours is optical: every axis flips (spec A.1-18).
+    # The checkpoint frame is LUB (x left, y up, z to camera); ours is optical: every axis flips
+    # (docs/method.md#normal-frames).
     np.testing.assert_allclose(ours[same], -ref[same], atol=1e-4)
 
 

@@ -1,10 +1,11 @@
-"""The eager engine (optimize="none") is the official E2E-FT computation, bit for bit in fp32 (issue 10, part 1).
+"""The eager engine (optimize="none") is the official E2E-FT computation, bit for bit in fp32.
 
-The reference below restates the official inference (spec A.1 steps 1-16: ``Marigold/marigold/marigold_pipeline.py``
-of the E2E-FT repository, driven as ``run.py`` / ``infer.py`` drive it) with diffusers building blocks on contiguous
-NCHW tensors, one image at a time, fp32 on the CPU. It is written from the spec, not from the engine, so a change of
-layout, op order or dtype in the engine shows up here. The earlier 1e-4 agreement with diffusers' own Marigold
-pipelines (test_engine.py) was too loose to see that the engine ran its networks on channels-last tensors.
+The reference below restates the official inference (docs/method.md#single-step-forward;
+``Marigold/marigold/marigold_pipeline.py`` of the E2E-FT repository, driven as ``run.py`` / ``infer.py`` drive it)
+with diffusers building blocks on contiguous NCHW tensors, one image at a time, fp32 on the CPU. It is written from
+the method's description, not from the engine, so a change of layout, op order or dtype in the engine shows up
+here. The earlier 1e-4 agreement with diffusers' own Marigold pipelines (test_engine.py) was too loose to see that
+the engine ran its networks on channels-last tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from geodiff_ros.engine import EngineConfig, GeoDiffEngine, x0_from_prediction
 from geodiff_ros.geometry.normal_frames import TO_OPTICAL_SIGNS
 
-LATENT_SCALE = 0.18215  # rgb_latent_scale_factor (spec A.1-7)
+LATENT_SCALE = 0.18215  # rgb_latent_scale_factor
 
 
 def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -32,7 +33,8 @@ def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def official_normals_ensemble(members: torch.Tensor) -> torch.Tensor:
-    """Spec A.1-13 (GeoWizard's ensemble as the E2E-FT Marigold pipeline has it): [E,3,h,w] -> one member."""
+    """GeoWizard's ensemble as the E2E-FT Marigold pipeline has it: [E,3,h,w] -> one member
+    (docs/method.md#normals-ensemble)."""
     e = members.shape[0]
     n = members / (torch.norm(members, p=2, dim=1).unsqueeze(1) + 1e-5)
     phi = torch.atan2(n[:, 1, :, :], n[:, 0, :, :]).mean(dim=0)
@@ -46,7 +48,8 @@ def official_normals_ensemble(members: torch.Tensor) -> torch.Tensor:
 
 
 def official_depth_ensemble(depths: torch.Tensor) -> torch.Tensor:
-    """Spec A.1-13 (Marigold's older ensemble, median reduction, as the E2E-FT code calls it): [E,h,w] -> [h,w].
+    """Marigold's older ensemble, median reduction, as the E2E-FT code calls it (docs/method.md#depth-ensemble):
+    [E,h,w] -> [h,w].
     float32 parameters and objective values, as the official (BFGS's finite differences follow their dtype)."""
     from scipy.optimize import minimize
 
@@ -75,15 +78,15 @@ def official_depth_ensemble(depths: torch.Tensor) -> torch.Tensor:
 
 def official_reference(folder: Path, rgb: np.ndarray, processing_res: int, task: str,
                        steps: int = 1, noise: str = "zeros", members: int = 1) -> np.ndarray:
-    """Spec A.1 restated: depth [H,W] in [0,1] or normals [H,W,3] in the checkpoint frame (LUB).
+    """The official inference restated: depth [H,W] in [0,1] or normals [H,W,3] in the checkpoint frame (LUB).
 
     ``noise="gaussian"`` draws from torch's global generator (seed it before the call); ``members`` > 1 runs
     the normals ensemble as the official does on a CPU: one member per batch (find_batch_size returns 1 without
-    CUDA), each drawing its own noise in turn, then A.1-13."""
+    CUDA), each drawing its own noise in turn, then the ensemble."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    # Components loaded one by one in fp32; the scheduler's spacing set at load time (A.1, run.py).
+    # Components loaded one by one in fp32; the scheduler's spacing set at load time (as run.py does).
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", timestep_spacing="trailing")
@@ -159,7 +162,7 @@ def engine_output(engine: GeoDiffEngine, task: str, rgb: np.ndarray) -> np.ndarr
 @pytest.mark.parametrize("task", ["depth", "normals"])
 def test_eager_engine_equals_the_official_computation(task: str, processing_res: int, tiny_depth_ckpt: Path,
                                                       tiny_normals_ckpt: Path) -> None:
-    """KITTI's odd size 1242x375: latents 155x46, decoder output 1240x368, resized back (spec A.1-3)."""
+    """KITTI's odd size 1242x375: latents 155x46, decoder output 1240x368, resized back (docs/method.md#resize)."""
     folder = tiny_depth_ckpt if task == "depth" else tiny_normals_ckpt
     image = natural_image(375, 1242)
     ours = engine_output(engine_for(task, folder, processing_res), task, image)
@@ -179,8 +182,9 @@ def test_multistep_equals_the_official_loop(tiny_depth_ckpt: Path) -> None:
 
 
 def test_multistep_gaussian_noise_is_the_official_draw(tiny_depth_ckpt: Path) -> None:
-    """Gaussian start (spec A.1-8): the official draws torch.randn on the device in the model dtype from torch's
-    global generator; ``seed=s`` equals that draw right after ``torch.manual_seed(s)``, ``seed=None`` uses it."""
+    """Gaussian start (docs/method.md#gaussian-noise): the official draws torch.randn on the device in the model
+    dtype from torch's global generator; ``seed=s`` equals that draw right after ``torch.manual_seed(s)``,
+    ``seed=None`` uses it."""
     image = natural_image(75, 98, seed=3)
     engine = engine_for("depth", tiny_depth_ckpt, 128)
     torch.manual_seed(7)

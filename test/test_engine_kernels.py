@@ -1,4 +1,4 @@
-"""Fused VAE path of the optimised modes (issue 11): the schedule's algebra in float64, the Triton kernels against
+"""Fused VAE path of the optimised modes: the schedule's algebra in float64, the Triton kernels against
 their torch reference (Triton's CPU interpreter), the engine with the fast paths against the eager engine, and that
 the kernels build for Hopper (sm_90a) without a GPU."""
 
@@ -264,7 +264,7 @@ def test_kernels_build_for_hopper_without_a_gpu() -> None:
 
 def test_kernel_outputs_are_allocated_channels_last_without_a_copy() -> None:
     """Every pass allocates its output with empty_nhwc; allocating NCHW and converting ran a transposing copy of
-    each output (10.5 of 29 ms per depth frame on the H200, issue 11 call 1)."""
+    each output (10.5 of 29 ms per depth frame on an H200)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from geodiff_ros.engine.vae_kernels import empty_nhwc, padded_nhwc
@@ -292,7 +292,7 @@ def test_kernel_outputs_are_allocated_channels_last_without_a_copy() -> None:
 @needs_triton
 @pytest.mark.skipif(not __import__("shutil").which("c++"), reason="AOTInductor on the CPU needs a C++ compiler")
 def test_aot_packages_leave_the_fused_vae_alone_in_the_interpreter(tiny_depth_ckpt: Path, tmp_path: Path) -> None:
-    """geodiff_compile (issue 14) and the fused VAE path (issue 11) together: only the stages torch.compile would
+    """geodiff_compile and the fused VAE path together: only the stages torch.compile would
     compile get packages (the UNet), a hand-scheduled VAE stage none; with the fused VAE on, every stage in use is
     then covered (no compile workers), nothing is traced, and the result is the eager engine's."""
     out = run_script(f"""

@@ -1,4 +1,4 @@
-"""Benchmark loaders on tiny synthetic folders in the official layouts and file formats (spec C.1, C.2).
+"""Benchmark loaders on tiny synthetic folders in the official layouts and file formats.
 
 Depth: Marigold's evaluation folders and data_split lists. Normals: DSINE's dsine_eval folders and split lists
 (``<stem>_img.png`` beside ``<stem>_normal.png`` (NYUv2, ScanNet) or ``<stem>_normal.exr`` (iBims-1, Sintel)),

@@ -42,7 +42,7 @@ def test_eval_synthetic_nyu_writes_json_and_markdown(tiny_depth_ckpt: Path, tmp_
     ])
     res = evaluate(args)
     nyu = res["depth"]["nyu"]
-    assert nyu["num_images"] == 1 and nyu["processing_res"] == 0  # NYU runs at native size (spec C.1)
+    assert nyu["num_images"] == 1 and nyu["processing_res"] == 0  # NYU runs at native size
     assert 0.0 <= nyu["delta1_acc"] <= 1.0 and math.isfinite(nyu["abs_relative_difference"])
     assert json.loads((out / "metrics.json").read_text())["depth"]["nyu"]["num_images"] == 1
     md = (out / "metrics.md").read_text()

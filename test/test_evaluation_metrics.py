@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand-computed values and the official evaluation's rules (spec C.1, C.2).
+"""Evaluation metrics against hand-computed values and the official evaluation's rules (docs/method.md#evaluation).
 
 The official rules restated here come from E2E-FT's vendored Marigold ``eval.py``/``src/util/{metric,alignment}.py``
 and DSINE ``utils/utils.py``: float32 arithmetic, NaN for an image without valid pixels, the ETH3D width-only

@@ -1,4 +1,4 @@
-"""Scale-and-shift alignment in depth space, sparse resampling and the temporal aligner (ros-anchors 3.3/3.4)."""
+"""Scale-and-shift alignment in depth space, sparse resampling and the temporal aligner."""
 
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def test_temporal_bad_settings(kwargs: dict[str, float]) -> None:
 
 
 def test_fit_in_wrong_units_is_rejected_naming_the_range() -> None:
-    """Issue 13, bug 11: sparse depth x1e6 (micrometres sent as metres) fits perfectly but maps every pixel
+    """Sparse depth x1e6 (micrometres sent as metres) fits perfectly but maps every pixel
     beyond max_depth; with the output range given, such a fit is refused with a reason a user can act on."""
     _, rel, sparse = _scene()
     ok = fit_scale_shift(rel, sparse, depth_range=(0.1, 100.0))

@@ -1,4 +1,4 @@
-"""Back-projection equals depth_image_proc's point_cloud_xyz formula (ros-anchors 2.4), incl. on real KITTI."""
+"""Back-projection equals depth_image_proc's point_cloud_xyz formula, incl. on real KITTI."""
 
 from __future__ import annotations
 

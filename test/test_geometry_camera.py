@@ -1,4 +1,4 @@
-"""CameraInfo -> intrinsics with image_geometry semantics (ros-anchors 2.3), and intrinsics scaling."""
+"""CameraInfo -> intrinsics with image_geometry semantics (P, ROI, binning), and intrinsics scaling."""
 
 from __future__ import annotations
 

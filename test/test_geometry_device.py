@@ -1,6 +1,6 @@
 """The node's torch post-processing (geometry/device.py) equals the numpy reference bit for bit on the CPU.
 
-The node runs alignment output, colour views and the cloud in torch on the engine's device (issue 14); on the CPU
+The node runs alignment output, colour views and the cloud in torch on the engine's device; on the CPU
 the published outputs must stay exactly what the numpy functions give. Inputs include NaN, inf, zeros, negative
 depths and constant maps, the cases where a different operation order would show.
 """

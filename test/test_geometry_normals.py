@@ -1,4 +1,4 @@
-"""Geometric normals from back-projected depth follow the ROS optical frame convention (ros-anchors 2.8)."""
+"""Geometric normals from back-projected depth follow the ROS optical frame convention (x right, y down, z forward)."""
 
 from __future__ import annotations
 

@@ -81,14 +81,18 @@ def test_limit_zero_means_no_limit_and_limit_counts_pixels() -> None:
     msg = _encoded(test_scene(40, 30)[0], "png")
     assert decode_compressed(msg, 0)[0].shape == (30, 40, 3)
     assert decode_compressed(msg, 1200)[0].shape == (30, 40, 3)
-    with pytest.raises(InputTooLarge, match="40x30 = 0.0 MP"):
+    with pytest.raises(InputTooLarge) as err:
         decode_compressed(msg, 1199)
+    # The sizes were printed as "40x30 = 0.0 MP, above max_input_pixels = 1199 (0.0 MP)".
+    text = str(err.value)
+    assert "40x30 = 1200 px (0.0012 MP), above max_input_pixels = 1199 (0.0012 MP)" in text, text
+    assert "0.0 MP" not in text, text
 
 
 @pytest.mark.parametrize(("fmt", "size", "keep", "factor", "shape"), [
     ("jpeg", (640, 480), 128, 4, (120, 160)),
     ("jpeg", (641, 481), 160, 4, (121, 161)),  # libjpeg rounds up
-    ("png", (641, 481), 160, 4, (120, 160)),  # OpenCV shrinks PNG after decoding: rounds down
+    ("png", (641, 481), 160, 4, (120, 160)),  # PNG is shrunk after decoding (area average): rounds down
     ("jpeg", (640, 480), 400, 1, (480, 640)),  # not far above: full size
     ("jpeg", (640, 480), 0, 1, (480, 640)),  # off
 ])
@@ -100,6 +104,69 @@ def test_reduced_decoding(fmt: str, size: tuple[int, int], keep: int, factor: in
         h, w = size[1] // factor, size[0] // factor
         ref = cv2.resize(rgb[:h * factor, :w * factor], (w, h), interpolation=cv2.INTER_AREA)
         assert np.abs(out[:h, :w].astype(int) - ref).mean() < 6.0
+
+
+def _corrupt(kind: str) -> CompressedImage:
+    rgb = test_scene(160, 120)[0]
+    data = bytes(_encoded(rgb, "png" if kind.startswith("png") else "jpeg").data)
+    if kind == "jpeg_631_bytes_6300x6300":
+        data = jpeg_announcing(6300, 6300)
+    elif kind == "jpeg_cut_then_closed":
+        data = data[: len(data) // 2] + b"\xff\xd9"
+    elif kind == "jpeg_cut":
+        data = data[: len(data) // 2]
+    elif kind == "png_truncated":
+        data = data[: len(data) // 2]
+    elif kind == "png_garbled_idat":
+        at = data.index(b"IDAT") + 6
+        data = data[:at] + bytes(np.random.default_rng(3).integers(0, 256, 198, dtype=np.uint8)) + data[at + 198:]
+    elif kind == "png_bad_header_crc":
+        data = data[:29] + bytes([data[29] ^ 0xFF]) + data[30:]  # IHDR's checksum
+    return CompressedImage(format=kind.split("_")[0], data=data)
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("jpeg_631_bytes_6300x6300", "Corrupt JPEG data: premature end of data segment"),
+    ("jpeg_cut_then_closed", "Corrupt JPEG data: premature end of data segment"),
+    ("jpeg_cut", "Premature end of JPEG file"),
+    ("png_truncated", "image file is truncated"),
+    ("png_garbled_idat", "broken data stream"),
+    ("png_bad_header_crc", "broken PNG file"),
+])
+@pytest.mark.parametrize("keep", [0, 40])  # full size, and reduced (1/8 for the 6300x6300 one, 1/2 for the others)
+def test_corrupt_data_is_refused_with_the_decoders_message_and_nothing_on_stderr(
+        kind: str, reason: str, keep: int, capfd: pytest.CaptureFixture[str]) -> None:
+    """The decoders' own error: libjpeg-turbo's warning stops the JPEG decode (OpenCV and Pillow returned a picture,
+    grey where data was missing, and libjpeg printed to stderr); Pillow raises on broken PNG data (OpenCV refused
+    it without a reason and printed libpng's). Nothing reaches the process's stderr (fd 2)."""
+    with pytest.raises(ImageConversionError) as err:
+        decode_compressed(_corrupt(kind), LIMIT, keep_long_edge=keep)
+    text = str(err.value)
+    assert "cannot decode compressed" in text and "corrupt or truncated data" in text and reason in text, text
+    out, errors = capfd.readouterr()
+    assert not errors and not out, (out, errors)
+
+
+def test_png_modes_decode_to_rgb() -> None:
+    """Pillow decodes PNG now: grey, 16-bit grey (high byte), palette and alpha PNGs give the RGB OpenCV gave."""
+    from PIL import Image as PILImage
+
+    rgb = test_scene(40, 30)[0]
+    grey16 = (rgb[:, :, 1].astype(np.uint16) << 8) | 0x7F  # [H,W] 16-bit, high byte = the green channel
+    images = {"L": (PILImage.fromarray(rgb[:, :, 0]), np.repeat(rgb[:, :, :1], 3, axis=2)),
+              "I;16": (PILImage.fromarray(grey16), np.repeat(rgb[:, :, 1:2], 3, axis=2)),
+              "RGBA": (PILImage.fromarray(np.dstack([rgb, np.full((30, 40), 7, np.uint8)])), rgb),
+              "P": (PILImage.fromarray(rgb).quantize(16), None)}
+    for mode, (image, expected) in images.items():
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out, _ = decode_compressed(CompressedImage(format="png", data=buf.getvalue()))
+        if expected is None:  # palette: the palette's colours
+            expected = np.asarray(image.convert("RGB"))
+        np.testing.assert_array_equal(out, expected, err_msg=mode)
+        with_cv2 = cv2.cvtColor(cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR),
+                                cv2.COLOR_BGR2RGB)
+        assert np.abs(out.astype(int) - with_cv2).max() <= 1, mode  # OpenCV rounds 16 to 8 bits
 
 
 def test_camera_info_of_a_reduced_decode_scales_exactly_by_the_factor() -> None:
@@ -170,6 +237,17 @@ def test_k_fallback_warning_is_bounded_and_throttled(monkeypatch: pytest.MonkeyP
     lines = [r for r in caplog.records if "P is unset" in r.getMessage()]
     assert len(lines) == 1
     assert len(warnings._seen) <= 64
+
+
+def test_k_fallback_warning_goes_to_the_given_logger(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The node passes its ROS logger (``warn``), so the warning reaches /rosout, not Python logging's stderr."""
+    monkeypatch.setattr(camera_module, "_k_fallback_warnings", camera_module._KFallbackWarnings())
+    caplog.set_level(logging.WARNING, logger=camera_module.__name__)
+    received: list[str] = []
+    intrinsics_from_camera_info([500, 0, 320, 0, 500, 240, 0, 0, 1], [0.0] * 12, 640, 480, warn=received.append)
+    assert len(received) == 1 and "P is unset" in received[0]
+    assert not caplog.records
 
 
 # ------------------------------------------------------------------------------------------ rectification

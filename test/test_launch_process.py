@@ -256,15 +256,18 @@ def test_parameter_errors_name_the_launch_argument(env: dict[str, str], tmp_path
     run = RosLaunch(env, tmp_path / "bad_res.log", "depth.launch.py", namespace=NS, model=str(tiny_depth_ckpt),
                     processing_res="12", device="cpu")
     try:
-        assert run.wait(60.0) is not None, run.log()
+        # The node exits 2; launch ends with exit code 1 (it was 0: a script saw success) and says why.
+        assert run.wait(60.0) == 1, run.log()
         assert "processing_res=12 must be a multiple of 8" in run.log() and "processing_res:=" in run.log(), run.log()
+        assert "geodiff_node-1 exited with code 2 (invalid parameters" in run.log(), run.log()
     finally:
         run.close()
     run = RosLaunch(env, tmp_path / "bad_model.log", "depth.launch.py", namespace=NS,
                     model=str(tmp_path / "no_such_model"), model_normals="none", device="cpu", dtype="fp32")
     try:
-        assert run.wait(90.0) is not None, run.log()
+        assert run.wait(90.0) == 1, run.log()  # node exit 1 (configure failed); launch exited 0 before
         assert "configure failed" in run.log() and "model:=" in run.log(), run.log()
+        assert "geodiff_node-1 exited with code 1 (configure failed" in run.log(), run.log()
     finally:
         run.close()
     run = RosLaunch(env, tmp_path / "bad_type.log", "depth.launch.py", processing_res="large")
@@ -272,6 +275,38 @@ def test_parameter_errors_name_the_launch_argument(env: dict[str, str], tmp_path
         assert run.wait(60.0) not in (None, 0)
         assert "processing_res:='large': parameter processing_res takes an integer" in run.log(), run.log()
         assert not run.started()
+    finally:
+        run.close()
+    run = RosLaunch(env, tmp_path / "bad_bool.log", "depth.launch.py", rviz="maybe")
+    try:
+        assert run.wait(60.0) not in (None, 0)
+        assert "rviz:='maybe' is not a boolean: use true or false" in run.log(), run.log()
+        assert not run.started()
+    finally:
+        run.close()
+
+
+def test_multi_gpu_launch_ends_when_one_node_fails(env: dict[str, str], tmp_path: Path,
+                                                  tiny_depth_ckpt: Path) -> None:
+    """One of two nodes cannot start (its camera's override has the wrong type: exit 2): launch stops the other
+    node and exits 1, nothing left running (it kept the healthy node running, and exited 0 once that was stopped)."""
+    user_params = tmp_path / "mine.yaml"
+    user_params.write_text('/**:\n  ros__parameters:\n    camera.front.max_depth: "far"\n')
+    run = RosLaunch(env, tmp_path / "launch.log", "multi_gpu.launch.py", cameras="[front,left]", num_gpus="2",
+                    device="cpu", namespace=NS, model=str(tiny_depth_ckpt), model_normals="none", dtype="fp32",
+                    processing_res="64", cpu_threads="1", params_file=str(user_params))
+    try:
+        code = run.wait(90.0)
+        log = run.log()
+        assert code == 1, f"ros2 launch exit {code}; log:\n{log[-4000:]}"
+        started = run.started()
+        assert len(started) == 2, log[-4000:]
+        failed = re.search(r"(geodiff_node-\d) exited with code 2 \(invalid parameters", log)
+        assert failed, log[-4000:]
+        healthy = next(name for name in started if name != failed.group(1))
+        assert f"[{healthy}]: process has finished cleanly [pid {started[healthy]}]" in log, log[-4000:]
+        time.sleep(0.5)
+        assert not _group_members(run.proc.pid), f"left behind: {_group_members(run.proc.pid)}\n{log[-4000:]}"
     finally:
         run.close()
 

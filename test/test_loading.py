@@ -121,7 +121,7 @@ def test_core_imports_without_rclpy() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-# ---------------------------------------------------------------- task check (issue 10): guard, stated task, override
+# ---------------------------------------------------------------- task check: guard, stated task, override
 
 
 def _copy_without_task_entry(src: Path, dst: Path) -> Path:
@@ -168,7 +168,7 @@ def test_tiny_checkpoints_state_their_task(tiny_depth_ckpt: Path, tiny_normals_c
         assert json.loads((folder / "model_index.json").read_text())["geodiff_task"] == task
 
 
-# ---------------------------------------------------------------- loading is quiet and says what failed (issue 13)
+# ---------------------------------------------------------------- loading is quiet and says what failed
 
 
 def _load_in_a_fresh_process(checkpoint: Path, *, close_stderr: bool) -> tuple[int, str, str]:
@@ -201,7 +201,7 @@ def test_loading_prints_no_noise(tiny_depth_ckpt: Path) -> None:
 
 
 def test_closed_stderr_does_not_break_loading(tiny_depth_ckpt: Path) -> None:
-    """Issue 13 bug 6: a broken log pipe made loading fail with advice to delete good weights."""
+    """A broken log pipe (closed stderr) made loading fail with advice to delete good weights."""
     code, out, _ = _load_in_a_fresh_process(tiny_depth_ckpt, close_stderr=True)
     assert code == 0 and "loaded ('depth',)" in out
 

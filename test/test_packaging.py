@@ -53,7 +53,9 @@ def test_package_xml_uses_the_rosdep_keys_that_exist() -> None:
     # python3-pytorch-pip also installs torchvision; python3-torch is the apt package.
     assert "python3-pytorch-pip" not in exec_deps and "python3-torch" in exec_deps
     assert {"python3-transformers-pip", "python3-huggingface-hub-pip", "python3-rosbags-pip"} <= exec_deps
-    assert {"ros2launch", "ros2run", "ros2param", "launch_testing"} <= {e.text for e in root.iter("test_depend")}
+    assert {"ros2launch", "ros2run", "ros2param", "launch_testing", "sensor_msgs_py"} <= {
+        e.text for e in root.iter("test_depend")}
+    assert {"tf2_ros", "tf2_msgs", "geometry_msgs"} <= exec_deps  # the node's TransformListener
 
 
 def test_requirements_ml_has_what_rosdep_cannot_install_at_the_tested_versions() -> None:

@@ -1,4 +1,4 @@
-"""Faults (issue 4): weights missing at start, inference raising CUDA out-of-memory, ``cuda`` without a GPU.
+"""Faults: weights missing at start, inference raising CUDA out-of-memory, ``cuda`` without a GPU.
 
 Start-up faults must end the process with exit code 1 and a log line that names the fix; a fault during inference
 drops that frame only. The out-of-memory error is simulated by the test wrapper of ros_helpers (no hook in product

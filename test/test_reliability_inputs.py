@@ -32,6 +32,7 @@ pytest.importorskip("rclpy", reason="rclpy (ros-jazzy-rclpy) not installed")
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
+from rcl_interfaces.msg import Log
 from ros_helpers import (
     Collector,
     NodeProcess,
@@ -61,7 +62,7 @@ NS, NAME = "/reliability_inputs", "geodiff_inputs"  # own names: immune to anoth
 THROTTLE_S = 1.0  # the wrapper's throttle for per-frame warnings (the node's own is 5 s)
 S, T = 3.0, 0.5  # the affine map sparse = S * relative + T of the alignment cases
 OUTPUTS = {"depth/relative": Image, "depth/image": Image, "depth/camera_info": CameraInfo,
-           "normals/image": Image, "points": PointCloud2, "/diagnostics": DiagnosticArray}
+           "normals/image": Image, "points": PointCloud2, "/diagnostics": DiagnosticArray, "/rosout": Log}
 PER_FRAME = ("depth/relative", "depth/image", "depth/camera_info", "normals/image", "points")
 
 
@@ -277,11 +278,12 @@ def _bad_images(rgb: np.ndarray) -> dict[str, tuple[Callable[[int], Image], str]
     def base(stamp: int) -> Image:
         return numpy_to_image(rgb, "rgb8", header(stamp, FRAME))
 
-    raw8 = bytes(W * H)
     return {
-        "bayer_rggb8": (lambda s: _with(base(s), encoding="bayer_rggb8", step=W, data=raw8), r"bayer_rggb8"),
+        "bayer_rggb16": (lambda s: _with(base(s), encoding="bayer_rggb16", step=W * 2, data=bytes(W * H * 2)),
+                         r"bayer_rggb16' is not supported"),
         "16UC3": (lambda s: _with(base(s), encoding="16UC3", step=W * 6, data=bytes(W * H * 6)), r"16UC3"),
-        "yuv422": (lambda s: _with(base(s), encoding="yuv422", step=W * 2, data=bytes(W * H * 2)), r"yuv422"),
+        "nv21": (lambda s: _with(base(s), encoding="nv21", step=W, data=bytes(W * H * 3 // 2)),
+                 r"nv21' is not supported"),
         "step_short": (lambda s: _with(base(s), step=W * 3 - 3, data=bytes((W * 3 - 3) * H)), r"step"),
         "data_short": (lambda s: _with(base(s), data=bytes(W * 3 * (H - 1))), r"truncated|short"),
         "zero_width": (lambda s: _with(base(s), width=0, step=0, data=b""), rf"zero|\b0x{H}\b"),
@@ -317,16 +319,50 @@ def test_repeated_bad_images_log_once_per_throttle_period(scn: Scenario) -> None
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
         stamps = [scn.fresh_stamp(0.05) for _ in range(6)]
         for stamp in stamps:  # 6 bad frames within 0.6 s, each taken by the worker (decode fails at once)
-            scn.publish(stamp, image=_with(scn.good_image(stamp), encoding="yuv422", step=W * 2,
-                                           data=bytes(W * H * 2)), info=None)
+            scn.publish(stamp, image=_with(scn.good_image(stamp), encoding="nv21", step=W,
+                                           data=bytes(W * H * 3 // 2)), info=None)
             time.sleep(0.1)
         good = scn.fresh_stamp(0.1)
         return {good: scn.frame(good)}, {"good": good}
 
     res = scn.run_case("throttle", body)
     assert_good(res.outputs[res.stamps["good"]], scn)
-    lines = [ln for ln in warn_lines(res.log) if "yuv422" in ln]
+    lines = [ln for ln in warn_lines(res.log) if "nv21" in ln]
     assert len(lines) == 1, "expected one throttled warning for 6 bad frames in 0.6 s, got:\n" + "\n".join(lines)
+
+
+def _camera_native(rgb: np.ndarray, encoding: str, stamp: int) -> Image:
+    """The scene as a camera sends it natively: a Bayer mosaic (RGGB) or packed UYVY (BT.601, video range)."""
+    if encoding == "bayer_rggb8":
+        raw = np.empty(rgb.shape[:2], np.uint8)
+        for (dy, dx), channel in zip(((0, 0), (0, 1), (1, 0), (1, 1)), (0, 1, 1, 2), strict=True):
+            raw[dy::2, dx::2] = rgb[dy::2, dx::2, channel]
+    else:
+        import cv2
+
+        raw = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY)  # [H,W,2]
+    msg = numpy_to_image(rgb, "rgb8", header(stamp, FRAME))
+    return _with(msg, encoding=encoding, step=raw[0].nbytes, data=raw.tobytes())  # step: one row's bytes
+
+
+@pytest.mark.parametrize("encoding", ["bayer_rggb8", "uyvy"])
+def test_camera_native_encodings_are_processed(scn: Scenario, encoding: str) -> None:
+    """Bayer and YUV 4:2:2 frames were dropped as "not a colour encoding"; now converted (OpenCV) and processed,
+    nothing counted as bad input, and the relative depth is close to that of the same scene sent as rgb8."""
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        native, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        before = scn.wait_diag("bad_input", 0)
+        out_native = scn.frame(native, image=_camera_native(scn.rgb, encoding, native))
+        out_good = scn.frame(good)
+        after = scn.wait_diag("bad_input", 0)
+        return {native: out_native, good: out_good}, {"native": native, "good": good, "bad_input": after - before}
+
+    res = scn.run_case(f"native:{encoding}", body)
+    native, good = res.outputs[res.stamps["native"]], res.outputs[res.stamps["good"]]
+    assert_good(native, scn)
+    assert res.stamps["bad_input"] == 0
+    diff = np.abs(image_to_numpy(native["depth/relative"]) - image_to_numpy(good["depth/relative"]))
+    assert float(np.median(diff)) < 0.05, float(np.median(diff))
 
 
 def test_8k_frame_is_processed_or_refused_without_crashing(scn: Scenario) -> None:
@@ -565,6 +601,10 @@ def _broken_cloud(msg: PointCloud2, kind: str) -> PointCloud2:
         fields[1].name = "x"
     elif kind == "huge_count":
         fields[0].count = 1_000_000_000
+    elif kind == "row_step_short":  # a malformed header: a row shorter than its points
+        msg.row_step = msg.point_step * msg.width - 1
+    elif kind == "data_short":  # a well-formed header, data cut short
+        msg.data = bytes(msg.data)[: len(msg.data) // 2]
     msg.fields = fields
     return msg
 
@@ -587,7 +627,14 @@ def _bad_points_case(kind: str) -> Callable[[Scenario], tuple[dict[int, dict[str
     return body
 
 
-@pytest.mark.parametrize("kind", ["offset_beyond_point_step", "point_step_0", "duplicate_field", "huge_count"])
+# kind -> what its WARN says besides "sparse input ignored" (a short row_step is a malformed header, not short data)
+MALFORMED_CLOUDS = {"offset_beyond_point_step": r"PointField 'z' spans bytes 40\.\.44",
+                    "point_step_0": r"point_step 0", "duplicate_field": r"listed twice", "huge_count": r"spans bytes",
+                    "row_step_short": r"header is malformed: row_step \d+ B is smaller than width x point_step",
+                    "data_short": r"data is too short: \d+ B, but row_step x height = .*truncated"}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_CLOUDS))
 def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenario, kind: str) -> None:
     """Issue 13, bug 5: a ValueError from numpy used to escape and drop the camera frame."""
     res = scn.run_case(f"points:{kind}", _bad_points_case(kind))
@@ -595,7 +642,7 @@ def test_malformed_sparse_points_are_ignored_and_the_image_processed(scn: Scenar
     assert_good(out, scn)
     assert out["depth/image"] is None and out["points"] is None  # no metric scale from a broken cloud
     assert_metric(res.outputs[res.stamps["good"]], S, T)  # a valid cloud right after is used
-    assert_logged(res.log, r"sparse input ignored")
+    assert_logged(res.log, r"sparse input ignored.*" + MALFORMED_CLOUDS[kind])
 
 
 def _wrong_units(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
@@ -617,6 +664,65 @@ def test_sparse_depth_in_wrong_units_is_rejected_and_the_last_fit_kept(scn: Scen
     assert_logged(res.log, r"wrong units.*max_depth|max_depth.*wrong units")
 
 
+def _mm16(metres: np.ndarray, per_metre: float = 1000.0) -> Image:
+    """16UC1 sparse depth holding ``metres * per_metre`` (1000: millimetres as REP 118 asks; 100: centimetres)."""
+    return numpy_to_image(np.nan_to_num(np.rint(metres * per_metre), nan=0.0).astype(np.uint16), "16UC1")
+
+
+def _centimetres(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    """A sensor in millimetres, then the same view from it in centimetres (a driver restarted with other units)."""
+    expect = ("depth/relative", "normals/image", "depth/image")
+    mm = scn.fresh_stamp()
+    out_mm = scn.frame(mm, expect=expect, sparse=_mm16(scn.sparse()))
+    cm = mm + int(0.3e9)  # within alignment.max_fallback_age_s = 1.0
+    out_cm = scn.frame(cm, expect=expect, sparse=_mm16(scn.sparse(), per_metre=100.0))
+    scn.stamp_ns = max(scn.stamp_ns, cm)
+    diag = scn.diagnostics_after(time.monotonic())
+    return {mm: out_mm, cm: {**out_cm, "diag": diag}}, {"mm": mm, "cm": cm}
+
+
+def test_centimetres_sent_as_millimetres_are_caught_when_the_view_did_not_change(scn: Scenario) -> None:
+    """16UC1 centimetres read as millimetres are 10x too small and fitted without a word before; now a fit whose
+    scale jumps by a unit factor against the last good fit of the same view is refused (WARN naming the units), the
+    last good fit serves on, and /diagnostics shows the sparse depth range received."""
+    res = scn.run_case("sparse:centimetres", _centimetres)
+    assert_metric(res.outputs[res.stamps["mm"]], S, T)
+    out = res.outputs[res.stamps["cm"]]
+    assert_metric(out, S, T)  # the millimetre fit, not one 10x too small
+    assert_logged(res.log, r"0\.1x off.*units.*16UC1 must be millimetres")
+    sparse = scn.sparse()
+    ok = np.isfinite(sparse)
+    lo, hi = np.percentile(np.rint(sparse[ok] * 100.0) / 1000.0, (5.0, 95.0))  # what the node receives, metres
+    assert float(out["diag"]["sparse_depth_p5_m"]) == pytest.approx(lo, rel=1e-3)
+    assert float(out["diag"]["sparse_depth_p95_m"]) == pytest.approx(hi, rel=1e-3)
+
+
+def _close_range_and_scene_change(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+    """A real tabletop 0.12-0.22 m away (consistent millimetres from the start), then another view ten times
+    farther (its scale jumps by 10, as a unit error's would, but the view changed)."""
+    expect = ("depth/relative", "normals/image", "depth/image")
+    near = scn.fresh_stamp()
+    out_near = scn.frame(near, expect=expect, sparse=_mm16(scn.sparse(scale=0.1, shift=0.12)))
+    other = np.ascontiguousarray(scn.rgb[::-1, ::-1])  # another view: the model's relative depth differs
+    look = near + int(0.2e9)
+    first = scn.frame(look, image=numpy_to_image(other, "rgb8", header(look, FRAME)))  # its relative depth
+    rel = image_to_numpy(first["depth/relative"]).astype(np.float64)
+    sparse = np.full(rel.shape, np.nan, np.float32)
+    sparse[::5, ::5] = 1.0 * rel[::5, ::5] + 1.2
+    far = look + int(0.2e9)
+    out_far = scn.frame(far, expect=expect, image=numpy_to_image(other, "rgb8", header(far, FRAME)),
+                        sparse=_mm16(sparse))
+    scn.stamp_ns = max(scn.stamp_ns, far)
+    return {near: out_near, far: out_far}, {"near": near, "far": far}
+
+
+def test_a_close_range_scene_and_a_real_tenfold_scene_change_raise_no_units_alarm(scn: Scenario) -> None:
+    res = scn.run_case("sparse:close_range", _close_range_and_scene_change)
+    assert_metric(res.outputs[res.stamps["near"]], 0.1, 0.12)  # 0.12..0.22 m: a tabletop, fitted
+    assert_metric(res.outputs[res.stamps["far"]], 1.0, 1.2)  # ten times the scale, another view: fitted
+    assert not any("off:" in line and "units" in line for line in warn_lines(res.log)), res.log[-3000:]
+
+
 def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario) -> None:
     """Issue 13, bug 8: every new K logged an unthrottled warning (and grew an unbounded set)."""
     def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
@@ -636,6 +742,14 @@ def test_camera_info_without_p_and_a_new_k_every_frame_warns_once(scn: Scenario)
         assert_good(out, scn)
     lines = [ln for ln in res.log.splitlines() if "P is unset" in ln]
     assert len(lines) == 1, "expected one (throttled) warning for 6 new K values:\n" + "\n".join(lines)
+    # Through the node's ROS logger: a WARN line with its name, and on /rosout (it went to bare stderr, via
+    # Python logging, so rqt_console and a /rosout recorder never saw it).
+    assert re.match(rf"\[WARN\] \[[\d.]+\] \[{NS[1:]}\.{NAME}\]: CameraInfo P is unset", lines[0]), lines[0]
+    deadline = time.monotonic() + 5.0
+    while not (rosout := [m for m in scn.col.get("/rosout") if "P is unset" in m.msg]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rosout) == 1, [m.msg for m in rosout]
+    assert rosout[0].name == f"{NS[1:]}.{NAME}" and rosout[0].level == Log.WARN, rosout[0]
 
 
 def _set(scn: Scenario, **values: Any) -> None:
@@ -663,6 +777,9 @@ def test_raw_image_above_max_input_pixels_is_dropped_naming_the_parameter(scn: S
     assert_nothing_for(res.outputs[res.stamps["bad"]])
     assert_good(res.outputs[res.stamps["good"]], scn)
     assert_logged(res.log, rf"{W}x{H} .*max_input_pixels = {limit}")
+    # Exact counts: the sizes read "0.0 MP, above max_input_pixels = 19199 (0.0 MP)" for a limit this small.
+    assert_logged(res.log, rf"{W}x{H} = {W * H} px \(0.0192 MP\), above max_input_pixels = {limit} \(0.0192 MP\)")
+    assert "0.0 MP" not in res.log
 
 
 def _expected_rectified(rgb: np.ndarray, info: CameraInfo) -> np.ndarray:
@@ -927,6 +1044,62 @@ def test_corrupt_jpeg_is_dropped_logged_and_the_next_frame_processed(scn: Scenar
     good = res.outputs[res.stamps["good"]]
     assert_good(good, scn)
     assert_logged(res.log, r"decode|jpeg|truncated")
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _corrupt_frames(rgb: np.ndarray) -> dict[str, tuple[str, bytes, str]]:
+    """name -> (format, data, what the WARN must quote from the decoder). Each passes the header checks (size
+    within max_input_pixels) and only the decoder can tell it is broken."""
+    jpeg = bytes(_jpeg(rgb, 0).data)
+    png = _png(rgb)
+    idat = png.index(b"IDAT") + 4
+    garbled = bytearray(png)
+    garbled[idat + 2:idat + 200] = np.random.default_rng(3).integers(0, 256, 198, dtype=np.uint8).tobytes()
+    return {
+        # A 631-byte JPEG announcing 6300x6300 (39.7 MP, under the 40 MP limit): an almost blank picture was
+        # published, libjpeg's "Corrupt JPEG data" on stderr the only trace.
+        "jpeg_631_bytes_6300x6300": ("jpeg", jpeg_announcing(6300, 6300), r"Corrupt JPEG data"),
+        # Cut mid-scan, then closed with an end-of-image marker: the missing part came out grey.
+        "jpeg_cut_then_closed": ("jpeg", jpeg[: len(jpeg) // 2] + b"\xff\xd9", r"Corrupt JPEG data"),
+        "png_truncated": ("png", png[: len(png) // 2], r"image file is truncated"),
+        "png_garbled_idat": ("png", bytes(garbled), r"broken data stream|decoder error|invalid"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_corrupt_frames(np.zeros((8, 8, 3), np.uint8))))
+def test_corrupt_compressed_frame_is_bad_input_with_the_decoders_message(scn: Scenario, compressed: Any,
+                                                                         case: str) -> None:
+    """The decoder's own error (libjpeg-turbo warnings stop the decode; Pillow raises on truncated or broken PNG
+    data), not a guess from the pixels: the frame is dropped and counted in bad_input, the WARN quotes the decoder,
+    and no decoder message reaches raw stderr (libjpeg's and libpng's used to)."""
+    fmt, data, pattern = _corrupt_frames(scn.rgb)[case]
+
+    def body(scn: Scenario) -> tuple[dict[int, dict[str, Any]], dict[str, int]]:
+        bad, good = scn.fresh_stamp(), scn.fresh_stamp(0.1)
+        before = scn.wait_diag("bad_input", 0)
+        msg = CompressedImage(format=f"rgb8; {fmt} compressed rgb8", data=data)
+        msg.header = header(bad, FRAME)
+        compressed.publish(msg)
+        counted = scn.wait_diag("bad_input", before + 1, timeout=30.0) - before
+        compressed.publish(_jpeg(scn.rgb, good))
+        out_good = scn.collect(good)
+        return {bad: scn.collect(bad, expect=()), good: out_good}, {"bad": bad, "good": good, "counted": counted}
+
+    res = scn.run_case(f"corrupt:{case}", body)
+    assert_nothing_for(res.outputs[res.stamps["bad"]])
+    assert res.stamps["counted"] == 1, "the corrupt frame is counted once in /diagnostics bad_input"
+    assert_good(res.outputs[res.stamps["good"]], scn)
+    assert_logged(res.log, rf"dropped a frame: cannot decode compressed {fmt.upper()} .*({pattern})")
+    decoders = r"Corrupt JPEG|premature end|libpng|grfmt_|PNG input buffer|IDAT"  # libjpeg, libpng, OpenCV's log
+    raw = [ln for ln in res.log.splitlines() if re.search(decoders, ln) and not ln.startswith("[WARN]")]
+    assert not raw, "decoder messages on raw stderr:\n" + "\n".join(raw)
 
 
 class RssPeak:

@@ -1,6 +1,6 @@
-"""Reliability under load (issue 4): images at 30 Hz while the worker needs several frame periods per frame.
+"""Reliability under load: images at 30 Hz while the worker needs several frame periods per frame.
 
-Latest-frame semantics (ros-anchors 0.3): the worker always takes the newest frame, older ones are dropped and
+Latest-frame semantics: the worker always takes the newest frame, older ones are dropped and
 counted, so latency stays bounded and nothing queues up. Measured from outside over DDS: send times of each
 stamp, arrival times of ``depth/relative``, and the counters in /diagnostics. Inputs are subscribed reliable
 (``qos.input.reliability``) so DDS itself loses nothing and the node's drop counter can be compared exactly with

@@ -1,14 +1,14 @@
-"""Signals as a terminal, ``ros2 launch`` and a closing ssh session send them (issue 13, bugs 1, 7, 10).
+"""Signals as a terminal, ``ros2 launch`` and a closing ssh session send them.
 
 Every case starts the real node (tiny CPU checkpoint, real DDS) in the test wrapper of ros_helpers, which prints
 the threads still alive right before the process exits: that line appears only when the node left through its
 own shutdown path (not killed by a signal's default action, not a traceback). Expected every time: exit code 0,
-no traceback, within the 2 s budget of issue 3.
+no traceback, within 2 s.
 
-- Bug 1: Ctrl-C of ``ros2 launch`` delivers SIGINT from the terminal and again from launch a few ms later; a second
+- Ctrl-C of ``ros2 launch`` delivers SIGINT from the terminal and again from launch a few ms later; a second
   SIGINT used to raise KeyboardInterrupt inside the shutdown (worker join, destroy_subscription).
-- Bug 10: SIGHUP (terminal closed) killed the node without its shutdown.
-- Bug 7: SIGTERM during configure waited for the model load. The wrapper makes the load slow
+- SIGHUP (terminal closed) killed the node without its shutdown.
+- SIGTERM during configure waited for the model load. The wrapper makes the load slow
   (``GEODIFF_TEST_LOAD_BUSY_S``: a GIL-holding busy loop before the real load, like weights from a slow disk).
 """
 

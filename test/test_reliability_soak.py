@@ -1,4 +1,4 @@
-"""Soak (issue 4): 10,000 small frames as fast as the node takes them; no growth in memory, threads or fds.
+"""Soak: 10,000 small frames as fast as the node takes them; no growth in memory, threads or fds.
 
 Every 10th frame comes with a CameraInfo and sparse depth, and ``depth/image`` and ``points`` have a subscriber,
 so decode, inference, alignment, the cloud and all publishers run many times. Frames go out in batches as fast

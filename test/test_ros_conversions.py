@@ -117,7 +117,7 @@ def test_duck_typed_message_with_numpy_data(rgb: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"encoding": "yuv422"}, "unsupported image encoding"),
+    ({"encoding": "nv21"}, "unsupported image encoding"),
     ({"step": 20}, "shorter than one row"),
     ({"data": bytes(21 * 4)}, "truncated"),
     ({"width": 0, "step": 0, "data": b""}, "zero size"),
@@ -128,6 +128,78 @@ def test_bad_messages_raise_clear_errors(kwargs: dict, match: str) -> None:
     msg = _msg(fields["encoding"], fields["width"], 5, fields["step"], fields["data"])
     with pytest.raises(ImageConversionError, match=match):
         image_to_numpy(msg)
+
+
+def _quadrants(height: int = 24, width: int = 32) -> np.ndarray:
+    """A known picture: four flat colours, one a quadrant, ``[H,W,3]`` uint8 RGB."""
+    rgb = np.empty((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    rgb[:h, :w], rgb[:h, w:] = (200, 40, 30), (30, 180, 60)
+    rgb[h:, :w], rgb[h:, w:] = (40, 60, 210), (230, 220, 90)
+    return rgb
+
+
+def _inside_quadrants(arr: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Pixels at least ``margin`` from the picture's edges and the quadrant borders (where interpolation mixes)."""
+    h, w = arr.shape[0] // 2, arr.shape[1] // 2
+    keep = np.ones(arr.shape[:2], bool)
+    for axis, mid in ((0, h), (1, w)):
+        index = np.arange(arr.shape[axis])
+        near = (index < margin) | (index >= arr.shape[axis] - margin) | (np.abs(index - mid + 0.5) < margin)
+        keep &= ~near[:, None] if axis == 0 else ~near[None, :]
+    return arr[keep]
+
+
+@pytest.mark.parametrize("encoding", ["bayer_rggb8", "bayer_bggr8", "bayer_gbrg8", "bayer_grbg8"])
+def test_bayer_input_is_demosaiced_to_the_known_picture(encoding: str) -> None:
+    """Each site of the mosaic keeps one channel of the known picture, as the sensor named by the encoding (top-left
+    2x2 block) sees it; demosaicing gives the picture back away from the colour edges (it was refused as "not a
+    colour encoding"). A pattern mapped to the wrong OpenCV code swaps red and blue or mixes in green."""
+    rgb = _quadrants()
+    pattern = encoding.removeprefix("bayer_").removesuffix("8")  # e.g. rggb
+    mosaic = np.empty(rgb.shape[:2], np.uint8)
+    for (dy, dx), colour in zip(((0, 0), (0, 1), (1, 0), (1, 1)), pattern, strict=True):
+        mosaic[dy::2, dx::2] = rgb[dy::2, dx::2, "rgb".index(colour)]
+    out = image_to_rgb8(_msg(encoding, 32, 24, 32, mosaic.tobytes()))
+    assert out.shape == (24, 32, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(_inside_quadrants(out), _inside_quadrants(rgb), atol=1)
+
+
+def _bt601_yuv(rgb: np.ndarray) -> np.ndarray:
+    """Y, U (Cb), V (Cr) of RGB by ITU-R BT.601, video range (Y 16..235): what YUV 4:2:2 cameras send."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    return np.rint(np.stack([y, u, v], axis=-1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("encoding", "order"), [("uyvy", "UYVY"), ("yuv422", "UYVY"), ("yuyv", "YUYV"),
+                                                 ("yuv422_yuy2", "YUYV")])
+def test_yuv422_input_is_converted_to_the_known_picture(encoding: str, order: str) -> None:
+    """Packed 4:2:2 (two bytes a pixel, each pixel pair sharing U and V) of a known picture, in the byte order the
+    encoding names, with row padding: converted back to that picture within BT.601 rounding (it was refused)."""
+    rgb = _quadrants()
+    yuv = _bt601_yuv(rgb)  # [H,W,3]; the quadrants are 16 px wide, so each pixel pair has one U and one V
+    packed = np.empty((24, 32, 2), np.uint8)
+    first, second = (0, 1) if order == "YUYV" else (1, 0)  # Y's byte within each 2-byte pixel
+    packed[:, :, first] = yuv[:, :, 0]
+    packed[:, 0::2, second] = yuv[:, 0::2, 1]  # U on the pair's first pixel
+    packed[:, 1::2, second] = yuv[:, 0::2, 2]  # V on its second
+    out = image_to_rgb8(_msg(encoding, 32, 24, 70, _padded(packed.reshape(24, 64), 70)))
+    assert out.shape == (24, 32, 3) and out.dtype == np.uint8
+    np.testing.assert_allclose(out.astype(int), rgb.astype(int), atol=2)
+
+
+def test_yuv422_of_odd_width_names_the_problem() -> None:
+    with pytest.raises(ImageConversionError, match="width must be even"):
+        image_to_rgb8(_msg("uyvy", 7, 2, 14, bytes(28)))
+
+
+def test_colour_encodings_still_unsupported_say_so() -> None:
+    for encoding in ("nv21", "bayer_rggb16", "rgb16"):
+        with pytest.raises(ImageConversionError, match=rf"{encoding}' is not supported as camera input.*uyvy"):
+            image_to_rgb8(_msg(encoding, 2, 2, 12, bytes(24)))
 
 
 def test_depth_image_is_not_a_colour_input() -> None:

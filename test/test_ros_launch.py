@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -21,7 +22,7 @@ LAUNCH = REPO / "launch" / "depth.launch.py"
 MULTI_GPU = REPO / "launch" / "multi_gpu.launch.py"
 RVIZ = REPO / "rviz" / "geodiff.rviz"
 
-# What users override most (issue 13): launch ignores undeclared arguments silently, so each must be declared.
+# What users override most: launch ignores undeclared arguments silently, so each must be declared.
 EXPECTED_ARGS = {"namespace", "image", "camera_info", "sparse_depth", "params_file", "model", "model_normals",
                  "device", "dtype", "processing_res", "optimize", "autostart", "allow_cpu_fallback", "use_sim_time",
                  "log_level", "rviz", "batch_size", "input_transport", "local_files_only", "fixed_scale"}
@@ -140,6 +141,43 @@ def test_rviz_without_rviz2_fails_before_any_node(monkeypatch: pytest.MonkeyPatc
     module = load_launch_with_stand_ins(path, monkeypatch)
     with pytest.raises(RuntimeError, match="Nothing was started"):
         run_launch_with_stand_ins(module, rviz="true", cameras="[front]")
+
+
+@pytest.mark.parametrize("path", [LAUNCH, MULTI_GPU])
+@pytest.mark.parametrize("argument", ["rviz", "use_sim_time"])
+def test_a_boolean_argument_that_is_not_one_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, path: Path,
+                                                                argument: str) -> None:
+    """Bug: rviz:=maybe stopped launch with "'maybe' is not a boolean", without saying which argument."""
+    module = load_launch_with_stand_ins(path, monkeypatch)
+    with pytest.raises(LaunchArgumentError, match=rf"^{argument}:='maybe' is not a boolean: use true or false$"):
+        run_launch_with_stand_ins(module, cameras="[front]", **{argument: "maybe"})
+
+
+@pytest.mark.parametrize(("path", "args", "nodes"), [(LAUNCH, {}, 1),
+                                                     (MULTI_GPU, {"cameras": "[front, left]", "num_gpus": "2"}, 2)])
+def test_each_node_exiting_with_an_error_ends_the_launch(monkeypatch: pytest.MonkeyPatch, path: Path,
+                                                         args: dict[str, str], nodes: int) -> None:
+    """Every geodiff node has an OnProcessExit handler that ends the launch on an error exit (test_launch_process
+    runs it for real: launch exit 1 instead of 0)."""
+    _, actions = run_launch_with_stand_ins(load_launch_with_stand_ins(path, monkeypatch), **args)
+    geodiff = [a for a in actions if type(a).__name__ == "Node" and a.kwargs["executable"] == "geodiff_node"]
+    handlers = [a.args[0] for a in actions if type(a).__name__ == "RegisterEventHandler"
+                and type(a.args[0]).__name__ == "OnProcessExit"]
+    assert len(geodiff) == nodes
+    assert [h.kwargs["target_action"] for h in handlers] == geodiff
+    assert all(h.kwargs["on_exit"] is launch_support.end_launch_if_node_failed for h in handlers)
+
+
+def test_node_failure_handler_raises_only_for_an_error_exit_outside_a_shutdown() -> None:
+    def exited(code: int) -> SimpleNamespace:
+        return SimpleNamespace(returncode=code, process_name="geodiff_node-1")
+
+    running, stopping = SimpleNamespace(is_shutdown=False), SimpleNamespace(is_shutdown=True)
+    assert launch_support.end_launch_if_node_failed(exited(0), running) is None
+    assert launch_support.end_launch_if_node_failed(exited(-2), stopping) is None  # Ctrl-C, another node failed
+    for code, meaning in ((2, "invalid parameters"), (1, "configure failed"), (-11, "killed by signal 11")):
+        with pytest.raises(launch_support.NodeFailed, match=rf"^geodiff_node-1 exited with code {code} \({meaning}"):
+            launch_support.end_launch_if_node_failed(exited(code), running)
 
 
 def test_rviz2_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

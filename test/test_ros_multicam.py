@@ -1,4 +1,4 @@
-"""One geodiff node serving several cameras over real DDS (tiny CPU checkpoint; issue 7).
+"""One geodiff node serving several cameras over real DDS (tiny CPU checkpoint).
 
 Three cameras in one node: ``front`` and ``left`` are a synchronised stereo pair (same size, same stamps, 8 Hz),
 ``rear`` is smaller and slower. Each camera sees a different image, so a relative depth that went to the wrong

@@ -94,7 +94,7 @@ def test_optimize_parameter_reaches_the_engine_and_matches_its_modes() -> None:
 
 
 def test_defaults_are_fast_on_a_gpu_and_eager_on_the_cpu() -> None:
-    """Issue 14: out of the box fp16 and compile+graph on CUDA; the CPU keeps the official eager path."""
+    """Out of the box fp16 and compile+graph on CUDA; the CPU keeps the official eager path."""
     import torch
 
     from geodiff_ros.engine.accel import resolve_optimize

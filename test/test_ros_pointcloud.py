@@ -80,13 +80,25 @@ def test_read_cloud_with_padding_like_depth_image_proc(big: bool) -> None:
 def test_read_cloud_rejects_truncated_and_missing_xyz() -> None:
     msg = cloud_to_msg(cloud_array(*_grid()[:1]))
     msg.data = array.array("B", bytes(10))
-    with pytest.raises(PointCloudError, match="need row_step"):
+    with pytest.raises(PointCloudError, match=r"data is too short: 10 B, but row_step x height = .* truncated"):
         read_cloud(msg)
     only_x = PointCloud2(height=1, width=1, point_step=4, row_step=4)
     only_x.fields = [PointField(name="x", offset=0, datatype=PointField.FLOAT32, count=1)]
     only_x.data = array.array("B", bytes(4))
     with pytest.raises(PointCloudError, match="x, y and z are required"):
         cloud_xyz(only_x)
+
+
+def test_row_step_shorter_than_a_row_is_a_malformed_header_not_short_data() -> None:
+    """The warning read as if the data were short ("data has N B; need row_step x height"), though no data size
+    fixes a row_step smaller than width x point_step: the header contradicts itself."""
+    msg = cloud_to_msg(cloud_array(*_grid()[:1]))
+    msg.row_step = msg.width * msg.point_step - 4
+    with pytest.raises(PointCloudError) as err:
+        read_cloud(msg)
+    text = str(err.value)
+    assert "header is malformed" in text and "row_step" in text and "smaller than width x point_step" in text, text
+    assert "short" not in text and "truncated" not in text, text
 
 
 def test_projection_inverts_backprojection_and_keeps_nearest() -> None:
@@ -149,3 +161,21 @@ def test_kitti_cloud_through_messages_puts_the_road_at_camera_height() -> None:
         assert len(road) > 200
         heights.append(float(np.median(road[:, 1])))
     assert np.mean(heights) == pytest.approx(1.65, abs=0.05), heights
+
+
+def test_sensor_msgs_py_reads_the_node_cloud_as_ours_does() -> None:
+    """A ROS user's ``sensor_msgs_py.point_cloud2.read_points`` gets the same points and fields from the node's
+    cloud (xyz + rgb + normals, NaN for invalid pixels) as ``read_cloud``; and ``create_cloud`` builds the same
+    bytes (the measured tie that keeps ``cloud_to_msg``)."""
+    point_cloud2 = pytest.importorskip("sensor_msgs_py.point_cloud2",
+                                       reason="sensor_msgs_py not installed (setup_venv.sh: ../shared/ros/tf2)")
+    rng = np.random.default_rng(3)
+    xyz = rng.random((6, 8, 3), dtype=np.float32)
+    xyz[2, 3] = np.nan
+    points = cloud_array(xyz, rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), rng.random((6, 8, 3)))  # [H,W]
+    msg = cloud_to_msg(points)
+    theirs = point_cloud2.read_points(msg)  # flat: its reshape_organized_cloud gives [width,height] (upstream)
+    assert (msg.height, msg.width) == (6, 8) and theirs.dtype.names == points.dtype.names
+    assert np.array_equal(theirs.view(np.uint8), read_cloud(msg).reshape(-1).view(np.uint8))
+    built = point_cloud2.create_cloud(msg.header, msg.fields, points.reshape(-1))
+    assert bytes(built.data) == bytes(msg.data) and built.point_step == msg.point_step

@@ -1,6 +1,6 @@
-"""Start-up with a compiled engine and ``startup_mode: wait_compiled`` (issue 5): the node warms up (torch.compile)
-in its worker on activation before serving, stays responsive meanwhile, and a restart re-uses the compiled kernels
-kept in TORCHINDUCTOR_CACHE_DIR. (The default, serving while compiling, is test_ros_serving.py.)
+"""Start-up with a compiled engine and ``startup_mode: wait_compiled``: the node warms up (torch.compile) in its
+worker on activation before serving, stays responsive meanwhile, and a restart re-uses the compiled kernels kept in
+TORCHINDUCTOR_CACHE_DIR. (The default, serving while compiling, is test_ros_serving.py.)
 
 CPU, tiny checkpoint, ``optimize=compile``: inductor compiles C++ kernels with the system compiler, so a cold
 warm-up takes a minute or two on 2 cores, which is the window in which the node must answer services. Skips
@@ -87,7 +87,7 @@ def test_compiled_node_answers_while_compiling_and_reuses_kernels_after_restart(
         assert max(answers) < ANSWER_S, f"services answered in up to {max(answers):.1f} s while compiling"
         warming = [st for m in col.get("/diagnostics") for st in m.status if st.name.startswith(f"{NAME}:")]
         assert any("warming up" in st.message for st in warming), [st.message for st in warming]
-        # Issue 14: the compile's progress, stage by stage, with the time so far.
+        # The compile's progress, stage by stage, with the time so far.
         progress = [st.message for st in warming if re.search(r"compiling \(stage \d+ of \d+: .+, \d+ s\)",
                                                                st.message)]
         assert progress, [st.message for st in warming]

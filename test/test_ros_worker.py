@@ -1,4 +1,5 @@
-"""The node's worker threads over real DDS (issue 13 bugs 2 and 3, issue 14 pipelined worker).
+"""The node's worker threads over real DDS: parameter changes and lifecycle transitions during engine calls, the
+pipelined engine and post-processing threads.
 
 The node runs inside the test wrapper (ros_helpers) with ``GEODIFF_TEST_PREDICT_DELAY_S``: every engine call sleeps
 first, as on a slow GPU, so a parameter change or a lifecycle transition lands *during* an engine call every time,
@@ -127,7 +128,7 @@ def _scale_of(col: Collector, stamp: int) -> float | None:
 
 def test_alignment_parameter_applies_to_the_next_frame(tmp_path: Path, domain: int, col: Collector,
                                                        tiny_depth_ckpt: Path) -> None:
-    """Issue 13 bug 2: ``ros2 param set alignment.fixed_scale`` during an engine call was applied one change late
+    """``ros2 param set alignment.fixed_scale`` during an engine call was applied one change late
     (the worker rebuilt the aligner from the settings it had read before the call)."""
     node = _start(domain, tiny_depth_ckpt, tmp_path / "geodiff.log", delay_s=0.4, **{
         "alignment.fixed_scale": 1.5, "min_depth": 0.01})
@@ -171,7 +172,7 @@ def _transition(col: Collector, node: NodeProcess, transition: int) -> None:
 
 def test_deactivate_activate_during_engine_calls_keeps_one_worker(tmp_path: Path, domain: int, col: Collector,
                                                                   tiny_depth_ckpt: Path) -> None:
-    """Issue 13 bug 3: deactivate gave up waiting for a busy worker after 1.5 s and activate started another one;
+    """Deactivate used to give up waiting for a busy worker after 1.5 s and activate started another one;
     6 cycles left 7 workers inferring at once. Expected: one engine call at a time, no thread growth, and frames
     flow again after the last activation."""
     node = _start(domain, tiny_depth_ckpt, tmp_path / "geodiff.log", delay_s=2.5)
@@ -244,7 +245,7 @@ def test_activate_after_cleanup_mid_frame_never_waits_for_the_engine(tmp_path: P
 
 def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: int, col: Collector,
                                                         tiny_depth_ckpt: Path, tiny_normals_ckpt: Path) -> None:
-    """Issue 14: the node post-processes in torch on another thread; every output must still be exactly what the
+    """The node post-processes in torch on another thread; every output must still be exactly what the
     serial numpy computation gives for the node's own relative depth and normals (geometry.apply_alignment,
     visualize.colorize_depth / normals_to_rgb, backproject + pointcloud.cloud_array), and the relative depth what
     the engine gives for the image."""
@@ -308,7 +309,7 @@ def test_pipelined_outputs_equal_the_serial_computation(tmp_path: Path, domain: 
 
 def test_frames_never_pile_up_behind_a_slow_engine(tmp_path: Path, domain: int, col: Collector,
                                                     tiny_depth_ckpt: Path) -> None:
-    """Issue 14: with a camera 6x faster than the engine, what is published stays fresh: every output is at most
+    """With a camera 6x faster than the engine, what is published stays fresh: every output is at most
     three engine calls old (one in the engine, one handed to the post thread, one in the mailbox), at most three
     arrive after the camera stops, and every received frame is accounted for as processed or dropped."""
     delay = 0.3

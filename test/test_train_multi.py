@@ -1,4 +1,4 @@
-"""Fine-tuning on several processes (issue 12), rehearsed on the CPU: benchmarks/train_multi.py --tiny.
+"""Fine-tuning on several processes, rehearsed on the CPU: benchmarks/train_multi.py --tiny.
 
 ``accelerate launch --num_processes 2`` (two gloo CPU processes, tiny checkpoint) at accumulation 2 against one
 process at accumulation 4: the same effective batch (2 x 2 x 2 = 2 x 1 x 4 = 8) and, through DistributedSampler,
@@ -50,7 +50,7 @@ def test_two_processes_each_take_half_the_accumulation(runs: dict[int, dict]) ->
 def test_lr_schedule_is_the_one_process_schedule(runs: dict[int, dict]) -> None:
     lr1, lr2 = runs[1]["lr"], runs[2]["lr"]
     assert lr2 == lr1  # exactly: the schedule counts optimiser steps, whatever the process count
-    assert lr1[0] < lr1[1] > lr1[2]  # warm-up, then the exponential decay (spec B.1)
+    assert lr1[0] < lr1[1] > lr1[2]  # warm-up, then the exponential decay (docs/method.md#lr-schedule)
 
 
 def test_loss_over_all_processes_is_the_one_process_loss(runs: dict[int, dict]) -> None:

@@ -1,4 +1,4 @@
-"""Training data loaders on tiny synthetic folders in the Hypersim / VKITTI 2 / manifest layouts (spec B.4)."""
+"""Training data loaders on tiny synthetic folders in the Hypersim / VKITTI 2 / manifest layouts."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_hypersim_layout_resize_flip_and_normal_orientation(tmp_path: Path) -> N
     depth_mm[:, : w // 2] = 3000
     _save_u16(scene / "depth_plane_cam_00_fr0000.png", depth_mm)
     # Hypersim normal_cam frame is x right, y up, z backward: a wall facing the camera is +z; store it
-    # back-facing (-z) on the left half, which must be flipped towards the camera (spec A.1-18).
+    # back-facing (-z) on the left half, which must be flipped towards the camera (docs/method.md#normal-frames).
     n = np.zeros((h, w, 3))
     n[..., 2] = 1.0
     n[:, : w // 2, 2] = -1.0
@@ -81,7 +81,7 @@ def test_hypersim_marigold_filelist_and_missing_data_error(tmp_path: Path) -> No
     _save_u16(scene / "depth_plane_cam_01_fr0003.png", np.full((8, 8), 1500))
     lst = tmp_path / "list.txt"
     lst.write_text("train/ai_002_001/rgb_cam_01_fr0003.png train/ai_002_001/depth_plane_cam_01_fr0003.png\n")
-    # The paper's loader keeps a row only if its normal map exists, for depth training too (spec B.4) ...
+    # The paper's loader keeps a row only if its normal map exists, for depth training too ...
     with pytest.raises(ValueError, match="--hypersim_all_depth_rows"):
         HypersimDataset(tmp_path, split_file=lst, size_hw=(8, 8))
     # ... a depth-only download can still be used, by saying so.
@@ -156,7 +156,7 @@ def test_mixed_loader_ratio_and_one_dataset_per_batch() -> None:
 
 def _papers_hypersim_sample(rgb_path: Path, depth_path: Path, normal_path: Path, size_hw: tuple[int, int],
                             flip: bool) -> dict[str, torch.Tensor]:
-    """The E2E-FT loader's Hypersim sample restated from spec B.4 / A.1-18 (PIL + numpy float64 + uint8)."""
+    """The E2E-FT loader's Hypersim sample restated from docs/method.md#hypersim (PIL + numpy float64 + uint8)."""
     rgb = Image.open(rgb_path).convert("RGB")
     depth = Image.fromarray(np.array(Image.open(depth_path)) / 1000)  # float64 m -> PIL "F"
     d32 = np.array(depth)

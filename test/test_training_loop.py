@@ -1,4 +1,4 @@
-"""E2E fine-tuning end to end on CPU with a tiny checkpoint and a tiny synthetic RGB-D manifest (spec B)."""
+"""E2E fine-tuning end to end on CPU with a tiny checkpoint and a tiny synthetic RGB-D manifest."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _dataset_loss(source: Path, manifest: Path) -> float:
 def test_gradients_reach_only_the_unet(tiny_depth_ckpt: Path) -> None:
     comps = load_train_components(tiny_depth_ckpt)
     ctx = encode_empty_prompt(comps.tokenizer, comps.text_encoder, padding="max_length")
-    assert ctx.shape[1] == 77  # spec B.3-4: training context padded to max_length
+    assert ctx.shape[1] == 77  # training context padded to max_length (docs/method.md#text-context)
     rgb = torch.rand(2, 3, 32, 32) * 2 - 1
     comps.unet.train()
     pred = e2e_forward(comps.unet, comps.vae, rgb, ctx, float(comps.alphas_cumprod[TIMESTEP]),
@@ -83,7 +83,8 @@ def test_training_lowers_loss_saves_engine_loadable_checkpoint_and_resumes(
     after = _dataset_loss(result["final"], manifest)
     assert after < 0.9 * before, (before, after)  # deterministic: seeded init, data order and fit
 
-    # Hub layout that the engine loads unchanged (spec E.3), trailing DDIM with the init's v-prediction.
+    # Hub layout that the engine loads unchanged (docs/method.md#checkpoint-layout), trailing DDIM with the init's
+    # v-prediction.
     final = Path(result["final"])
     index = json.loads((final / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["geodiff_task"] == "depth"
@@ -123,12 +124,12 @@ def test_sd2_style_4_channel_init_is_expanded_and_text_padding_flag(tiny_depth_c
     four = UNet2DConditionModel.from_config(cfg)
     four.save_pretrained(sd / "unet")
     comps = load_train_components(sd)
-    assert comps.unet.config.in_channels == 8  # spec B.2
+    assert comps.unet.config.in_channels == 8  # conv_in widened from 4 to 8 channels
     w4 = four.conv_in.weight.detach()
     assert torch.allclose(comps.unet.conv_in.weight[:, :4], w4 / 2) and torch.allclose(
         comps.unet.conv_in.weight[:, 4:], w4 / 2)
     assert torch.allclose(comps.unet.conv_in.bias, four.conv_in.bias / 2)
-    # Inference-style 2-token context (spec A.1-9) is available as --text_padding do_not_pad.
+    # Inference-style 2-token context is available as --text_padding do_not_pad.
     assert encode_empty_prompt(comps.tokenizer, comps.text_encoder, padding="do_not_pad").shape[1] == 2
 
 
@@ -153,7 +154,7 @@ def test_lr_decay_length_and_logged_loss_follow_the_papers_code(
     def recording(pred, target, mask):
         loss = real_loss(pred, target, mask)
         if not micro:
-            loss = loss * float("nan")  # the first micro-batch's loss is NaN: dropped (spec B.3-11)
+            loss = loss * float("nan")  # the first micro-batch's loss is NaN: dropped
         micro.append(float(loss.detach()))
         return loss
 

@@ -1,4 +1,4 @@
-"""E2E fine-tuning maths against hand-computed answers (spec B.2, B.3-6, B.3-9, B.3-10, B.1 schedule)."""
+"""E2E fine-tuning maths against hand-computed answers (docs/method.md#training)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _depth(b: int = 2, h: int = 6, w: int = 7, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(("s", "t"), [(2.5, 0.3), (-1.7, 4.0), (0.01, -2.0)])
 def test_affine_l1_is_zero_for_exact_affine_map_of_target(s: float, t: float) -> None:
     target = _depth()
-    pred = (target - t) / s  # target = s * pred + t exactly, negative scale allowed (spec A.1-17)
+    pred = (target - t) / s  # target = s * pred + t exactly, negative scale allowed
     mask = torch.ones_like(target, dtype=torch.bool)
     assert affine_invariant_l1_loss(pred, target, mask).item() == pytest.approx(0.0, abs=1e-4)
 
@@ -103,7 +103,7 @@ def test_expand_conv_in_tiles_weights_and_halves_weight_and_bias() -> None:
     assert expand_conv_in(unet) is True
     assert unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
     x = torch.randn(1, 4, 8, 8)
-    # spec B.2: W' = [W, W] / 2 and b' = b / 2, so conv'([x, 0]) = conv(x) / 2.
+    # W' = [W, W] / 2 and b' = b / 2, so conv'([x, 0]) = conv(x) / 2.
     out = unet.conv_in(torch.cat([x, torch.zeros_like(x)], 1))
     assert torch.allclose(out, old(x) / 2, atol=1e-6)
     assert torch.allclose(unet.conv_in.bias, old.bias / 2)

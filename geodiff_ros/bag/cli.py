@@ -241,21 +241,11 @@ def cmd_process(args: argparse.Namespace) -> int:
     from geodiff_ros.bag.process import TRANSFORM_FORMAT, ProcessOptions, process_bag
     from geodiff_ros.engine import GeoDiffError
 
-    transform = None
-    if args.sparse_transform is not None:
-        try:
-            transform = [float(v) for v in args.sparse_transform]
-        except ValueError:
-            msg = f'--sparse-transform {" ".join(args.sparse_transform)}: not numbers; give {TRANSFORM_FORMAT}'
-            raise BagError(msg) from None
     opts = ProcessOptions(
         image_topic=args.image_topic, camera_info_topic=args.camera_info_topic, sparse_topic=args.sparse_topic,
-        sparse_fraction=args.sparse_fraction, sparse_frame=args.sparse_frame or "", sparse_transform=transform,
-        output_namespace=args.output_namespace, visualize=args.vis, cloud=not args.no_cloud,
-        cloud_stride=args.cloud_stride, batch_size=args.batch_size)
-    opts.sparse_extrinsic()  # a bad transform exits 2 before the model loads
-    if args.fixed_scale is not None:
-        opts.fixed_scale = args.fixed_scale
+        sparse_fraction=args.sparse_fraction, output_namespace=args.output_namespace, visualize=args.vis,
+        batch_size=args.batch_size, settings=frame_settings_from_args(args, TRANSFORM_FORMAT))
+    opts.sparse_extrinsic()  # a bad setting exits 2 before the model loads
     problem = optimize_problem(args.optimize, "--optimize")
     if problem:
         raise BagError(problem)
@@ -411,17 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse metric input matched by stamp: a depth Image of the camera (32FC1 m / 16UC1 mm) or a "
                         "PointCloud2 (e.g. LiDAR), projected onto the image through the camera_info (nearest point "
                         "per pixel)")
-    p.add_argument("--sparse-frame", default=None, metavar="FRAME",
-                   help="frame_id of PointCloud2 sparse input that --sparse-transform maps into the image's optical "
-                        "frame (clouds in other frames than this and the image's are not used)")
-    p.add_argument("--sparse-transform", nargs="+", default=None, metavar="V",
-                   help="static extrinsic X Y Z QX QY QZ QW of --sparse-frame in the image's optical frame, as "
-                        "`ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it (default identity)")
     p.add_argument("--sparse-fraction", type=float, default=1.0, metavar="F",
                    help="use only a random fraction F of the sparse pixels (e.g. 0.02 to turn a depth camera "
                         "into LiDAR-like input; for a cloud, of its projected pixels); the rest measures the metric "
                         "error")
-    p.add_argument("--fixed-scale", type=float, default=None, help="metric = scale x relative, no sparse input")
     p.add_argument("--depth-model", default=DEPTH_HUB_ID, help='hub id or folder; "" = off')
     p.add_argument("--normals-model", default=NORMALS_HUB_ID, help='hub id or folder; "" = off')
     p.add_argument("--tiny", action="store_true", help="generated tiny random checkpoints on the CPU (plumbing test)")
@@ -441,9 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-files-only", action="store_true", help="never download weights")
     p.add_argument("--output-namespace", default="", help="prefix of the output topics (default: none)")
     p.add_argument("--vis", action="store_true", help="also write depth/image_vis and normals/image_vis (rgb8)")
-    p.add_argument("--no-cloud", action="store_true", help="do not write the points topic")
-    p.add_argument("--cloud-stride", type=int, default=1)
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    add_frame_options(p.add_argument_group(
+        "per-frame settings", "the node's per-frame parameters, same names, defaults and ranges (--NAME or with "
+        "dashes, e.g. --alignment.method irls or --alignment-method irls)"))
     p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("export", help="write colour/depth pairs as an RGB-D manifest folder (fine-tuning input)")
@@ -462,6 +446,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Earlier option names of per-frame settings, kept as aliases.
+_ALIASES = {"alignment.fixed_scale": ["--fixed-scale"], "sparse_points.frame_id": ["--sparse-frame"],
+            "sparse_points.transform": ["--sparse-transform"]}
+
+
+def _option_strings(name: str) -> list[str]:
+    """``alignment.min_points`` -> ``--alignment.min_points``, ``--alignment-min-points`` (+ earlier aliases)."""
+    dashed = "--" + name.replace(".", "-").replace("_", "-")
+    return list(dict.fromkeys([f"--{name}", dashed, *_ALIASES.get(name, [])]))
+
+
+def add_frame_options(group: Any) -> None:
+    """One option per per-frame setting of the pipeline's table (``FRAME_PARAMS``), generated: the bag tool takes
+    every per-frame parameter the node takes. Values are checked against the table in ``cmd_process``."""
+    from geodiff_ros.pipeline import FRAME_PARAMS
+
+    for spec in FRAME_PARAMS:
+        limits = f", range {spec.lo:g}..{spec.hi:g}" if spec.lo is not None and spec.hi is not None else ""
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": None,
+                                  "help": f"{spec.description} (default {spec.default!r}{limits})"}
+        if isinstance(spec.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(spec.default, list):
+            kwargs.update(nargs="+", metavar="V")  # numbers checked in frame_settings_from_args (names the format)
+        else:
+            kwargs.update(type=type(spec.default), metavar="V")
+            if spec.choices:
+                kwargs.update(choices=spec.choices, metavar="{" + ",".join(spec.choices) + "}")
+        group.add_argument(*_option_strings(spec.name), **kwargs)
+    group.add_argument("--no-cloud", dest="publish_cloud", action="store_false",
+                       help="do not write the points topic (as --no-publish-cloud)")
+
+
+def frame_settings_from_args(args: argparse.Namespace, transform_format: str) -> dict[str, Any]:
+    """The per-frame settings given on the command line, by parameter name (the rest keep the node's defaults)."""
+    from geodiff_ros.pipeline import FRAME_PARAMS
+
+    out = {spec.name: getattr(args, spec.name) for spec in FRAME_PARAMS if getattr(args, spec.name, None) is not None}
+    transform = out.get("sparse_points.transform")
+    if transform is not None:
+        try:
+            out["sparse_points.transform"] = [float(v) for v in transform]
+        except ValueError:
+            msg = f'--sparse-transform {" ".join(transform)}: not numbers; give {transform_format}'
+            raise BagError(msg) from None
+    return out
+
+
 def transform_in_fixed_notation(argv: list[str]) -> list[str]:
     """The numbers after ``--sparse-transform`` in fixed notation (the same doubles): argparse takes a token like
     ``-1.2e-3`` for an option, since only ``-1`` / ``-1.5`` look like negative numbers to it."""
@@ -469,7 +501,7 @@ def transform_in_fixed_notation(argv: list[str]) -> list[str]:
 
     out = list(argv)
     for i, token in enumerate(argv):
-        if token != "--sparse-transform":
+        if token not in _option_strings("sparse_points.transform"):
             continue
         for j in range(i + 1, min(i + 8, len(out))):
             try:

@@ -1,4 +1,4 @@
-"""Export a recorded RGB-D bag as a generic RGB-D manifest folder, for fine-tuning and evaluation (issue 6).
+"""Export a recorded RGB-D bag as a generic RGB-D manifest folder, for fine-tuning and evaluation.
 
 ``OUT_DIR/rgb/000000.png`` (8-bit RGB), ``OUT_DIR/depth/000000.png`` (16-bit millimetres, ``depth_scale`` 1000,
 0 = no measurement) and ``OUT_DIR/manifest.json`` in the format :func:`geodiff_ros.manifest.read_manifest` reads
@@ -15,9 +15,9 @@ Choices (README, "Bags without rosbag2"):
   one colour image at most (the nearest), so no depth map is duplicated in the training data. Unpaired images and
   unused depth images are counted, not exported.
 * Intrinsics: from the colour CameraInfo nearest in stamp, read from **P** like image_geometry and so
-  depth_image_proc (K only when P is unset), scaled to the image size when the CameraInfo describes another one
-  (ros-anchors 2.3). P describes the *rectified* image: export an ``image_rect`` topic for exact intrinsics; a raw
-  topic of a camera with lens distortion keeps that distortion in its pixels.
+  depth_image_proc (K only when P is unset), scaled to the image size when the CameraInfo describes another one.
+  P describes the *rectified* image: export an ``image_rect`` topic for exact intrinsics; a raw topic of a camera
+  with lens distortion keeps that distortion in its pixels.
 * Depth range: 16-bit millimetres hold 0.001-65.535 m. Farther measurements are written as 0 (no measurement) and
   counted: clipping them to 65.535 m would put a false surface into the training targets.
 * Resolution: both manifest readers need depth on the colour image grid. Depth registered to the colour camera at

@@ -103,7 +103,7 @@ def play_qos(recorded: list[Qos], override: str | None, depth: int = 10) -> QoSP
     """Publisher QoS for a bag topic: the override, else what all recorded publishers offered, else reliable.
 
     rosbag2 does the same ("adapt offer to recorded offers"): a best-effort camera replays best effort. Reliable
-    also reaches best-effort subscribers; the reverse does not connect (ros-anchors 2.6).
+    also reaches best-effort subscribers; the reverse does not connect (REP 2003).
     """
     if override is not None:
         reliable = override == "reliable"
@@ -290,7 +290,7 @@ class _BagClock:
 
         self._clock_cls = Clock
         # Depth 1 as rclcpp's ClockQoS; reliable reaches best-effort subscribers (rclpy's TimeSource) and
-        # reliable ones alike (ros-anchors 2.6).
+        # reliable ones alike (REP 2003).
         self.pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
         self.period = 1.0 / hz
         self.rate = rate

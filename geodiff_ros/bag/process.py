@@ -1,17 +1,20 @@
 """Offline processing of a bag: the engine over its image topic, written to a new bag next to the original topics.
 
 What the ``geodiff`` node would publish live, computed from a recording without DDS or rclpy: ``depth/relative``,
-``depth/image`` (metres, when a metric fit to the sparse depth exists), ``depth/camera_info``, ``normals/image``,
-``points`` (and the colour visualisations on request). Headers are copied from the input image (same stamp and
-frame_id), and each output is stored at the input image's bag time, so a replay of the new bag is in sync.
+``depth/image`` (when a metric fit to the sparse depth exists), ``depth/camera_info``, ``normals/image``, ``points``
+(and the colour visualisations on request). The per-frame work after the engine is the node's own
+(``geodiff_ros.pipeline``: the same stamp matcher, metric fit and temporal state, metric depth, views and cloud) with
+the same per-frame settings (``ProcessOptions.settings``, named as the node's parameters), so a bag processed here
+gives what playing it into the node gives. Headers are copied from the input image (same stamp and frame_id), and
+each output is stored at the input image's bag time, so a replay of the new bag is in sync.
 
 The bag is read once, in order. An image waits in a short queue until the camera_info and sparse depth that belong
 to it (nearest stamp) can have arrived: a later message on those topics passed its stamp, or the bag time moved on
 by ``lookahead_s``. The sparse input is a depth Image of the same camera or, as the node's ``sparse_points``, a
 PointCloud2 projected onto the image grid through the camera_info (nearest point per pixel), in the image's optical
-frame or in ``sparse_frame`` moved there by the static extrinsic ``sparse_transform``. Messages are decoded
-with the node's duck-typed conversions (rosbags messages carry numpy ``data``) and outputs are serialized with the
-rosbags type store.
+frame or moved there by the static extrinsic ``sparse_points.frame_id`` / ``sparse_points.transform``. Messages are
+decoded with the node's duck-typed conversions (rosbags messages carry numpy ``data``) and outputs are serialized
+with the rosbags type store.
 
 Shapes: ``H,W`` image; ``H',W'`` after ``cloud_stride``.
 """
@@ -23,7 +26,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +40,21 @@ from geodiff_ros.bag.storage import (
     camera_info_topic_for,
     image_topic_is_compressed,
 )
-from geodiff_ros.geometry import (
-    InvalidCameraInfo,
-    PinholeIntrinsics,
-    TemporalAligner,
-    apply_alignment,
-    backproject,
-    fit_scale_shift,
-    intrinsics_from_camera_info,
-    sparse_to_image_grid,
-)
+from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, intrinsics_from_camera_info, sparse_to_image_grid
 from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
+from geodiff_ros.pipeline import (
+    FRAME_PARAMS,
+    AlignmentConfig,
+    FrameProcessor,
+    FrameResult,
+    OutputConfig,
+    SparseConfig,
+    StampMatcher,
+    Wanted,
+    depth_range_problem,
+    frame_defaults,
+    value_problem,
+)
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
     compressed_to_rgb8,
@@ -56,21 +63,24 @@ from geodiff_ros.ros.conversions import (
     numpy_to_image_fields,
     stamp_ns,
 )
-from geodiff_ros.ros.params import PARAMS
-from geodiff_ros.ros.pointcloud import cloud_array, cloud_to_sparse_depth
+from geodiff_ros.ros.extrinsics import cloud_extrinsic
+from geodiff_ros.ros.sparse import SparseUnusable, sparse_metres
 
-__all__ = ["ProcessOptions", "ProcessSummary", "process_bag", "sparsify", "sparse_depth_image"]
+__all__ = ["ProcessOptions", "ProcessSummary", "process_bag", "sparse_depth_image", "sparsify"]
 
 LOG = logging.getLogger(__name__)
 
-_DEFAULTS = {p.name: p.default for p in PARAMS}  # the node's parameter defaults: offline = live behaviour
 _IMAGE = "sensor_msgs/msg/Image"
 _INFO = "sensor_msgs/msg/CameraInfo"
 _CLOUD = "sensor_msgs/msg/PointCloud2"
-_IDENTITY = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+_TF, _TF_STATIC = "/tf", "/tf_static"
 TRANSFORM_FORMAT = ("X Y Z QX QY QZ QW (metres and a quaternion: the pose of the cloud frame in the image's optical "
                     "frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it)")
 _FLOAT32 = 7  # sensor_msgs/PointField FLOAT32
+_SPEC = {p.name: p for p in FRAME_PARAMS}
+# The bag is read in order and pruned by stamp (_prune): the matchers' count bound only guards against a bag whose
+# camera_info or sparse topic has far more messages than its images.
+_MATCHER_ITEMS = 10_000
 
 
 def sparsify(depth_m: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,51 +106,64 @@ def sparse_depth_image(msg: Any, fraction: float, seed: int) -> np.ndarray:
 
 @dataclass
 class ProcessOptions:
-    """Settings of ``geodiff_bag process`` (alignment defaults are the node's parameter defaults)."""
+    """Settings of ``geodiff_bag process``.
+
+    ``settings`` holds the per-frame settings under the node's parameter names (``alignment.method``,
+    ``min_depth``, ``depth_encoding``, ``publish_cloud``, ``sparse_points.frame_id``, ...: the pipeline's
+    ``FRAME_PARAMS``); missing ones take the node's defaults.
+    """
 
     image_topic: str
     camera_info_topic: str | None = None  # None: <image namespace>/camera_info if the bag has it; '' = none
     sparse_topic: str | None = None  # sparse metric depth Image (32FC1 m / 16UC1 mm) of the camera, or PointCloud2
     sparse_fraction: float = 1.0  # < 1: use only this random fraction of the sparse pixels, evaluate on the rest
-    sparse_frame: str = ""  # frame of PointCloud2 sparse input that sparse_transform maps into the optical frame
-    sparse_transform: Sequence[float] | None = None  # [x, y, z, qx, qy, qz, qw]; None = identity (node default)
     output_namespace: str = ""  # outputs at <ns>/depth/image ... ('' = root, like the node without namespace)
     visualize: bool = False  # also depth/image_vis and normals/image_vis (rgb8)
-    cloud: bool = True
-    cloud_stride: int = 1
-    cloud_color: bool = True
-    cloud_normals: bool = True
     batch_size: int = 4
     lookahead_s: float = 0.5
-    method: str = _DEFAULTS["alignment.method"]
-    min_points: int = _DEFAULTS["alignment.min_points"]
-    min_inlier_ratio: float = _DEFAULTS["alignment.min_inlier_ratio"]
-    inlier_threshold_rel: float = _DEFAULTS["alignment.inlier_threshold_rel"]
-    ema_alpha: float = _DEFAULTS["alignment.ema_alpha"]
-    max_fallback_age_s: float = _DEFAULTS["alignment.max_fallback_age_s"]
-    reset_ratio: float = _DEFAULTS["alignment.reset_ratio"]
-    sparse_max_dt: float = _DEFAULTS["alignment.sparse_max_dt"]
-    fixed_scale: float = _DEFAULTS["alignment.fixed_scale"]
-    min_depth: float = _DEFAULTS["min_depth"]
-    max_depth: float = _DEFAULTS["max_depth"]
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
-    def sparse_extrinsic(self) -> RigidTransform:
-        """The static extrinsic of the cloud frame (checked before the model loads, so a typo costs no time).
+    def frame_settings(self) -> dict[str, Any]:
+        """Every per-frame setting: the node's defaults overridden by ``settings``.
 
         Raises:
-            BagError: not 7 finite numbers with a non-zero quaternion, or given without ``sparse_frame``.
+            BagError: an unknown name, a value out of range or not allowed, min_depth >= max_depth, or a
+                transform without its frame (checked before the model loads, so a typo costs no time).
         """
-        values = _IDENTITY if self.sparse_transform is None else self.sparse_transform
-        try:
-            extrinsic = RigidTransform(values)
-        except (InvalidTransform, TypeError, ValueError) as err:
-            msg = f'--sparse-transform {" ".join(map(str, values))}: {err}; give {TRANSFORM_FORMAT}'
-            raise BagError(msg) from err
-        if self.sparse_transform is not None and not self.sparse_frame:
+        unknown = sorted(set(self.settings) - set(_SPEC))
+        if unknown:
+            msg = f'unknown per-frame setting(s) {", ".join(unknown)}; the settings are {", ".join(_SPEC)}'
+            raise BagError(msg)
+        values = {**frame_defaults(), **self.settings}
+        for name in self.settings:
+            problem = value_problem(_SPEC[name], values[name])
+            if problem:
+                if name == "sparse_points.transform":
+                    problem = (f'--sparse-transform {" ".join(map(str, values[name]))}: {problem}; give '
+                               f"{TRANSFORM_FORMAT}")
+                raise BagError(problem)
+        problem = depth_range_problem(values["min_depth"], values["max_depth"])
+        if problem:
+            raise BagError(problem)
+        if "sparse_points.transform" in self.settings and not values["sparse_points.frame_id"]:
             msg = ("--sparse-transform needs --sparse-frame FRAME: the frame_id of the clouds it maps into the "
                    "image's optical frame")
             raise BagError(msg)
-        return extrinsic
+        return values
+
+    def sparse_extrinsic(self) -> RigidTransform:
+        """The static extrinsic of sparse clouds (checked before the model loads).
+
+        Raises:
+            BagError: not 7 finite numbers with a non-zero quaternion, or given without ``sparse_points.frame_id``.
+        """
+        values = self.frame_settings()
+        try:
+            return RigidTransform(list(values["sparse_points.transform"]))
+        except (InvalidTransform, TypeError, ValueError) as err:
+            msg = f'--sparse-transform {" ".join(map(str, values["sparse_points.transform"]))}: {err}; give ' \
+                  f"{TRANSFORM_FORMAT}"
+            raise BagError(msg) from err
 
 
 @dataclass
@@ -179,20 +202,27 @@ class _Processor:
 
     def __init__(self, bag: Bag, writer: BagWriter, engine: Any, opts: ProcessOptions,
                  progress: Callable[[int], None] | None) -> None:
+        import torch
+
+        from geodiff_ros.geometry.device import HostStaging
+
         self.bag, self.writer, self.engine, self.opts = bag, writer, engine, opts
         self.progress = progress
         self.summary = ProcessSummary()
         self.ts = writer.typestore
         self.pending: collections.deque[_Frame] = collections.deque()
         self.batch: list[_Frame] = []  # frames with complete inputs, waiting for a full engine batch
-        self.infos: collections.deque[tuple[int, Any]] = collections.deque()
-        self.sparse: collections.deque[tuple[int, Any]] = collections.deque()
-        self.last_seen = {"info": -math.inf, "sparse": -math.inf}
-        self.extrinsic = opts.sparse_extrinsic()
+        self.infos: StampMatcher[Any] = StampMatcher(_MATCHER_ITEMS)
+        self.sparse: StampMatcher[Any] = StampMatcher(_MATCHER_ITEMS)
+        self.last_seen = {"info": -math.inf, "sparse": -math.inf, "tf": -math.inf}
+        self.values = opts.frame_settings()
+        opts.sparse_extrinsic()
+        self.alignment = AlignmentConfig.from_values(self.values)
+        self.output = OutputConfig.from_values(self.values)
+        self.sparse_config = SparseConfig.from_values(self.values)
+        self.frames = FrameProcessor(self.alignment)
+        self.staging = HostStaging(torch.device(getattr(engine, "device", None) or "cpu"))
         self.warned: set[str] = set()  # one warning per kind of unusable sparse input, not one per frame
-        fixed = float(opts.fixed_scale)
-        self.aligner = TemporalAligner(ema_alpha=opts.ema_alpha, max_fallback_age_s=opts.max_fallback_age_s,
-                                       reset_ratio=opts.reset_ratio, fixed_scale=fixed if fixed > 0 else None)
         self._check_topics()
 
     # -- set-up
@@ -216,10 +246,12 @@ class _Processor:
                        f"it must be a depth {_IMAGE} (32FC1 metres or 16UC1 millimetres) or a {_CLOUD}")
                 raise BagError(msg)
         self.sparse_is_cloud = bool(opts.sparse_topic) and bag.topics[opts.sparse_topic].msgtype == _CLOUD
-        if (opts.sparse_frame or opts.sparse_transform is not None) and not self.sparse_is_cloud:
-            msg = ('--sparse-frame / --sparse-transform place a PointCloud2 --sparse-topic in the image\'s optical '
+        self._setup_tf()
+        frame_set = {"sparse_points.frame_id", "sparse_points.transform"} & set(opts.settings)
+        if frame_set and not self.sparse_is_cloud:
+            msg = ("--sparse-frame / --sparse-transform place a PointCloud2 --sparse-topic in the image's optical "
                    f'frame; {opts.sparse_topic or "no --sparse-topic"} is not one (a sparse depth Image is already '
-                   'on the camera grid): drop them or give the cloud topic')
+                   "on the camera grid): drop them or give the cloud topic")
             raise BagError(msg)
         if not 0.0 < opts.sparse_fraction <= 1.0:
             msg = f"--sparse-fraction must be in (0, 1], got {opts.sparse_fraction}"
@@ -232,7 +264,7 @@ class _Processor:
         clash = sorted(set(self.out.values()) & set(bag.topics))
         if clash:
             msg = (f'the bag already has output topic(s) {", ".join(clash)} (processed before?); write the new '
-                   'outputs elsewhere with --output-namespace, e.g. --output-namespace geodiff')
+                   "outputs elsewhere with --output-namespace, e.g. --output-namespace geodiff")
             raise BagError(msg)
         for meta in bag.topics.values():
             problem = bag.type_problem(meta.msgtype)
@@ -244,6 +276,24 @@ class _Processor:
                     problem = str(err)
             self.summary.skipped_topics[meta.name] = problem
             LOG.warning("not copying %s (%s): %s", meta.name, meta.msgtype, problem)
+
+    def _setup_tf(self) -> None:
+        """A tf2 buffer of the bag's /tf and /tf_static for clouds in other frames than the image's (the node's TF:
+        the static extrinsic settings win where given, as in the node)."""
+        self.tf: Any = None
+        self.tf_topics = [t for t in (_TF, _TF_STATIC) if t in self.bag.topics and self.sparse_is_cloud]
+        self.no_tf = "the bag has no /tf or /tf_static"
+        if not self.tf_topics:
+            return
+        from geodiff_ros.ros.tf import TF2_MISSING, BagTf, tf2_available
+
+        if not tf2_available():
+            self.no_tf = TF2_MISSING
+            LOG.warning("the bag has %s but %s", " and ".join(self.tf_topics), TF2_MISSING)
+            self.tf_topics = []
+            return
+        self.tf = BagTf()
+        LOG.info("transforms of sparse clouds from the bag's %s", " and ".join(self.tf_topics))
 
     # -- main loop
 
@@ -260,12 +310,18 @@ class _Processor:
                     self.summary.frames_in += 1
                 elif raw.topic == self.info_topic:
                     msg = self.bag.deserialize(raw)
-                    self.infos.append((stamp_ns(msg.header), msg))
+                    self.infos.add(stamp_ns(msg.header), msg)
                     self.last_seen["info"] = max(self.last_seen["info"], stamp_ns(msg.header))
                 elif raw.topic == opts.sparse_topic:
                     msg = self.bag.deserialize(raw)
-                    self.sparse.append((stamp_ns(msg.header), msg))
+                    self.sparse.add(stamp_ns(msg.header), msg)
                     self.last_seen["sparse"] = max(self.last_seen["sparse"], stamp_ns(msg.header))
+                elif raw.topic in self.tf_topics:
+                    msg = self.bag.deserialize(raw)
+                    self.tf.add(msg, static=raw.topic == _TF_STATIC)
+                    if raw.topic == _TF and msg.transforms:
+                        newest = max(stamp_ns(t.header) for t in msg.transforms)
+                        self.last_seen["tf"] = max(self.last_seen["tf"], newest)
             except Exception as err:  # noqa: BLE001 - a corrupt message must not end the run
                 self._fail(f"{raw.topic} at bag time {raw.timestamp * 1e-9:.3f} s does not deserialize: {err}")
                 continue
@@ -295,9 +351,10 @@ class _Processor:
         if now - frame.raw.timestamp > self.opts.lookahead_s * 1e9:
             return True
         info_ok = not self.info_topic or self.last_seen["info"] >= frame.stamp
-        sparse_due = frame.stamp + self.opts.sparse_max_dt * 1e9
+        sparse_due = frame.stamp + self.alignment.sparse_max_dt * 1e9
         sparse_ok = not self.opts.sparse_topic or self.last_seen["sparse"] >= sparse_due
-        return info_ok and sparse_ok
+        tf_ok = _TF not in self.tf_topics or self.last_seen["tf"] >= sparse_due  # to interpolate at the cloud
+        return info_ok and sparse_ok and tf_ok
 
     def _drain(self, now: int | None, final: bool) -> None:
         """Move frames whose inputs are complete to the batch; run the engine on full batches (all when final)."""
@@ -312,22 +369,13 @@ class _Processor:
         self._prune()
 
     def _prune(self) -> None:
-        """Drop camera_info / sparse messages too old for any image still to come (keep the latest info)."""
+        """Drop camera_info / sparse messages too old for any image still to come (keep the latest)."""
         waiting = [*self.batch, *self.pending]
-        oldest = min(f.stamp for f in waiting) if waiting else max(self.last_seen.values())
-        horizon = oldest - int((self.opts.sparse_max_dt + 2.0) * 1e9)
-        for ring in (self.infos, self.sparse):
-            while len(ring) > 1 and ring[0][0] < horizon:
-                ring.popleft()
-
-    @staticmethod
-    def _nearest(ring: collections.deque[tuple[int, Any]], stamp: int, max_dt_ns: float | None) -> Any:
-        if not ring:
-            return None
-        best = min(ring, key=lambda item: abs(item[0] - stamp))
-        if max_dt_ns is not None and abs(best[0] - stamp) > max_dt_ns:
-            return None
-        return best[1]
+        oldest = min(f.stamp for f in waiting) if waiting else max(self.last_seen["info"], self.last_seen["sparse"])
+        if math.isfinite(oldest):
+            horizon = int(oldest - (self.alignment.sparse_max_dt + 2.0) * 1e9)
+            self.infos.forget_before(horizon)
+            self.sparse.forget_before(horizon)
 
     # -- per batch
 
@@ -348,127 +396,134 @@ class _Processor:
         if not good:
             return
         t0 = time.monotonic()
-        pred = self.engine.predict(rgbs)  # Model invocation: VAE encode, one UNet step per task, VAE decode
+        pred = self.engine.predict(rgbs, on_device=True)  # VAE encode, one UNet step per task, VAE decode
         self.summary.infer_seconds += time.monotonic() - t0
         self._emit(good, rgbs, pred.depth, pred.normals)
 
     def _emit(self, good: list[_Frame], rgbs: list[np.ndarray], depth: Any, normals: Any) -> None:
         """Align and write the outputs of one batch, frame by frame in stamp order (the aligner is a filter)."""
+        import torch
+
         for i, (frame, rgb) in enumerate(zip(good, rgbs, strict=True)):
-            relative = None if depth is None else np.asarray(depth[i])  # [H,W] in [0,1], 0 near
-            normal_map = None if normals is None else np.asarray(normals[i])  # [H,W,3] optical frame
+            relative = None if depth is None else torch.as_tensor(depth[i])  # [H,W] in [0,1], 0 near
+            normal_map = None if normals is None else torch.as_tensor(normals[i])  # [H,W,3] optical frame
             self._outputs(frame, rgb, relative, normal_map)
             if self.progress is not None:
                 self.progress(1)
 
-    def _outputs(self, frame: _Frame, rgb: np.ndarray, relative: np.ndarray | None,
-                 normals: np.ndarray | None) -> None:
-        from geodiff_ros.visualize import colorize_depth, normals_to_rgb
+    def _camera_model(self, frame: _Frame, width: int, height: int) -> tuple[Any, PinholeIntrinsics | None]:
+        """The camera_info nearest by stamp and its intrinsics, if it describes this image size."""
+        info, _ = self.infos.nearest(frame.stamp)
+        if info is None:
+            return None, None
+        try:
+            intr = intrinsics_from_camera_info(
+                info.k, info.p, int(info.width), int(info.height), int(info.binning_x), int(info.binning_y),
+                int(info.roi.x_offset), int(info.roi.y_offset), int(info.roi.width), int(info.roi.height))
+        except InvalidCameraInfo as err:
+            LOG.warning("camera_info unusable, no cloud: %s", err)
+            return None, None
+        if (intr.width, intr.height) != (width, height):
+            LOG.warning("camera_info describes %dx%d but the image is %dx%d: no cloud, no depth/camera_info",
+                        intr.width, intr.height, width, height)
+            return None, None
+        return info, intr
 
-        opts = self.opts
+    def _sparse_grid(self, frame: _Frame, width: int, height: int,
+                     intr: PinholeIntrinsics | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The sparse depth matched to the frame on the image grid ``[H,W]`` (the node's rule) and, with
+        ``sparse_fraction`` < 1, the held-out part of it; (None, None) without a usable one."""
+        if not self.opts.sparse_topic:
+            return None, None
+        msg, _ = self.sparse.nearest(frame.stamp, self.alignment.sparse_max_dt)
+        if msg is None:
+            return None, None
+        header = frame.msg.header
+        kind = "points" if self.sparse_is_cloud else "depth"
+        extrinsic = None
+        if kind == "points":
+            cloud_frame = msg.header.frame_id
+            try:
+                extrinsic = cloud_extrinsic(cloud_frame, header.frame_id, stamp_ns(msg.header), self.sparse_config,
+                                            self.tf, self.no_tf)
+            except SparseUnusable as err:
+                self.summary.sparse_unused += 1
+                self._warn_once(f"frame:{cloud_frame}", "sparse input on %s not used for the metric fit: %s "
+                                "(geodiff_bag process: record /tf_static with the bag, or give --sparse-frame %s "
+                                "--sparse-transform X Y Z QX QY QZ QW)", self.opts.sparse_topic, err, cloud_frame)
+                return None, None
+        try:
+            native = sparse_metres(kind, msg, width, height, intr, extrinsic)  # [h,w] m, NaN none
+        except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the frame
+            self.summary.sparse_unused += 1
+            LOG.warning("sparse input at stamp %.6f s unusable, frame processed without it: %s (%s)",
+                        frame.stamp * 1e-9, err, type(err).__name__)
+            return None, None
+        held = None
+        if self.opts.sparse_fraction < 1.0:
+            native, held = sparsify(native, self.opts.sparse_fraction, seed=frame.stamp % (2**32))
+            held = sparse_to_image_grid(held, width, height)
+        return sparse_to_image_grid(native, width, height), held  # [H,W]
+
+    def _outputs(self, frame: _Frame, rgb: np.ndarray, relative: Any, normals: Any) -> None:
+        height, width = rgb.shape[:2]
+        info, intr = self._camera_model(frame, width, height)
+        back_s = self.frames.time_went_backwards(frame.stamp, self.alignment)
+        if back_s is not None:
+            LOG.warning("time went backwards by %.3f s at stamp %.6f s: alignment state reset", back_s,
+                        frame.stamp * 1e-9)
+        sparse, held = self._sparse_grid(frame, width, height, intr) if relative is not None else (None, None)
+        result = self.frames.process(
+            stamp_ns=frame.stamp, relative=relative, normals=normals, rgb=rgb, intr=intr, sparse=sparse,
+            alignment=self.alignment, output=self.output,
+            wanted=Wanted(depth_vis=self.opts.visualize, normals_vis=self.opts.visualize, cloud=True),
+            staging=self.staging)
+        for kind, text in result.warnings:
+            if kind == "no_fit":  # says why this frame has no fit: every time
+                LOG.warning("%s (stamp %.6f s)", text, frame.stamp * 1e-9)
+            else:
+                self._warn_once(kind, "%s", text)
+        self._summarise(result, held)
+        self._write_outputs(frame, result, info)
+
+    def _summarise(self, result: FrameResult, held: np.ndarray | None) -> None:
+        if result.state is None:
+            return
+        self.summary.frames_metric += 1
+        self.summary.scales.append(float(result.state.scale))
+        if math.isfinite(result.state.residual_rel):
+            self.summary.residuals.append(float(result.state.residual_rel))
+        if held is not None:
+            depth = result.host["depth"].numpy()
+            metric = depth if depth.dtype != np.uint16 else np.where(depth > 0, depth / 1000.0, np.nan)
+            ok = np.isfinite(held) & np.isfinite(metric)
+            if ok.any():
+                self.summary.absrel_heldout.append(float(np.mean(np.abs(metric[ok] - held[ok]) / held[ok])))
+
+    def _write_outputs(self, frame: _Frame, result: FrameResult, info: Any) -> None:
+        """One message per output, header copied from the input, stored at the input's bag time."""
         header = frame.msg.header
         bag_time = frame.raw.timestamp
-        height, width = rgb.shape[:2]
-
-        # 1. Camera model (nearest camera_info by stamp, else the latest one): must describe this image size.
-        info = self._nearest(self.infos, frame.stamp, None)
-        intr = None
-        if info is not None:
-            try:
-                intr = intrinsics_from_camera_info(
-                    info.k, info.p, int(info.width), int(info.height), int(info.binning_x), int(info.binning_y),
-                    int(info.roi.x_offset), int(info.roi.y_offset), int(info.roi.width), int(info.roi.height))
-            except InvalidCameraInfo as err:
-                LOG.warning("camera_info unusable, no cloud: %s", err)
-            if intr is not None and (intr.width, intr.height) != (width, height):
-                LOG.warning("camera_info describes %dx%d but the image is %dx%d: no cloud, no depth/camera_info",
-                            intr.width, intr.height, width, height)
-                intr, info = None, None
-
-        # 2. Metric alignment to the sparse depth nearest in stamp (the node's rule: robust fit, smoothed).
-        metric = None
-        if relative is not None:
-            result = None
-            held = None
-            sparse_msg = self._nearest(self.sparse, frame.stamp, opts.sparse_max_dt * 1e9) if opts.sparse_topic \
-                else None
-            sparse_m = None
-            if sparse_msg is not None:
-                try:
-                    sparse_m = self._sparse_metres(sparse_msg, header, width, height, intr)  # [h,w] m, NaN none
-                except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the frame
-                    LOG.warning("sparse input at stamp %.6f s unusable, frame processed without it: %s (%s)",
-                                frame.stamp * 1e-9, err, type(err).__name__)
-                if sparse_m is None:
-                    self.summary.sparse_unused += 1
-            if sparse_m is not None:
-                try:
-                    if opts.sparse_fraction < 1.0:
-                        sparse_m, held = sparsify(sparse_m, opts.sparse_fraction, seed=frame.stamp % (2**32))
-                        held = sparse_to_image_grid(held, width, height)
-                    sparse = sparse_to_image_grid(sparse_m, width, height)  # [H,W]
-                    result = fit_scale_shift(relative, sparse, method=opts.method, min_points=opts.min_points,
-                                             min_inlier_ratio=opts.min_inlier_ratio,
-                                             inlier_threshold_rel=opts.inlier_threshold_rel)
-                    if not result.ok:
-                        LOG.warning("no metric fit at stamp %.6f s: %s", frame.stamp * 1e-9, result.reason)
-                except (ImageConversionError, ValueError) as err:
-                    LOG.warning("sparse depth at stamp %.6f s unusable: %s", frame.stamp * 1e-9, err)
-            state = self.aligner.update(result, frame.stamp * 1e-9)
-            if state is not None:
-                metric = apply_alignment(relative, state.scale, state.shift, opts.min_depth, opts.max_depth)
-                self.summary.frames_metric += 1
-                self.summary.scales.append(float(state.scale))
-                if math.isfinite(state.residual_rel):
-                    self.summary.residuals.append(float(state.residual_rel))
-                if held is not None:
-                    ok = np.isfinite(held) & np.isfinite(metric)
-                    if ok.any():
-                        self.summary.absrel_heldout.append(
-                            float(np.mean(np.abs(metric[ok] - held[ok]) / held[ok])))
-
-        # 3. Outputs: header copied from the input, stored at the input's bag time.
-        if relative is not None:
-            self._write("relative", bag_time, self._image(relative, "32FC1", header))
-            if opts.visualize:
-                vis = metric if metric is not None else relative
-                self._write("depth_vis", bag_time, self._image(colorize_depth(vis), "rgb8", header))
-        if metric is not None:
-            self._write("depth", bag_time, self._image(metric, "32FC1", header))
+        host = result.host
+        if "relative" in host:
+            self._write("relative", bag_time, self._image(host["relative"].numpy(), "32FC1", header))
+        if "depth_vis" in host:
+            self._write("depth_vis", bag_time, self._image(host["depth_vis"].numpy(), "rgb8", header))
+        if "depth" in host:
+            depth = host["depth"].numpy()
+            self._write("depth", bag_time, self._image(depth, "16UC1" if depth.dtype == np.uint16 else "32FC1",
+                                                       header))
         if info is not None:
             self._write("depth_info", bag_time, dataclasses.replace(info, header=header))
-        if normals is not None:
-            self._write("normals", bag_time, self._image(normals, "32FC3", header))
-            if opts.visualize:
-                self._write("normals_vis", bag_time, self._image(normals_to_rgb(normals), "rgb8", header))
-        if opts.cloud and metric is not None and intr is not None:
-            stride = max(1, int(opts.cloud_stride))
-            xyz = backproject(metric, intr, stride)  # [H',W',3] metres, NaN invalid (depth_image_proc formula)
-            colours = rgb[::stride, ::stride] if opts.cloud_color else None
-            nrm = normals[::stride, ::stride] if (normals is not None and opts.cloud_normals) else None
-            self._write("points", bag_time, self._cloud(cloud_array(xyz, colours, nrm), header))
+        if "normals" in host:
+            self._write("normals", bag_time, self._image(host["normals"].numpy(), "32FC3", header))
+        if "normals_vis" in host:
+            self._write("normals_vis", bag_time, self._image(host["normals_vis"].numpy(), "rgb8", header))
+        if "points" in host:
+            packed = host["points"].numpy()  # [H',W',k] float32, the structured layout's bytes
+            dtype = np.dtype([(name, "<f4") for name in result.cloud_fields])
+            self._write("points", bag_time, self._cloud(packed.view(dtype)[..., 0], header))
         self.summary.frames_out += 1
-
-    def _sparse_metres(self, msg: Any, header: Any, width: int, height: int,
-                       intr: PinholeIntrinsics | None) -> np.ndarray | None:
-        """Sparse metres, NaN = none: a depth Image on its own grid; a cloud projected onto the image grid (the
-        node's code path), or None when it cannot be placed (warned once per cause, naming the option to fix)."""
-        if not self.sparse_is_cloud:
-            return depth_to_metres(msg)  # [h,w]
-        if intr is None:
-            self._warn_once("intr", "sparse clouds on %s need a usable camera_info of the image to be projected: "
-                            "not used for the metric fit (give --camera-info-topic)", self.opts.sparse_topic)
-            return None
-        depth = cloud_to_sparse_depth(msg, header.frame_id, self.opts.sparse_frame, self.extrinsic, intr, width,
-                                      height)  # [H,W]
-        if depth is None:
-            cloud_frame = msg.header.frame_id
-            self._warn_once(
-                f"frame:{cloud_frame}", "sparse clouds on %s are in frame %r, the image in %r: not used for the "
-                "metric fit; give --sparse-frame %s --sparse-transform X Y Z QX QY QZ QW (its pose in the image "
-                "frame, as `ros2 run tf2_ros tf2_echo %s %s` prints it)", self.opts.sparse_topic, cloud_frame,
-                header.frame_id, cloud_frame, header.frame_id, cloud_frame)
-        return depth
 
     def _warn_once(self, key: str, text: str, *args: Any) -> None:
         if key not in self.warned:
@@ -486,7 +541,8 @@ class _Processor:
         return self.ts.types[_IMAGE](header=header, **fields)
 
     def _cloud(self, points: np.ndarray, header: Any) -> Any:
-        """PointCloud2 (rosbags) from the structured ``[H',W']`` array of pointcloud.cloud_array (all float32)."""
+        """PointCloud2 (rosbags) from a structured ``[H',W']`` array of float32 fields (pointcloud.cloud_array's
+        layout)."""
         point_field = self.ts.types["sensor_msgs/msg/PointField"]
         fields = [point_field(name=name, offset=int(points.dtype.fields[name][1]), datatype=_FLOAT32, count=1)
                   for name in points.dtype.names]
@@ -505,6 +561,7 @@ def process_bag(bag: Bag, writer: BagWriter, engine: Any, options: ProcessOption
     processed up to where it stops being readable (``summary.damage`` says where).
 
     Raises:
-        BagError: a named topic is missing or has the wrong type, or an output topic already exists in the bag.
+        BagError: a named topic is missing or has the wrong type, an output topic already exists in the bag, or a
+            setting is invalid.
     """
     return _Processor(bag, writer, engine, options, progress).run()

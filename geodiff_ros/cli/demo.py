@@ -224,6 +224,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     played = f'{summary["frames_sent"]} played, ' if not summary.get("live") else ""
     drops = f", {dropped} dropped by the busy node (newest-frame policy; slow the bag with --rate)" if dropped else ""
     _out(f'frames: {played}{summary["frames_out"]} processed, {summary["frames_metric"]} metric{drops}')
+    counts = summary.get("node_counts", {})
+    _out("the node's last /diagnostics: " + ", ".join(f"{k} {counts[k]}" for k in ("received", "processed",
+                                                                                 "dropped", "bad_input")
+                                                      if k in counts))
     _out(f'metric scale s (median; depth in m = s * relative + t): {fmt(summary["scale_median"], ".3f")}')
     _out(f'held-out depth camera pixels: AbsRel {fmt(summary["absrel_heldout"], ".3f")}, '
          f'delta1 {fmt(summary["delta1_heldout"], ".3f")}')
@@ -283,6 +287,17 @@ def _wait_other_outputs(recorder: Recorder, topics: list[str], stop: threading.E
         counts = recorder.counts
         n = counts.get(topics[0], 0)
         if all(counts.get(t, 0) >= n for t in topics if counts.get(t, 0) > 0):
+            return
+        time.sleep(0.1)
+
+
+def _wait_node_counts(counts: dict[str, int], outputs: int, played: int, stop: threading.Event,
+                      timeout: float = 5.0) -> None:
+    """Wait (at most ``timeout``) for a /diagnostics message that counts every frame seen: the node publishes it
+    once per diagnostics_period (1 s), so the one in hand when the last output arrives predates that frame."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        if counts.get("processed", 0) >= outputs and counts.get("received", 0) >= played:
             return
         time.sleep(0.1)
 
@@ -470,6 +485,7 @@ def _run(args: argparse.Namespace) -> int:
                     break
                 time.sleep(0.1)
             _wait_other_outputs(recorder, [ns + o for o in OUTPUTS], stop)
+            _wait_node_counts(node_counts, len(received), len(sent), stop)
         else:
             LOG.info("recording the node outputs for %.0f s (live topics %s)", args.duration, args.image_topic)
             stop.wait(args.duration)

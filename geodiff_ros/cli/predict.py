@@ -3,7 +3,9 @@
 Per input image ``<stem>`` it writes, in the output folder:
 ``<stem>_depth.png`` (16-bit, depth * 65535), ``<stem>_depth.npy`` (float32 [H,W], 0 near, 1 far),
 ``<stem>_depth_colored.png`` (Spectral) and, with a normals model, ``<stem>_normals.png`` (RGB view) and
-``<stem>_normals.npy`` (float32 [H,W,3], ROS optical frame).
+``<stem>_normals.npy`` (float32 [H,W,3], ROS optical frame). The arrays and views come from the per-frame pipeline
+the node and ``geodiff_bag process`` use (``geodiff_ros.pipeline``), so they are the node's ``depth/relative``,
+``depth/image_vis``, ``normals/image`` and ``normals/image_vis`` for the same image.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +29,8 @@ from ..engine.config import (
     NORMALS_HUB_ID,
     processing_res_argument,
 )
-from ..visualize import colorize_depth, depth_to_uint16, normals_to_rgb
+from ..pipeline import AlignmentConfig, FrameProcessor, OutputConfig, Wanted
+from ..visualize import depth_to_uint16
 
 LOG = logging.getLogger("geodiff_predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
@@ -73,16 +77,31 @@ def tiny_models(folder: Path) -> tuple[str, str]:
     return str(depth), str(normals)
 
 
-def write_outputs(out_dir: Path, stem: str, depth: np.ndarray | None, normals: np.ndarray | None) -> None:
+def write_outputs(out_dir: Path, stem: str, host: dict[str, Any]) -> None:
+    """The files of one image from the pipeline's host outputs (``FrameResult.host``)."""
     from PIL import Image
 
-    if depth is not None:
+    if "relative" in host:
+        depth = host["relative"].numpy()  # [H,W] in [0,1]
         Image.fromarray(depth_to_uint16(depth)).save(out_dir / f"{stem}_depth.png")
         np.save(out_dir / f"{stem}_depth.npy", depth.astype(np.float32))
-        Image.fromarray(colorize_depth(depth, 0.0, 1.0)).save(out_dir / f"{stem}_depth_colored.png")
-    if normals is not None:
-        np.save(out_dir / f"{stem}_normals.npy", normals.astype(np.float32))
-        Image.fromarray(normals_to_rgb(normals)).save(out_dir / f"{stem}_normals.png")
+        Image.fromarray(host["depth_vis"].numpy()).save(out_dir / f"{stem}_depth_colored.png")
+    if "normals" in host:
+        np.save(out_dir / f"{stem}_normals.npy", host["normals"].numpy().astype(np.float32))
+        Image.fromarray(host["normals_vis"].numpy()).save(out_dir / f"{stem}_normals.png")
+
+
+def predict_files(engine: Any, image: np.ndarray, frames: FrameProcessor, staging: Any) -> dict[str, Any]:
+    """One image through the engine and the per-frame pipeline: relative depth, normals and their views."""
+    from ..engine.preprocess import to_rgb_uint8
+
+    pred = engine.predict(image, on_device=True)
+    rgb = to_rgb_uint8(image)  # [H,W,3] uint8
+    result = frames.process(stamp_ns=0, relative=None if pred.depth is None else pred.depth[0],
+                            normals=None if pred.normals is None else pred.normals[0], rgb=rgb, intr=None,
+                            sparse=None, alignment=AlignmentConfig(), output=OutputConfig(cloud=False),
+                            wanted=Wanted(depth_vis=True, normals_vis=True, cloud=False), staging=staging)
+    return result.host
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,19 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     except GeoDiffError as exc:
         LOG.error("%s", exc)
         return 1
+    from ..geometry.device import HostStaging
+
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
+    frames, staging = FrameProcessor(AlignmentConfig()), HostStaging(engine.device)
     for path in tqdm(images, desc="geodiff", unit="img", disable=len(images) < 2):
         try:
-            pred = engine.predict(read_image(path))
+            host = predict_files(engine, read_image(path), frames, staging)
         except (OSError, GeoDiffError, ValueError) as exc:
             LOG.error("skipping %s: %s", path, exc)
             failures += 1
             continue
-        write_outputs(out_dir, path.stem,
-                      None if pred.depth is None else pred.depth[0],
-                      None if pred.normals is None else pred.normals[0])
+        write_outputs(out_dir, path.stem, host)
     LOG.info("wrote %d of %d images to %s", len(images) - failures, len(images), out_dir)
     return 1 if failures else 0
 

@@ -1,9 +1,9 @@
 """Find and load E2E-FT / Marigold checkpoints: a Hugging Face hub id or a local folder in the hub layout.
 
 The hub repos (``GonzaloMG/marigold-e2e-ft-depth`` and friends) are saved as ``StableDiffusionPipeline`` folders
-(spec E.3): model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/. Components are loaded one by
-one (as the official ``run.py`` does, spec A.1) so any of these repos, the original Marigold ones and our own
-fine-tuned checkpoints load through the same path.
+(docs/method.md#checkpoint-layout): model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/.
+Components are loaded one by one (as the official ``run.py`` does) so any of these repos, the original Marigold
+ones and our own fine-tuned checkpoints load through the same path.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_
 HUB_PATTERNS = ["model_index.json", *(f"{sub}/*" for sub in REQUIRED_SUBFOLDERS)]
 HUB_IGNORE = ["*.ckpt", "*.onnx", "*.msgpack", "*.h5", "*.fp16.*", "*.non_ema.*"]
 
-# model_index.json of the GonzaloMG E2E-FT repos: saved as a StableDiffusionPipeline (spec E.3). Our fine-tuned and
+# model_index.json of the GonzaloMG E2E-FT repos: saved as a StableDiffusionPipeline. Our fine-tuned and
 # tiny test checkpoints are written with it too, so every checkpoint loads through one path.
 HUB_MODEL_INDEX: dict = {
     "_class_name": "StableDiffusionPipeline",
@@ -103,7 +103,7 @@ def _download(repo_id: str, *, local_files_only: bool) -> Path:
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         # A progress bar only on a terminal: in a node's or a pipe's log it is noise, and a closed pipe would
-        # fail the download (issue 13, bug 6).
+        # fail the download.
         with _quiet_progress_bars(keep_on_terminal=True):
             folder = snapshot_download(
                 repo_id, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE, local_files_only=offline
@@ -155,9 +155,10 @@ def load_components(
     """Load UNet, VAE, scheduler, text encoder and tokenizer of one checkpoint on the CPU.
 
     UNet and VAE load directly in ``torch_dtype`` (no cast afterwards); the text encoder loads in fp32 as in the
-    official pipeline (it only computes the empty-prompt embedding, spec A.1-9).
-    ``timestep_spacing`` overrides the scheduler config at load time, as the official run.py does (spec A.1).
-    ``require_image_conditional=False`` admits a plain 4-channel Stable Diffusion UNet (fine-tuning, spec B.2).
+    official pipeline (it only computes the empty-prompt embedding).
+    ``timestep_spacing`` overrides the scheduler config at load time, as the official run.py does
+    (docs/method.md#timestep-spacing). ``require_image_conditional=False`` admits a plain 4-channel Stable
+    Diffusion UNet (fine-tuning, docs/method.md#conv-in-expansion).
     ``expected_task`` ("depth" / "normals") refuses a checkpoint that says it is the other task, before any
     weights are read (:func:`check_task`). ``load_text_encoder`` may decide per folder (False: the caller has the
     empty-prompt embedding cached). ``device`` (CUDA): UNet and VAE weights are read straight onto it
@@ -322,7 +323,7 @@ def check_unet_config(config: dict, folder: Path) -> None:
     in_ch, out_ch = config.get("in_channels"), config.get("out_channels")
     if in_ch != 8 or out_ch != 4:
         hint = (" This looks like plain Stable Diffusion: fine-tune it first with geodiff_train "
-                "(spec B.2 doubles conv_in)." if in_ch == 4 else "")
+                "(it widens conv_in from 4 to 8 channels)." if in_ch == 4 else "")
         raise ModelLoadError(f"checkpoint {folder} has a UNet with in_channels={in_ch}, out_channels={out_ch}; "
                              "geodiff needs an image-conditional Marigold / E2E-FT UNet (8 in, 4 out)." + hint)
 
@@ -371,7 +372,8 @@ def check_task(source: str, folder: Path, model_index: dict, task: str) -> None:
 
 
 def normals_frame_of(source: str, model_index: dict) -> str:
-    """Frame of a normals checkpoint's raw output: E2E-FT = LUB (spec A.1-18), Marigold / diffusers = RUB."""
+    """Frame of a normals checkpoint's raw output: E2E-FT = LUB, Marigold / diffusers = RUB
+    (docs/method.md#normal-frames)."""
     declared = model_index.get("geodiff_normals_frame")
     if declared in ("LUB", "RUB"):
         return declared

@@ -69,7 +69,7 @@ def optimize_problem(mode: str, option: str = "optimize") -> str | None:
     """Why ``mode`` is not an optimize mode (``option`` names the setting), or None."""
     if (mode or "none").strip().lower() in OPTIMIZE_MODES:
         return None
-    return f"unknown {option} mode {mode!r}: use one of {', '.join(OPTIMIZE_MODES)}"
+    return f"{option} {mode!r} is not a mode; use one of {', '.join(OPTIMIZE_MODES)}"
 
 
 def processing_res_argument(text: str) -> int:

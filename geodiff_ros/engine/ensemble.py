@@ -1,4 +1,5 @@
-"""Ensembling of several stochastic predictions, for the legacy multi-step Marigold path (spec A.1-13).
+"""Ensembling of several stochastic predictions, for the legacy multi-step Marigold path
+(docs/method.md#multi-step-path).
 
 E2E-FT models are deterministic, so the single-step path never ensembles; these exist so a user can reproduce
 the Marigold numbers the paper compares against.
@@ -21,7 +22,7 @@ def ensemble_depths(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Align E depth maps [E,H,W] by per-member scale and shift and reduce them (older Marigold algorithm).
 
-    Objective (spec A.1-13): RMS of all pairwise differences of the aligned members
+    Objective (docs/method.md#depth-ensemble): RMS of all pairwise differences of the aligned members
     + 0.02 * (|min(agg)| + |1 - max(agg)|), minimised with BFGS (max_iter 2, tol 1e-3), initialised from each
     member's min/max; optimised on a nearest-downscaled copy when ``max_res`` is set (the E2E-FT code passes
     None). As the official code it runs in the members' dtype with float32 parameters and objective values:
@@ -75,8 +76,8 @@ def ensemble_depths(
 
 
 def ensemble_normals(normals: torch.Tensor) -> torch.Tensor:
-    """GeoWizard-style normals ensemble (spec A.1-13), as the E2E-FT Marigold pipeline computes it:
-    [E,3,H,W] members (each already unit length, A.1-12) -> the single member closest to their mean direction.
+    """GeoWizard-style normals ensemble (docs/method.md#normals-ensemble), as the E2E-FT Marigold pipeline computes it:
+    [E,3,H,W] members (each already unit length) -> the single member closest to their mean direction.
 
     The members are normalised once more (norm + 1e-5); each pixel's mean direction is rebuilt from the averaged
     spherical angles phi = atan2(y, x) and theta = atan2(|(x, y)|, z); the angle of every member to it is

@@ -1,8 +1,8 @@
-"""The SD VAE (diffusers ``AutoencoderKL``) scheduled by hand for the optimised modes (issue 11).
+"""The SD VAE (diffusers ``AutoencoderKL``) scheduled by hand for the optimised modes.
 
-Same maths as diffusers' Encoder/Decoder (spec A.1-7, A.1-12), with the memory-bound work moved into the passes of
-engine/vae_kernels.py and the convolutions left to cuDNN (channels_last, no bias: each bias is folded into the next
-pass). Per ResNet block, 6 launches besides the 2-3 convolutions:
+Same maths as diffusers' Encoder/Decoder (docs/method.md#image-latent, docs/method.md#decode), with the
+memory-bound work moved into the passes of engine/vae_kernels.py and the convolutions left to cuDNN (channels_last,
+no bias: each bias is folded into the next pass). Per ResNet block, 6 launches besides the 2-3 convolutions:
 
     x, stats(x) -> apply GN1+SiLU -> conv1 -> stats(conv1 + b1) -> apply GN2+SiLU (b1 folded) -> conv2
       -> out = x (or 1x1 shortcut) + conv2 + b2 (+ b_sc), with stats(out) for the next GroupNorm, in one pass
@@ -137,7 +137,7 @@ class FusedVAE:
     # ---------------------------------------------------------------- public (same contract as accel's stages)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [-1,1] -> posterior mean x 0.18215 [B,4,H/8,W/8] (spec A.1-7), as accel._encoder_fn."""
+        """[B,3,H,W] in [-1,1] -> posterior mean x 0.18215 [B,4,H/8,W/8], as accel._encoder_fn."""
         enc = self.vae.encoder
         h, st = self._conv_bias(nhwc(x), enc.conv_in)
         for blk in enc.down_blocks:
@@ -157,7 +157,7 @@ class FusedVAE:
         return moments[:, :self.latent_channels] * LATENT_SCALE
 
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        """[B,4,h,w] latent -> [B,3,8h,8w] decoder output (spec A.1-12), as accel._decoder_fn."""
+        """[B,4,h,w] latent -> [B,3,8h,8w] decoder output, as accel._decoder_fn."""
         dec = self.vae.decoder
         z = z0 / LATENT_SCALE
         if self.vae.post_quant_conv is not None:

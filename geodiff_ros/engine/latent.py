@@ -1,4 +1,4 @@
-"""What the engine"s eager path (core.py) and its optimised paths (accel.py, fused_vae.py) share: the latent scale,
+"""What the engine's eager path (core.py) and its optimised paths (accel.py, fused_vae.py) share: the latent scale,
 the x0 formula and the output type. A module of its own so the optimised paths do not import core (which imports
 them): no import circle.
 """
@@ -14,7 +14,7 @@ from .errors import ModelLoadError
 
 __all__ = ["LATENT_SCALE", "Prediction", "x0_from_prediction"]
 
-LATENT_SCALE = 0.18215  # rgb_latent_scale_factor, spec A.1-7
+LATENT_SCALE = 0.18215  # SD2's rgb_latent_scale_factor (docs/method.md#image-latent)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Prediction:
 
 def x0_from_prediction(pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor | float,
                        prediction_type: str) -> torch.Tensor:
-    """Clean latent from the UNet output at noise level alpha_bar (spec A.1-11, B.3-6).
+    """Clean latent from the UNet output at noise level alpha_bar (docs/method.md#x0).
 
     Op for op as diffusers' DDIM ``step`` (the official inference) and the official training code: the square
     roots are taken in the dtype of ``alpha_bar`` (float32 ``alphas_cumprod`` of the scheduler), not in float64,

@@ -1,8 +1,8 @@
-"""Image conversion and the E2E-FT resize policy (spec A.1 steps 1-2, 15).
+"""Image conversion and the E2E-FT resize policy (docs/method.md#resize).
 
 Inputs become HxWx3 uint8 RGB: grayscale is replicated, RGBA drops alpha, 16-bit is scaled to 8-bit.
 Resizing happens on the GPU/CPU tensor in float with rounding back to uint8 values, which is what torchvision's
-``resize(..., antialias=True)`` does for uint8 tensors in the official pipeline (spec A.1-2).
+``resize(..., antialias=True)`` does for uint8 tensors in the official pipeline.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .errors import ImageFormatError
 
-# spec A.1-2: bilinear -> BILINEAR, bicubic -> BICUBIC, nearest -> NEAREST_EXACT
+# official (torchvision) modes: bilinear -> BILINEAR, bicubic -> BICUBIC, nearest -> NEAREST_EXACT
 RESAMPLE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 
@@ -52,7 +52,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def processing_size(height: int, width: int, processing_res: int) -> tuple[int, int]:
-    """Size the network runs at: the longest edge becomes ``processing_res`` (also up-sampling), spec A.1-2.
+    """Size the network runs at: the longest edge becomes ``processing_res`` (also up-sampling), docs/method.md#resize.
 
     f = min(R/W, R/H); new = (int(H*f), int(W*f)) with float multiply then floor; 0 keeps the native size.
     """
@@ -101,7 +101,7 @@ def resize_uint8_batch(images: torch.Tensor, size: tuple[int, int], resample: st
 
 
 def resize_output(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
-    """Resize predictions [B,C,h,w] back to the input size, antialiased as the official pipeline (spec A.1-15)."""
+    """Resize predictions [B,C,h,w] back to the input size, antialiased as the official pipeline."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     mode = RESAMPLE_MODES[resample]

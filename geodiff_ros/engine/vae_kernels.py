@@ -1,4 +1,4 @@
-"""Memory-bound passes of the SD VAE as hand-written Triton kernels over NHWC activations (issue 11).
+"""Memory-bound passes of the SD VAE as hand-written Triton kernels over NHWC activations.
 
 The VAE spends most of its non-convolution time in GroupNorm statistics, GroupNorm-apply + SiLU and residual adds
 over full-resolution maps (benchmarks/README.md, "Where the time goes"). Three kernels cover them, each reading and
@@ -58,7 +58,7 @@ def _interpreter_numpy_shim() -> None:
 if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_numpy_shim()
 # Tile shapes (bench_vae_kernels.py --sweep times alternatives; bench_engine.py --kernel-config applies a choice).
-# H200 sweep (benchmarks/README.md, issue 11): statistics pass 2048 elements x 4 warps beat 4096 x 8 and 8192 x 8
+# H200 sweep (benchmarks/README.md): statistics pass 2048 elements x 4 warps beat 4096 x 8 and 8192 x 8
 # (stats-only 128 ch @ 576x768: 2113 vs 1873 / 1341 GB/s; 512 ch @ 144x192: 1324 vs 523 / 522 GB/s); apply tiles
 # within 2 % of each other.
 APPLY_TILE = 4096  # elements per program of the apply kernel (8 KB of fp16 in, 8 KB out)

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (spec C): metrics, benchmark loaders and the ``geodiff_eval`` script; no ROS."""
+"""Zero-shot evaluation (docs/method.md#evaluation): metrics, benchmark loaders, ``geodiff_eval``; no ROS."""
 
 from __future__ import annotations
 

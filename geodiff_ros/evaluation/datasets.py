@@ -1,8 +1,9 @@
 """Evaluation datasets: the official E2E-FT benchmarks in their published layouts, plus manifests.
 
-Depth (spec C.1): Marigold's evaluation folders and ``data_split`` file lists (NYUv2, KITTI, ETH3D, ScanNet,
-DIODE), decoded and masked as Marigold's dataset classes do. Normals (spec C.2): DSINE's evaluation folders
-(``dsine_eval/{nyuv2,scannet,ibims,sintel}``) and split lists, decoded and masked as DSINE's loaders do.
+Depth (docs/method.md#depth-protocol): Marigold's evaluation folders and ``data_split`` file lists (NYUv2,
+KITTI, ETH3D, ScanNet, DIODE), decoded and masked as Marigold's dataset classes do. Normals
+(docs/method.md#normals-protocol): DSINE's evaluation folders (``dsine_eval/{nyuv2,scannet,ibims,sintel}``) and
+split lists, decoded and masked as DSINE's loaders do.
 
 Every loader yields :class:`EvalSample`: ``rgb`` uint8 ``[H,W,3]``; for depth ``depth_m`` float32 ``[H,W]``
 metres and ``mask`` bool ``[H,W]`` (valid range AND evaluation crop); for normals ``normals`` float32
@@ -63,7 +64,7 @@ class EvalSample:
 
 @dataclass(frozen=True)
 class DepthDatasetSpec:
-    """Per-dataset protocol constants (spec C.1 table)."""
+    """Per-dataset protocol constants (the table in docs/method.md#depth-protocol)."""
 
     name: str
     min_depth: float
@@ -102,7 +103,7 @@ def _read_png_depth(path: Path, scale: float) -> np.ndarray:
 
 
 def _read_eth3d_depth(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    """ETH3D raw float32 depth (no header) at the RGB size; +inf (no measurement) -> 0 (spec C.1)."""
+    """ETH3D raw float32 depth (no header) at the RGB size; +inf (no measurement) -> 0."""
     raw = np.fromfile(path, dtype=np.float32)
     if raw.size != hw[0] * hw[1]:
         msg = f"ETH3D depth {path} has {raw.size} values; expected {hw[0]}x{hw[1]} like its RGB image."
@@ -119,14 +120,14 @@ def range_mask(depth: np.ndarray, min_depth: float, max_depth: float) -> np.ndar
 
 
 def _kb_crop(x: np.ndarray) -> np.ndarray:
-    """KITTI benchmark crop 352x1216 (bottom-aligned, centred), spec C.1."""
+    """KITTI benchmark crop 352x1216 (bottom-aligned, centred)."""
     h, w = x.shape[:2]
     top, left = int(h - 352), int((w - 1216) / 2)
     return x[top : top + 352, left : left + 1216]
 
 
 def kitti_eval_mask(h: int, w: int, crop: str | None) -> np.ndarray:
-    """Garg (ECCV'16) or Eigen (NIPS'14) evaluation crop as a boolean mask (spec C.1)."""
+    """Garg (ECCV'16) or Eigen (NIPS'14) evaluation crop as a boolean mask."""
     m = np.zeros((h, w), dtype=bool)
     if crop is None:
         m[:] = True
@@ -157,7 +158,7 @@ def iter_depth_dataset(
     kind: str, root: str | Path, filelist: str | Path | None = None, *, kitti_crop: str | None = "eigen",
     limit: int | None = None,
 ) -> Iterator[EvalSample]:
-    """Yield samples of a Marigold-layout depth benchmark (spec C.1).
+    """Yield samples of a Marigold-layout depth benchmark (docs/method.md#depth-protocol).
 
     nyu: ``rgb depth filled`` (png mm), valid (1e-3, 10), Eigen crop rows 45:471 cols 41:601;
     kitti: ``rgb depth focal`` ("None" depth skipped), png/256, valid (1e-5, 80), KB crop, Garg/Eigen;
@@ -173,7 +174,7 @@ def iter_depth_dataset(
     flist = Path(filelist) if filelist else root / spec.default_filelist
     rows = _lines(flist)
     if kind == "kitti":
-        rows = [r for r in rows if len(r) >= 2 and r[1] != "None"]  # 697 - 45 = 652 (spec C.1)
+        rows = [r for r in rows if len(r) >= 2 and r[1] != "None"]  # 697 - 45 = 652
     count = 0
     for row in rows:
         if limit is not None and count >= limit:
@@ -192,7 +193,7 @@ def iter_depth_dataset(
             msg = f"{kind}: depth {depth.shape} and RGB {rgb.shape[:2]} differ for {row[0]}"
             raise EvalDataError(msg)
         if kind == "diode":
-            # Marigold's DIODE class takes the dataset's own validity mask and nothing else (spec C.1).
+            # Marigold's DIODE class takes the dataset's own validity mask and nothing else.
             mask = np.load(root / row[2]).squeeze().astype(bool)
             nonpositive = int(np.count_nonzero(mask & ~(depth > 0)))
             if nonpositive:
@@ -204,7 +205,7 @@ def iter_depth_dataset(
             mask = range_mask(depth, spec.min_depth, spec.max_depth)
         if kind == "nyu":
             crop = np.zeros_like(mask)
-            crop[45:471, 41:601] = True  # Eigen crop for 640x480 (spec C.1)
+            crop[45:471, 41:601] = True  # Eigen crop for 640x480
             mask &= crop
         elif kind == "kitti":
             mask &= kitti_eval_mask(*mask.shape, kitti_crop)
@@ -250,7 +251,7 @@ def iter_depth_manifest(
 
 #: How ground-truth normal PNGs of a *manifest* are encoded: channel order and frame. ``n = v / vmax * 2 - 1``.
 #: (The official benchmarks use :func:`iter_normals_dataset`, which applies DSINE's own decoding and masks.)
-#: rgb_lub: DSINE's PNG encoding (R,G,B = x,y,z in LUB; spec C.2, A.1-18).
+#: rgb_lub: DSINE's PNG encoding (R,G,B = x,y,z in LUB; docs/method.md#normal-frames).
 #: bgr_optical: optical-frame x,y,z written in B,G,R order (OpenCV imwrite); the NYUv2 Ladicky map in
 #:   shared/data/normals was checked against its scene: frontal wall R = -0.97 (z toward camera),
 #:   table top G = -0.65 (y up), left wall B = +0.97 (x right).
@@ -289,7 +290,7 @@ def iter_normals_manifest(manifest: str | Path, *, limit: int | None = None) -> 
     """Yield samples of a normals manifest: JSON list of ``{"rgb", "normals", "normals_format"}``.
 
     ``normals_format`` is a key of :data:`NORMALS_FORMATS` (default ``rgb_lub``); optional
-    ``"set"`` groups entries (pixels are pooled per group, spec C.2). Paths are relative to the
+    ``"set"`` groups entries (pixels are pooled per group, as the benchmarks pool theirs). Paths are relative to the
     manifest (absolute paths work too).
     """
     for base, e in _manifest_entries(manifest, limit):
@@ -306,7 +307,7 @@ def iter_normals_manifest(manifest: str | Path, *, limit: int | None = None) -> 
 
 @dataclass(frozen=True)
 class NormalsDatasetSpec:
-    """One of DSINE's evaluation sets as E2E-FT evaluates it (spec C.2; DSINE ``data/datasets/<name>``)."""
+    """One of DSINE's evaluation sets as E2E-FT evaluates it (DSINE ``data/datasets/<name>``)."""
 
     name: str  # folder in dsine_eval/ and DSINE's dataset name
     split_file: str  # DSINE's split list: data/datasets/<name>/split/<split_file>
@@ -390,7 +391,7 @@ def _dsine_rows(spec: NormalsDatasetSpec, root: Path, filelist: str | Path | Non
 def iter_normals_dataset(
     kind: str, root: str | Path, filelist: str | Path | None = None, *, limit: int | None = None
 ) -> Iterator[EvalSample]:
-    """Yield samples of one of DSINE's evaluation sets (spec C.2), the layout of ``dsine_eval/<name>/``.
+    """Yield samples of one of DSINE's evaluation sets, the layout of ``dsine_eval/<name>/``.
 
     Split lines are image paths relative to ``root`` such as ``test/000000_img.png`` (nyuv2),
     ``scene0532_00/000000_img.png`` (scannet), ``ibims/corridor_01_img.png``, ``alley_1/frame_0001_img.png``
@@ -423,7 +424,8 @@ _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def dsine_model_input(rgb: np.ndarray) -> np.ndarray:
-    """The uint8 image the official normals evaluation feeds to the model (spec C.2, a quirk kept on purpose).
+    """The uint8 image the official normals evaluation feeds to the model (a quirk kept on purpose; see
+    docs/method.md#normals-protocol).
 
     DSINE's loader gives the ImageNet-normalised image ``(v / 255 - mean) / std``; E2E-FT's ``test.py``
     stretches that float tensor by its global min/max over all channels to [0, 255] and truncates to uint8.

@@ -1,11 +1,11 @@
-"""Zero-shot evaluation console script ``geodiff_eval`` (spec C): runs the engine, writes JSON + markdown.
+"""Zero-shot evaluation console script ``geodiff_eval``: runs the engine, writes JSON + markdown.
 
-The protocol is the official E2E-FT evaluation's, per benchmark (README "Evaluating depth and normals"):
-Depth (spec C.1, Marigold's ``infer.py``/``eval.py`` with E2E-FT's ``experiments/depth/eval_args``):
+The protocol is the official E2E-FT evaluation's, per benchmark (docs/method.md#evaluation):
+Depth (Marigold's ``infer.py``/``eval.py`` with E2E-FT's ``experiments/depth/eval_args``):
 per-dataset processing resolution, valid range, crop and mask; least-squares scale+shift in depth space
 per image (ETH3D: fitted on the official width-only subsample); clip to the range; the ten official
 metrics per image, averaged over images (an image without valid pixels gives NaN, as officially).
-Normals (spec C.2, DSINE's ``test.py`` with ``experiments/normals/eval_args``): native resolution,
+Normals (DSINE's ``test.py`` with ``experiments/normals/eval_args``): native resolution,
 DSINE-preprocessed input image, DSINE's ground truth and masks, angular errors of all valid pixels of a
 dataset pooled. Manifests (your own recordings) use the same metrics at the node's default resolution.
 """
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split list for KIND: Marigold's data_split file (depth) or DSINE's "
                    "data/datasets/<name>/split/*.txt (normals); default: its usual name inside the root")
     p.add_argument("--kitti_crop", choices=("eigen", "garg", "none"), default="eigen",
-                   help="KITTI evaluation crop (spec C.1)")
+                   help="KITTI evaluation crop (official: eigen)")
     p.add_argument("--manifest_min_depth", type=float, default=1e-3)
     p.add_argument("--manifest_max_depth", type=float, default=80.0)
     p.add_argument("--processing_res", type=int, default=None,
@@ -191,7 +191,7 @@ def evaluate(args: argparse.Namespace, engine: object | None = None) -> dict:
                 samples = iter_depth_dataset(kind, path, filelists.get(kind), kitti_crop=kitti_crop,
                                              limit=args.limit)
                 rng, res, amr = (spec.min_depth, spec.max_depth), spec.processing_res, spec.alignment_max_res
-            # The engine reads its processing resolution per call (spec C.1 per-dataset values).
+            # The engine reads its processing resolution per call (per-dataset values of the official protocol).
             engine.config.processing_res = args.processing_res if args.processing_res is not None else res
             groups: dict[str, list[dict]] = defaultdict(list)
             for s in samples:
@@ -255,7 +255,7 @@ def _fmt(v: float, scale: float = 1.0, nd: int = 2) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    """Depth and normals tables; AbsRel and deltas x100 like the paper's tables (spec C.1, C.3)."""
+    """Depth and normals tables; AbsRel and deltas x100 like the paper's tables (docs/method.md#paper-numbers)."""
     lines: list[str] = []
     notes: list[str] = []
     if results.get("depth"):

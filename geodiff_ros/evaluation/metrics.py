@@ -1,4 +1,6 @@
-"""Evaluation metrics with the official E2E-FT evaluation's arithmetic (spec C.1 depth, C.2 normals).
+"""Evaluation metrics with the official E2E-FT evaluation's arithmetic.
+
+Definitions: docs/method.md#depth-metrics and docs/method.md#normals-metrics.
 
 Depth (Marigold's ``eval.py`` as run by E2E-FT's ``experiments/depth/eval_args/*``): every metric takes
 ``(pred, gt, mask)`` arrays ``[H,W]`` and returns one float for one image; the benchmark value is the plain
@@ -49,7 +51,7 @@ __all__ = [
 
 
 def nearest_columns_official(width: int, factor: float) -> np.ndarray:
-    """Column indices the official ``alignment_max_res`` downsampling keeps (spec C.1, ETH3D).
+    """Column indices the official ``alignment_max_res`` downsampling keeps (ETH3D, docs/method.md#depth-alignment).
 
     The official code applies ``torch.nn.Upsample(scale_factor=factor, mode="nearest")`` to a ``[1,H,W]``
     tensor, which torch reads as (batch, channels, length): only the width is resampled, rows are all kept.
@@ -69,7 +71,7 @@ def nearest_columns_official(width: int, factor: float) -> np.ndarray:
 def align_least_squares(
     pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, max_resolution: int | None = None
 ) -> tuple[np.ndarray, float, float]:
-    """Ordinary least squares ``[p, 1] @ [s, t] ~ g`` over ``mask``, in depth space (spec C.1).
+    """Ordinary least squares ``[p, 1] @ [s, t] ~ g`` over ``mask``, in depth space (docs/method.md#depth-alignment).
 
     As Marigold's ``align_depth_least_square``: ``np.linalg.lstsq`` on the valid pixels in the arrays' own
     dtype (float32 in, float32 scale/shift out), applied to the full prediction. With ``max_resolution``
@@ -211,7 +213,7 @@ def evaluate_depth_image(
     max_depth: float,
     alignment_max_res: int | None = None,
 ) -> dict[str, float]:
-    """Marigold's per-image protocol (spec C.1): LS scale+shift in depth space, clip to the dataset range
+    """Marigold's per-image protocol: LS scale+shift in depth space, clip to the dataset range
     and to >= 1e-6, then every metric of :data:`DEPTH_METRICS`; also returns ``scale``/``shift``.
 
     Pass ``pred_rel`` and ``gt`` as float32 (engine output, loaders) to get the official float32 numbers.

@@ -1,11 +1,12 @@
 """Metric scale-and-shift alignment of affine-invariant depth to sparse metric depth.
 
 E2E-FT Marigold predicts affine-invariant *depth* (trained with a scale-and-shift-invariant loss in depth space,
-spec / ros-anchors 3.1), so metric depth is ``z = s * r + t`` with ``t != 0`` in general: we fit both in depth
-space, robustly (RANSAC with 2-point minimal sets, or IRLS), with residuals measured relative to the depth
-(``|s r + t - z| / z``) so near and far points count alike (ros-anchors 3.3/3.4). Gates (point count, inlier ratio,
-``s > 0``, depth spread) turn a doubtful fit into ``ok=False`` with a reason instead of wrong metres, and
-:class:`TemporalAligner` smooths fits over time and bounds how long a stale fit may be reused.
+docs/method.md#depth-semantics), so metric depth is ``z = s * r + t`` with ``t != 0`` in general: we fit both in
+depth space, robustly (RANSAC with 2-point minimal sets, or IRLS), with residuals measured relative to the depth
+(``|s r + t - z| / z``) so near and far points count alike (plain depth-space residuals let far points, whose
+sensor error grows with range, dominate). Gates (point count, inlier ratio, ``s > 0``, depth spread) turn a
+doubtful fit into ``ok=False`` with a reason instead of wrong metres, and :class:`TemporalAligner` smooths fits
+over time and bounds how long a stale fit may be reused.
 """
 
 from __future__ import annotations
@@ -261,8 +262,8 @@ def _out_of_range(fitted: np.ndarray, depth_range: tuple[float, float]) -> str |
     """Why a fit whose metric depths at its inliers are ``fitted`` is useless in ``depth_range``, or None.
 
     A consistent fit can still be wrong in scale: sparse depth in the wrong units (micrometres as 32FC1 "metres")
-    fits perfectly and maps every pixel beyond max_depth, i.e. all-NaN output until the fallback expires
-    (issue 13, bug 11). Such a fit must not replace a good one.
+    fits perfectly and maps every pixel beyond max_depth, i.e. all-NaN output until the fallback expires.
+    Such a fit must not replace a good one.
     """
     lo, hi = depth_range
     inside = (fitted > max(lo, 0.0)) & (fitted <= hi)  # what apply_alignment keeps
@@ -381,7 +382,7 @@ class TemporalAligner:
     EMA on ``log(scale)`` (scale is multiplicative) and on ``shift``; a new fit whose scale differs from the
     smoothed one by more than ``reset_ratio`` (either way) replaces the state (scene cut, new surface). A failed
     fit reuses the last good state for at most ``max_fallback_age_s``, then yields None: no metric output without
-    a fit (ros-anchors 3.4). Time going backwards (bag loop, sim reset) clears the state. ``fixed_scale`` (user
+    a fit. Time going backwards (bag loop, sim reset) clears the state. ``fixed_scale`` (user
     set, shift 0) is the alignment of frames that have no fit (no sparse input, or none usable for longer than
     ``max_fallback_age_s``): a fit, when there is one, wins.
     """

@@ -1,4 +1,7 @@
-"""Depth image -> organized xyz point grid, matching depth_image_proc's point_cloud_xyz(rgb) (ros-anchors 2.4)."""
+"""Depth image -> organized xyz point grid, matching depth_image_proc's point_cloud_xyz(rgb).
+
+X = (u - cx) * Z / fx, Y = (v - cy) * Z / fy, Z = depth, with fx, fy, cx, cy from the CameraInfo's P.
+"""
 
 from __future__ import annotations
 

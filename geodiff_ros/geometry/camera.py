@@ -1,7 +1,7 @@
 """Pinhole intrinsics from ``sensor_msgs/CameraInfo`` fields, with image_geometry semantics.
 
 No ROS import: the ROS layer passes the message's ``k``, ``p``, binning and ROI fields as plain numbers, so the
-same code serves the node, the evaluation scripts and the tests (ros-anchors 2.3).
+same code serves the node, the evaluation scripts and the tests.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ __all__ = [
 
 
 class _KFallbackWarnings:
-    """Warn once per K about the missing P, but bounded (issue 13, bug 8): a K that changes every frame (a
+    """Warn once per K about the missing P, but bounded: a K that changes every frame (a
     broken driver, a zoom lens) used to grow an unbounded set (200k K values: 74 MB) and log every frame. Now the
     last ``size`` K values are remembered and at most one warning is logged per ``period_s``."""
 
@@ -123,16 +123,18 @@ def intrinsics_from_camera_info(
     roi_y_offset: int = 0,
     roi_width: int = 0,
     roi_height: int = 0,
+    warn: Callable[[str], None] | None = None,
 ) -> PinholeIntrinsics:
     """Intrinsics of the image that comes with this CameraInfo, as image_geometry computes them.
 
     image_geometry's ``PinholeCameraModel`` (C++ and Python) reads ``fx, fy, cx, cy`` from **P** (the rectified
     projection), not K; subtracts the ROI offset from the principal point; and divides focal length and principal
     point by the binning (0 means 1). The image the numbers refer to is the binned ROI: ``roi_width // binning_x``
-    by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height`` (ros-anchors 2.3).
+    by ``roi_height // binning_y``, where an all-zero ROI means the full ``width x height``.
 
-    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and log a warning once per K (at
-    most one per 30 s).
+    Decision on an unset P (``P[0] == 0``) with a valid K: we fall back to K and warn once per K (at most one per
+    30 s), through ``warn`` when given (the node passes its ROS logger, so the warning reaches /rosout), else
+    through this module's Python logger.
     image_geometry would return fx = 0 and depth_image_proc would then emit inf/NaN clouds; many simulators and
     hand-written CameraInfos fill only K, and for a monocular camera without rectification P[:3,:3] equals K
     anyway. K describes the *raw* (distorted) image, so the cloud then carries the lens distortion error; rectify
@@ -154,7 +156,7 @@ def intrinsics_from_camera_info(
     elif k_vals[0] != 0.0:
         fx, cx, fy, cy = k_vals[0], k_vals[2], k_vals[4], k_vals[5]
         if _k_fallback_warnings.should_warn(k_vals):
-            logger.warning(
+            (warn or logger.warning)(
                 "CameraInfo P is unset (P[0] == 0); using K instead (raw, possibly distorted image). "
                 "Publish a rectified P (camera_calibration fills it) to silence this."
             )

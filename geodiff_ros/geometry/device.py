@@ -1,4 +1,4 @@
-"""Per-pixel post-processing of the node in torch, on the engine's device (issue 14): no ROS, no host round trips.
+"""Per-pixel post-processing of the node in torch, on the engine's device: no ROS, no host round trips.
 
 The numpy functions stay the reference (``apply_alignment``, ``backproject``, ``visualize.colorize_depth``,
 ``visualize.normals_to_rgb``, ``ros.pointcloud.cloud_array``); each function here performs the same float32

@@ -1,4 +1,4 @@
-"""Surface-normal frame conversions (spec A.1-18, ros-anchors 2.8).
+"""Surface-normal frame conversions (docs/method.md#normal-frames).
 
 Checkpoint frames: E2E-FT = "LUB" (x image-left, y up, z toward the camera); Marigold / diffusers = "RUB"
 (x right, y up, z toward the camera). geodiff publishes the ROS optical frame (REP 103): x right, y down,

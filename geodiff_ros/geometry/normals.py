@@ -1,7 +1,7 @@
 """Surface normals from an organized point grid, in the ROS optical frame (x right, y down, z forward).
 
 Used to check predicted normals against metric depth (a floor in front of a level camera must give
-``n ~ (0, -1, 0)``, a wall facing it ``n ~ (0, 0, -1)``; ros-anchors 2.8) and as a geometric fallback.
+``n ~ (0, -1, 0)``, a wall facing it ``n ~ (0, 0, -1)``) and as a geometric fallback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Undistort and rectify an image with its camera model, as image_proc's ``rectify`` does (OpenCV maps + remap).
 
 Why: back-projection (backproject.py) uses the rectified pinhole model P of the CameraInfo (image_geometry
-semantics, ros-anchors 2.3). A raw image of a lens with distortion does not follow P: the further a pixel is from
-the centre, the more its ray is off, and the cloud bends. image_proc rectifies upstream; when nothing runs
+reads fx, fy, cx, cy from P, not K). A raw image of a lens with distortion does not follow P: the further a pixel
+is from the centre, the more its ray is off, and the cloud bends. image_proc rectifies upstream; when nothing runs
 upstream, the node can rectify itself (``rectify: true``). Then the image, and everything the network predicts
 from it, lives in P's pinhole model, and the outputs carry the rectified camera model (D = 0, R = I, K = P[:3,:3]).
 

@@ -1,18 +1,17 @@
 """One camera served by the ``geodiff`` node: its topics, inputs, alignment state, statistics and outputs.
 
 The node owns the engine and the worker threads; a ``CameraChannel`` owns everything that must never mix
-between cameras: the latest CameraInfo, the sparse-depth ring, the temporal aligner, the publishers and the
-pipeline counters. The single-camera node is one channel with an empty prefix, so its topics stay ``image``,
-``depth/image``, ... exactly; a named camera ``front`` uses ``front/image``, ``front/depth/image``, ...
+between cameras: its CameraInfo and sparse-depth messages (stamp matchers), its frame processor (the temporal
+alignment state of the per-frame pipeline, ``geodiff_ros.pipeline``), the publishers and the pipeline counters.
+The per-frame work after the engine is the pipeline's, shared with ``geodiff_bag process``; this module converts
+messages at the edge and publishes. The single-camera node is one channel with an empty prefix, so its topics stay
+``image``, ``depth/image``, ... exactly; a named camera ``front`` uses ``front/image``, ``front/depth/image``, ...
 
 Shapes: ``H,W`` input image; ``H',W'`` after ``cloud_stride``.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,16 +23,17 @@ from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallba
 from rclpy.qos import ReliabilityPolicy, qos_policy_name_from_kind
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from geodiff_ros.geometry import (
-    AlignmentState,
-    InvalidCameraInfo,
-    PinholeIntrinsics,
-    TemporalAligner,
-    fit_scale_shift,
-    sparse_to_image_grid,
-)
+from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, sparse_to_image_grid
 from geodiff_ros.geometry.rectify import CameraModel, Rectifier
-from geodiff_ros.geometry.transform import RigidTransform
+from geodiff_ros.pipeline import (
+    AlignmentConfig,
+    FrameProcessor,
+    FrameResult,
+    OutputConfig,
+    SparseConfig,
+    StampMatcher,
+    Wanted,
+)
 from geodiff_ros.ros.camera_sets import camera_prefix
 from geodiff_ros.ros.conversions import (
     ImageConversionError,
@@ -42,25 +42,30 @@ from geodiff_ros.ros.conversions import (
     compressed_image_size,
     compressed_to_rgb8,
     decode_compressed,
-    depth_to_metres,
     image_to_rgb8,
     intrinsics_from_msg,
     numpy_to_image,
     stamp_ns,
 )
-from geodiff_ros.ros.diagnostics import AlignmentInfo, PipelineStats
+from geodiff_ros.ros.diagnostics import PipelineStats
+from geodiff_ros.ros.extrinsics import cloud_extrinsic
 from geodiff_ros.ros.params import Settings
-from geodiff_ros.ros.pointcloud import PointCloudError, cloud_to_msg, cloud_to_sparse_depth
+from geodiff_ros.ros.pointcloud import cloud_to_msg
+from geodiff_ros.ros.sparse import SparseUnusable, sparse_metres
 
 if TYPE_CHECKING:
     import torch
 
     from geodiff_ros.geometry.device import HostStaging
 
-__all__ = ["OUTPUT_TOPICS", "CameraChannel", "DecodedFrame", "SparseRing", "cloud_fields"]
+__all__ = ["OUTPUT_TOPICS", "SPARSE_MAX_BYTES", "CameraChannel", "DecodedFrame"]
 
 THROTTLE_S = 5.0  # per-frame warnings at most this often (per camera: each channel has its own logger)
 _SPARSE_RING = 16  # sparse messages kept for stamp matching (LiDAR 10 Hz vs camera 30 Hz needs only a few)
+# ... and at most this many bytes of them: a 4000x3000 32FC1 depth image is 48 MB, and 16 such would hold 768 MB.
+# A single sparse message larger than this is dropped (counted as sparse_dropped, with a warning).
+SPARSE_MAX_BYTES = 64 * 1024 * 1024
+_INFO_RING = 8  # CameraInfo messages kept for stamp matching (usually one per image, all equal)
 # Start-up: image and CameraInfo are two topics with no order between them, so the first image can overtake the
 # first CameraInfo; it waits this long for it (only while none has come and a publisher exists).
 FIRST_INFO_WAIT_S = 0.5
@@ -91,48 +96,6 @@ class DecodedFrame:
         return self.info, self.intr
 
 
-class SparseRing:
-    """Recent sparse messages keyed by stamp; the worker picks the one nearest to the image stamp."""
-
-    def __init__(self, size: int = _SPARSE_RING) -> None:
-        self._lock = threading.Lock()
-        self._items: collections.deque[tuple[int, str, Any, int]] = collections.deque(maxlen=size)
-        self._arrivals = 0  # arrival counter: tells the old timeline's messages from the new one's after a reset
-
-    def add(self, kind: str, msg: Any) -> None:
-        with self._lock:
-            self._arrivals += 1
-            self._items.append((stamp_ns(msg.header), kind, msg, self._arrivals))
-
-    def mark(self) -> int:
-        """The arrival count now; :meth:`forget_up_to` drops what had arrived by then."""
-        with self._lock:
-            return self._arrivals
-
-    def nearest(self, stamp: int, max_dt_s: float) -> tuple[tuple[str, Any] | None, float | None]:
-        """(kind, msg) nearest to ``stamp`` within ``max_dt_s`` (newest wins ties) and the nearest offset in
-        seconds (None when the ring is empty), so a caller can say why nothing matched."""
-        with self._lock:
-            if not self._items:
-                return None, None
-            best = min(reversed(self._items), key=lambda it: abs(it[0] - stamp))
-        offset_s = abs(best[0] - stamp) * 1e-9
-        if offset_s > max_dt_s:
-            return None, offset_s
-        return (best[1], best[2]), offset_s
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def forget_up_to(self, mark: int) -> None:
-        """Forget messages that arrived by ``mark``: after time went backwards they belong to the old timeline."""
-        with self._lock:
-            kept = [it for it in self._items if it[3] > mark]
-            self._items.clear()
-            self._items.extend(kept)
-
-
 class CameraChannel:
     """Inputs, per-camera state and outputs of one camera; ``finish`` runs on the worker thread only."""
 
@@ -143,21 +106,18 @@ class CameraChannel:
         self.prefix = camera_prefix(name)
         self.log = node.get_logger().get_child(name) if name else node.get_logger()
         self.stats = PipelineStats()
-        self.sparse = SparseRing()
+        self.sparse: StampMatcher[tuple[str, Any]] = StampMatcher(_SPARSE_RING, SPARSE_MAX_BYTES)  # (kind, msg)
+        self.infos: StampMatcher[CameraInfo] = StampMatcher(_INFO_RING)
         self.overrides: dict[str, Any] = {}  # camera.<name>.<parameter> values that are set
-        self.aligner: TemporalAligner | None = None
+        self.frames: FrameProcessor | None = None  # the per-frame pipeline's state (worker only)
         self.aligner_dirty = False
         self.pubs: dict[str, Any] = {}
         self.subs: list[Any] = []
-        self._info_lock = threading.Lock()
-        self._latest_info: CameraInfo | None = None
         self._info_arrived = threading.Event()  # set by the first CameraInfo (cleared on reset_inputs)
         self._info_sub: Any = None
-        self._last_stamp_ns: int | None = None  # worker only: detects time going backwards
         self._sparse_mark = 0  # worker only: sparse arrivals before the previous frame was handled
-        self._had_metric = False  # worker only: log once when metric output stops
         self._rectifier = Rectifier()  # worker only: maps of the latest camera model (rectify)
-        self._extrinsic: tuple[tuple[float, ...], RigidTransform] | None = None  # worker only: sparse_points
+        self._warned: dict[str, float] = {}  # warning kind -> monotonic time it was last logged (per camera)
 
     def topic(self, base: str) -> str:
         """``depth/image`` -> ``front/depth/image`` (or unchanged for the unnamed camera)."""
@@ -228,9 +188,9 @@ class CameraChannel:
                                                   callback_group=group, event_callbacks=quiet)
         self.subs += [
             self._info_sub,
-            node.create_subscription(Image, self.topic("sparse_depth"), lambda m: self.sparse.add("depth", m), qos,
+            node.create_subscription(Image, self.topic("sparse_depth"), lambda m: self._on_sparse("depth", m), qos,
                                      callback_group=group, event_callbacks=quiet),
-            node.create_subscription(PointCloud2, self.topic("sparse_points"), lambda m: self.sparse.add("points", m),
+            node.create_subscription(PointCloud2, self.topic("sparse_points"), lambda m: self._on_sparse("points", m),
                                      qos, callback_group=group, event_callbacks=quiet),
         ]
 
@@ -242,15 +202,38 @@ class CameraChannel:
 
     def reset_inputs(self) -> None:
         """Forget CameraInfo and sparse depth (cleanup), so a reconfigured node never uses stale ones."""
-        with self._info_lock:
-            self._latest_info = None
-            self._info_arrived.clear()
+        self.infos.clear()
+        self._info_arrived.clear()
         self.sparse.clear()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        with self._info_lock:
-            self._latest_info = msg
-            self._info_arrived.set()
+        self.infos.add(stamp_ns(msg.header), msg)
+        self._info_arrived.set()
+
+    def _on_sparse(self, kind: str, msg: Any) -> None:
+        """Keep a sparse message for stamp matching. One above ``max_input_pixels`` (pixels, or points of a cloud)
+        or alone above SPARSE_MAX_BYTES is dropped before any conversion, counted (diagnostics sparse_dropped) and
+        reported (throttled); the matcher bounds what it keeps by count and bytes."""
+        limit = int(self.node.settings.for_camera(self.overrides)["max_input_pixels"])
+        try:
+            check_input_pixels(int(msg.width), int(msg.height), limit, what=f"sparse_{kind} message "
+                               f"({'points' if kind == 'points' else getattr(msg, 'encoding', '?')})")
+        except ImageConversionError as err:
+            self.stats.on_sparse_dropped()
+            self.warn("sparse_too_many_pixels", f"sparse input dropped: {err}")
+            return
+        if not self.sparse.add(stamp_ns(msg.header), (kind, msg), len(msg.data)):
+            self.stats.on_sparse_dropped()
+            self.warn("sparse_too_large", f"sparse input dropped: a {msg.width}x{msg.height} sparse_{kind} message "
+                      f"of {len(msg.data) / 1e6:.1f} MB is above the {SPARSE_MAX_BYTES / 2**20:.0f} MiB kept for "
+                      "stamp matching; publish it at the camera's resolution or decimate the cloud")
+
+    def warn(self, kind: str, text: str) -> None:
+        """A WARN through this camera's logger, at most once per THROTTLE_S for each kind of warning."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, -1e9) >= THROTTLE_S:
+            self._warned[kind] = now
+            self.log.warning(text)
 
     def _wait_first_camera_info(self) -> None:
         """Worker: before any CameraInfo has come, give a live camera_info publisher FIRST_INFO_WAIT_S to deliver
@@ -304,7 +287,7 @@ class CameraChannel:
         """The latest CameraInfo for an image decoded from a ``src_w x src_h`` message at 1/``factor`` size,
         rectifying the image with it when asked; without a usable CameraInfo the frame goes on without one."""
         self._wait_first_camera_info()
-        info, intr = self.camera_model(src_w, src_h)
+        info, intr = self.camera_model(src_w, src_h, stamp_ns(header))
         if info is None:
             if rectify:
                 self.log.warning("rectify: no usable CameraInfo for this image; processed unrectified (no cloud)",
@@ -326,94 +309,54 @@ class CameraChannel:
                     return DecodedFrame(rgb, None, None)
                 rect = model.rectified()
                 out.d, out.k, out.r, out.p = list(rect.d), list(rect.k), list(rect.r), list(rect.p)
-        return DecodedFrame(rgb, out, intrinsics_from_msg(out))
+        return DecodedFrame(rgb, out, intrinsics_from_msg(out, warn=self.log.warning))
 
-    def make_aligner(self, s: Settings) -> TemporalAligner:
-        fixed = float(s["alignment.fixed_scale"])
-        return TemporalAligner(ema_alpha=float(s["alignment.ema_alpha"]),
-                               max_fallback_age_s=float(s["alignment.max_fallback_age_s"]),
-                               reset_ratio=float(s["alignment.reset_ratio"]),
-                               fixed_scale=fixed if fixed > 0 else None)
-
-    def camera_model(self, width: int, height: int) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
-        """Latest CameraInfo and its intrinsics if it describes a ``width x height`` image, else (None, None)."""
-        with self._info_lock:
-            info = self._latest_info
+    def camera_model(self, width: int, height: int,
+                     stamp: int) -> tuple[CameraInfo | None, PinholeIntrinsics | None]:
+        """The CameraInfo nearest to ``stamp`` and its intrinsics if it describes a ``width x height`` image, else
+        (None, None)."""
+        info, _ = self.infos.nearest(stamp)
         if info is None:
             return None, None
         try:
-            intr = intrinsics_from_msg(info)
+            intr = intrinsics_from_msg(info, warn=self.log.warning)  # the K-fallback warning goes to /rosout
         except InvalidCameraInfo as err:
-            self.log.warning(f"CameraInfo unusable, no cloud: {err}", throttle_duration_sec=THROTTLE_S)
+            self.warn("bad_camera_info", f"CameraInfo unusable, no cloud: {err}")
             return None, None
         if (intr.width, intr.height) != (width, height):
-            self.log.warning(
-                f"CameraInfo describes a {intr.width}x{intr.height} image but the image is {width}x{height}: no "
-                "cloud and no depth/camera_info; remap camera_info to the image's sibling topic",
-                throttle_duration_sec=THROTTLE_S)
+            self.warn("camera_info_size",
+                      f"CameraInfo describes a {intr.width}x{intr.height} image but the image is {width}x{height}: no "
+                      "cloud and no depth/camera_info; remap camera_info to the image's sibling topic")
             return None, None
         return info, intr
-
-    def sparse_extrinsic(self, values: list[float]) -> RigidTransform:
-        """The parameter's transform, rebuilt only when it changes (validated when set)."""
-        key = tuple(values)
-        if self._extrinsic is None or self._extrinsic[0] != key:
-            self._extrinsic = (key, RigidTransform(values))
-        return self._extrinsic[1]
 
     def sparse_for(self, s: Settings, header: Any, width: int, height: int,
                    intr: PinholeIntrinsics | None) -> np.ndarray | None:
         """Sparse metric depth ``[H,W]`` (NaN empty) matched to this image by stamp, or None.
 
-        Unusable sparse input is logged (throttled) and ignored: the frame goes on without metric alignment.
+        Unusable sparse input is logged (throttled) and ignored: the frame goes on without a new metric fit.
         """
         max_dt = float(s["alignment.sparse_max_dt"])
         match, offset_s = self.sparse.nearest(stamp_ns(header), max_dt)
         if match is None:
             if offset_s is not None:
-                self.log.warning(f"sparse depth not used: the nearest one is {offset_s:.3f} s from the image stamp "
-                                 f"(> alignment.sparse_max_dt = {max_dt} s); check the clocks / stamps of both "
-                                 "sensors or raise alignment.sparse_max_dt", throttle_duration_sec=THROTTLE_S)
+                self.warn("sparse_dt", f"sparse depth not used: the nearest one is {offset_s:.3f} s from the image "
+                          f"stamp (> alignment.sparse_max_dt = {max_dt} s); check the clocks / stamps of both sensors "
+                          "or raise alignment.sparse_max_dt")
             return None
         kind, msg = match
         try:
-            return self._sparse_to_grid(s, kind, msg, header, width, height, intr)
-        except ImageConversionError as err:
-            self.log.warning(f"sparse input ignored: {err}", throttle_duration_sec=THROTTLE_S)
-            return None
+            extrinsic = None
+            if kind == "points":
+                extrinsic = cloud_extrinsic(msg.header.frame_id, header.frame_id, stamp_ns(msg.header),
+                                            SparseConfig.from_values(s.values), self.node.tf, self.node.tf_missing)
+            return sparse_to_image_grid(sparse_metres(kind, msg, width, height, intr, extrinsic), width, height)
+        except SparseUnusable as err:
+            self.warn(f"sparse_{kind}", f"sparse input ignored: {err}")
         except Exception as err:  # noqa: BLE001 - a malformed sparse message must never cost the camera frame
-            self.log.warning(f"sparse input ignored: unreadable sparse_{kind} message ({type(err).__name__}: "
-                             f"{err}); fix its publisher", throttle_duration_sec=THROTTLE_S)
-            return None
-
-    def _sparse_to_grid(self, s: Settings, kind: str, msg: Any, header: Any, width: int, height: int,
-                        intr: PinholeIntrinsics | None) -> np.ndarray | None:
-        if kind == "depth":
-            # Same camera, any resolution: moved onto the image grid through the intrinsics ratio. Another aspect
-            # ratio cannot be the same camera's image (it would pair pixels with the wrong depths).
-            if msg.width and msg.height and abs(msg.width / msg.height - width / height) > 0.01 * width / height:
-                raise ImageConversionError(
-                    f"sparse_depth is {msg.width}x{msg.height} but the image is {width}x{height} (another aspect "
-                    "ratio): it must come from the same camera (register it to the camera first, e.g. "
-                    "depth_image_proc register)")
-            return sparse_to_image_grid(depth_to_metres(msg), width, height)
-        if intr is None:
-            self.log.warning("sparse_points need a valid camera_info to be projected; skipping the fit",
-                             throttle_duration_sec=THROTTLE_S)
-            return None
-        try:
-            depth = cloud_to_sparse_depth(msg, header.frame_id, s["sparse_points.frame_id"],
-                                          self.sparse_extrinsic(s["sparse_points.transform"]), intr, width, height)
-        except PointCloudError as err:
-            raise ImageConversionError(f"sparse_points: {err}") from err
-        if depth is None:
-            cloud_frame = msg.header.frame_id
-            self.log.warning(
-                f"sparse_points are in frame {cloud_frame!r}, the image in {header.frame_id!r}: set "
-                f"sparse_points.frame_id to {cloud_frame!r} and sparse_points.transform to its pose in the image "
-                f"frame (x y z qx qy qz qw, as `ros2 run tf2_ros tf2_echo {header.frame_id} {cloud_frame}` "
-                "prints it), or transform the cloud upstream", throttle_duration_sec=THROTTLE_S)
-        return depth
+            self.warn(f"sparse_{kind}_unreadable", f"sparse input ignored: unreadable sparse_{kind} message "
+                      f"({type(err).__name__}: {err}); fix its publisher")
+        return None
 
     def _subscribed(self, key: str) -> bool:
         pub = self.pubs.get(key)
@@ -421,61 +364,23 @@ class CameraChannel:
 
     def take_aligner_dirty(self) -> bool:
         """Whether an alignment parameter changed since the last call (and clear the flag). Clear first, read the
-        settings after: a change landing in between sets the flag again, so none is ever lost (issue 13 bug 2)."""
+        settings after: a change landing in between sets the flag again, so none is ever lost."""
         dirty = self.aligner_dirty
         self.aligner_dirty = False
         return dirty
 
-    def align(self, s: Settings, header: Any, relative: np.ndarray, intr: PinholeIntrinsics | None,
-              rebuild: bool) -> tuple[AlignmentState | None, AlignmentInfo]:
-        """Step 3, metric alignment (ros-anchors 3.4): robust fit of ``relative`` [H,W] to the sparse depth matched
-        by stamp, smoothed over time. Returns the scale/shift to apply (None: no metric output) and what the
-        diagnostics show. ``rebuild``: alignment parameters changed, the aligner starts over with ``s``."""
-        height, width = relative.shape
-        if rebuild or self.aligner is None:
-            self.aligner = self.make_aligner(s)
-        stamp = stamp_ns(header)
-        if self._last_stamp_ns is not None and stamp < self._last_stamp_ns:
-            # Bag loop or sim-time reset: old sparse depth must not pair with the new run's frames.
-            self.log.warning(f"time went backwards by {(self._last_stamp_ns - stamp) * 1e-9:.3f} s (bag loop or "
-                             "sim time reset): alignment state reset", throttle_duration_sec=THROTTLE_S)
-            self.sparse.forget_up_to(self._sparse_mark)
-            self.aligner = self.make_aligner(s)
-        self._last_stamp_ns = stamp
-        self._sparse_mark = self.sparse.mark()
-        sparse = self.sparse_for(s, header, width, height, intr)
-        result = None
-        if sparse is not None:
-            result = fit_scale_shift(
-                relative, sparse, method=s["alignment.method"], min_points=int(s["alignment.min_points"]),
-                min_inlier_ratio=float(s["alignment.min_inlier_ratio"]),
-                inlier_threshold_rel=float(s["alignment.inlier_threshold_rel"]),
-                depth_range=(float(s["min_depth"]), float(s["max_depth"])))
-            if not result.ok:
-                self.log.warning(f"no metric fit this frame: {result.reason}", throttle_duration_sec=THROTTLE_S)
-        state = self.aligner.update(result, stamp * 1e-9)
-        if state is None and self._had_metric:
-            self.log.warning("no usable sparse depth for longer than alignment.max_fallback_age_s: publishing "
-                             "relative depth only (no depth/image, no points)", throttle_duration_sec=THROTTLE_S)
-        self._had_metric = state is not None
-        if state is not None:
-            return state, AlignmentInfo(state.source, state.scale, state.shift, result.n_points if result else 0,
-                                        state.n_inliers, state.residual_rel,
-                                        result.reason if result else "no sparse depth matched")
-        if result is not None:
-            return None, AlignmentInfo("none", math.nan, math.nan, result.n_points, result.n_inliers,
-                                       result.residual_rel, result.reason)
-        return None, AlignmentInfo(reason="no sparse depth within alignment.sparse_max_dt")
+    def start_frames(self, s: Settings) -> None:
+        """A fresh per-frame pipeline state (configure)."""
+        self.frames = FrameProcessor(AlignmentConfig.from_values(s.values))
 
     def finish(self, s: Settings, msg: Any, rgb: np.ndarray, relative: torch.Tensor | None,
                normals: torch.Tensor | None, staging: HostStaging, *, rebuild_aligner: bool = False,
                latency_from: float = 0.0, now: Callable[[], float] = time.monotonic,
                camera: tuple[CameraInfo | None, PinholeIntrinsics | None] | None = None) -> None:
-        """Steps after the engine for this camera's frame: align -> metric depth, views, cloud -> publish.
+        """Steps after the engine for this camera's frame: the sparse depth matched to it, then the shared per-frame
+        pipeline (align -> metric depth, views, cloud), then publish.
 
-        Runs on the node's post-processing thread. The per-pixel work runs in torch where the engine's outputs
-        are (geometry/device.py; bit-identical to the numpy functions on the CPU) and each output crosses to the
-        host once, through ``staging``'s reused (pinned on CUDA) buffers.
+        Runs on the node's post-processing thread.
 
         Args:
             s: settings with this camera's overrides, read after the engine call.
@@ -485,64 +390,44 @@ class CameraChannel:
             rebuild_aligner: alignment parameters changed (take_aligner_dirty).
             latency_from: monotonic receive time of the frame; now: the clock for the latency.
             camera: (CameraInfo, intrinsics) of ``rgb`` from :meth:`prepare` (DecodedFrame.camera: reduced or
-                rectified input); None: the latest CameraInfo if it has the size of ``rgb``.
+                rectified input); None: the CameraInfo matched by stamp if it has the size of ``rgb``.
         """
-        import torch  # the node imports torch only once configured (start-up errors stay fast)
-
-        from geodiff_ros.geometry.device import (
-            cloud_points,
-            colorize_depth_t,
-            metres_to_mm16_t,
-            metric_depth_t,
-            normals_to_rgb_t,
-        )
-
         header = msg.header
+        stamp = stamp_ns(header)
         height, width = rgb.shape[:2]
-        info, intr = camera if camera is not None else self.camera_model(width, height)
+        info, intr = camera if camera is not None else self.camera_model(width, height, stamp)
+        alignment = AlignmentConfig.from_values(s.values)
+        if rebuild_aligner or self.frames is None:
+            self.frames = FrameProcessor(alignment)
         t0 = time.perf_counter()
-        stream = staging.stream
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            host: dict[str, torch.Tensor] = {}
-            if relative is not None:
-                host["relative"] = staging.to_host("relative", relative)
-            if normals is not None:
-                host["normals"] = staging.to_host("normals", normals)
-            staging.wait()  # the fit below needs the relative depth on the host
-            state, align = None, AlignmentInfo()
-            if relative is not None:
-                state, align = self.align(s, header, host["relative"].numpy(), intr, rebuild_aligner)
-            metric = None
-            if state is not None:
-                metric = metric_depth_t(relative, state.scale, state.shift, float(s["min_depth"]),
-                                        float(s["max_depth"]))  # [H,W] m, NaN invalid
-                encoded = metres_to_mm16_t(metric) if s["depth_encoding"] == "16UC1" else metric
-                host["depth"] = staging.to_host("depth", encoded)  # [H,W] float32 m or uint16 mm
-            if relative is not None and self._subscribed("depth_vis"):
-                host["depth_vis"] = staging.to_host("depth_vis", colorize_depth_t(metric if metric is not None
-                                                                                  else relative))
-            if normals is not None and self._subscribed("normals_vis"):
-                host["normals_vis"] = staging.to_host("normals_vis", normals_to_rgb_t(normals))
-            if metric is not None and intr is not None and s["publish_cloud"] and self._subscribed("points"):
-                colours = torch.from_numpy(rgb).to(metric.device) if s["cloud_color"] else None
-                nrm = normals if s["cloud_normals"] else None
-                host["points"] = staging.to_host("points", cloud_points(metric, intr, int(s["cloud_stride"]),
-                                                                        colours, nrm))  # [H',W',k]
-            staging.wait()
+        back_s = self.frames.time_went_backwards(stamp, alignment)
+        if back_s is not None:
+            # Bag loop or sim-time reset: old sparse depth must not pair with the new run's frames.
+            self.warn("time_backwards", f"time went backwards by {back_s:.3f} s (bag loop or sim time reset): "
+                      "alignment state reset")
+            self.sparse.forget_up_to(self._sparse_mark)
+        self._sparse_mark = self.sparse.mark()
+        sparse = self.sparse_for(s, header, width, height, intr) if relative is not None else None
+        wanted = Wanted(depth_vis=self._subscribed("depth_vis"), normals_vis=self._subscribed("normals_vis"),
+                        cloud=self._subscribed("points"))
+        result = self.frames.process(stamp_ns=stamp, relative=relative, normals=normals, rgb=rgb, intr=intr,
+                                     sparse=sparse, alignment=alignment, output=OutputConfig.from_values(s.values),
+                                     wanted=wanted, staging=staging)
+        for kind, text in result.warnings:
+            self.warn(kind, text)
         t1 = time.perf_counter()
-        self._publish(host, info, header, cloud_fields(s, normals is not None))
+        self._publish(result, info, header)
         t2 = time.perf_counter()
         self.stats.on_stage("post", t1 - t0)
         self.stats.on_stage("publish", t2 - t1)
-        stamp_age = self.node.get_clock().now().nanoseconds - stamp_ns(header)
+        stamp_age = self.node.get_clock().now().nanoseconds - stamp
         self.stats.on_stage("stamp_to_publish", stamp_age * 1e-9)
-        self.stats.on_output(now() - latency_from, metric is not None, align)
+        self.stats.on_output(now() - latency_from, result.metric, result.alignment)
 
-    def _publish(self, host: dict[str, torch.Tensor], info: CameraInfo | None, header: Any,
-                 point_fields: list[str]) -> None:
+    def _publish(self, result: FrameResult, info: CameraInfo | None, header: Any) -> None:
         """Step 4: one message per output, header copied from the input (same stamp, same optical frame). Each
         message copies its host buffer once (numpy_to_image / cloud_to_msg fill the message's array directly)."""
-        pubs = self.pubs
+        pubs, host = self.pubs, result.host
         if "relative" in host:
             pubs["relative"].publish(numpy_to_image(host["relative"].numpy(), "32FC1", header))
         if "depth_vis" in host:
@@ -563,15 +448,6 @@ class CameraChannel:
             pubs["normals_vis"].publish(numpy_to_image(host["normals_vis"].numpy(), "rgb8", header))
         if "points" in host:
             packed = host["points"].numpy()  # [H',W',k] float32, the structured layout's bytes
-            dtype = np.dtype([(name, "<f4") for name in point_fields])
+            dtype = np.dtype([(name, "<f4") for name in result.cloud_fields])
             pubs["points"].publish(cloud_to_msg(packed.view(dtype)[..., 0], header))
 
-
-def cloud_fields(s: Settings, with_normals: bool) -> list[str]:
-    """PointCloud2 field names of the node's cloud, in the order cloud_points packs them."""
-    names = ["x", "y", "z"]
-    if s["cloud_color"]:
-        names.append("rgb")
-    if with_normals and s["cloud_normals"]:
-        names += ["normal_x", "normal_y", "normal_z"]
-    return names

@@ -2,7 +2,7 @@
 
 diagnostic_updater is not installable from PyPI (ros2-from-pypi.md), so the node keeps its own counters and
 publishes a ``diagnostic_msgs/DiagnosticArray`` from a timer, with the key names a realsense-style monitor shows
-(ros-anchors 2.9): input and output rates, drops, latency p50/p95, alignment inliers, scale, shift and residual.
+: input and output rates, drops, latency p50/p95, alignment inliers, scale, shift and residual.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from geodiff_ros.pipeline import AlignmentInfo
 
 if TYPE_CHECKING:
     from diagnostic_msgs.msg import DiagnosticStatus
@@ -21,24 +22,11 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "AlignmentInfo", "PipelineStats", "build_status"]
 
 _WINDOW_S = 5.0  # rates are averaged over the last few seconds so a stall shows up quickly
-# Per-frame stages timed by the node (issue 14), shown as <stage>_p50_ms / <stage>_p95_ms: decode (input message ->
+# Per-frame stages timed by the node, shown as <stage>_p50_ms / <stage>_p95_ms: decode (input message ->
 # RGB), engine (the network call, shared by the frames batched in it), post (alignment, metric depth, colour views,
 # cloud, copies to the host), publish (messages built and sent), stamp_to_publish (node clock at the end of
 # publishing minus the image stamp: the delay a consumer sees, including the camera driver and DDS).
 STAGES: tuple[str, ...] = ("decode", "engine", "post", "publish", "stamp_to_publish")
-
-
-@dataclass
-class AlignmentInfo:
-    """Last alignment state as published in diagnostics (source: fit, smoothed, fallback, fixed or none)."""
-
-    source: str = "none"
-    scale: float = float("nan")
-    shift: float = float("nan")
-    n_points: int = 0
-    n_inliers: int = 0
-    residual_rel: float = float("nan")
-    reason: str = ""
 
 
 class PipelineStats:
@@ -49,6 +37,7 @@ class PipelineStats:
         self.received = 0
         self.dropped = 0  # overwritten in the one-slot mailbox before the worker took them
         self.bad_input = 0  # could not be decoded or processed
+        self.sparse_dropped = 0  # sparse messages too large to keep for matching
         self.processed = 0
         self.metric = 0  # frames published with metric depth
         self._in_times: deque[float] = deque()
@@ -66,6 +55,11 @@ class PipelineStats:
             self.dropped += int(dropped_previous)
             self._in_times.append(now)
             self._trim(self._in_times, now)
+
+    def on_sparse_dropped(self) -> None:
+        """A sparse message was too large to keep for matching."""
+        with self._lock:
+            self.sparse_dropped += 1
 
     def on_bad_input(self, error: str) -> None:
         """A frame was dropped because it could not be converted or processed."""
@@ -115,6 +109,7 @@ class PipelineStats:
                 "processed": self.processed,
                 "dropped": self.dropped,
                 "bad_input": self.bad_input,
+                "sparse_dropped": self.sparse_dropped,
                 "metric_frames": self.metric,
                 "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat.size else float("nan"),
                 "latency_p95_ms": float(np.percentile(lat, 95) * 1e3) if lat.size else float("nan"),
@@ -160,6 +155,10 @@ def build_status(name: str, hardware_id: str, snap: dict[str, Any], state: str) 
         "alignment_inliers": al.n_inliers,
         "alignment_residual_rel": al.residual_rel,
         "alignment_reason": al.reason,
+        # the sparse depth received (p5 / median / p95, metres): centimetres sent as millimetres show up here
+        "sparse_depth_p5_m": al.sparse_range_m[0],
+        "sparse_depth_median_m": al.sparse_range_m[1],
+        "sparse_depth_p95_m": al.sparse_range_m[2],
         "state": state,
     })
     status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id)

@@ -9,6 +9,8 @@
   clear message instead of failing half-way and leaving the node running without its launch.
 - What depth.launch.py and multi_gpu.launch.py share: the per-camera topic pattern arguments, the params files
   (shipped, then the user's), the ``rviz`` check and the run's RViz layout file.
+- A node that exits with an error ends the launch with a non-zero exit code (:func:`end_launch_if_node_failed`),
+  so a script or CI step running ``ros2 launch`` sees the failure.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import yaml
 
 from geodiff_ros.ros.params import LAUNCH_ARGUMENTS, PARAMS
 
-__all__ = ["INPUT_PATTERNS", "LaunchArgumentError", "params_files", "parameter_overrides", "rviz2_missing",
-           "rviz_config", "rviz_requested", "truthy", "write_rviz_layout"]
+__all__ = ["INPUT_PATTERNS", "LaunchArgumentError", "NodeFailed", "end_launch_if_node_failed", "params_files",
+           "parameter_overrides", "rviz2_missing", "rviz_config", "rviz_requested", "truthy", "write_rviz_layout"]
 
 _SPECS = {spec.name: spec for spec in PARAMS}
 # Several cameras: the launch argument of each per-camera input topic pattern -> the node input topic it remaps.
@@ -39,14 +41,44 @@ class LaunchArgumentError(ValueError):
     """A launch argument value that cannot become its parameter; the message names the argument and the fix."""
 
 
-def truthy(text: str) -> bool:
-    """A launch argument as a boolean (true/false, 1/0, yes/no, on/off)."""
+class NodeFailed(RuntimeError):
+    """A geodiff node exited with an error; raised inside launch's event loop to end the launch with exit code 1."""
+
+
+# The node's exit codes (geodiff_node: ros/node.py main) and what they mean for a launch user.
+_NODE_EXIT_CODES = {1: "configure failed: the model could not be loaded or the device is unusable",
+                    2: "invalid parameters"}
+
+
+def end_launch_if_node_failed(event: Any, context: Any) -> None:
+    """``OnProcessExit`` handler of a geodiff node: a non-zero exit ends the whole launch (the other processes get
+    launch's orderly shutdown) and makes ``ros2 launch`` exit with 1, which is all ROS 2 launch 3.4 can return: its
+    run() gives 1 when an exception reaches its event loop (logged as "Caught exception in launch ...: <this
+    message>"), while a Shutdown action or a launch that merely runs out of processes exits 0. Exits during a
+    shutdown already under way (Ctrl-C, another node's failure) are left alone.
+
+    Raises:
+        NodeFailed: naming the process, its exit code and what the code means.
+    """
+    code = int(event.returncode)
+    if code == 0 or context.is_shutdown:
+        return
+    meaning = _NODE_EXIT_CODES.get(code, f"killed by signal {-code}" if code < 0 else "error")
+    msg = (f"{event.process_name} exited with code {code} ({meaning}; its log above says why): launch stopped, "
+           "exit code 1")
+    raise NodeFailed(msg)
+
+
+def truthy(text: str, argument: str = "") -> bool:
+    """A launch argument as a boolean (true/false, 1/0, yes/no, on/off); the error names ``argument`` when given,
+    so a user of ``ros2 launch`` sees which of their arguments to fix."""
     value = text.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    msg = f"{text!r} is not a boolean: use true or false"
+    msg = f"{argument}:={text!r} is not a boolean: use true or false" if argument else (
+        f"{text!r} is not a boolean: use true or false")
     raise LaunchArgumentError(msg)
 
 
@@ -155,7 +187,7 @@ def rviz2_missing() -> str | None:
 def rviz_requested(text: str) -> bool:
     """The ``rviz`` launch argument as a boolean. When true, rviz2 must be installed: RuntimeError with
     :func:`rviz2_missing`'s reason, raised before any process starts, so nothing is left running when launch stops."""
-    if not truthy(text):
+    if not truthy(text, "rviz"):
         return False
     missing = rviz2_missing()
     if missing:

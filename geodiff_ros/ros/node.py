@@ -33,6 +33,7 @@ from rclpy.parameter import Parameter
 
 from geodiff_ros.ros.camera import CameraChannel
 from geodiff_ros.ros.diagnostics import PipelineStats, build_status
+from geodiff_ros.ros.param_requests import apply_requests_whole
 from geodiff_ros.ros.params import (
     Settings,
     camera_override_key,
@@ -113,9 +114,12 @@ class GeoDiffNode(LifecycleNode):
         self._build_cameras(initial.cameras())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
+        apply_requests_whole(self)  # a set_parameters request of several parameters is validated as one change
 
         self._engine: Any = None
         self._loading = False  # main thread only: an engine load is in progress (see request_shutdown)
+        self.tf: Any = None  # ros.tf.NodeTf once configured (None: tf2_ros missing, see tf_missing)
+        self.tf_missing = "TF not started"
         self._state_label = "unconfigured"
         self._input_group = ReentrantCallbackGroup()  # callbacks only touch locked containers
 
@@ -134,6 +138,11 @@ class GeoDiffNode(LifecycleNode):
         self._sched = FrameScheduler(len(self._cams))
         self._pipeline = FramePipeline(self.get_logger(), self._cams, self._sched, lambda: self._settings,
                                        lambda: rclpy.ok(context=self.context))
+
+    @property
+    def settings(self) -> Settings:
+        """The current parameter values (replaced whole on every accepted change: safe to read from any thread)."""
+        return self._settings
 
     @property
     def _stats(self) -> PipelineStats:
@@ -232,7 +241,8 @@ class GeoDiffNode(LifecycleNode):
         out_qos = make_qos(settings["qos.output.reliability"], settings["qos.output.depth"])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
-            cam.aligner = cam.make_aligner(settings.for_camera(cam.overrides))
+            cam.start_frames(settings.for_camera(cam.overrides))
+        self._start_tf()
         if self._multi:
             self.get_logger().info(
                 f'serving {len(self._cams)} cameras ({", ".join(c.name for c in self._cams)}) with one model, '
@@ -303,10 +313,29 @@ class GeoDiffNode(LifecycleNode):
         self._state_label = "finalized"
         return super().on_shutdown(state)
 
+    def _start_tf(self) -> None:
+        """Listen to TF (static and dynamic) for sparse clouds in other frames than the image's."""
+        from geodiff_ros.ros.tf import TF2_MISSING, NodeTf, tf2_available
+
+        if self.tf is not None:
+            return
+        if not tf2_available():
+            self.tf_missing = TF2_MISSING
+            self.get_logger().info(f"TF off: {TF2_MISSING}")
+            return
+        try:
+            self.tf = NodeTf(self)
+        except Exception as err:  # noqa: BLE001 - without TF the static parameters still place clouds
+            self.tf_missing = f"TF listener failed to start ({type(err).__name__}: {err})"
+            self.get_logger().warning(f"{self.tf_missing}; sparse_points.frame_id / transform still work")
+
     def _release(self) -> None:
+        if self.tf is not None:
+            self.tf.close()
+            self.tf = None
         for cam in self._cams:
             cam.destroy_publishers()
-            cam.aligner = None
+            cam.frames = None
             cam.reset_inputs()
         self._engine = None
         try:

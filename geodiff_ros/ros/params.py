@@ -29,6 +29,7 @@ from geodiff_ros.engine.config import (
     STARTUP_MODES,
     processing_res_problem,
 )
+from geodiff_ros.pipeline.settings import FRAME_PARAMS, ParamSpec, depth_range_problem, value_problem
 
 if TYPE_CHECKING:
     from rclpy.node import Node
@@ -50,19 +51,6 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter: the default fixes its ROS type; ``lo/hi`` give an inclusive numeric range."""
-
-    name: str
-    default: Any
-    description: str
-    lo: float | None = None
-    hi: float | None = None
-    choices: tuple[str, ...] = ()
-    configure_time: bool = False  # only settable while the node is unconfigured (engine / endpoints built from it)
 
 
 PARAMS: tuple[ParamSpec, ...] = (
@@ -151,47 +139,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Several cameras only: after a frame arrives, wait at most this long for other cameras' frames so "
               "they share one engine call (0 = never wait). Not added when the worker was busy anyway.",
               lo=0.0, hi=1.0),
-    # --- point cloud (runtime) ---
-    ParamSpec("publish_cloud", True, "Publish the points cloud (built only while someone subscribes)."),
-    ParamSpec("cloud_stride", 1, "Keep every n-th pixel in x and y for the organized cloud.", lo=1, hi=64),
-    ParamSpec("cloud_color", True, "Add the packed rgb field from the input image."),
-    ParamSpec("cloud_normals", True, "Add normal_x/y/z fields when normals are predicted."),
-    # --- metric alignment (runtime) ---
-    ParamSpec("alignment.method", "ransac", "Robust scale-and-shift fit to the sparse depth.",
-              choices=("ransac", "irls", "lsq")),
-    ParamSpec("alignment.min_points", 20, "Fewest valid sparse points for a fit.", lo=3, hi=10_000_000),
-    ParamSpec("alignment.min_inlier_ratio", 0.3, "Fewest inliers (fraction of valid points) for a fit.",
-              lo=0.0, hi=1.0),
-    ParamSpec("alignment.inlier_threshold_rel", 0.1, "Inlier when |aligned - sparse| / sparse is below this.",
-              lo=0.001, hi=10.0),
-    ParamSpec("alignment.ema_alpha", 0.3, "Temporal smoothing weight of a new fit (1 = no smoothing).",
-              lo=0.0, hi=1.0),
-    ParamSpec("alignment.max_fallback_age_s", 2.0,
-              "Reuse the last good fit for at most this long without a new one; then no metric output.",
-              lo=0.0, hi=3600.0),
-    ParamSpec("alignment.reset_ratio", 1.5,
-              "A new fit whose scale differs from the smoothed one by more than this factor restarts smoothing.",
-              lo=1.01, hi=100.0),
-    ParamSpec("alignment.sparse_max_dt", 0.1,
-              "Largest stamp difference in seconds between an image and the sparse depth matched to it.",
-              lo=0.0, hi=10.0),
-    ParamSpec("sparse_points.frame_id", "",
-              "Frame of sparse_points clouds that sparse_points.transform maps into the image's optical frame "
-              "(e.g. velodyne); empty: clouds must already be in the image frame."),
-    ParamSpec("sparse_points.transform", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
-              "Static extrinsic [x, y, z, qx, qy, qz, qw]: the pose of sparse_points.frame_id in the image's "
-              "optical frame, as `ros2 run tf2_ros tf2_echo <image frame> <cloud frame>` prints it."),
-    ParamSpec("alignment.fixed_scale", 0.0,
-              "If > 0: metric depth = fixed_scale * relative for frames without a metric fit (no sparse input, or "
-              "none usable for alignment.max_fallback_age_s); you vouch for the scale. A fit to sparse input, when "
-              "there is one, wins.",
-              lo=0.0, hi=100000.0),
-    ParamSpec("min_depth", 0.1, "Metric depth below this is published as NaN (metres).", lo=0.0, hi=100000.0),
-    ParamSpec("max_depth", 100.0, "Metric depth above this is published as NaN (metres).", lo=0.0, hi=100000.0),
-    ParamSpec("depth_encoding", "32FC1",
-              "Encoding of depth/image (REP 118): 32FC1 metres, NaN = invalid; 16UC1 millimetres, 0 = invalid "
-              "(depth beyond 65.535 m is 0 too, never clipped), for consumers that take only 16-bit depth.",
-              choices=("32FC1", "16UC1")),
+    # --- per frame (runtime): point cloud, metric alignment, depth range and encoding (the pipeline's table) ---
+    *FRAME_PARAMS,
     # --- node ---
     ParamSpec("autostart", True, "Configure and activate at start-up (off: drive it with ros2 lifecycle).",
               configure_time=True),
@@ -302,14 +251,9 @@ def camera_overrides(node: Node, cameras: list[str]) -> dict[str, dict[str, Any]
 
 def _check_one(spec: ParamSpec, value: Any) -> str | None:
     """Reason ``value`` is invalid for ``spec``, or None. Ranges are also enforced by rclpy; kept for tests."""
-    if spec.lo is not None and spec.hi is not None and not isinstance(value, bool):
-        if not spec.lo <= value <= spec.hi:
-            return f"{spec.name}={value!r} is outside [{spec.lo:g}, {spec.hi:g}]"
-    if spec.choices:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        bad = [v for v in values if v not in spec.choices]
-        if bad:
-            return f'{spec.name}={value!r}: {bad[0]!r} is not one of {", ".join(spec.choices)}'
+    reason = value_problem(spec, value)  # range, choices and the per-frame settings' own rules
+    if reason:
+        return reason
     if spec.name == "cameras":
         from geodiff_ros.ros.camera_sets import CameraListError, parse_camera_list
 
@@ -325,20 +269,10 @@ def _check_one(spec: ParamSpec, value: Any) -> str | None:
         if size != [0, 0] and not all(8 <= v <= 8192 for v in size):
             return f"warmup_size={size!r}: width and height must be within [8, 8192], or [0, 0] to skip the warm-up"
         return None
-    if spec.name == "sparse_points.transform":
-        from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
-
-        try:
-            RigidTransform(list(value))
-        except (InvalidTransform, TypeError) as err:
-            return f"sparse_points.transform: {err}"
-        return None
     if spec.name == "device" and not _DEVICE_RE.match(str(value)):
         return f"device={value!r} must be cpu, cuda or cuda:N"
     if spec.name == "processing_res":
         return processing_res_problem(value)
-    if spec.name == "alignment.ema_alpha" and float(value) <= 0.0:
-        return "alignment.ema_alpha must be > 0 (0 would never take a new fit); use 1 for no smoothing"
     return None
 
 
@@ -369,13 +303,16 @@ def validate_changes(changes: dict[str, Any], current: dict[str, Any], configure
         reason = _check_one(spec, value)
         if reason:
             return reason
-    if float(merged.get("min_depth", 0.0)) >= float(merged.get("max_depth", float("inf"))):
-        return f'min_depth ({merged["min_depth"]}) must be smaller than max_depth ({merged["max_depth"]})'
+    reason = depth_range_problem(merged.get("min_depth", 0.0), merged.get("max_depth", float("inf")))
+    if reason:
+        return reason
     for camera in sorted({key[0] for key in map(camera_override_key, merged) if key is not None}):
         lo = merged.get(f"camera.{camera}.min_depth", merged.get("min_depth", 0.0))
         hi = merged.get(f"camera.{camera}.max_depth", merged.get("max_depth", float("inf")))
-        if lo is not None and hi is not None and float(lo) >= float(hi):
-            return f"camera {camera}: min_depth ({lo}) must be smaller than max_depth ({hi})"
+        if lo is not None and hi is not None:
+            reason = depth_range_problem(lo, hi, where=f"camera {camera}: ")
+            if reason:
+                return reason
     tasks = list(merged.get("tasks", []))
     if changes.keys() & {"tasks", "model_depth", "model_normals"}:
         runnable = [t for t in tasks if merged.get(f"model_{t}", "")]

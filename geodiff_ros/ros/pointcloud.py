@@ -7,6 +7,16 @@ False, little endian, NaN x/y/z for invalid pixels, fields ``x, y, z`` float32, 
 (xyz+rgb) or 28 (with normals).
 
 Readers are duck-typed on the message attributes so rosbags-deserialised clouds work too.
+
+Why not ``sensor_msgs_py.point_cloud2`` (Jazzy 5.3.5; a test checks that it reads our clouds right):
+- building: ``create_cloud`` measured the same as ``cloud_to_msg`` for the node's 640x480 cloud with xyz + rgb +
+  normals (median 0.75 vs 0.75 ms over 300 interleaved builds on this project's 2-core CPU; both are one memoryview
+  copy into ``array('B')``), but it takes an organized ``[H,W]`` array as width H and height W (and
+  ``read_points(reshape_organized_cloud=True)`` returns ``[width,height]``), and it would make the cloud depend on
+  an extra package: ``cloud_to_msg`` stays.
+- reading: ``read_points`` accepts only rclpy's PointCloud2 class (``geodiff_bag process`` reads rosbags messages),
+  ignores ``row_step`` padding and does not check the layout (a malformed cloud raises numpy's errors or reads
+  garbage): ``read_cloud`` stays.
 """
 
 from __future__ import annotations
@@ -141,11 +151,15 @@ def read_cloud(msg: Any) -> np.ndarray:
     except (TypeError, ValueError) as err:  # e.g. overlapping fields numpy refuses
         raise PointCloudError(f"PointCloud2 field layout unreadable: {err}") from err
     height, width = int(msg.height), int(msg.width)
-    row_step = int(msg.row_step) or width * int(msg.point_step)
+    row_step = int(msg.row_step) or width * point_step
+    if row_step < width * point_step:  # the header contradicts itself: no data size can fix it
+        msg_ = (f"PointCloud2 header is malformed: row_step {row_step} B is smaller than width x point_step = "
+                f"{width} x {point_step} = {width * point_step} B (one row of points); fix the publisher's row_step")
+        raise PointCloudError(msg_)
     buf = to_uint8_array(msg.data)
-    if buf.size < row_step * height or row_step < width * int(msg.point_step):
-        msg_ = (f"PointCloud2 data has {buf.size} B; need row_step x height = {row_step} x {height} "
-                f"with point_step {msg.point_step} x width {width}")
+    if buf.size < row_step * height:
+        msg_ = (f"PointCloud2 data is too short: {buf.size} B, but row_step x height = {row_step} x {height} = "
+                f"{row_step * height} B; the message is truncated")
         raise PointCloudError(msg_)
     rows = np.ascontiguousarray(buf[: row_step * height].reshape(height, row_step)[:, : width * dtype.itemsize])
     return rows.view(dtype).reshape(height, width)

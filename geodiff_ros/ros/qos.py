@@ -1,6 +1,6 @@
 """QoS profiles of the node, built from parameters.
 
-REP 2003 / ros-anchors 2.6: consumers subscribe best effort (SensorDataQoS) so they connect to any camera; the
+REP 2003: consumers subscribe best effort (SensorDataQoS) so they connect to any camera; the
 node publishes reliable so depth_image_proc, RViz and ``ros2 topic echo`` with their reliable defaults connect.
 A best-effort publisher never reaches a reliable subscriber, which is why the output default is reliable.
 """
@@ -16,7 +16,7 @@ _RELIABILITY = {
     "reliable": ReliabilityPolicy.RELIABLE,
 }
 
-# diagnostic_updater publishes /diagnostics reliable, depth 1 (ros-anchors 2.9); the aggregator expects that.
+# diagnostic_updater publishes /diagnostics reliable, depth 1; the aggregator expects that.
 DIAGNOSTICS_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.VOLATILE, history=HistoryPolicy.KEEP_LAST)
 

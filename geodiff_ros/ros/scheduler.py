@@ -1,11 +1,11 @@
 """Latest-frame slots for N cameras and the fair batch picker of the node's engine thread (pure Python, no ROS).
 
 Each camera has a one-slot mailbox (a new frame overwrites one the worker never took: a counted drop, so no
-backlog of old frames builds up; ros-anchors 0.3). The worker takes up to ``max_batch`` frames at once so the
-engine runs them in one call. Fairness: cameras are served in the order they started waiting, where waiting
-starts when an empty slot receives a frame and is *not* reset by newer frames overwriting it. A fast camera
-therefore cannot push a slow one back, and with N cameras and batches of B no camera waits more than
-ceil(N/B) engine calls. Ties go round-robin from a rotating start.
+backlog of old frames builds up, as one would in a deep subscription queue). The worker takes up to ``max_batch``
+frames at once so the engine runs them in one call. Fairness: cameras are served in the order they started
+waiting, where waiting starts when an empty slot receives a frame and is *not* reset by newer frames overwriting
+it. A fast camera therefore cannot push a slow one back, and with N cameras and batches of B no camera waits more
+than ceil(N/B) engine calls. Ties go round-robin from a rotating start.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class FrameScheduler:
 
 
 class Handoff:
-    """The one slot between the node's engine thread and its post-processing thread (issue 14 pipelining).
+    """The one slot between the node's engine thread and its post-processing thread (the pipelined worker).
 
     The engine thread waits for the slot to be free *before* it takes the next camera frame, so while frame N is
     aligned and published, frame N+1 runs through the network, and frame N+2 is taken from the cameras only when

@@ -1,4 +1,4 @@
-"""One orderly shutdown per process, whatever signals arrive and however often (issue 13, bugs 1, 7, 10).
+"""One orderly shutdown per process, whatever signals arrive and however often.
 
 ``ros2 launch`` + Ctrl-C delivers SIGINT twice within a few milliseconds (from the terminal to the whole process
 group, then from launch to the node), and launch follows up with SIGTERM if the node is slow. rclpy's own handler

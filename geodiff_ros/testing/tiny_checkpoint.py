@@ -2,10 +2,10 @@
 
 Model weights cannot be downloaded everywhere (CI, offline robots), yet the real loading code must run in tests
 and in the `--tiny` demo. This writes a few-hundred-kB model with the same folder layout and the same
-configuration keys as ``GonzaloMG/marigold-e2e-ft-depth`` (spec E.3): a ``StableDiffusionPipeline``
-model_index.json, an 8-channel UNet, an SD-style VAE (8x down-sampling), a DDIM scheduler with
-``v_prediction``, ``trailing``, scaled_linear 0.00085-0.012, ``set_alpha_to_one false``, ``steps_offset 1``,
-a CLIP text encoder and a real CLIP BPE tokenizer built from a small vocabulary.
+configuration keys as ``GonzaloMG/marigold-e2e-ft-depth`` (docs/method.md#checkpoint-layout): a
+``StableDiffusionPipeline`` model_index.json, an 8-channel UNet, an SD-style VAE (8x down-sampling), a DDIM
+scheduler with ``v_prediction``, ``trailing``, scaled_linear 0.00085-0.012, ``set_alpha_to_one false``,
+``steps_offset 1``, a CLIP text encoder and a real CLIP BPE tokenizer built from a small vocabulary.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..engine.checkpoint import HUB_MODEL_INDEX
 
 TINY_TEXT_WIDTH = 32
 
-# The scheduler configuration stored on the hub for GonzaloMG/marigold-e2e-ft-depth (spec E.3).
+# The scheduler configuration stored on the hub for GonzaloMG/marigold-e2e-ft-depth.
 E2E_SCHEDULER_CONFIG: dict = {
     "_class_name": "DDIMScheduler",
     "_diffusers_version": "0.30.0",
@@ -79,7 +79,7 @@ def write_tiny_checkpoint(folder: str | Path, task: str = "depth", seed: int = 0
     """Write a tiny E2E-FT-style checkpoint for ``task`` ("depth" or "normals") into ``folder``.
 
     VAE and text encoder depend only on ``seed`` (as the real depth and normals checkpoints share the frozen SD2
-    VAE and text encoder, spec B.1 "trainable: UNet only"); the UNet also depends on ``task``.
+    VAE and text encoder: only the UNet is fine-tuned); the UNet also depends on ``task``.
     Returns the folder path.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel

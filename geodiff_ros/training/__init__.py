@@ -1,4 +1,4 @@
-"""E2E fine-tuning (spec B): losses, data, single-step forward, hub export; no ROS imports.
+"""E2E fine-tuning (docs/method.md#training): losses, data, single-step forward, hub export; no ROS imports.
 
 Heavy dependencies (accelerate) are imported only by :mod:`geodiff_ros.training.train`.
 """

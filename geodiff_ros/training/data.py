@@ -1,4 +1,4 @@
-"""Training data for E2E fine-tuning: Hypersim, Virtual KITTI 2, generic RGB-D manifest (spec B.4).
+"""Training data for E2E fine-tuning: Hypersim, Virtual KITTI 2, generic RGB-D manifest (docs/method.md#training).
 
 Every dataset returns a dict of tensors:
   ``rgb``        ``[3,H,W]`` float in [-1,1]
@@ -8,7 +8,7 @@ Every dataset returns a dict of tensors:
   ``normals_mask`` ``[1,H,W]`` bool, pixels with a ground-truth normal (idem)
 
 Model normal frame: the E2E-FT checkpoints predict normals in DSINE "LUB" (x left, y up, z towards
-the camera; spec A.1-18). The ROS optical frame (x right, y down, z forward) is its exact negation,
+the camera; docs/method.md#normal-frames). The ROS optical frame (x right, y down, z forward) is its exact negation,
 so ``n_model = -n_optical``. A horizontal flip negates x in either frame.
 
 Hypersim and Virtual KITTI 2 default to ``preprocess="official"``: the samples the paper's loader
@@ -48,8 +48,8 @@ __all__ = [
     "optical_to_model_normals",
 ]
 
-HYPERSIM_FOCAL_PX = 886.81  # spec A.1-18 / B.4: focal length of the 1024x768 Hypersim renders
-KB_CROP_HW = (352, 1216)  # KITTI benchmark crop (spec B.4, C.1)
+HYPERSIM_FOCAL_PX = 886.81  # focal length of the 1024x768 Hypersim renders
+KB_CROP_HW = (352, 1216)  # KITTI benchmark crop (bottom rows, centred)
 PREPROCESS_MODES = ("official", "float")
 
 
@@ -106,7 +106,7 @@ def _resize(x: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
 
 
 def kitti_benchmark_crop(x: torch.Tensor) -> torch.Tensor:
-    """KITTI benchmark crop 352x1216: bottom-aligned, horizontally centred (spec B.4, C.1)."""
+    """KITTI benchmark crop 352x1216: bottom-aligned, horizontally centred."""
     h, w = x.shape[-2:]
     top = int(h - KB_CROP_HW[0])
     left = int((w - KB_CROP_HW[1]) / 2)
@@ -116,7 +116,7 @@ def kitti_benchmark_crop(x: torch.Tensor) -> torch.Tensor:
 def make_depth_target(
     depth_m: torch.Tensor, near: float, far: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Valid mask and loss target from metric depth (spec B.4 "Depth normalisation").
+    """Valid mask and loss target from metric depth (docs/method.md#depth-target).
 
     valid = near < d < far; q2/q98 = 2nd/98th percentile of valid depth; d clamped to [q2,q98];
     invalid pixels set to q98 (far plane). If no valid pixel or q2 == q98: zeros and empty mask.
@@ -158,7 +158,7 @@ def _finish_sample(
         raw_norm = torch.linalg.vector_norm(normals, dim=0, keepdim=True)  # [1,H,W]
         n_valid = raw_norm > 0.5  # zero / undefined GT normals are not supervised
         if normals_need_depth:
-            n_valid = n_valid & valid  # spec B.4: Hypersim/VKITTI normals valid where depth is
+            n_valid = n_valid & valid  # Hypersim/VKITTI normals: valid where depth is
         n = F.normalize(normals, p=2, dim=0) * n_valid.to(normals.dtype)  # invalid -> zero vector
         out["normals"] = n
         out["normals_mask"] = n_valid
@@ -205,7 +205,7 @@ def _hflip(
     depth = depth.flip(-1)
     if normals is not None:
         normals = normals.flip(-1).clone()
-        normals[0] = -normals[0]  # spec B.4: x of normals negated on h-flip
+        normals[0] = -normals[0]  # a horizontal flip negates x of the normals
     return rgb, depth, normals
 
 
@@ -227,7 +227,7 @@ _HYPERSIM_RGB_RE = re.compile(r"rgb_(cam_\d+)_fr(\d+)\.png$")
 
 
 class HypersimDataset(Dataset):
-    """Hypersim in Marigold's preprocessed layout (spec B.4).
+    """Hypersim in Marigold's preprocessed layout (docs/method.md#hypersim).
 
     ``root/train/<scene>/rgb_cam_XX_frYYYY.png`` + ``depth_plane_cam_XX_frYYYY.png`` (uint16 mm,
     planar). Normals from the E2E layout beside ``train/``:
@@ -313,7 +313,7 @@ class HypersimDataset(Dataset):
                 continue
             has_normal = normal is not None and normal.exists()
             if self.require_normals and not has_normal:
-                continue  # the paper's loader keeps only rows whose normal file exists (spec B.4)
+                continue  # the paper's loader keeps only rows whose normal file exists
             items.append((rgb, depth, normal if has_normal else None))
         return items
 
@@ -324,7 +324,7 @@ class HypersimDataset(Dataset):
     def orient_normals(normal_cam: torch.Tensor, depth_m: torch.Tensor) -> torch.Tensor:
         """Hypersim ``normal_cam`` (x right, y up, z backward) -> LUB, facing the camera (float path).
 
-        spec A.1-18: negate y and z (-> OpenCV), flip normals whose dot product with the camera
+        docs/method.md#normal-frames: negate y and z (-> OpenCV), flip normals whose dot product with the camera
         ray is positive (K: f=886.81, c=(W/2,H/2)), then negate everything (-> LUB).
         """
         n = normal_cam.clone()
@@ -380,7 +380,7 @@ class HypersimDataset(Dataset):
         return _finish_sample(rgb, depth, normals, self.near, self.far, self.modality, "hypersim")
 
     def _official_sample(self, idx: int) -> dict:
-        """The paper's Hypersim sample: PIL uint8 flip + resize, float64 orientation, uint8 normals (spec B.4)."""
+        """The paper's Hypersim sample: PIL uint8 flip + resize, float64 orientation, uint8 normals."""
         rgb_path, depth_path, normal_path = self.items[idx]
         with Image.open(rgb_path) as im:
             rgb = im.convert("RGB")
@@ -413,7 +413,7 @@ class HypersimDataset(Dataset):
 
 
 class VirtualKITTI2Dataset(Dataset):
-    """Virtual KITTI 2 (spec B.4): scenes 01/02/06/18/20 x 5 weathers x Camera_0/1.
+    """Virtual KITTI 2 (docs/method.md#virtual-kitti-2): scenes 01/02/06/18/20 x 5 weathers x Camera_0/1.
 
     ``root/vkitti_2.0.3_rgb/<Scene>/<weather>/frames/rgb/<Camera>/rgb_XXXXX.jpg``,
     ``root/vkitti_2.0.3_depth/.../frames/depth/<Camera>/depth_XXXXX.png`` (uint16 cm), normals
@@ -512,7 +512,7 @@ class ManifestRGBDDataset(Dataset):
     R,G,B = x,y,z) with ``"normals_frame"`` ``"optical"`` (default; x right, y down, z forward) or
     ``"lub"`` (model frame). Frames are resized to ``size_hw`` (None keeps native size; then all
     frames must share one size or use batch size 1); the same h-flip, 2/98 % clamping and
-    valid range ``(near, far)`` as the synthetic sets apply (spec B.4).
+    valid range ``(near, far)`` as the synthetic sets apply.
     """
 
     def __init__(
@@ -586,7 +586,8 @@ class ManifestRGBDDataset(Dataset):
 
 
 class MixedDataLoader:
-    """Interleave whole batches of several loaders at fixed ratios (spec B.4 MixedDataLoader).
+    """Interleave whole batches of several loaders at fixed ratios, as the paper's MixedDataLoader
+    (docs/method.md#data-mixing).
 
     Each batch comes from one dataset only. Per epoch, with ``n_i`` batches per loader and weights
     ``r_i``, loader ``i`` contributes ``int(n_i * min(base * r_i / n_i, 1))`` batches where

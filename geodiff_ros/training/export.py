@@ -1,6 +1,6 @@
 """Write a fine-tuned model in the hub layout the engine and the node load unchanged.
 
-Layout (spec E.3, like the GonzaloMG repos): model_index.json (StableDiffusionPipeline), unet/,
+Layout (docs/method.md#checkpoint-layout, like the GonzaloMG repos): model_index.json (StableDiffusionPipeline), unet/,
 vae/, text_encoder/, tokenizer/, scheduler/ (DDIM, ``timestep_spacing="trailing"``, the init
 checkpoint's betas and prediction type: the UNet was trained to give x0 through that type).
 """
@@ -31,7 +31,7 @@ def save_hub_checkpoint(
     """Save all parts into ``folder``; returns the folder.
 
     ``model_index.json`` also records ``geodiff_task`` (depth|normals) and, for normals,
-    ``geodiff_normals_frame = "LUB"``: the training targets are in the E2E-FT frame (spec A.1-18).
+    ``geodiff_normals_frame = "LUB"``: the training targets are in the E2E-FT frame (docs/method.md#normal-frames).
     """
     import diffusers
     from diffusers import DDIMScheduler

@@ -1,7 +1,7 @@
-"""Task losses of E2E fine-tuning (spec B.3-9, B.3-10).
+"""Task losses of E2E fine-tuning (docs/method.md#depth-loss, docs/method.md#normals-loss).
 
 Shapes: ``B`` batch, ``H,W`` image size. All losses run in fp32 with autocast disabled, as the
-paper's code does (spec B.3-9), so that the 2x2 normal equations do not lose precision under bf16.
+paper's code does, so that the 2x2 normal equations do not lose precision under bf16.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _as_b1hw(x: torch.Tensor, name: str) -> torch.Tensor:
 def solve_scale_shift(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form per-image least squares ``s*pred + t ~ target`` over ``mask`` (spec B.3-9).
+    """Closed-form per-image least squares ``s*pred + t ~ target`` over ``mask`` (docs/method.md#depth-loss).
 
     Returns ``(s, t)`` of shape ``[B]``; both are 0 where the system is singular (det <= 0),
     exactly as the paper's code does. Gradients flow through ``s`` and ``t`` (not detached).
@@ -49,7 +49,7 @@ def solve_scale_shift(
 def affine_invariant_l1_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Affine-invariant L1 depth loss, spec B.3-9 (paper Eq. 1).
+    """Affine-invariant L1 depth loss (paper Eq. 1, docs/method.md#depth-loss).
 
     Args:
         pred: predicted relative depth ``[B,1,H,W]`` or ``[B,H,W]`` (any affine frame).
@@ -65,17 +65,17 @@ def affine_invariant_l1_loss(
         target32 = _as_b1hw(target, "target").float()
         mask_b = _as_b1hw(mask, "mask").bool()
         if not bool(mask_b.any()):
-            return pred32.sum() * 0.0  # spec B.3-11: no valid pixel -> zero loss
+            return pred32.sum() * 0.0  # no valid pixel -> zero loss
         s, t = solve_scale_shift(pred32, target32, mask_b)
         aligned = s.view(-1, 1, 1, 1) * pred32 + t.view(-1, 1, 1, 1)  # [B,1,H,W]
         return (aligned - target32).abs()[mask_b].mean()
 
 
 def angular_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean angular error in radians between unit normals, spec B.3-10 (paper Eq. 2).
+    """Mean angular error in radians between unit normals (paper Eq. 2, docs/method.md#normals-loss).
 
     Args:
-        pred: predicted normals ``[B,3,H,W]`` (already unit length, spec B.3-8).
+        pred: predicted normals ``[B,3,H,W]`` (already unit length: divided by norm + 1e-5).
         target: ground-truth unit normals ``[B,3,H,W]`` in the same frame.
         mask: valid pixels ``[B,1,H,W]`` or ``[B,H,W]``.
 
@@ -91,6 +91,6 @@ def angular_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     with torch.autocast(device_type=pred.device.type, enabled=False):
         mask_b = _as_b1hw(mask, "mask").bool()[:, 0]  # [B,H,W]
         if not bool(mask_b.any()):
-            return pred.float().sum() * 0.0  # spec B.3-11
+            return pred.float().sum() * 0.0  # no valid pixel -> zero loss
         dot = (pred.float() * target.float()).sum(dim=1).clamp(-1.0, 1.0)  # [B,H,W]
         return torch.acos(dot)[mask_b].mean()

@@ -1,7 +1,7 @@
-"""Model pieces of E2E fine-tuning: loading, SD2 conv_in expansion, single-step forward (spec B.2, B.3).
+"""Model pieces of E2E fine-tuning: loading, SD2 conv_in expansion, single-step forward (docs/method.md#training).
 
 Shape letters: ``B`` batch, ``H,W`` image, ``h,w`` latent (``H/8, W/8``), ``L`` text tokens.
-Only the UNet is trained; the VAE and text encoder are frozen (spec B.1 "trainable").
+Only the UNet is trained; the VAE and text encoder are frozen.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = [
     "load_train_components",
 ]
 
-#: spec B.3-2: every training sample uses the last timestep of a 1000-step schedule.
+#: Every training sample uses the last timestep of the 1000-step schedule (docs/method.md#training-forward).
 TIMESTEP = 999
 
 TextPadding = Literal["max_length", "do_not_pad"]
@@ -43,13 +43,13 @@ class TrainComponents:
     text_encoder: nn.Module
     tokenizer: object
     scheduler_config: dict
-    alphas_cumprod: torch.Tensor  # [T] float32, from the init checkpoint's scheduler (spec B.3-6)
+    alphas_cumprod: torch.Tensor  # [T] float32, from the init checkpoint's scheduler config
     prediction_type: str  # "v_prediction" | "epsilon" | "sample"
     source: str
 
 
 def expand_conv_in(unet: nn.Module) -> bool:
-    """Turn a 4-channel SD UNet into the 8-channel image+target UNet (spec B.2).
+    """Turn a 4-channel SD UNet into the 8-channel image+target UNet (docs/method.md#conv-in-expansion).
 
     The new ``conv_in`` weight is the old weight tiled twice along the input channels and halved;
     the **bias is halved too** (E2E ``replace_unet_conv_in``; Marigold's own trainer kept the bias).
@@ -87,19 +87,19 @@ def load_train_components(
     """Load UNet, VAE, text encoder, tokenizer and scheduler config from a hub id or folder.
 
     Works for E2E-FT / Marigold (8-channel UNet) and Stable Diffusion 2 (4-channel UNet, expanded
-    per spec B.2 when ``expand_sd_conv_in``). Everything is loaded in fp32 (spec B.1 "precision").
+    by :func:`expand_conv_in` when ``expand_sd_conv_in``). Everything is loaded in fp32, as the paper trained.
     """
     from diffusers import DDPMScheduler
 
     src = str(source)
-    # The engine's loader (hub id or folder, clear errors), admitting plain 4-channel SD2 UNets (spec B.2).
+    # The engine's loader (hub id or folder, clear errors), admitting plain 4-channel SD2 UNets (expanded below).
     parts = load_components(src, torch_dtype=torch.float32, local_files_only=local_files_only,
                             require_image_conditional=False)
     unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
     sched_cfg = dict(parts.scheduler.config)
     if expand_sd_conv_in and expand_conv_in(unet):
-        logger.info("Expanded the SD UNet conv_in from 4 to 8 channels (spec B.2).")
-    # alphas_cumprod from the init scheduler's betas (spec B.3-6): the DDPM scheduler's float32 values, as the
+        logger.info("Expanded the SD UNet conv_in from 4 to 8 channels (weight and bias halved).")
+    # alphas_cumprod from the init scheduler's betas: the DDPM scheduler's float32 values, as the
     # paper's code takes them (x0's square roots are then taken in float32 too, bit for bit theirs).
     ddpm = DDPMScheduler.from_config(sched_cfg)
     alphas_cumprod = ddpm.alphas_cumprod
@@ -123,7 +123,7 @@ def load_train_components(
 def decode_prediction(decoded: torch.Tensor, modality: str) -> torch.Tensor:
     """VAE output ``[B,3,H,W]`` -> depth ``[B,1,H,W]`` in [-1,1] or unit normals ``[B,3,H,W]``.
 
-    Depth: channel mean, clamp [-1,1]; normals: divide by (norm + 1e-5), clamp (spec B.3-8).
+    Depth: channel mean, clamp [-1,1]; normals: divide by (norm + 1e-5), clamp (docs/method.md#training-forward).
     """
     if modality == "depth":
         return decoded.mean(dim=1, keepdim=True).clamp(-1.0, 1.0)  # [B,1,H,W]
@@ -143,7 +143,7 @@ def e2e_forward(
     prediction_type: str,
     modality: str,
 ) -> torch.Tensor:
-    """Single-step E2E forward with gradients into the UNet (spec B.3-1..8).
+    """Single-step E2E forward with gradients into the UNet (docs/method.md#training-forward).
 
     Args:
         rgb: ``[B,3,H,W]`` in [-1,1].
@@ -154,11 +154,11 @@ def e2e_forward(
     Returns:
         Depth ``[B,1,H,W]`` in [-1,1] or unit normals ``[B,3,H,W]``, differentiable w.r.t. the UNet.
     """
-    scale = float(vae.config.scaling_factor)  # 0.18215 for SD2 (spec A.1-7)
-    # 1. Model invocation: vae.encoder (frozen, no graph needed). Mean of moments (spec B.3-1).
+    scale = float(vae.config.scaling_factor)  # 0.18215 for SD2
+    # 1. Model invocation: vae.encoder (frozen, no graph needed). Mean of moments (docs/method.md#image-latent).
     with torch.no_grad():
         rgb_latent = vae.encode(rgb.to(vae.dtype)).latent_dist.mean * scale  # [B,4,h,w]
-    # 2. Zero target latent at t=999 (spec B.3-2, B.3-3); image latent first (spec A.1-10).
+    # 2. Zero target latent at t=999; image latent in channels 0-3, target in 4-7 (docs/method.md#unet-call).
     target_latent = torch.zeros_like(rgb_latent)  # [B,4,h,w]
     unet_in = torch.cat([rgb_latent, target_latent], dim=1)  # [B,8,h,w]
     bsz = rgb.shape[0]
@@ -166,9 +166,9 @@ def e2e_forward(
     ctx = text_context.repeat(bsz, 1, 1)  # [B,L,C]
     # 3. Model invocation: unet (trainable).
     out = unet(unet_in, timesteps, encoder_hidden_states=ctx).sample  # [B,4,h,w]
-    # 4. x0 from the prediction type (spec B.3-6).
+    # 4. x0 from the prediction type (docs/method.md#x0).
     x0 = x0_from_prediction(out, target_latent, alpha_prod_t, prediction_type)  # [B,4,h,w]
-    # 5. Model invocation: vae.decoder (frozen weights, gradients flow through, spec B.3-7).
+    # 5. Model invocation: vae.decoder (frozen weights, gradients flow through).
     # The UNet output comes back in fp32 under accelerate's mixed precision: decode in the VAE's dtype (the
     # paper's code omits this cast and fails with bf16 weights; a no-op for an fp32 VAE).
     decoded = vae.decode((x0 / scale).to(vae.dtype)).sample  # [B,3,H,W]

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of E2E fine-tuning (spec B.1 "LR schedule", Marigold's IterExponential)."""
+"""Learning-rate schedule of E2E fine-tuning (Marigold's IterExponential, docs/method.md#lr-schedule)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class IterExponential:
 
     ``n < warmup``: ``n / warmup``; ``warmup <= n < total``:
     ``exp(((n - warmup) / (total - warmup)) * ln(final_ratio))``; ``n >= total``: ``final_ratio``.
-    Defaults of the paper: warmup 100, total 20 000, final_ratio 0.01 (spec B.1).
+    Defaults of the paper: warmup 100, total 20 000, final_ratio 0.01.
 
     The paper's code multiplies the lengths by num_processes because accelerate steps a prepared
     scheduler once per process; our trainer steps the schedule itself once per optimiser step,

@@ -1,4 +1,4 @@
-"""E2E fine-tuning console script (spec B): ``geodiff_train``, runs under ``accelerate launch``.
+"""E2E fine-tuning console script (docs/method.md#training): ``geodiff_train``, runs under ``accelerate launch``.
 
 Single-step regression fine-tuning of an image-conditional diffusion UNet: zero target latent,
 t = 999, x0 from the prediction type, decode through the frozen VAE decoder, task loss in pixel
@@ -52,24 +52,24 @@ def _size_hw(text: str) -> tuple[int, int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All flags; defaults are the paper's (spec B.1) unless a flag says otherwise."""
+    """All flags; defaults are the paper's unless a flag says otherwise."""
     p = argparse.ArgumentParser(
         prog="geodiff_train",
         description="E2E fine-tuning of a Marigold / E2E-FT / Stable Diffusion 2 UNet for single-step "
-        "depth or normals (arXiv 2409.11355, spec B). Launch with `accelerate launch` for several GPUs.",
+        "depth or normals (arXiv 2409.11355). Launch with `accelerate launch` for several GPUs.",
     )
     g = p.add_argument_group("model")
     g.add_argument("--init", required=True,
                    help="init checkpoint: hub id or folder (e.g. prs-eth/marigold-depth-v1-0, "
                    "GonzaloMG/marigold-e2e-ft-depth, stabilityai/stable-diffusion-2; a 4-channel SD UNet "
-                   "gets its conv_in doubled with weight and bias halved, spec B.2)")
+                   "gets its conv_in doubled with weight and bias halved)")
     g.add_argument("--modality", choices=("depth", "normals"), default="depth", help="task to train")
     g.add_argument("--text_padding", choices=("max_length", "do_not_pad"), default="max_length",
                    help="empty-prompt context used in training: max_length (77 tokens) is what the paper's "
-                   "code did (spec B.3-4); inference always uses do_not_pad (2 tokens), spec F.5")
+                   "code did; inference always uses do_not_pad (2 tokens)")
     g.add_argument("--local_files_only", action="store_true", help="never download from the hub")
     d = p.add_argument_group("data (at least one source)")
-    d.add_argument("--hypersim_dir", help="Hypersim in Marigold's preprocessed layout (spec B.4)")
+    d.add_argument("--hypersim_dir", help="Hypersim in Marigold's preprocessed layout")
     d.add_argument("--hypersim_split", help="E2E filename_meta_train.csv or Marigold filename list")
     d.add_argument("--hypersim_all_depth_rows", action="store_true",
                    help="depth training: also keep Hypersim rows without a normal map (the paper's loader keeps "
@@ -82,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--manifest_max_depth", type=float, default=80.0, help="far limit of valid depth [m]")
     d.add_argument("--mix_weights", default=None,
                    help="comma list of batch ratios in the order hypersim, vkitti, manifests; default 9,1 for "
-                   "Hypersim+VKITTI (spec B.4), otherwise equal")
-    d.add_argument("--flip_p", type=float, default=0.5, help="horizontal flip probability (spec B.4)")
+                   "Hypersim+VKITTI as in the paper, otherwise equal")
+    d.add_argument("--flip_p", type=float, default=0.5, help="horizontal flip probability")
     d.add_argument("--preprocess", choices=("official", "float"), default="official",
                    help="Hypersim / VKITTI samples: 'official' = the paper's loader bit for bit (PIL uint8 resizing, "
                    "Hypersim normals re-quantised to uint8 after orientation); 'float' keeps float maps and resizes "
                    "with torch")
     d.add_argument("--dataloader_num_workers", type=int, default=2)
-    o = p.add_argument_group("optimisation (spec B.1)")
+    o = p.add_argument_group("optimisation (the paper's values)")
     o.add_argument("--max_train_steps", type=int, default=20000, help="optimiser steps")
     o.add_argument("--train_batch_size", type=int, default=2, help="micro-batch per GPU")
     o.add_argument("--gradient_accumulation_steps", type=int, default=16)
@@ -162,7 +162,7 @@ def build_datasets(args: argparse.Namespace) -> tuple[list[Dataset], list[float]
             msg = f"--mix_weights has {len(weights)} values for {len(sets)} datasets"
             raise SystemExit(msg)
     elif args.hypersim_dir and args.vkitti_dir and not args.manifest:
-        weights = [9.0, 1.0]  # spec B.4: Hypersim 90 % / VKITTI 10 %
+        weights = [9.0, 1.0]  # Hypersim 90 % / VKITTI 10 % of the batches
     else:
         weights = [1.0] * len(sets)
     return sets, weights
@@ -207,7 +207,7 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Model: UNet trainable, VAE + text encoder frozen, all fp32 (spec B.1). --half_weights: the paper's code
+    # 1. Model: UNet trainable, VAE + text encoder frozen, all fp32. --half_weights: the paper's code
     #    under mixed precision casts all three to that dtype (after accelerate.prepare, below).
     with accelerator.main_process_first():  # one hub download, the other processes read the cache
         comps = load_train_components(args.init, local_files_only=args.local_files_only)
@@ -221,10 +221,11 @@ def train(args: argparse.Namespace) -> dict:
     text_encoder = comps.text_encoder.to(device, weight_dtype)
     text_context = encode_empty_prompt(comps.tokenizer, text_encoder, padding=args.text_padding)  # [1,L,C]
     text_encoder.to("cpu")  # only needed once; frees GPU memory
-    # alphas_cumprod in float32 (bf16 with --half_weights), as the paper's code converts them (spec B.3-6)
+    # alphas_cumprod in float32 (bf16 with --half_weights), as the paper's code converts them
     alpha_t = comps.alphas_cumprod.to(device, weight_dtype)[TIMESTEP]
 
-    # 2. Optimiser + schedule (spec B.1): AdamW, warm-up 100 then exp decay to 1 % at lr_total_iter_length.
+    # 2. Optimiser + schedule (docs/method.md#optimiser): AdamW, warm-up 100 then exp decay to 1 % at
+    #    lr_total_iter_length.
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad],
         lr=args.learning_rate,
@@ -239,7 +240,7 @@ def train(args: argparse.Namespace) -> dict:
         unet.to(dtype=weight_dtype)  # the paper's code: after prepare, so AdamW holds the bf16 parameters
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us once per optimiser step
 
-    # 3. Data: one dataset per micro-batch, mixed by ratio (spec B.4); sharded over processes.
+    # 3. Data: one dataset per micro-batch, mixed by ratio; sharded over processes.
     datasets, weights = build_datasets(args)
     samplers = [
         DistributedSampler(ds, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -301,7 +302,7 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.wait_for_everyone()
         return folder
 
-    # 5. Loop: optimiser steps = global_step; micro-batches accumulate (spec B.1).
+    # 5. Loop: optimiser steps = global_step; micro-batches accumulate.
     # The logged step loss is the paper's: per micro-batch the mean over processes (a dropped NaN or an empty
     # mask counts as 0), summed / gradient_accumulation_steps.
     losses: list[float] = []
@@ -331,7 +332,7 @@ def train(args: argparse.Namespace) -> dict:
                     loss = angular_loss(pred, batch["normals"].to(device, weight_dtype),
                                         batch["normals_mask"].to(device))
                 if not torch.isfinite(loss):
-                    # spec B.3-11: a NaN loss term is dropped. A zero loss over all parameters keeps the
+                    # A NaN loss term is dropped, as the paper's code does. A zero loss over all parameters keeps the
                     # backward (and DDP's gradient all-reduce) in step on every process.
                     nan_skips += 1
                     loss = sum(p.sum() for p in params) * 0.0
