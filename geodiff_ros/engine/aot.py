@@ -1,4 +1,4 @@
-"""Ahead-of-time compiled network stages (issue 14, start-up): ``geodiff_compile`` exports each stage of the
+"""Ahead-of-time compiled network stages (start-up): ``geodiff_compile`` exports each stage of the
 compiled engine that torch.compile would compile (VAE encoder, UNet per task, VAE decoder; with the fused VAE path of
 accel.FastPaths, on CUDA by default, the UNets only: a hand-scheduled stage needs none) with ``torch.export`` and
 compiles it with AOTInductor into a ``.pt2`` package; an engine with a compiled ``optimize`` mode finds the packages
