@@ -313,7 +313,7 @@ def test_aot_packages_leave_the_fused_vae_alone_in_the_interpreter(tiny_depth_ck
         assert [p.name.split("-")[0] for p in paths] == ["unet"], paths  # no package for the fused VAE stages
         engine = GeoDiffEngine(EngineConfig(**cfg, optimize="compile"))
         acc = engine.accelerator
-        assert acc.aot_loaded == 1 and not acc.all_stages_aot()  # the compiled VAE (fast paths off) still compiles
+        assert acc.aot_packages == 1 and not acc.all_stages_aot()  # the compiled VAE (fast paths off) still compiles
         assert acc.set_fast_paths(accel.FastPaths()).fused_vae and acc.all_stages_aot()
         before = counters["stats"]["unique_graphs"]
         depth = engine.predict(frames[0]).depth

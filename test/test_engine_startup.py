@@ -3,11 +3,14 @@ device unless TORCHINDUCTOR_CACHE_DIR says otherwise. No compiling here (test_ro
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from aot_helpers import crashing_library, replace_library
 
 from geodiff_ros.engine.startup import compile_cache_key, default_compile_cache_dir, prepare_compile
 
@@ -98,23 +101,37 @@ def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, "optimize": "compile"}))
-    assert engine.accelerator.aot_loaded == 3
+    assert engine.accelerator.aot_packages == 3 and engine.accelerator.aot_loaded == 0  # loaded on first use
     depth = engine.predict(rgb).depth
+    assert engine.accelerator.aot_loaded == 3
     assert counters["stats"]["unique_graphs"] == before  # nothing traced or compiled
     reference = GeoDiffEngine(config).predict(rgb).depth
     np.testing.assert_allclose(depth, reference, rtol=0, atol=1e-4)
+    assert all(json.loads(p.with_suffix(".checked").read_text())["problem"] is None for p in packages)
 
     # The same architecture from another folder (a moved or re-downloaded model) re-uses the packages.
-    import shutil
-
     moved = shutil.copytree(tiny_depth_ckpt, tmp_path / "moved-model")
     with caplog.at_level("INFO", logger="geodiff_ros.engine.aot"):
         assert compile_main(["--model-depth", str(moved), "--model-normals", "", "--device", "cpu", "--dtype", "fp32",
                              "--processing-res", "64", "--size", "160x120", "--optimize", "compile"]) == 0
     assert sorted((tmp_path / "aot").glob("*.pt2")) == packages and caplog.text.count("exists") == 3
 
-    packages[0].write_bytes(packages[0].read_bytes()[:1000])  # truncated: does not load
+    # A package must never take the process down: a truncated one does not load, and one whose library crashes
+    # the process that loads it (SIGSEGV, as a broken package did on a GPU) is caught by its check in a child
+    # process and never loaded here; either way its stage compiles as usual.
+    from geodiff_ros.engine.aot import load_stage_package
+
+    unet = engine.models["depth"].unet
+    by_stage = {json.loads(p.with_suffix(".json").read_text())["stage"]: p for p in packages}
+    truncated, crashing = by_stage["vae-encoder[shared]"], by_stage["unet[depth]"]
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    replace_library(crashing, crashing_library(tmp_path))
+    caplog.clear()
     with caplog.at_level("WARNING", logger="geodiff_ros.engine.aot"):
-        engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, "optimize": "compile"}))
-    assert engine.accelerator.aot_loaded == 2
-    assert "compiles as usual" in caplog.text
+        assert load_stage_package(truncated, engine.vae) is None
+        assert load_stage_package(crashing, unet) is None
+    assert "killed by SIGSEGV" in caplog.text and caplog.text.count("compiles as usual") == 2, caplog.text
+    assert json.loads(crashing.with_suffix(".checked").read_text())["problem"].startswith("its check")
+    engine = GeoDiffEngine(EngineConfig(**{**config.__dict__, "optimize": "compile"}))
+    assert engine.accelerator.aot_packages == 3  # found; the two broken ones fail on first use and compile
+

@@ -1,5 +1,6 @@
-"""Start-up with a compiled engine: the node warms up (torch.compile) in its worker on activation, stays
-responsive meanwhile, and a restart re-uses the compiled kernels kept in TORCHINDUCTOR_CACHE_DIR.
+"""Start-up with a compiled engine and ``startup_mode: wait_compiled``: the node warms up (torch.compile) in its
+worker on activation before serving, stays responsive meanwhile, and a restart re-uses the compiled kernels kept in
+TORCHINDUCTOR_CACHE_DIR. (The default, serving while compiling, is test_ros_serving.py.)
 
 CPU, tiny checkpoint, ``optimize=compile``: inductor compiles C++ kernels with the system compiler, so a cold
 warm-up takes a minute or two on 2 cores, which is the window in which the node must answer services. Skips
@@ -52,8 +53,8 @@ def _kernels(cache: Path) -> set[str]:
 def _start(domain: int, ckpt: Path, cache: Path, log: Path) -> NodeProcess:
     return NodeProcess(domain, {
         "model_depth": str(ckpt), "model_normals": "", "device": "cpu", "dtype": "fp32", "processing_res": 64,
-        "optimize": "compile", "warmup_size": [W, H], "qos.input.reliability": "reliable",
-        "diagnostics_period": 0.5,
+        "optimize": "compile", "startup_mode": "wait_compiled", "warmup_size": [W, H],
+        "qos.input.reliability": "reliable", "diagnostics_period": 0.5,
     }, log, remaps=node_remaps(NS, NAME), extra_env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
 
 

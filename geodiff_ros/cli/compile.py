@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch_sizes:
         frames = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)  # [B,H,W,3]
         LOG.info("batch %d, %dx%d, %s, tasks %s:", batch, width, height, args.dtype, engine.tasks)
-        paths += export_stages(engine, frames, folder)
+        try:
+            paths += export_stages(engine, frames, folder)
+        except RuntimeError as err:  # a package that does not run in a child process (kept aside, never loaded)
+            LOG.error("%s", err)
+            return 1
     LOG.info("%d package(s) in %s after %.0f s; nodes and engines with optimize %s load them at start-up",
              len(paths), folder, time.perf_counter() - start, args.optimize)
     return 0

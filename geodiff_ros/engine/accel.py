@@ -24,7 +24,8 @@ order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). ben
 difference to fp32 eager (H100 fp16: within the eager fp16 error, see benchmarks/README.md).
 
 Start-up: the first frame of a new input size compiles (minutes for the full-size model) and/or captures (seconds).
-Call ``GeoDiffEngine.warmup`` (or startup.warm_up_stages, with progress) before serving. Inductor keeps its compiled
+Call ``GeoDiffEngine.warmup`` (or startup.warm_up_stages, with progress) before serving, or serve while compiling:
+serving.PathBuilder builds the fast path on a thread of its own while calls run eagerly. Inductor keeps its compiled
 kernels on disk, by default in a persistent per-user folder keyed by torch build and device (startup.py;
 ``TORCHINDUCTOR_CACHE_DIR`` overrides it), so a restart re-uses them; dynamo still re-traces the model on each
 start (tens of seconds).
@@ -32,10 +33,11 @@ start (tens of seconds).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,24 +108,54 @@ def resolve_optimize(mode: str, device: torch.device) -> str:
 
 
 class _Stage:
-    """A network stage with an eager and an optional compiled form; a compiler failure falls back to eager once."""
+    """A network stage with an eager form and a fast form: torch.compile of the eager form (``compiled``), an AOT
+    package per input signature (aot.py, loaded on first use), or a hand-scheduled form (``fast``, the fused VAE).
+    A compiler failure falls back to eager once.
 
-    def __init__(self, name: str, eager: Callable[..., torch.Tensor], compiled: bool) -> None:
+    Serve while compiling (serving.py): while ``gated``, a call runs the fast form only for input shapes in
+    ``ready`` and the eager form otherwise, so a frame never waits for a compiler; the builder thread runs the fast
+    form itself (inside :func:`building`) and adds the shapes it completed to ``ready``.
+    """
+
+    def __init__(self, name: str, eager: Callable[..., torch.Tensor], compiled: bool,
+                 fast: Callable[..., torch.Tensor] | None = None) -> None:
         self.name = name
         self.eager = eager
-        self.fn = torch.compile(eager, dynamic=False) if compiled else eager
+        self.fn = torch.compile(eager, dynamic=False) if compiled else (fast or eager)
         self.compiled = compiled
         self.error: str | None = None
-        self.aot: dict[tuple, Callable[..., torch.Tensor]] = {}  # input signature -> AOT package (aot.py)
+        self.aot: dict[tuple, Callable[..., torch.Tensor]] = {}  # input signature -> loaded AOT package (aot.py)
+        self.aot_paths: dict[tuple, Any] = {}  # input signature -> package path, loaded on first use
+        self.aot_failed: set[tuple] = set()
+        self.owner: Any = None  # the module whose parameters a package gets as its weights (aot.index_packages)
+        self.gated = False
+        self.ready: set[tuple] = set()  # input shapes whose fast form is built (read while gated)
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        if self.aot:
-            runner = self.aot.get(stage_signature(args))
+        if self.gated:
+            key = shape_key(args)
+            if not _BUILD.active:
+                if key in self.ready:
+                    return self.run_fast(*args)
+                return self.eager(*args)
+            out = self.run_fast(*args)
+            self.ready.add(key)  # built and run once: serving may use it from the next call on
+            return out
+        return self.run_fast(*args)
+
+    def run_fast(self, *args: Any) -> torch.Tensor:
+        """The fast form: an AOT package for this signature, else the compiled (or hand-scheduled) function."""
+        if self.aot_paths:
+            signature = stage_signature(args)
+            runner = self.aot.get(signature)
+            if runner is None and signature in self.aot_paths and signature not in self.aot_failed:
+                runner = self._load_package(signature)
             if runner is not None:
                 return runner(*args)
         if self.fn is self.eager:
             return self.eager(*args)
-        mark_batch_dynamic(args)
+        if self.compiled:
+            mark_batch_dynamic(args)
         try:
             return self.fn(*args)
         except torch.cuda.OutOfMemoryError:
@@ -134,6 +166,42 @@ class _Stage:
                         self.error.splitlines()[0][:300])
             self.fn = self.eager
             return self.eager(*args)
+
+    def _load_package(self, signature: tuple) -> Callable[..., torch.Tensor] | None:
+        """Load (after a check in a child process, aot.py) the package for ``signature``; None, logged, when it
+        cannot be used: the stage then compiles as usual."""
+        from .aot import load_stage_package
+
+        path = self.aot_paths[signature]
+        runner = load_stage_package(path, self.owner)
+        if runner is None:
+            self.aot_failed.add(signature)
+            return None
+        self.aot[signature] = runner
+        return runner
+
+
+class _BuildFlag(threading.local):
+    active = False
+
+
+_BUILD = _BuildFlag()
+
+
+@contextlib.contextmanager
+def building() -> Iterator[None]:
+    """Calls of gated stages on this thread build and run their fast form (the serve-while-compiling builder)."""
+    was = _BUILD.active
+    _BUILD.active = True
+    try:
+        yield
+    finally:
+        _BUILD.active = was
+
+
+def shape_key(args: Sequence[Any]) -> tuple:
+    """Shapes of a stage call's tensor arguments: what a built fast form is ready for."""
+    return tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
 
 
 def mark_batch_dynamic(args: Sequence[Any]) -> None:
@@ -207,15 +275,19 @@ class Accelerator:
         self._streams: dict[str, torch.cuda.Stream] = {}
         if compiled and is_cuda:
             self.set_fast_paths(FAST_PATHS)
-        self.aot_loaded = 0
+        self.aot_packages = 0
         self.compile_cache_dir = None
+        # Serve while compiling (serving.PathBuilder): it captures the CUDA graphs (never on demand then) and is
+        # told of every frame shape a call meets.
+        self.builder: Any = None
         if compiled:
-            from .aot import attach_packages
+            from .aot import index_packages
             from .startup import prepare_compile
 
-            # geodiff_compile's packages, loaded instead of compiled, for the stages in use after the fast paths
-            # are chosen: a hand-scheduled (fused) VAE stage is not compiled and gets none (aot._stages).
-            self.aot_loaded = attach_packages(self)
+            # geodiff_compile's packages: found now (their JSON sidecars), each loaded on its stage's first call
+            # with that input signature, after a check in a child process (aot.py): a package never takes the
+            # process down. A hand-scheduled (fused) VAE stage is not compiled and gets none (aot._stages).
+            self.aot_packages = index_packages(self)
             # Persistent per-user kernel cache; compile workers only if some stage may still compile.
             self.compile_cache_dir = prepare_compile(self.device, start_workers=not self.all_stages_aot())
 
@@ -274,6 +346,7 @@ class Accelerator:
         tasks = tuple(tasks)
         with self._lock, torch.inference_mode():
             if self.device.type != "cuda":
+                self._note(batch.shape, tasks)
                 out = self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
                 return Prediction(**{task: value.numpy().copy() for task, value in out.items()})
             device_out, _ = self._run_cuda(batch, tasks)
@@ -291,6 +364,7 @@ class Accelerator:
         tasks = tuple(tasks)
         with self._lock, torch.inference_mode():
             if self.device.type != "cuda":
+                self._note(batch.shape, tasks)
                 return self.compute(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device), tasks)
             device_out, static = self._run_cuda(batch, tasks)
             if static:
@@ -301,10 +375,12 @@ class Accelerator:
     def _run_cuda(self, batch: np.ndarray, tasks: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], bool]:
         """Upload through the pinned buffer and run the frame (graph replay when captured); the outputs and
         whether they are a graph's static buffers. Asynchronous: the caller synchronises."""
+        self._note(batch.shape, tasks)
         host_in = self._host_buffer(("in",), batch.shape, torch.uint8)
         np.copyto(host_in.numpy(), batch)
         if self.use_cuda_graph:
-            frame = self._captured(host_in, tasks)
+            frame = self._captured(host_in, tasks) if self.builder is None else self._graphs.get(
+                (tuple(host_in.shape), tasks))
             if frame is not None:
                 frame.static_in.copy_(host_in, non_blocking=True)
                 frame.graph.replay()
@@ -314,8 +390,23 @@ class Accelerator:
     def all_stages_aot(self) -> bool:
         """Whether every stage in use that torch.compile would compile has at least one AOT package (then nothing
         is likely to compile; a hand-scheduled stage needs none)."""
-        return all(stage.aot for stage in (*self.encoders.values(), *self.unets.values(), *self.decoders.values())
-                   if stage.compiled)
+        return all(stage.aot_paths for stage in self.stages() if stage.compiled)
+
+    def stages(self) -> list[_Stage]:
+        """The network stages in use (encoders, UNets, decoders)."""
+        return [*self.encoders.values(), *self.unets.values(), *self.decoders.values()]
+
+    @property
+    def aot_loaded(self) -> int:
+        """AOT packages loaded so far (each on its stage's first call with its input signature)."""
+        return sum(len(stage.aot) for stage in self.stages())
+
+    def gate(self, on: bool) -> None:
+        """Serve while compiling: while on, each stage runs its fast form only for input shapes it was built for
+        (``_Stage.ready``), the eager form otherwise (serving.PathBuilder)."""
+        for stage in {id(s): s for s in (*self.stages(), *self._compiled_vae_stages[0].values(),
+                                         *self._compiled_vae_stages[1].values())}.values():
+            stage.gated = on
 
     def stage_errors(self) -> dict[str, str]:
         """Compiler or capture failures that made a stage fall back (empty when everything runs as asked)."""
@@ -351,6 +442,12 @@ class Accelerator:
             return self.fast_paths
 
     # ---------------------------------------------------------------- helpers
+
+    def _note(self, shape: tuple, tasks: tuple[str, ...]) -> None:
+        """Tell the builder (serve while compiling) about a frame shape it has not planned: it builds it next."""
+        builder = self.builder
+        if builder is not None:
+            builder.note(tuple(shape[:3]), tasks)
 
     def _vae_key(self, task: str | None) -> str | None:
         return task if task in self.encoders else None
@@ -390,6 +487,12 @@ class Accelerator:
             self._graphs.popitem(last=False)
         return frame
 
+    def capture(self, host_in: torch.Tensor, tasks: tuple[str, ...]) -> None:
+        """Capture the CUDA graph of this input shape and task set now (the serve-while-compiling builder; frames
+        wait on the lock meanwhile, a fraction of a second). A failure turns graphs off, as on demand."""
+        with self._lock, torch.inference_mode():
+            self._captured(host_in, tasks)
+
     def _capture(self, host_in: torch.Tensor, tasks: tuple[str, ...]) -> _CapturedFrame:
         static_in = host_in.to(self.device)
         side = torch.cuda.Stream(self.device)
@@ -400,7 +503,9 @@ class Accelerator:
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads (the node's post-processing stream) may launch, allocate and synchronise
+        # while this thread captures; only this thread's own unsafe calls would break the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.compute(static_in, tasks)
         LOG.info("captured a CUDA graph for input %s, tasks %s", tuple(host_in.shape), tasks)
         return _CapturedFrame(graph, static_in, static_out)
@@ -412,10 +517,13 @@ class _ChannelSumGroupNorm(torch.nn.GroupNorm):
     The maths of torch's group_norm (fp32 statistics, biased variance), summed in another order. In channels_last a
     group's 4 channels are 8-byte pieces 256 bytes apart, and inductor's per-group reduction of them ran far below
     memory bandwidth on the VAE's full-resolution maps (benchmarks/README.md); a per-channel reduction reads whole
-    pixel rows. Meant for compiled graphs (eager it launches more kernels than the fused native op).
+    pixel rows. Used only inside compiled or exported graphs: called eagerly (the path that serves while they
+    compile) it is torch's fused native op, which launches far fewer kernels.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return super().forward(x)
         b, c = x.shape[:2]
         per_group = c // self.num_groups
         dims = tuple(range(2, x.dim()))
@@ -439,8 +547,12 @@ def _fused_vae_stages(vaes: dict[str | None, Any], paths: FastPaths) -> tuple[di
     ops = TritonOps()
     fused = {key: FusedVAE(vae, ops, subpixel=paths.subpixel, attention=paths.vae_attention)
              for key, vae in vaes.items()}
-    encoders = {key: _Stage(f"vae-encoder[{key or 'shared'}, fused]", f.encode, False) for key, f in fused.items()}
-    decoders = {key: _Stage(f"vae-decoder[{key or 'shared'}, fused]", f.decode, False) for key, f in fused.items()}
+    # The fused form is the fast one; the plain VAE serves while it is built (its first call JIT-compiles the
+    # Triton kernels and searches cuDNN algorithms: seconds, which serve-while-compiling keeps off frames).
+    encoders = {key: _Stage(f"vae-encoder[{key or 'shared'}, fused]", _encoder_fn(vaes[key]), False, fast=f.encode)
+                for key, f in fused.items()}
+    decoders = {key: _Stage(f"vae-decoder[{key or 'shared'}, fused]", _decoder_fn(vaes[key]), False, fast=f.decode)
+                for key, f in fused.items()}
     return encoders, decoders
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,10 +146,11 @@ def load_components(
     *,
     torch_dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
-    load_text_encoder: bool = True,
+    load_text_encoder: bool | Callable[[Path], bool] = True,
     timestep_spacing: str | None = None,
     require_image_conditional: bool = True,
     expected_task: str | None = None,
+    device: torch.device | None = None,
 ) -> ModelComponents:
     """Load UNet, VAE, scheduler, text encoder and tokenizer of one checkpoint on the CPU.
 
@@ -159,7 +160,9 @@ def load_components(
     (docs/method.md#timestep-spacing). ``require_image_conditional=False`` admits a plain 4-channel Stable
     Diffusion UNet (fine-tuning, docs/method.md#conv-in-expansion).
     ``expected_task`` ("depth" / "normals") refuses a checkpoint that says it is the other task, before any
-    weights are read (:func:`check_task`).
+    weights are read (:func:`check_task`). ``load_text_encoder`` may decide per folder (False: the caller has the
+    empty-prompt embedding cached). ``device`` (CUDA): UNet and VAE weights are read straight onto it
+    (safetensors to the GPU, no CPU copy; the CPU path is the fallback).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -168,12 +171,23 @@ def load_components(
     model_index = read_model_index(folder)
     if expected_task is not None:
         check_task(source, folder, model_index, expected_task)
+    if callable(load_text_encoder):
+        load_text_encoder = load_text_encoder(folder)
     sched_kwargs = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
     if require_image_conditional:
         check_unet_config(_read_json(folder / "unet" / "config.json"), folder)  # before reading GBs of weights
+    def weights(cls: Any, sub: str) -> Any:
+        if device is not None and device.type == "cuda":
+            try:
+                return cls.from_pretrained(folder, subfolder=sub, torch_dtype=torch_dtype, device_map={"": device})
+            except Exception as err:  # noqa: BLE001 - the CPU path below is the reference; it reports real errors
+                LOG.info("loading the %s straight onto %s failed (%s: %s); loading it on the CPU", sub, device,
+                         type(err).__name__, err)
+        return cls.from_pretrained(folder, subfolder=sub, torch_dtype=torch_dtype)
+
     loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+        "unet": lambda: weights(UNet2DConditionModel, "unet"),
+        "vae": lambda: weights(AutoencoderKL, "vae"),
         "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler", **sched_kwargs),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         "text_encoder": lambda: (CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",

@@ -45,6 +45,11 @@ DEFAULT_PROCESSING_RES = 768
 # official code accepts that, and its ETH3D protocol runs at 756: the evaluation may; serving front-ends may not).
 PROCESSING_RES_MULTIPLE = 8
 
+# How a server starts a compiled engine (engine/serving.py): serve eager frames at once while the optimised path
+# builds in the background, or build it first (repeatable latency from the first frame).
+STARTUP_MODES = ("serve_eager", "wait_compiled")
+DEFAULT_STARTUP_MODE = "serve_eager"
+
 
 def processing_res_problem(value: int, option: str = "processing_res") -> str | None:
     """Why ``value`` is not a valid processing resolution for serving (``option`` names the setting), or None."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,6 +136,63 @@ def encode_empty_prompt(tokenizer: Any, text_encoder: Any, padding: str = "do_no
         return text_encoder(ids)[0]
 
 
+def _embedding_cache_path(folder: Path, device: torch.device) -> Path | None:
+    """Where the empty-prompt embedding of this checkpoint's text encoder is kept for this kind of device and torch
+    build (None when the checkpoint has no text encoder config)."""
+    try:
+        digest = hashlib.sha1(_files_fingerprint(folder / "text_encoder").encode())
+        digest.update(_files_fingerprint(folder / "tokenizer").encode())
+    except OSError:
+        return None
+    from .startup import compile_cache_key
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "geodiff_ros" / "empty_prompt" / compile_cache_key(device) / f"{digest.hexdigest()}.pt"
+
+
+def read_cached_embedding(folder: Path, device: torch.device) -> torch.Tensor | None:
+    """The cached fp32 empty-prompt embedding [1,2,C] of this checkpoint on this kind of device, or None."""
+    path = _embedding_cache_path(folder, device)
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a broken cache file: compute the embedding again
+        LOG.info("ignoring the cached empty-prompt embedding %s (%s)", path, err)
+        return None
+    return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+
+
+def write_cached_embedding(folder: Path, device: torch.device, embedding: torch.Tensor) -> None:
+    """Keep the embedding for the next start (best effort: a read-only home just computes it each time)."""
+    path = _embedding_cache_path(folder, device)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(embedding.detach().cpu(), tmp)
+        tmp.replace(path)
+    except OSError as err:
+        LOG.info("could not cache the empty-prompt embedding in %s (%s)", path, err)
+
+
+def _files_fingerprint(sub: Path) -> str:
+    """Cheap identity of a component folder: its JSON/text files, plus size and head/tail bytes of weight files."""
+    digest = hashlib.sha1()
+    for item in sorted(sub.iterdir()):
+        if not item.is_file():
+            continue
+        size = item.stat().st_size
+        digest.update(f"{item.name}:{size}".encode())
+        with item.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
 def _vae_fingerprint(folder: Path) -> str:
     """Cheap identity of a checkpoint's VAE: config plus size and head/tail bytes of its weight files."""
     digest = hashlib.sha1()
@@ -182,20 +240,42 @@ class GeoDiffEngine:
         self.empty_embedding: torch.Tensor | None = None
         self._extra_vaes: dict[str, Any] = {}
         first_folder: Path | None = None
+        # Seconds per loading step (logged once; benchmarks read it): where a restart's time goes.
+        self.load_times: dict[str, float] = {}
+        cached_embedding: list[torch.Tensor] = []
+
+        def need_text_encoder(folder: Path) -> bool:  # no text encoder to load when its embedding is cached
+            if self.empty_embedding is not None:
+                return False
+            cached_embedding[:] = [e for e in [read_cached_embedding(folder, self.device)] if e is not None]
+            return not cached_embedding
+
         for task in wanted:
             # Weights load in self.dtype (torch_dtype), so moving them is a device move only, no cast.
+            t0 = time.perf_counter()
             parts = load_components(sources[task], torch_dtype=self.dtype,
                                     local_files_only=config.local_files_only,
-                                    load_text_encoder=self.empty_embedding is None,
-                                    expected_task=task if config.check_model_task else None)
+                                    load_text_encoder=need_text_encoder,
+                                    expected_task=task if config.check_model_task else None,
+                                    device=self.device)
+            t1 = time.perf_counter()
+            self.load_times[f"read {task}"] = t1 - t0
             if self.vae is None:
                 first_folder = parts.folder
                 self.vae = parts.vae.to(self.device).eval()
                 # The text encoder (fp32, as in the official pipeline) only serves the empty-prompt embedding,
                 # computed on the inference device and cast like the official one (spec A.1-9); released after.
-                embedding = encode_empty_prompt(parts.tokenizer, parts.text_encoder.to(self.device))
+                # It is kept on disk per checkpoint, device kind and torch build (the same bits), so a restart
+                # does not load the text encoder at all.
+                if cached_embedding:
+                    embedding = cached_embedding[0].to(self.device)
+                else:
+                    embedding = encode_empty_prompt(parts.tokenizer, parts.text_encoder.to(self.device))
+                    write_cached_embedding(parts.folder, self.device, embedding)
                 self.empty_embedding = embedding.to(self.dtype)
                 parts.text_encoder = None
+                self.load_times["empty prompt" + (" (cached)" if cached_embedding else "")] = \
+                    time.perf_counter() - t1
             elif _vae_fingerprint(parts.folder) != _vae_fingerprint(first_folder):
                 LOG.warning("the %s checkpoint %s has a different VAE than %s: encoding each frame twice",
                             task, parts.folder, first_folder)
@@ -206,17 +286,22 @@ class GeoDiffEngine:
                                      f"{parts.unet.config.cross_attention_dim} but the shared text encoder gives "
                                      f"{width}: load the two tasks from matching checkpoints")
             frame = config.normals_frame or normals_frame_of(sources[task], parts.model_index)
+            t2 = time.perf_counter()
             self.models[task] = TaskModel(task, parts.unet.to(self.device).eval(), parts.scheduler, sources[task],
                                           frame)
+            self.load_times[f"{task} unet to {self.device.type}"] = time.perf_counter() - t2
         self.optimize = "none"  # the mode in use ("auto" resolved for the device)
         if config.optimize not in ("none", ""):
             from .accel import Accelerator, resolve_optimize
 
             self.optimize = resolve_optimize(config.optimize, self.device)
             if self.optimize != "none":
+                t0 = time.perf_counter()
                 self.accelerator = Accelerator(self, self.optimize)
-        LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d, optimize %s", self.tasks,
-                 self.device, str(self.dtype).replace("torch.", ""), config.processing_res, self.optimize)
+                self.load_times["accelerator"] = time.perf_counter() - t0
+        LOG.info("geodiff engine ready: tasks %s on %s (%s), processing_res %d, optimize %s; loaded in %s",
+                 self.tasks, self.device, str(self.dtype).replace("torch.", ""), config.processing_res,
+                 self.optimize, ", ".join(f"{k} {v:.1f} s" for k, v in self.load_times.items()))
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ never mix.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from typing import Any
@@ -64,11 +65,44 @@ def _is_engine_error(err: BaseException) -> bool:
     errors = sys.modules.get("geodiff_ros.engine.errors")
     return errors is not None and isinstance(err, errors.GeoDiffError)
 
+class _EngineLogToRos(logging.Handler):
+    """The engine's Python log records (loading times, compile progress, AOT package checks: INFO and up) go to
+    the node's ROS logger, so they reach the node's log and /rosout with its name (unconfigured Python logging
+    dropped INFO and wrote warnings bare to stderr)."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(logging.INFO)
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record must not break the caller
+            return
+        if record.levelno >= logging.ERROR:
+            self._log.error(text)
+        elif record.levelno >= logging.WARNING:
+            self._log.warning(text)
+        else:
+            self._log.info(text)
+
+
+def _bridge_engine_logs(log: Any) -> None:
+    """Route ``geodiff_ros.engine`` records to ``log`` (once per process: a later node replaces the bridge)."""
+    engine_log = logging.getLogger("geodiff_ros.engine")
+    for handler in [h for h in engine_log.handlers if isinstance(h, _EngineLogToRos)]:
+        engine_log.removeHandler(handler)
+    engine_log.addHandler(_EngineLogToRos(log))
+    engine_log.setLevel(logging.INFO)
+    engine_log.propagate = False
+
+
 class GeoDiffNode(LifecycleNode):
     """Lifecycle node: ``configure`` loads the engine, ``activate`` subscribes and starts the worker."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
+        _bridge_engine_logs(self.get_logger())
         declare_all(self)
         initial = read_settings(self)
         reason = validate_changes(initial.values, {}, configured=False)
@@ -196,16 +230,19 @@ class GeoDiffNode(LifecycleNode):
         self.get_logger().info(f'engine ready: tasks {self._engine.tasks} on {self._engine.device} '
                                f'({str(self._engine.dtype).replace("torch.", "")}, optimize {optimize})')
         if optimize != "none":
-            # Not warmed up here: a cold compile takes minutes and would hold the lifecycle transition; the engine
-            # thread warms up on activation (warmup_size) and compiles any other input size on its first frame.
+            # Not built here: a cold compile takes minutes and would hold the lifecycle transition; the engine
+            # thread starts it on activation (warmup_size, startup_mode) and any other input size when it appears.
             acc = self._engine.accelerator
-            aot = getattr(acc, "aot_loaded", 0)
+            aot = getattr(acc, "aot_packages", 0)
             cache = getattr(acc, "compile_cache_dir", None)
+            waits = settings["startup_mode"] == "wait_compiled"
             self.get_logger().info(
-                f"optimize={optimize}: the warm-up on activation compiles or captures (progress in /diagnostics); "
-                "other input sizes do so on their first frame" + (f"; compiled kernels cached in {cache}" if cache
-                                                                  else "")
-                + (f"; {aot} stage(s) load AOT packages (geodiff_compile)" if aot else ""))
+                f"optimize={optimize}: the optimised path builds on activation "
+                + ("before the first frame (startup_mode wait_compiled)" if waits else
+                   "while frames are served eagerly (startup_mode serve_eager)")
+                + "; progress in /diagnostics" + (f"; compiled kernels cached in {cache}" if cache else "")
+                + (f"; {aot} AOT package(s) found (geodiff_compile), each checked and loaded on first use"
+                   if aot else ""))
         out_qos = make_qos(settings["qos.output.reliability"], settings["qos.output.depth"])
         for cam in self._cams:
             cam.create_publishers(out_qos, self._engine.tasks)
@@ -342,6 +379,16 @@ class GeoDiffNode(LifecycleNode):
                 status.values.append(KeyValue(key="image_topic", value=self.resolve_topic_name(cam.topic("image"))))
                 arr.status.append(status)
             arr.status.append(self._scheduler_status(hw))
+        serving = self._pipeline.serving()  # serve while compiling: which path serves, what still builds
+        for status in arr.status:
+            if serving is None:
+                status.values.append(KeyValue(key="optimised", value="n/a"))
+                continue
+            line = serving.line()
+            status.values += [KeyValue(key="serving", value=line),
+                              KeyValue(key="optimised", value=str(serving.fully_built).lower())]
+            if not serving.fully_built and status.level == DiagnosticStatus.OK:
+                status.message += f"; {line}"
         self._diag_pub.publish(arr)
 
     def _scheduler_status(self, hw: str) -> DiagnosticStatus:

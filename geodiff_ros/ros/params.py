@@ -21,10 +21,12 @@ from geodiff_ros.engine.config import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
     DEFAULT_PROCESSING_RES,
+    DEFAULT_STARTUP_MODE,
     DEPTH_HUB_ID,
     DTYPE_CHOICES,
     NORMALS_HUB_ID,
     OPTIMIZE_MODES,
+    STARTUP_MODES,
     processing_res_problem,
 )
 from geodiff_ros.pipeline.settings import FRAME_PARAMS, ParamSpec, depth_range_problem, value_problem
@@ -90,6 +92,12 @@ PARAMS: tuple[ParamSpec, ...] = (
               "device cpu only: torch intra-op threads (0 = one per core). 1 is faster for small models on 2-4 "
               "cores shared with ROS (benchmarks/README.md); the full-size model wants every core.",
               lo=0, hi=256, configure_time=True),
+    ParamSpec("startup_mode", DEFAULT_STARTUP_MODE,
+              "With a compiled optimize mode: serve_eager (default) publishes from the first camera frame with the "
+              "eager path while the compiled path (and a CUDA graph per batch size the cameras form) builds in the "
+              "background, switching per batch size when ready (/diagnostics 'serving'); wait_compiled builds it "
+              "first, frames waiting, for repeatable latency from the first frame.",
+              choices=STARTUP_MODES, configure_time=True),
     ParamSpec("warmup_size", [640, 480],
               "Width and height of a dummy frame the worker runs when the node activates, before real frames, so "
               "lazy initialisation, compilation and CUDA-graph capture do not land on the first camera frame "

@@ -84,6 +84,7 @@ class FramePipeline:
         self._active = threading.Event()
         self._epoch = 0  # +1 on every activate/pause: frames of an earlier activation are never published
         self._handoff = Handoff()
+        self._builder: Any = None  # engine/serving.PathBuilder of a compiled engine (serve while compiling)
         self._status = ""  # what the engine thread is doing before serving, '{elapsed}' filled in by status()
         self._status_since = 0.0
 
@@ -124,6 +125,9 @@ class FramePipeline:
         ends after it, publishing nothing)."""
         self.pause()
         self._quit.set()
+        if self._builder is not None:  # after its step in progress (a compile cannot be interrupted)
+            self._builder.stop(timeout=0.0)
+            self._builder = None
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -216,13 +220,16 @@ class FramePipeline:
         return frames
 
     def _warm_up(self, engine: Any, quit_: threading.Event) -> None:
-        """Run dummy frames of ``warmup_size`` through the engine before the first camera frame.
+        """Prepare the engine for ``warmup_size`` frames before (or while) serving camera frames.
 
-        Lazy CUDA/cuDNN initialisation, torch.compile and CUDA-graph capture then happen here, on the engine
-        thread, while subscriptions already fill the newest-frame mailboxes and services answer. With ``optimize``
-        set, the engine compiles stage by stage for every batch size the scheduler can form (engine/startup.py)
-        and /diagnostics shows "compiling (stage k of n: ..., N s)". A failure is logged and serving goes on.
+        Eager engine (optimize none): one dummy frame, so lazy CUDA/cuDNN initialisation does not land on the first
+        camera frame. Compiled engine (engine/serving.py): with ``startup_mode`` serve_eager (default) a builder
+        thread compiles and captures the optimised path for every batch size the cameras can form while frames are
+        served eagerly from the first one, each batch size switching when it is built (/diagnostics 'serving');
+        with wait_compiled it is built here first, frames waiting, and /diagnostics shows "compiling (stage k of
+        n: ..., N s)". A failure is logged and serving goes on.
         """
+        from geodiff_ros.engine.serving import start_serving
         from geodiff_ros.engine.startup import warm_up_stages
 
         s = self._settings()
@@ -233,6 +240,7 @@ class FramePipeline:
         batches = [1]
         if engine.accelerator is not None:  # optimize set: code compiled / captured per batch size
             batches = list(range(1, min(int(s["batch_size"]), len(self._cams)) + 1))
+        mode = str(s["startup_mode"])
         start = time.monotonic()
         self._set_status("warming up")
         current: list[Any] = []  # (k, n, label, start) of the running stage
@@ -251,7 +259,11 @@ class FramePipeline:
                 self._status = f"compiling (stage {k} of {n}: {label}, {{elapsed}} s)"
 
         try:
-            warm_up_stages(engine, height, width, batches, progress=progress)
+            if engine.accelerator is None:
+                warm_up_stages(engine, height, width, batches, progress=progress)
+            else:
+                self._builder = start_serving(engine, height, width, batches, mode, progress=progress,
+                                              on_change=self._log.info)
             stage_done()
         except _WarmUpStopped:
             return
@@ -260,11 +272,21 @@ class FramePipeline:
                 f"warm-up at {width}x{height} failed ({type(err).__name__}: {err}); processing frames anyway, "
                 "the first ones may be slow (set warmup_size to your camera size, or [0, 0] to skip the warm-up)")
         else:
-            self._log.info(
-                f'ready: warm-up at {width}x{height} (batch {", ".join(map(str, batches))}) took '
-                f"{time.monotonic() - start:.2f} s; processing frames")
+            if engine.accelerator is not None and mode == "serve_eager":
+                self._log.info(
+                    f'ready: serving from the first frame (eager) while the optimised path for {width}x{height} '
+                    f'(batch {", ".join(map(str, batches))}) builds in the background (startup_mode serve_eager)')
+            else:
+                self._log.info(
+                    f'ready: warm-up at {width}x{height} (batch {", ".join(map(str, batches))}) took '
+                    f"{time.monotonic() - start:.2f} s; processing frames")
         finally:
             self._set_status("")
+
+    def serving(self) -> Any:
+        """What serves and what is still building (engine/serving.BuildStatus), None without a builder."""
+        builder = self._builder
+        return builder.status() if builder is not None else None
 
     # ------------------------------------------------------------------ post-processing thread
 
