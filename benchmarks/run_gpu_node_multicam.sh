@@ -6,6 +6,7 @@
 #   PHASES="rng startup node" LIMIT=570 bash benchmarks/run_gpu_node_multicam.sh   # call 1
 #   PHASES="multicam" LIMIT=570 bash benchmarks/run_gpu_node_multicam.sh           # call 2
 #   TINY=--tiny PHASES="rng startup node multicam" bash benchmarks/run_gpu_node_multicam.sh   # CPU rehearsal
+# Wheels: bash benchmarks/gpu_wheels.sh .whl/gpu (then WHL=.whl/gpu and carry .whl/gpu).
 # Phases:
 #   rng       the CUDA noise of the legacy multi-step path (benchmarks/cuda_rng_check.py)
 #   startup   1 camera, depth: cold start (empty cache), a restart on the cache it left, then geodiff_compile and a
