@@ -1,4 +1,4 @@
-"""One bag over several GPUs (issue 12, offline part): ``geodiff_bag process --devices`` against one device.
+"""One bag over several GPUs (offline): ``geodiff_bag process --devices`` against one device.
 
 For each device list in --device-sets (default ``cuda:0`` ``cuda:0,cuda:1``; the first is the reference) the
 script loads the engine (one process, or an EnginePool with one worker per device), runs one warm-up pass over a

@@ -1,4 +1,4 @@
-"""Engine speed benchmark (issue 5): diffusers' MarigoldDepthPipeline against the engine, eager and optimised.
+"""Engine speed benchmark: diffusers' MarigoldDepthPipeline against the engine, eager and optimised.
 
 Full-size Marigold / SD2 architecture (UNet 866 M parameters, SD2 VAE) with random weights, written once as hub-layout
 folders (one per task, sharing one VAE; a one-layer text encoder of width 1024 stands in for CLIP) and loaded through
@@ -42,7 +42,7 @@ from geodiff_ros.testing.tiny_checkpoint import write_tiny_checkpoint  # noqa: E
 
 LOG = logging.getLogger("bench_engine")
 
-# Marigold / E2E-FT = Stable Diffusion 2 architecture with an 8-channel UNet input (spec B.2).
+# Marigold / E2E-FT = Stable Diffusion 2 architecture with an 8-channel UNet input (docs/method.md#conv-in-expansion).
 SD2_UNET: dict[str, Any] = {
     "sample_size": 96, "in_channels": 8, "out_channels": 4,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -61,7 +61,7 @@ GROUPS = {"none": ("none", False), "channels_last": ("graph", False), "graph": (
           "compile": ("compile+graph", False), "compile+graph": ("compile+graph", True)}
 FUSED_VAE_KERNELS = ("_fused_pass_kernel", "_apply_kernel", "_group_stats_kernel", "_softmax_rows_kernel")
 FAST_PATH_KEYS = ("fused_vae", "subpixel", "vae_attention", "batch_decode", "concurrent_unets")
-# Accuracy tolerances against fp32 eager (stated up front, issue 5): the precision's own cost ...
+# Accuracy tolerances against fp32 eager (stated up front): the precision's own cost ...
 TOL_DEPTH_MEAN, TOL_DEPTH_MAX, TOL_NORMALS_DEG = 1e-2, 1e-1, 1.0
 # ... and what an optimisation may add on top of eager at the same dtype: x1.25 plus a small absolute slack.
 TOL_OPT_FACTOR, TOL_OPT_DEPTH, TOL_OPT_DEG = 1.25, 1e-3, 0.1
@@ -97,7 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                    help="torch.backends.cudnn.benchmark_limit (algorithms cuDNN tries per shape; 0 = all)")
     p.add_argument("--fast-paths", default=None, metavar="VARIANTS",
-                   help="compiled CUDA modes: A/B variants of accel.FastPaths (issue 11), 'name:key=val,..;name2:..' "
+                   help="compiled CUDA modes: A/B variants of accel.FastPaths, 'name:key=val,..;name2:..' "
                         "over accel.FAST_PATHS, e.g. 'fused;sdpa:vae_attention=sdpa;old:fused_vae=0,batch_decode=0,"
                         "concurrent_unets=0' (keys: " + ", ".join(FAST_PATH_KEYS) + "); default: the defaults")
     p.add_argument("--kernel-config", type=Path, default=None,
@@ -274,7 +274,8 @@ def depth_errors(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def normals_angle_deg(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Mean angle between the normals (each re-normalised: resized normals are not unit length, spec A.1-15)."""
+    """Mean angle between the normals (each re-normalised: resized normals are not unit length,
+    docs/method.md#normals-output)."""
     p = pred / np.maximum(np.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
     r = ref / np.maximum(np.linalg.norm(ref, axis=-1, keepdims=True), 1e-12)
     return float(np.degrees(np.arccos(np.clip((p * r).sum(-1), -1.0, 1.0))).mean())

@@ -1,4 +1,4 @@
-"""Several cameras, one model (issue 7): one multi-camera geodiff node against N single-camera nodes, over DDS.
+"""Several cameras, one model: one multi-camera geodiff node against N single-camera nodes, over DDS.
 
 For N in --cameras (default 1 2 4) the script streams N cameras at --hz (default 30 Hz, 640x480 rgb8, phases
 spread over the frame period like free-running cameras) into
@@ -14,7 +14,7 @@ writes it once; speed and memory do not depend on the weights); --model-depth us
 smoke test: tiny checkpoints, 160x120, processing_res 64, short windows. Every ROS process stays on loopback
 (config/fastdds_localhost.xml) in its own ROS_DOMAIN_ID.
 
-Issue 14 (camera rate out of the box) adds: --tasks depth,normals (the second model, normals/* outputs and the
+Camera rate out of the box: --tasks depth,normals (the second model, normals/* outputs and the
 cloud's normals), per-stage p50/p95 from each node's /diagnostics (decode, engine, post, publish,
 stamp_to_publish), the warm-up time and compiled stages from the node logs, and --startup: time from process
 start to the first published frame with an empty compile cache (cold) and again with the cache it left (warm
@@ -24,7 +24,7 @@ runs re-use it, as a robot's per-user cache would).
 
   .venv/bin/python benchmarks/bench_multicam.py                 # GPU, fp16, optimize auto, processing_res 768
   .venv/bin/python benchmarks/bench_multicam.py --tiny          # CPU smoke test (about 2 minutes on 2 cores)
-  .venv/bin/python benchmarks/bench_multicam.py --cameras 1 --modes separate --cloud --seconds 60   # issue 14 row 1
+  .venv/bin/python benchmarks/bench_multicam.py --cameras 1 --modes separate --cloud --seconds 60   # 1-camera targets
   .venv/bin/python benchmarks/bench_multicam.py --startup 1 --aot --cameras 1 --modes separate      # cold, warm, AOT
 """
 

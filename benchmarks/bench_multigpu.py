@@ -1,4 +1,4 @@
-"""N cameras spread over G GPUs (issue 12, serving part): one geodiff node per GPU against one GPU for all cameras.
+"""N cameras spread over G GPUs (serving): one geodiff node per GPU against one GPU for all cameras.
 
 For every N in --cameras and G in --gpus the script streams N cameras (bench_multicam's Harness: 640x480 rgb8 at
 --hz each, phases spread like free-running cameras, over loopback DDS) into G node processes, node i on

@@ -1,4 +1,4 @@
-"""The fused VAE's kernels on their own (issue 11): bytes, Hopper build, correctness and speed per kernel.
+"""The fused VAE's kernels on their own: bytes, Hopper build, correctness and speed per kernel.
 
 CPU (no GPU needed):
     --plan   launches and bytes of every pass of the full-size SD2 VAE at --size (meta tensors), and the time they

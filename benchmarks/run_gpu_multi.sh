@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 12 on one host with 2-4 GPUs: the one script a multi-GPU session runs. JSON goes under $OUT.
+# Several GPUs of one host (2-4): the one script a multi-GPU session runs. JSON goes under $OUT.
 #
 #   bash benchmarks/run_gpu_multi.sh serve   # N = 2, 4, 8 cameras over 1..G nodes (one per GPU), fp16, compile
 #   bash benchmarks/run_gpu_multi.sh bag     # geodiff_bag process split over 1, 2 (, 4) GPUs; output bags compared
@@ -37,7 +37,7 @@ else
   unset _ROS_WHEELS_BOOTSTRAP_COMPLETE
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-  if [ "$GPUS" -lt 2 ]; then echo "only $GPUS GPU(s) visible: issue 12 needs a machine with 2-4 GPUs"; exit 2; fi
+  if [ "$GPUS" -lt 2 ]; then echo "only $GPUS GPU(s) visible: this needs a machine with 2-4 GPUs"; exit 2; fi
   GLIST="1 2"; [ "$GPUS" -ge 4 ] && GLIST="1 2 4"
   DOM=80
   PY=/tmp/venv/bin/python

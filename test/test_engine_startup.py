@@ -1,4 +1,4 @@
-"""Where the compiled engine keeps its kernels (issue 14): a persistent per-user folder keyed by torch build and
+"""Where the compiled engine keeps its kernels: a persistent per-user folder keyed by torch build and
 device unless TORCHINDUCTOR_CACHE_DIR says otherwise. No compiling here (test_ros_warmup.py compiles for real)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_an_explicit_cache_folder_is_respected(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.skipif(not __import__("shutil").which("g++") and not __import__("shutil").which("c++"),
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Issue 14, several cameras: batch sizes 2, 3, 4 share one compiled graph (batch 1 has its own: dynamo
+    """Several cameras: batch sizes 2, 3, 4 share one compiled graph (batch 1 has its own: dynamo
     specialises size 1), instead of one compile per batch size; results equal the eager stage's."""
     from torch._dynamo.utils import counters
 
@@ -78,7 +78,7 @@ def test_compiled_stage_compiles_once_for_batch_sizes_2_to_4(monkeypatch: pytest
 def test_geodiff_compile_packages_replace_compiling_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                              tiny_depth_ckpt: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 14, start-up: `geodiff_compile` writes one AOT package per stage; a new engine with optimize compile
+    """Start-up: `geodiff_compile` writes one AOT package per stage; a new engine with optimize compile
     loads them (no dynamo tracing: no compiled graph at all) and gives the eager results; a package that does not
     load is skipped with a warning and that stage compiles as usual."""
     import numpy as np

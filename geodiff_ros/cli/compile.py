@@ -1,4 +1,4 @@
-"""``geodiff_compile``: compile the engine ahead of time for one GPU, precision and camera size (issue 14, start-up).
+"""``geodiff_compile``: compile the engine ahead of time for one GPU, precision and camera size.
 
 With ``optimize`` compile or compile+graph (the GPU default ``auto``), a node compiles its network stages with
 torch.compile on every start: minutes on the first start of a machine, still tens of seconds on a restart (dynamo

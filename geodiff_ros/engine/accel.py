@@ -1,10 +1,10 @@
-"""Optimised forward path for GeoDiffEngine (issue 5): the same computation with fewer host round trips.
+"""Optimised forward path for GeoDiffEngine: the same computation with fewer host round trips.
 
 Chosen with ``EngineConfig.optimize``; "none" keeps the official eager path in core.py. Each mode adds:
 
     channels_last   NHWC weights and activations; cudnn.benchmark over all algorithms (static shapes: the search
                     runs once per shape; a process-wide setting); the VAE called as encoder -> quant_conv -> first
-                    half of the moments (the posterior mean of spec A.1-7, without building the distribution);
+                    half of the moments (the posterior mean, without building the distribution);
                     pinned host buffers and one asynchronous device-to-host copy per output
     graph           channels_last + the whole frame (upload .. resize back) captured once per input shape and task
                     set in one CUDA graph and replayed: no Python or kernel-launch cost per frame
@@ -13,11 +13,11 @@ Chosen with ``EngineConfig.optimize``; "none" keeps the official eager path in c
                     from per-channel sums (same maths, reads NHWC memory at full speed)
     compile+graph   both
 
-On CUDA the compiled modes add the issue-11 fast paths (``FastPaths``; each switchable, for A/B in bench_engine.py):
+On CUDA the compiled modes add fast paths (``FastPaths``; each switchable, for A/B in bench_engine.py):
 the VAE scheduled by hand (fused_vae.py over vae_kernels.py) instead of compiled, sub-pixel upsampling, GEMM attention
 in the VAE, several tasks' latents decoded as one batch, and their UNets on separate CUDA streams. Measured on H200s
 (fp16, 768x576, two runs): depth 25.0 ms with the compiled VAE, 21.9 ms with these; same accuracy tolerances
-(benchmarks/README.md, "Issue 11").
+(benchmarks/README.md).
 
 Numerics: the same operations in the same dtype as core.py; results differ only through kernel choice and summation
 order (cuDNN algorithms, inductor's fused reductions, GroupNorm statistics). benchmarks/bench_engine.py reports the
@@ -61,7 +61,7 @@ CUDNN_BENCHMARK_LIMIT = 0
 
 @dataclass(frozen=True)
 class FastPaths:
-    """Issue 11 optimisations of the compiled modes on CUDA, each switchable for A/B (bench_engine --fast-paths).
+    """Optimisations of the compiled modes on CUDA, each switchable for A/B (bench_engine --fast-paths).
 
     Read from ``FAST_PATHS`` when an Accelerator is built; ``Accelerator.set_fast_paths`` changes them live."""
 
@@ -98,7 +98,7 @@ def parse_optimize(mode: str) -> AccelSettings:
 
 
 def resolve_optimize(mode: str, device: torch.device) -> str:
-    """The mode to run: ``auto`` is the fastest one the device has (issue 14): compile+graph on CUDA, and on the CPU
+    """The mode to run: ``auto`` is the fastest one the device has: compile+graph on CUDA, and on the CPU
     none, the official eager path (compiling the full model there costs minutes for little gain). Any other mode
     is kept as given."""
     key = (mode or "none").strip().lower()
@@ -205,7 +205,7 @@ def shape_key(args: Sequence[Any]) -> tuple:
 
 
 def mark_batch_dynamic(args: Sequence[Any]) -> None:
-    """Compile one graph for every batch size >= 2 (issue 14, several cameras): dim 0 of a compiled stage's tensor
+    """Compile one graph for every batch size >= 2 (several cameras): dim 0 of a compiled stage's tensor
     inputs is symbolic from batch 2 on, so batch 3 and 4 reuse batch 2's code instead of compiling again (tiny model,
     CPU, batch sizes 1-4: 6 compiled graphs instead of 12). Batch 1 keeps its own static graph, as dynamo always
     specialises sizes 0 and 1; height and width stay static. CUDA graphs are still captured per batch size."""
@@ -224,7 +224,8 @@ class _CapturedFrame:
 
 
 class Accelerator:
-    """Runs ``GeoDiffEngine``'s single-step forward (spec A.1) faster; built by the engine when optimize != none.
+    """Runs ``GeoDiffEngine``'s single-step forward (docs/method.md#single-step-forward) faster; built by the engine
+    when optimize != none.
 
     ``use_cuda_graph`` may be switched at run time (e.g. off when input sizes change every frame).
     """
@@ -291,19 +292,19 @@ class Accelerator:
             # Persistent per-user kernel cache; compile workers only if some stage may still compile.
             self.compile_cache_dir = prepare_compile(self.device, start_workers=not self.all_stages_aot())
 
-    # ---------------------------------------------------------------- stages (spec A.1 steps 2-16)
+    # ---------------------------------------------------------------- stages (docs/method.md#single-step-forward)
 
     def preprocess(self, u8_nhwc: torch.Tensor) -> torch.Tensor:
-        """[B,H,W,3] uint8 on device -> [B,3,h,w] in [-1,1], engine dtype and memory format (spec A.1-2, A.1-4)."""
+        """[B,H,W,3] uint8 on device -> [B,3,h,w] in [-1,1], engine dtype and memory format (resize, normalise)."""
         x = self.engine.preprocess(u8_nhwc.permute(0, 3, 1, 2))
         return x.contiguous(memory_format=self._memory_format)
 
     def encode(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
-        """Image latent [B,4,h/8,w/8] (spec A.1-7), with the task's own VAE when it has one."""
+        """Image latent [B,4,h/8,w/8] (posterior mean x 0.18215), with the task's own VAE when it has one."""
         return self.encoders[self._vae_key(task)](x)
 
     def denoise(self, task: str, z_img: torch.Tensor) -> torch.Tensor:
-        """x0 from one UNet call at t = T-1 on a zero target latent (spec A.1-8..11), as core.denoise_single_step."""
+        """x0 from one UNet call at t = T-1 on a zero target latent, as core.denoise_single_step."""
         model = self.engine.models[task]
         t = model.scheduler.config.num_train_timesteps - 1  # 999
         z_t = torch.zeros_like(z_img)
@@ -313,11 +314,11 @@ class Accelerator:
         return x0_from_prediction(pred, z_t, model.scheduler.alphas_cumprod[t], model.scheduler.config.prediction_type)
 
     def decode(self, z0: torch.Tensor, task: str | None = None) -> torch.Tensor:
-        """[B,4,h/8,w/8] -> [B,3,h',w'] decoder output (spec A.1-12)."""
+        """[B,4,h/8,w/8] -> [B,3,h',w'] decoder output."""
         return self.decoders[self._vae_key(task)](z0)
 
     def postprocess(self, task: str, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Decoder output -> contiguous depth [B,H,W] or normals [B,H,W,3] (core's post-processing, A.1-12..18)."""
+        """Decoder output -> contiguous depth [B,H,W] or normals [B,H,W,3] (core's post-processing)"""
         if task == "depth":
             return self.engine.postprocess_depth(y, size).contiguous()
         frame = self.engine.models[task].normals_frame
@@ -419,7 +420,7 @@ class Accelerator:
         return errors
 
     def set_fast_paths(self, paths: FastPaths) -> FastPaths:
-        """Switch the issue-11 optimisations (captured graphs are dropped); returns what is in effect: the fused
+        """Switch the CUDA fast paths (captured graphs are dropped); returns what is in effect: the fused
         VAE stays off, with the reason in stage_errors(), where triton or the VAE's layers do not allow it. AOT
         packages are attached once, at construction, to the stages then in use: a compiled VAE switched on later
         compiles (or uses the packages it had)."""

@@ -1,4 +1,5 @@
-"""The geodiff engine: single-step E2E-FT depth and normals (spec A.1), and the legacy multi-step path (A.2).
+"""The geodiff engine: single-step E2E-FT depth and normals (docs/method.md#single-step-forward), and the legacy
+multi-step path (docs/method.md#multi-step-path).
 
 One forward path, shapes in comments:
 
@@ -38,7 +39,7 @@ from .preprocess import processing_size, resize_output, resize_uint8_batch, to_r
 
 LOG = logging.getLogger(__name__)
 
-NORMAL_EPS = 1e-5  # spec A.1-12 / A.1-14
+NORMAL_EPS = 1e-5  # added to the norm before dividing, after decoding and at the end (docs/method.md#normals-output)
 TASKS = ("depth", "normals")
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -56,8 +57,8 @@ class EngineConfig:
     device: str = DEFAULT_DEVICE
     dtype: str = DEFAULT_DTYPE
     processing_res: int = DEFAULT_PROCESSING_RES  # longest edge at inference (multiple of 8), 0 = native size
-    resample: str = "bilinear"  # bilinear | bicubic | nearest (spec A.1-2)
-    match_input_res: bool = True  # resize outputs back to the input size (spec A.1-15)
+    resample: str = "bilinear"  # bilinear | bicubic | nearest, antialiased (docs/method.md#resize)
+    match_input_res: bool = True  # resize outputs back to the input size
     allow_cpu_fallback: bool = False
     local_files_only: bool = False
     batch_size: int = 4
@@ -124,8 +125,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def encode_empty_prompt(tokenizer: Any, text_encoder: Any, padding: str = "do_not_pad") -> torch.Tensor:
-    """CLIP embedding of the empty prompt: [1, 2, C] as at inference (spec A.1-9); ``padding="max_length"`` gives
-    the [1, 77, C] context the paper's training code used (spec B.3-4, mismatch noted in F.5).
+    """CLIP embedding of the empty prompt: [1, 2, C] as at inference; ``padding="max_length"`` gives
+    the [1, 77, C] context the paper's training code used (docs/method.md#text-context).
 
     Runs on the text encoder's device and dtype: the official pipeline encodes on the inference device (a CPU
     embedding differs from a GPU one in the last bits)."""
@@ -264,7 +265,7 @@ class GeoDiffEngine:
                 first_folder = parts.folder
                 self.vae = parts.vae.to(self.device).eval()
                 # The text encoder (fp32, as in the official pipeline) only serves the empty-prompt embedding,
-                # computed on the inference device and cast like the official one (spec A.1-9); released after.
+                # computed on the inference device and cast like the official one; released after.
                 # It is kept on disk per checkpoint, device kind and torch build (the same bits), so a restart
                 # does not load the text encoder at all.
                 if cached_embedding:
@@ -307,20 +308,20 @@ class GeoDiffEngine:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.models)
 
-    # ---------------------------------------------------------------- building blocks (spec A.1 steps 7-12)
+    # ------------------------------------------------------------ building blocks (docs/method.md#single-step-forward)
 
     def preprocess(self, batch_u8: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] uint8 -> [B,3,h,w] in [-1,1] at the processing size (spec A.1-2, A.1-4), on its device."""
+        """[B,3,H,W] uint8 -> [B,3,h,w] in [-1,1] at the processing size, on its device."""
         h, w = processing_size(batch_u8.shape[-2], batch_u8.shape[-1], self.config.processing_res)
         x = resize_uint8_batch(batch_u8, (h, w), self.config.resample)
         return (x / 255.0 * 2.0 - 1.0).to(self.dtype)
 
     def encode(self, x: torch.Tensor, vae: Any = None) -> torch.Tensor:
-        """Image latent: mean of the VAE posterior x 0.18215, [B,4,h/8,w/8] (spec A.1-7)."""
+        """Image latent: mean of the VAE posterior x 0.18215, [B,4,h/8,w/8]."""
         return (vae or self.vae).encode(x).latent_dist.mean * LATENT_SCALE
 
     def denoise_single_step(self, task: str, z_img: torch.Tensor) -> torch.Tensor:
-        """One UNet call at t = T-1 on a zero target latent, returning x0 (spec A.1-8..11).
+        """One UNet call at t = T-1 on a zero target latent, returning x0 (docs/method.md#x0).
 
         As the official pipeline: a contiguous zero latent (``zeros_like`` would copy the image latent's memory
         layout) and the embedding repeated over the batch.
@@ -334,31 +335,33 @@ class GeoDiffEngine:
                                   model.scheduler.config.prediction_type)
 
     def decode(self, z0: torch.Tensor, vae: Any = None) -> torch.Tensor:
-        """[B,4,h/8,w/8] latent -> [B,3,h',w'] decoder output (spec A.1-12)."""
+        """[B,4,h/8,w/8] latent -> [B,3,h',w'] decoder output."""
         return (vae or self.vae).decode(z0 / LATENT_SCALE).sample
 
     def postprocess_depth(self, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Decoder output [B,3,h',w'] -> [B,H,W] depth in [0,1] (spec A.1-12, 14, 15, 16)."""
+        """Decoder output [B,3,h',w'] -> [B,H,W] depth in [0,1] (docs/method.md#depth-output)."""
         return self.finish_depth(decoder_to_depth(y), size)
 
     def finish_depth(self, d: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[B,1,h',w'] depth -> min-max to [0,1], resize back, clip: [B,H,W] (spec A.1-14..16)."""
+        """[B,1,h',w'] depth -> min-max to [0,1], resize back, clip: [B,H,W]."""
         d = minmax_per_image(d)
         if self.config.match_input_res:
             d = resize_output(d, size, self.config.resample)
         return d.clamp(0.0, 1.0)[:, 0]
 
     def postprocess_normals(self, y: torch.Tensor, size: tuple[int, int], frame: str) -> torch.Tensor:
-        """Decoder output [B,3,h',w'] -> [B,H,W,3] unit normals in the ROS optical frame (spec A.1-12..18)."""
+        """Decoder output [B,3,h',w'] -> [B,H,W,3] unit normals in the ROS optical frame
+        (docs/method.md#normals-output)."""
         n = y.float()
-        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # A.1-12: unit length after decoding
+        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # unit length after decoding
         return self.finish_normals(n, size, frame)
 
     def finish_normals(self, n: torch.Tensor, size: tuple[int, int], frame: str) -> torch.Tensor:
-        """Unit normals [B,3,h',w'] (after decoding or ensembling) -> [B,H,W,3] in the optical frame (A.1-14..18)."""
-        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # A.1-14 re-normalisation
+        """Unit normals [B,3,h',w'] (after decoding or ensembling) -> [B,H,W,3] in the optical frame
+        (docs/method.md#normal-frames)."""
+        n = n / (n.norm(dim=1, keepdim=True) + NORMAL_EPS)  # re-normalised once more
         if self.config.match_input_res:
-            n = resize_output(n, size, self.config.resample)  # A.1-15: not re-normalised after resizing
+            n = resize_output(n, size, self.config.resample)  # not re-normalised after resizing, as the official
         n = n.clamp(-1.0, 1.0)
         return (n * self._optical_signs(frame, n.device, n.dtype)[None, :, None, None]).permute(0, 2, 3, 1)
 
@@ -413,7 +416,7 @@ class GeoDiffEngine:
     @property
     def bit_exact(self) -> bool:
         """True when the eager path reproduces the official computation bit for bit: fp32, the only precision the
-        official code runs in (its fp16 flag is a no-op, spec A.1-19)."""
+        official code runs in (its fp16 flag is a no-op, docs/method.md#precision)."""
         return self.dtype == torch.float32
 
     @torch.inference_mode()
@@ -443,7 +446,7 @@ class GeoDiffEngine:
         return {task: torch.cat([o[task] for o in outs]) for task in tasks}
 
     def _eager_frames(self, frames: np.ndarray, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-        """[B,H,W,3] frames through the official computation (spec A.1 steps 1-16); fp32 and B=1: bit for bit."""
+        """[B,H,W,3] frames through the official computation ; fp32 and B=1: bit for bit."""
         size = (frames.shape[1], frames.shape[2])
         x = self._network_input(frames)  # [B,3,h,w] contiguous
         z_img = self.encode(x)
@@ -459,7 +462,8 @@ class GeoDiffEngine:
         return out
 
     def scheduler_timesteps(self, num_steps: int, timestep_spacing: str, task: str | None = None) -> list[int]:
-        """Timesteps DDIM runs for ``num_steps`` with the given spacing (the paper's finding, spec A.2)."""
+        """Timesteps DDIM runs for ``num_steps`` with the given spacing (the paper's finding,
+        docs/method.md#timestep-spacing)."""
         from diffusers import DDIMScheduler
 
         model = self.models[task or self.tasks[0]]
@@ -479,10 +483,10 @@ class GeoDiffEngine:
         noise: str = "gaussian",
         seed: int | None = 0,
     ) -> Prediction:
-        """Legacy Marigold inference on one frame: DDIM, N steps, noise, ensemble (spec A.1-6..14, A.2).
+        """Legacy Marigold inference on one frame: DDIM, N steps, noise, ensemble (docs/method.md#multi-step-path).
 
         With ``leading`` spacing and one step DDIM runs at t=1 (the bug the paper found); ``trailing`` runs t=999.
-        The last step returns x0 (pred_original_sample) as the E2E-FT pipeline does (spec A.1-11).
+        The last step returns x0 (pred_original_sample) as the E2E-FT pipeline does.
         ``seed`` (Gaussian noise): ``seed=s`` gives the official noise of a call made right after
         ``torch.manual_seed(s)``, drawn from a fresh generator (torch's global generators are left alone);
         ``seed=None`` draws from torch's global generators exactly as the official call does. The official
@@ -513,7 +517,7 @@ class GeoDiffEngine:
             agg = ensemble_depths(members)[0] if ensemble_size > 1 else members[0]
             depth = self.finish_depth(agg[None, None], size)
             return Prediction(depth=depth[0].cpu().numpy(), timesteps=timesteps)
-        if ensemble_size > 1:  # members unit length (A.1-12), ensembled (A.1-13), then A.1-14 onwards
+        if ensemble_size > 1:  # members unit length, ensembled, then re-normalised and resized
             members = y.float()
             members = members / (members.norm(dim=1, keepdim=True) + NORMAL_EPS)
             normals = self.finish_normals(ensemble_normals(members)[None], size, model.normals_frame)
@@ -523,9 +527,9 @@ class GeoDiffEngine:
 
     def _denoise(self, model: Any, scheduler: Any, x: torch.Tensor, noise: str,
                  generator: torch.Generator | None) -> torch.Tensor:
-        """[B,3,h,w] network input -> [B,3,h',w'] decoder output after the DDIM loop (spec A.1-7..12)."""
+        """[B,3,h,w] network input -> [B,3,h',w'] decoder output after the DDIM loop."""
         z_img = self.encode(x)  # [B,4,h/8,w/8]
-        if noise == "gaussian":  # A.1-8: torch.randn on the device in the model dtype, as the official draws it
+        if noise == "gaussian":  # torch.randn on the device in the model dtype (docs/method.md#gaussian-noise)
             latent = torch.randn(z_img.shape, generator=generator, device=self.device, dtype=self.dtype)
         else:
             latent = torch.zeros(z_img.shape, device=self.device, dtype=self.dtype)
@@ -534,7 +538,7 @@ class GeoDiffEngine:
         for i, t in enumerate(scheduler.timesteps):
             pred = model.unet(torch.cat([z_img, latent], dim=1), t, encoder_hidden_states=context).sample
             step = scheduler.step(pred, t, latent)
-            latent = step.pred_original_sample if i == last else step.prev_sample  # A.1-11: x0 on the last step
+            latent = step.pred_original_sample if i == last else step.prev_sample  # x0 on the last step
         return self.decode(latent.to(self.dtype))
 
     # ---------------------------------------------------------------- helpers
@@ -543,7 +547,7 @@ class GeoDiffEngine:
         """[B,H,W,3] uint8 frames -> [B,3,h,w] network input on the device, built as the official pipeline does.
 
         A contiguous NCHW tensor (a bare ``permute`` would leave it channels-last and the VAE, UNet and decoder
-        would then round differently, issue 10). In fp32 it is resized and scaled to [-1, 1] on the CPU like the
+        would then round differently). In fp32 it is resized and scaled to [-1, 1] on the CPU like the
         official ``resize_max_res`` + ``/255*2-1`` (CUDA divides by a scalar through its reciprocal: not always the
         same bits); in fp16 / bf16 on the device (14-34 ms of one CPU core per frame saved).
         """
@@ -599,12 +603,12 @@ def _official_noise_generator(device: torch.device, seed: int | None) -> torch.G
 
 
 def decoder_to_depth(y: torch.Tensor) -> torch.Tensor:
-    """[B,3,h,w] decoder output -> [B,1,h,w] depth in [0,1]: channel mean, clip, (d+1)/2 (spec A.1-12)."""
+    """[B,3,h,w] decoder output -> [B,1,h,w] depth in [0,1]: channel mean, clip, (d+1)/2."""
     return (y.float().mean(dim=1, keepdim=True).clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
 def minmax_per_image(d: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each [1,h,w] map of a [B,1,h,w] batch to [0,1]; constant maps become 0 (spec A.1-14)."""
+    """Min-max normalise each [1,h,w] map of a [B,1,h,w] batch to [0,1]; constant maps become 0."""
     lo = d.amin(dim=(1, 2, 3), keepdim=True)
     hi = d.amax(dim=(1, 2, 3), keepdim=True)
     span = hi - lo

@@ -1,4 +1,4 @@
-"""Start-up of the compiled engine (issue 14): where compiled kernels live, parallel compile workers, and a warm-up
+"""Start-up of the compiled engine: where compiled kernels live, parallel compile workers, and a warm-up
 that compiles stage by stage so a caller (the ROS node) can show its progress.
 
 Cache: inductor keeps compiled kernels, FX graphs and AOTAutograd results on disk under ``TORCHINDUCTOR_CACHE_DIR``;

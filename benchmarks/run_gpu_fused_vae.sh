@@ -1,9 +1,9 @@
 #!/bin/bash
-# Issue 11 on one GPU machine in one call: the fused-VAE kernels (bench_vae_kernels.py: correctness, GB/s per kernel,
+# The fused VAE path on one GPU machine in one call: the fused-VAE kernels (bench_vae_kernels.py: correctness, GB/s per kernel,
 # tile sweep, sub-pixel and attention A/B, whole encode/decode), then bench_engine.py with the diffusers baseline,
 # eager, the fast-path A/B variants of compile+graph (the first one is the shipped default), the kernel profile and
 # the processing_res rows. Usage on the device machine, diffusers 0.42.1 + importlib_metadata wheels in $WHL:
-#   LIMIT=470 bash benchmarks/run_gpu_issue11.sh   (env: WHL, KLIM, KSTEPS, SWEEP, VARIANTS, EXTRA_RES, ITERS, NAME)
+#   LIMIT=470 bash benchmarks/run_gpu_fused_vae.sh   (env: WHL, KLIM, KSTEPS, SWEEP, VARIANTS, EXTRA_RES, ITERS, NAME)
 # Call 1 (2026-12-01) ran the defaults; call 2: KSTEPS=launches SWEEP= VARIANTS=fused EXTRA_RES=384 NAME=..._final
 # Results (5 files) in $OUT; what finished before a limit is kept (both scripts write their JSON step by step).
 set -u
@@ -25,7 +25,7 @@ echo "kernels done at $(el) s"
 REM=$(( LIMIT - $(el) - 5 ))
 timeout "$REM" python3 benchmarks/bench_engine.py --dtypes fp16 --modes none,compile+graph --tasks depth,depth+normals \
   --iters "${ITERS:-30}" --warmup 5 --ref-frames 2 --kernel-config "$OUTD/kernel_config.json" --fast-paths "$VARIANTS" \
-  --extra-res "${EXTRA_RES:-512,384}" --real-images real/* --profile --out "$OUTD/engine_h200_fp16_issue11${NAME:-}.json" \
+  --extra-res "${EXTRA_RES:-512,384}" --real-images real/* --profile --out "$OUTD/engine_h200_fp16_fused_vae${NAME:-}.json" \
   > "$OUTD/engine.log" 2>&1
 grep "bench_engine INFO\|rror" "$OUTD/engine.log" | cut -c 25-400 | tail -45
 echo "engine done at $(el) s"
