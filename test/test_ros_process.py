@@ -147,13 +147,17 @@ def test_missing_model_fails_configure_and_exits_1_naming_the_fix(tmp_path: Path
     assert "configure failed" in log and str(missing) in log, log[-3000:]
 
 
-@pytest.mark.parametrize(("param", "value", "text"), [
-    ("dtype", "fp64", "'fp64' is not one of"),
-    ("cloud_stride", 0, "cloud_stride"),
-])
-def test_invalid_parameter_at_startup_exits_2(tmp_path: Path, domain: int, param: str, value: object,
+@pytest.mark.parametrize(("params", "text"), [
+    ({"dtype": "fp64"}, "'fp64' is not one of"),
+    ({"cloud_stride": 0}, "cloud_stride"),
+    # a camera's depth range from the params file, checked against itself and the node-wide values as when set
+    # later (before: a camera with min 5 and max 1 started, every metric pixel of it NaN)
+    ({"cameras": ["front"], "camera.front.min_depth": 5.0, "camera.front.max_depth": 1.0},
+     "camera front: min_depth (5.0) must be smaller than max_depth (1.0)"),
+], ids=["dtype", "cloud_stride", "camera_depth_range"])
+def test_invalid_parameter_at_startup_exits_2(tmp_path: Path, domain: int, params: dict[str, object],
                                               text: str) -> None:
-    node = NodeProcess(domain, {param: value, "device": "cpu"}, tmp_path / "node.log")
+    node = NodeProcess(domain, {**params, "device": "cpu"}, tmp_path / "node.log")
     try:
         code = node.proc.wait(60.0)
     finally:
@@ -161,19 +165,3 @@ def test_invalid_parameter_at_startup_exits_2(tmp_path: Path, domain: int, param
     log = node.log()
     assert code == 2, log[-3000:]
     assert "cannot start" in log and text in log, log[-3000:]
-
-
-def test_a_camera_depth_range_from_the_params_file_is_checked_at_startup(tmp_path: Path, domain: int) -> None:
-    """``camera.<name>.min_depth`` / ``max_depth`` are checked against each other (and the node-wide values) at
-    start-up as they are when set later; before, a params file with min 5 and max 1 for a camera started a node
-    whose every metric pixel of that camera was NaN."""
-    node = NodeProcess(domain, {"cameras": ["front"], "camera.front.min_depth": 5.0, "camera.front.max_depth": 1.0,
-                                "device": "cpu"}, tmp_path / "node.log")
-    try:
-        code = node.proc.wait(60.0)
-    finally:
-        node.stop(signal.SIGKILL)
-    log = node.log()
-    assert code == 2, log[-3000:]
-    assert "cannot start" in log and "camera front: min_depth (5.0) must be smaller than max_depth (1.0)" in log, \
-        log[-3000:]
