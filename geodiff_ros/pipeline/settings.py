@@ -157,10 +157,6 @@ class AlignmentConfig:
     def depth_range(self) -> tuple[float, float]:
         return self.min_depth, self.max_depth
 
-    def smoothing_key(self) -> tuple[Any, ...]:
-        """The settings the temporal aligner is built from: a change restarts its smoothing."""
-        return self.ema_alpha, self.max_fallback_age_s, self.reset_ratio, self.fixed_scale
-
     def make_aligner(self) -> TemporalAligner:
         fixed = self.fixed_scale if self.fixed_scale > 0 and math.isfinite(self.fixed_scale) else None
         return TemporalAligner(ema_alpha=self.ema_alpha, max_fallback_age_s=self.max_fallback_age_s,

@@ -397,8 +397,10 @@ class CameraChannel:
         height, width = rgb.shape[:2]
         info, intr = camera if camera is not None else self.camera_model(width, height, stamp)
         alignment = AlignmentConfig.from_values(s.values)
-        if rebuild_aligner or self.frames is None:
+        if self.frames is None:
             self.frames = FrameProcessor(alignment)
+        elif rebuild_aligner:
+            self.frames.reset(alignment)
         t0 = time.perf_counter()
         back_s = self.frames.time_went_backwards(stamp, alignment)
         if back_s is not None:
