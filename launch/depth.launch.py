@@ -118,7 +118,7 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("sparse_depth", default_value="sparse_depth",
                               description="Sparse metric depth image (32FC1 m or 16UC1 mm) of the same camera."),
         DeclareLaunchArgument("sparse_points", default_value="sparse_points",
-                              description="Sparse PointCloud2 already in the camera optical frame."),
+                              description="Sparse PointCloud2 (a LiDAR scan), placed with TF."),
         DeclareLaunchArgument("cameras", default_value="[]",
                               description='Several cameras in one node, e.g. "[front, left]": topics under each '
                                           'name (front/image, front/depth/image, ...); [] = one camera.'),
@@ -130,7 +130,7 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("sparse_depth_pattern", default_value="",
                               description="With cameras: sparse depth topic pattern, e.g. /{camera}/lidar_depth."),
         DeclareLaunchArgument("sparse_points_pattern", default_value="",
-                              description="With cameras: sparse PointCloud2 topic pattern (camera optical frame)."),
+                              description="With cameras: sparse PointCloud2 topic pattern (placed with TF)."),
         DeclareLaunchArgument("params_file", default_value="",
                               description="Your parameters YAML (/**: ros__parameters:), applied on top of the "
                                           "shipped config/geodiff.yaml: it only needs what you change."),

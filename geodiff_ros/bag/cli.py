@@ -245,7 +245,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         image_topic=args.image_topic, camera_info_topic=args.camera_info_topic, sparse_topic=args.sparse_topic,
         sparse_fraction=args.sparse_fraction, output_namespace=args.output_namespace, visualize=args.vis,
         batch_size=args.batch_size, settings=frame_settings_from_args(args, TRANSFORM_FORMAT))
-    opts.sparse_extrinsic()  # a bad setting exits 2 before the model loads
+    opts.frame_settings()  # a bad setting exits 2 before the model loads
     problem = optimize_problem(args.optimize, "--optimize")
     if problem:
         raise BagError(problem)

@@ -41,7 +41,6 @@ from geodiff_ros.bag.storage import (
     image_topic_is_compressed,
 )
 from geodiff_ros.geometry import InvalidCameraInfo, PinholeIntrinsics, intrinsics_from_camera_info, sparse_to_image_grid
-from geodiff_ros.geometry.transform import InvalidTransform, RigidTransform
 from geodiff_ros.pipeline import (
     FRAME_PARAMS,
     AlignmentConfig,
@@ -151,20 +150,6 @@ class ProcessOptions:
             raise BagError(msg)
         return values
 
-    def sparse_extrinsic(self) -> RigidTransform:
-        """The static extrinsic of sparse clouds (checked before the model loads).
-
-        Raises:
-            BagError: not 7 finite numbers with a non-zero quaternion, or given without ``sparse_points.frame_id``.
-        """
-        values = self.frame_settings()
-        try:
-            return RigidTransform(list(values["sparse_points.transform"]))
-        except (InvalidTransform, TypeError, ValueError) as err:
-            msg = f'--sparse-transform {" ".join(map(str, values["sparse_points.transform"]))}: {err}; give ' \
-                  f"{TRANSFORM_FORMAT}"
-            raise BagError(msg) from err
-
 
 @dataclass
 class ProcessSummary:
@@ -216,7 +201,6 @@ class _Processor:
         self.sparse: StampMatcher[Any] = StampMatcher(_MATCHER_ITEMS)
         self.last_seen = {"info": -math.inf, "sparse": -math.inf, "tf": -math.inf}
         self.values = opts.frame_settings()
-        opts.sparse_extrinsic()
         self.alignment = AlignmentConfig.from_values(self.values)
         self.output = OutputConfig.from_values(self.values)
         self.sparse_config = SparseConfig.from_values(self.values)

@@ -110,7 +110,7 @@ def value_problem(spec: ParamSpec, value: Any) -> str | None:
     if spec.name == "sparse_points.transform":
         try:
             RigidTransform(list(value))
-        except (InvalidTransform, TypeError) as err:
+        except (InvalidTransform, TypeError, ValueError) as err:
             return f"sparse_points.transform: {err}"
     if spec.name == "alignment.ema_alpha" and float(value) <= 0.0:
         return "alignment.ema_alpha must be > 0 (0 would never take a new fit); use 1 for no smoothing"
